@@ -1,0 +1,248 @@
+"""One tokenization: preference examples -> prompt ids + response ids, saved as Arrow.
+
+The convention (METHODS A.1) is TRL's DPO preprocessing, so our batches equal TRL's:
+- conversational rows: prompt ids = chat template of the prompt with the generation prompt;
+  each response = the suffix of the templated prompt+response after the common prefix;
+- plain-text rows: the tokenizer's ``eos_token`` is appended to each completion, then the same
+  prefix split.
+Responses end at the end-of-turn token (the tokenizer's eos, or ``eos_token`` in the config):
+whatever a template renders after it (e.g. a trailing newline) is dropped, because the state
+after EOS is the terminal state s_T whose teacher value TVKD reads. A response without an
+end-of-turn token gets one appended (counted).
+
+The result is keyed by a fingerprint of (examples, tokenizer files, template, lengths) and
+saved under the cache, so a second call with the same inputs only loads it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tvkd.paths import cache_root, fingerprint
+
+log = logging.getLogger(__name__)
+
+# Used when a tokenizer has no chat template (base models). Zephyr-style role headers; every
+# turn ends in the eos token and nothing follows it, so the end-of-turn token is the last
+# response token.
+DEFAULT_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\n' + message['content'] + eos_token }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+
+TOKENIZATION_VERSION = 1  # bump when the output of this module changes for the same inputs
+
+
+@dataclass
+class TokenizeConfig:
+    """How preference examples become token ids."""
+
+    max_length: int = field(
+        default=1024, metadata={"help": "Maximum prompt+response tokens; longer responses are cut (counted)."}
+    )
+    max_prompt_length: int = field(
+        default=512, metadata={"help": "Prompts with more tokens than this are skipped (counted)."}
+    )
+    truncation: str = field(
+        default="keep_start",
+        metadata={"help": "Over-long responses: 'keep_start' cuts the response end (as TRL), 'drop' skips the pair."},
+    )
+    chat_template: str | None = field(
+        default=None,
+        metadata={"help": "Jinja chat template; default: the tokenizer's own, else DEFAULT_CHAT_TEMPLATE."},
+    )
+    eos_token: str | None = field(
+        default=None, metadata={"help": "End-of-turn token ending each response; default: tokenizer.eos_token."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.truncation not in ("keep_start", "drop"):
+            raise ValueError(f"truncation must be 'keep_start' or 'drop', got {self.truncation!r}")
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError(
+                f"max_prompt_length ({self.max_prompt_length}) must be smaller than max_length ({self.max_length}), "
+                "or no response token would fit"
+            )
+
+
+@dataclass
+class TokenizedData:
+    dataset: Any  # datasets.Dataset with columns id, prompt_ids, chosen_ids, rejected_ids, meta
+    path: Path
+    fingerprint: str
+    counts: dict[str, int]
+    cached: bool
+
+    def summary(self) -> str:
+        c = self.counts
+        parts = [f"{c.get('kept', 0)} pairs tokenized"]
+        for key in ("skipped_long_prompt", "skipped_truncated", "truncated_responses", "eos_appended"):
+            if c.get(key):
+                parts.append(f"{key.replace('_', ' ')}: {c[key]}")
+        return ", ".join(parts) + ("" if not self.cached else " (cached)")
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """Hash of what determines token ids: vocabulary, special tokens, normaliser/pre-tokeniser, template."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    spec = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    return fingerprint(
+        spec,
+        tokenizer.all_special_tokens,
+        getattr(tokenizer, "chat_template", None),
+        getattr(tokenizer, "add_bos_token", None),
+    )
+
+
+def ensure_chat_template(tokenizer: Any, template: str | None = None) -> str:
+    """Set (and return) the chat template used; warns once when falling back to the default."""
+    if template:
+        tokenizer.chat_template = template
+    elif not getattr(tokenizer, "chat_template", None):
+        log.warning("tokenizer has no chat template; using tvkd's DEFAULT_CHAT_TEMPLATE")
+        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+    return tokenizer.chat_template
+
+
+def _template_ids(tokenizer: Any, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+    out = tokenizer.apply_chat_template(
+        messages, tokenize=True, add_generation_prompt=add_generation_prompt, return_dict=True
+    )
+    return list(out["input_ids"])
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _end_at_eos(ids: list[int], eos_id: int, counts: Counter) -> list[int]:
+    """Cut a response after its last end-of-turn token; append one if missing."""
+    for i in range(len(ids) - 1, -1, -1):
+        if ids[i] == eos_id:
+            if i < len(ids) - 1:
+                counts["template_tail_dropped"] += 1
+            return ids[: i + 1]
+    counts["eos_appended"] += 1
+    return ids + [eos_id]
+
+
+def tokenize_example(example: Any, tokenizer: Any, eos_id: int, counts: Counter) -> tuple[list, list, list]:
+    """(prompt_ids, chosen_ids, rejected_ids) for one example, TRL's way."""
+    is_text = (example.meta or {}).get("format") == "text"
+    if is_text:
+        prompt = example.prompt[-1]["content"]
+        eos = tokenizer.convert_ids_to_tokens(eos_id)
+        chosen = example.chosen[-1]["content"]
+        rejected = example.rejected[-1]["content"]
+        chosen = chosen if chosen.endswith(eos) else chosen + eos
+        rejected = rejected if rejected.endswith(eos) else rejected + eos
+        prompt_ids = tokenizer(prompt)["input_ids"]
+        pc = tokenizer(prompt + chosen)["input_ids"]
+        pr = tokenizer(prompt + rejected)["input_ids"]
+    else:
+        prompt_ids = _template_ids(tokenizer, list(example.prompt), add_generation_prompt=True)
+        pc = _template_ids(tokenizer, list(example.prompt) + list(example.chosen), add_generation_prompt=False)
+        pr = _template_ids(tokenizer, list(example.prompt) + list(example.rejected), add_generation_prompt=False)
+    # As TRL: the response starts where prompt and prompt+response diverge.
+    p = min(_common_prefix(prompt_ids, pc), _common_prefix(prompt_ids, pr))
+    if p < len(prompt_ids):
+        counts["prompt_not_prefix"] += 1
+    return list(prompt_ids[:p]), _end_at_eos(list(pc[p:]), eos_id, counts), _end_at_eos(list(pr[p:]), eos_id, counts)
+
+
+def examples_fingerprint(examples: Sequence[Any]) -> str:
+    return fingerprint([[e.id, e.prompt, e.chosen, e.rejected, e.meta] for e in examples])
+
+
+def tokenize_preferences(
+    examples: Sequence[Any],
+    tokenizer: Any,
+    config: TokenizeConfig | None = None,
+    *,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+) -> TokenizedData:
+    """Tokenize preference examples once and save them as an Arrow dataset (reused when unchanged)."""
+    import datasets
+    from tqdm.auto import tqdm
+
+    config = config or TokenizeConfig()
+    template = ensure_chat_template(tokenizer, config.chat_template)
+    eos_token = config.eos_token or tokenizer.eos_token
+    if eos_token is None:
+        raise ValueError("the tokenizer has no eos_token; set TokenizeConfig.eos_token to its end-of-turn token")
+    eos_id = tokenizer.convert_tokens_to_ids(eos_token)
+    if eos_id is None or eos_id == getattr(tokenizer, "unk_token_id", object()):
+        raise ValueError(f"end-of-turn token {eos_token!r} is not in the tokenizer's vocabulary")
+
+    key = fingerprint(
+        TOKENIZATION_VERSION, examples_fingerprint(examples), tokenizer_fingerprint(tokenizer), template,
+        asdict(config), eos_token,
+    )
+    root = Path(cache_dir) if cache_dir is not None else cache_root() / "tokenized"
+    path = root / key
+    if (path / "done.json").exists():
+        ds = datasets.load_from_disk(str(path / "data"))
+        counts = json.loads((path / "done.json").read_text())["counts"]
+        return TokenizedData(ds, path, key, counts, cached=True)
+
+    counts: Counter = Counter()
+    rows: dict[str, list] = {"id": [], "prompt_ids": [], "chosen_ids": [], "rejected_ids": [], "meta": []}
+    for ex in tqdm(examples, desc="tokenize", disable=not progress, unit="pair", leave=False):
+        prompt_ids, chosen_ids, rejected_ids = tokenize_example(ex, tokenizer, eos_id, counts)
+        if len(prompt_ids) > config.max_prompt_length:
+            counts["skipped_long_prompt"] += 1
+            continue
+        budget = config.max_length - len(prompt_ids)
+        if len(chosen_ids) > budget or len(rejected_ids) > budget:
+            if config.truncation == "drop":
+                counts["skipped_truncated"] += 1
+                continue
+            counts["truncated_responses"] += int(len(chosen_ids) > budget) + int(len(rejected_ids) > budget)
+            chosen_ids, rejected_ids = chosen_ids[:budget], rejected_ids[:budget]
+        rows["id"].append(str(ex.id))
+        rows["prompt_ids"].append(prompt_ids)
+        rows["chosen_ids"].append(chosen_ids)
+        rows["rejected_ids"].append(rejected_ids)
+        rows["meta"].append(json.dumps(ex.meta or {}, sort_keys=True, default=str))
+    counts["kept"] = len(rows["id"])
+    counts["input"] = len(examples)
+    if counts["prompt_not_prefix"]:
+        log.warning(
+            "%d examples: the templated prompt is not a prefix of prompt+response; the response starts where "
+            "they diverge (TRL's convention)", counts["prompt_not_prefix"],
+        )
+    features = datasets.Features(
+        {
+            "id": datasets.Value("string"),
+            "prompt_ids": datasets.Sequence(datasets.Value("int32")),
+            "chosen_ids": datasets.Sequence(datasets.Value("int32")),
+            "rejected_ids": datasets.Sequence(datasets.Value("int32")),
+            "meta": datasets.Value("string"),
+        }
+    )
+    ds = datasets.Dataset.from_dict(rows, features=features)
+    tmp = root / f".{key}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    ds.save_to_disk(str(tmp / "data"))
+    (tmp / "done.json").write_text(
+        json.dumps({"counts": dict(counts), "config": asdict(config), "eos_token": eos_token}, indent=2)
+    )
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
+    ds = datasets.load_from_disk(str(path / "data"))
+    return TokenizedData(ds, path, key, dict(counts), cached=False)
