@@ -70,6 +70,9 @@ class ScoredBatch:
     columns: dict[str, torch.Tensor] = field(default_factory=dict)
     state_mask: torch.Tensor | None = None  # [2B, T+1] bool
     pair_index: torch.Tensor | None = None  # [B] int64, the pairs' row numbers in the training set
+    # [2B, T] int64 response token ids a_t (any valid id where ~mask); needed by losses that look
+    # the taken token up in a distribution other than π_θ's, e.g. the 51-bin projection.
+    token_ids: torch.Tensor | None = None
 
     @property
     def num_pairs(self) -> int:

@@ -1,0 +1,108 @@
+"""Sequential study driver: expand (variant x seed) into run configs, run what is missing, tabulate."""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from tvkd.config import RunConfig, config_from_dict
+from tvkd.paths import results_root
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in (over or {}).items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "loss":
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def load_study(name: str) -> dict[str, Any]:
+    from studies import STUDIES
+
+    return yaml.safe_load(STUDIES.get(name).read_text())
+
+
+def expand_study(spec: dict[str, Any], *, seeds: list[int] | None = None, quick: bool = False) -> list[tuple[dict, RunConfig]]:
+    """[(variant info, run config)] for every variant and seed, in run order (seed-major)."""
+    base = spec.get("base", {})
+    seeds_given = seeds is not None
+    seeds = list(seeds if seeds_given else spec.get("seeds", [0]))
+    if quick and spec.get("quick"):
+        base = deep_merge(base, spec["quick"].get("base", {}))
+        if not seeds_given:
+            seeds = list(spec["quick"].get("seeds", seeds))
+    out = []
+    for seed in seeds:
+        for variant in spec["variants"]:
+            over = {k: v for k, v in variant.items() if k in ("models", "data", "tokenize", "loss", "train", "cache", "eval")}
+            cfg_dict = deep_merge(base, over)
+            cfg_dict.update(name=variant["label"], seed=seed, study=spec["name"] + ("-quick" if quick else ""))
+            info = {k: v for k, v in variant.items() if k not in over}
+            info["seed"] = seed
+            out.append((info, config_from_dict(cfg_dict, where=f"study {spec['name']} variant {variant['label']}")))
+    return out
+
+
+def run_study(name: str, *, seeds: list[int] | None = None, results: str | Path | None = None,
+              out_dir: str | Path | None = None, quick: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Run (or resume) a study and write its tables. Returns {"frame": DataFrame, "tables": {fmt: path}}."""
+    from reports.tables import TABLES
+    from tvkd.pipeline import execute
+    from tvkd.results import ResultsStore
+
+    spec = load_study(name)
+    store = ResultsStore(Path(results) if results else results_root())
+    runs = expand_study(spec, seeds=seeds, quick=quick)
+    t0 = time.perf_counter()
+    done_before = sum(store.is_complete(cfg.to_dict(), study=cfg.study, name=cfg.name) for _, cfg in runs)
+    print(f"study {name}{' (quick)' if quick else ''}: {len(runs)} runs, {done_before} already complete", flush=True)
+    rows = []
+    for i, (info, cfg) in enumerate(runs, 1):
+        print(f"[{i}/{len(runs)}] {cfg.name} seed {cfg.seed}", flush=True)
+        rec = execute(cfg, store=store, progress=progress)
+        rows.append({**info, "label": cfg.name, "run_dir": str(rec.run_dir), "record": rec})
+    frame = study_frame(spec, rows)
+    out = Path(out_dir) if out_dir else store.root / (spec["name"] + ("-quick" if quick else "")) / "tables"
+    tables = TABLES.get(spec["table"])(frame, out) if spec.get("table") else {}
+    frame.drop(columns=["record"], errors="ignore").to_csv(out / "runs.csv", index=False) if tables else None
+    print(f"study {name}: {len(runs)} runs in {time.perf_counter() - t0:.1f}s; tables in {out}", flush=True)
+    return {"frame": frame, "tables": tables, "out_dir": out}
+
+
+def study_frame(spec: dict[str, Any], rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """One row per run: variant info + metrics + win rate against the reference variant (same seed).
+
+    The win rate compares the oracle scores of two runs' greedy outputs prompt by prompt (ties 1/2).
+    """
+    from tvkd.evaluation.metrics import win_rate
+
+    ref_label = spec.get("reference_variant")
+    by_seed_label = {(r["seed"], r["label"]): r for r in rows}
+    records = []
+    for r in rows:
+        rec = r["record"]
+        m = dict(rec.metrics)
+        row = {k: v for k, v in r.items() if k != "record"}
+        row.update({k: v for k, v in m.items() if isinstance(v, (int, float))})
+        loss_cfg = m.get("loss_config", {}) or {}
+        row.setdefault("method", "tvkd" if "aux" in loss_cfg else r["label"])
+        row["aux"] = loss_cfg.get("aux")
+        row["control"] = loss_cfg.get("control", "none") or "none"
+        if ref_label:
+            ref = by_seed_label.get((r["seed"], ref_label))
+            if ref is not None:
+                mine = {o["prompt"]: o.get("oracle") for o in rec.outputs()}
+                theirs = {o["prompt"]: o.get("oracle") for o in ref["record"].outputs()}
+                common = [p for p in mine if p in theirs and mine[p] is not None and theirs[p] is not None]
+                if common:
+                    row[f"win_rate_vs_{ref_label}"] = win_rate([mine[p] for p in common], [theirs[p] for p in common])
+        records.append({**row, "record": rec})
+    return pd.DataFrame.from_records(records)

@@ -1,0 +1,247 @@
+"""The `tvkd` command line.
+
+    tvkd testbed build                      build (or reuse) the embedded testbed
+    tvkd data inspect argilla/dpo-mix-7k    counts, skipped rows and rendered examples of a source
+    tvkd run configs/my-run.yaml            train + evaluate one configuration (idempotent)
+    tvkd study run reward-conflict          the paper's Table 5 on the testbed, with controls
+    tvkd losses | tvkd aux-rewards          what is registered, with what each needs
+    tvkd bench                              speed/memory ratios against the targets
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from textwrap import dedent
+
+
+def _setup_logging(verbose: bool) -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    import transformers
+
+    transformers.logging.set_verbosity_error() if not verbose else None
+
+
+def cmd_testbed_build(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    import yaml
+
+    from tvkd.testbed import TestbedConfig, build_testbed
+
+    overrides = {}
+    for item in args.set or []:
+        k, _, v = item.partition("=")
+        overrides[k] = yaml.safe_load(v)
+    fields = {f.name for f in dataclasses.fields(TestbedConfig)}
+    bad = sorted(set(overrides) - fields)
+    if bad:
+        print(f"error: unknown testbed option(s) {bad}; valid: {', '.join(sorted(fields))}", file=sys.stderr)
+        return 2
+    cfg = TestbedConfig(seed=args.seed, **overrides)
+    tb = build_testbed(cfg, cache_dir=args.cache_dir, progress=not args.quiet)
+    print(f"testbed ready in {tb.root}")
+    stages = tb.report.get("stages", {}) if isinstance(tb.report, dict) else {}
+    for name, info in stages.items():
+        if isinstance(info, dict) and "oracle_score" in info:
+            print(f"  {name:<14} oracle score {info['oracle_score']:.3f}  exact match {info.get('exact_match', float('nan')):.3f}")
+    print(f"report: {Path(tb.root) / 'report.json'}")
+    return 0
+
+
+def cmd_data_inspect(args: argparse.Namespace) -> int:
+    from tvkd.data.render import inspect_source
+
+    print(inspect_source(args.source, split=args.split, n=args.n, kind=args.kind))
+    return 0
+
+
+def _apply_sets(data: dict, sets: list[str]) -> dict:
+    import yaml
+
+    for item in sets or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"error: --set expects key=value (dotted keys), got {item!r}")
+        node = data
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = yaml.safe_load(value)
+    return data
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import yaml
+
+    from tvkd.config import ConfigError, config_from_dict
+    from tvkd.pipeline import execute
+    from tvkd.results import ResultsStore
+
+    try:
+        data = yaml.safe_load(Path(args.config).read_text()) or {}
+        cfg = config_from_dict(_apply_sets(data, args.set), where=args.config)
+    except FileNotFoundError:
+        print(f"error: config file not found: {args.config}", file=sys.stderr)
+        return 2
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    rec = execute(cfg, store=ResultsStore(args.results), force=args.force, progress=not args.quiet)
+    print(f"results: {rec.run_dir}")
+    return 0
+
+
+def cmd_study_run(args: argparse.Namespace) -> int:
+    from studies import STUDIES, run_study
+
+    STUDIES.get(args.name)  # clear error for an unknown study before any work
+    out = run_study(args.name, seeds=args.seeds, results=args.results, out_dir=args.out, quick=args.quick,
+                    progress=not args.quiet)
+    for p in out.get("tables", {}).values():
+        print(f"table: {p}")
+    return 0
+
+
+def cmd_study_list(args: argparse.Namespace) -> int:
+    from studies import STUDIES
+
+    for name in STUDIES.names():
+        print(f"{name:<20} {STUDIES.meta(name).get('description', '')}")
+    return 0
+
+
+def cmd_losses(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from tvkd.losses import LOSSES
+
+    for name in sorted(LOSSES.names()):
+        cls, meta = LOSSES.get(name), LOSSES.meta(name)
+        print(f"{name}: {meta.get('citation', '')}")
+        if args.verbose:
+            for f in dataclasses.fields(cls.Config):
+                print(f"    {f.name} = {f.default!r}: {f.metadata.get('help', '')}")
+    return 0
+
+
+def cmd_aux(args: argparse.Namespace) -> int:
+    from tvkd.aux_rewards import AUX_REWARDS
+
+    for name in AUX_REWARDS.names():
+        meta = AUX_REWARDS.meta(name)
+        print(f"{name:<12} {meta.get('kind', ''):<7} {meta.get('formula', '')}")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from tvkd.config import RunConfig, describe
+
+    print("Run config keys (YAML), with defaults:")
+    print("\n".join(describe(RunConfig)))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from tvkd.bench import main as bench_main
+
+    return bench_main(quick=args.quick)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="tvkd",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=dedent("""\
+            Preference distillation harness: TVKD and its baselines on one trainer, one teacher
+            cache and one results store. Runs offline; the embedded testbed stands in for hub
+            models and data sets (`testbed:<part>` in any config)."""),
+        epilog=dedent("""\
+            examples:
+              tvkd testbed build                       # tokenizer, data, SFT/DPO teacher, SFT student
+              tvkd data inspect argilla/dpo-mix-7k     # what a data set turns into, and what is skipped
+              tvkd config                              # every run-config key with its help
+              tvkd run my-run.yaml --set loss.alpha=0.5
+              tvkd study run reward-conflict           # Table 5 on the testbed (resumable)
+            Caches live in $TVKD_CACHE (default ~/.cache/tvkd); results in $TVKD_RESULTS (./results)."""),
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="log what each stage does")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    tb = sub.add_parser("testbed", help="the embedded synthetic testbed").add_subparsers(dest="sub", required=True)
+    b = tb.add_parser("build", help="build (or reuse) the testbed; prints its oracle scores and where it is",
+                      description="Builds tokenizer, data, SFT teacher -> DPO teacher and SFT student, each "
+                                  "stage cached by content; a rebuild with nothing changed trains nothing.")
+    b.add_argument("--seed", type=int, default=0, help="changes data sampling, inits and labels (default 0)")
+    b.add_argument("--cache-dir", default=None, help="where stages are stored (default $TVKD_CACHE/testbed)")
+    b.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a TestbedConfig field")
+    b.add_argument("--quiet", action="store_true", help="no progress bars")
+    b.set_defaults(func=cmd_testbed_build)
+
+    data = sub.add_parser("data", help="inspect data sources").add_subparsers(dest="sub", required=True)
+    d = data.add_parser("inspect", help="counts, skipped rows by reason, and a few rendered examples",
+                        description="SOURCE is a hub id (argilla/dpo-mix-7k, nvidia/HelpSteer2, "
+                                    "HuggingFaceH4/deita-10k-v0-sft), a .jsonl/.parquet file or a folder.")
+    d.add_argument("source")
+    d.add_argument("--split", default="train")
+    d.add_argument("-n", type=int, default=3, help="examples to render (default 3)")
+    d.add_argument("--kind", choices=["preference", "sft"], default="preference")
+    d.set_defaults(func=cmd_data_inspect)
+
+    r = sub.add_parser("run", help="train and evaluate one YAML configuration (does nothing if already done)",
+                       description="Runs data -> tokenize -> caches -> train -> evaluate and writes one run "
+                                   "directory keyed by the config's hash. See `tvkd config` for the keys.")
+    r.add_argument("config", help="a YAML run config")
+    r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a dotted key, e.g. loss.alpha=0.5")
+    r.add_argument("--results", default=None, help="results store root (default $TVKD_RESULTS or ./results)")
+    r.add_argument("--force", action="store_true", help="rerun even if the results store has it")
+    r.add_argument("--quiet", action="store_true")
+    r.set_defaults(func=cmd_run)
+
+    st = sub.add_parser("study", help="run a paper table / figure").add_subparsers(dest="sub", required=True)
+    s = st.add_parser("run", help="run every configuration of a study (resumable), then write its tables")
+    s.add_argument("name", help="a registered study, e.g. reward-conflict (see `tvkd study list`)")
+    s.add_argument("--seeds", type=int, nargs="+", default=None, help="override the study's seeds")
+    s.add_argument("--results", default=None, help="results store root (default $TVKD_RESULTS or ./results)")
+    s.add_argument("--out", default=None, help="where tables go (default <results>/<study>/tables)")
+    s.add_argument("--quick", action="store_true", help="a much smaller grid for a smoke test")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=cmd_study_run)
+    sl = st.add_parser("list", help="list the studies")
+    sl.set_defaults(func=cmd_study_list)
+
+    lo = sub.add_parser("losses", help="list registered losses (-v: with their options)")
+    lo.add_argument("-v", "--verbose", action="store_true")
+    lo.set_defaults(func=cmd_losses)
+    ax = sub.add_parser("aux-rewards", help="list the aux rewards (the paper's Table 5)")
+    ax.set_defaults(func=cmd_aux)
+    cf = sub.add_parser("config", help="every run-config key with its default and help")
+    cf.set_defaults(func=cmd_config)
+    be = sub.add_parser("bench", help="speed / memory ratios measured in one process")
+    be.add_argument("--quick", action="store_true", help="fewer repetitions")
+    be.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(getattr(args, "verbose", False))
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted: finished stages and runs are kept; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except (ValueError, KeyError, FileNotFoundError, OSError) as e:
+        if os.environ.get("TVKD_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

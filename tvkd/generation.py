@@ -1,0 +1,94 @@
+"""Batched generation from chat prompts for any Hugging Face causal LM with a chat template.
+
+Used to sample on-policy preference pairs (testbed) and for greedy evaluation. Prompts are
+rendered with the tokenizer's chat template (``add_generation_prompt=True``), grouped by length
+to keep padding small, left-padded, and passed to ``model.generate``; each completion is cut at
+its first end-of-turn token (the tokenizer's eos) and decoded without special tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+def render_prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, Any]]) -> list[int]:
+    """Token ids of a chat prompt ending in the generation prompt (the assistant header)."""
+    return list(
+        tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True, return_dict=False)
+    )
+
+
+@torch.no_grad()
+def generate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[Sequence[dict[str, Any]]],
+    *,
+    max_new_tokens: int,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    num_return_sequences: int = 1,
+    seed: int = 0,
+    batch_size: int = 256,
+    progress: bool = False,
+) -> list[list[str]]:
+    """Generate completions for chat prompts.
+
+    Returns one list per prompt, in the order of ``prompts``, holding ``num_return_sequences``
+    decoded completions (the text before the first eos token, special tokens removed; a
+    completion that never emits eos is the text of its ``max_new_tokens`` tokens).
+
+    Sampling (``do_sample=True``) is pure temperature sampling (no top-k/top-p) and
+    deterministic for a fixed ``seed``, ``batch_size`` and thread count; the global torch RNG is
+    left untouched. ``batch_size`` counts prompts, so one forward holds up to
+    ``batch_size * num_return_sequences`` sequences.
+    """
+    if num_return_sequences > 1 and not do_sample:
+        raise ValueError("num_return_sequences > 1 needs do_sample=True (greedy decoding repeats itself)")
+    eos_id = tokenizer.eos_token_id
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
+    if eos_id is None:
+        raise ValueError("the tokenizer has no eos_token; generation could not tell where a turn ends")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+
+    encoded = [render_prompt_ids(tokenizer, p) for p in prompts]
+    # Equal-length prompts share a batch, so left padding (and wasted compute) is minimal.
+    order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i]), i))
+    results: list[list[str]] = [[] for _ in encoded]
+    sampling = {"do_sample": True, "temperature": temperature, "top_k": None, "top_p": None} if do_sample else {
+        "do_sample": False, "temperature": None, "top_k": None, "top_p": None}
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for batch in tqdm(batches, desc="generate", disable=not progress, leave=False):
+            width = max(len(encoded[i]) for i in batch)
+            input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, i in enumerate(batch):
+                ids = encoded[i]
+                input_ids[row, width - len(ids) :] = torch.tensor(ids)
+                attention_mask[row, width - len(ids) :] = 1
+            out = model.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=attention_mask.to(device),
+                max_new_tokens=max_new_tokens,
+                num_return_sequences=num_return_sequences,
+                eos_token_id=eos_id,
+                pad_token_id=pad_id,
+                **sampling,
+            )
+            new_tokens = out[:, width:].tolist()
+            for k, ids in enumerate(new_tokens):
+                if eos_id in ids:
+                    ids = ids[: ids.index(eos_id)]
+                text = tokenizer.decode(ids, skip_special_tokens=True)
+                results[batch[k // num_return_sequences]].append(text)
+    model.train(was_training)
+    return results

@@ -1,0 +1,147 @@
+"""Loading models and tokenizers (hub id or local folder) safely, and checking vocabularies.
+
+Security: `trust_remote_code` is off unless asked for, and weights are read only from
+safetensors (`use_safetensors=True`), never unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(device: str | None = "auto") -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    """'auto' = bf16 on a GPU that supports it, fp32 elsewhere (CPU bf16 is slow and inexact)."""
+    if dtype in (None, "auto"):
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(table)} or 'auto'")
+    return table[dtype]
+
+
+def load_tokenizer(name_or_path: str | Path, *, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise OSError(
+            f"could not load a tokenizer from {str(name_or_path)!r}: {e}\n"
+            "Give a local folder saved with save_pretrained, or a hub id that is in the local HF cache "
+            "(this harness runs offline)."
+        ) from None
+
+
+def load_causal_lm(
+    name_or_path: str | Path, *, dtype: str | None = "auto", device: str | None = "auto",
+    trust_remote_code: bool = False, eval_mode: bool = True,
+) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    dev = resolve_device(device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(name_or_path), dtype=resolve_dtype(dtype, dev), trust_remote_code=trust_remote_code,
+            use_safetensors=True,
+        )
+    except OSError as e:
+        raise OSError(
+            f"could not load a causal LM from {str(name_or_path)!r}: {e}\n"
+            "Weights are read from safetensors only; give a local folder saved with save_pretrained "
+            "(safe_serialization) or a hub id in the local HF cache."
+        ) from None
+    model.to(dev)
+    if eval_mode:
+        model.eval()
+    return model
+
+
+def model_digest(name_or_path: str | Path) -> str:
+    """Content key of a model folder: config + weight files (fully hashed when small, else name/size/ends).
+
+    Hashing 16 GB of weights on every run would cost minutes; for large files the size plus the
+    first and last MiB identify a checkpoint well enough (safetensors headers hold every tensor's
+    name, shape and offsets).
+    """
+    path = Path(name_or_path)
+    if not path.exists():
+        return f"hub:{name_or_path}"
+    h = hashlib.sha256()
+    for p in sorted(path.rglob("*")):
+        if not p.is_file() or p.name.startswith("."):
+            continue
+        h.update(str(p.relative_to(path)).encode())
+        size = p.stat().st_size
+        h.update(str(size).encode())
+        with open(p, "rb") as f:
+            if size <= 64 << 20:
+                h.update(f.read())
+            else:
+                h.update(f.read(1 << 20))
+                f.seek(-(1 << 20), 2)
+                h.update(f.read())
+    return h.hexdigest()[:16]
+
+
+class VocabularyMismatchError(ValueError):
+    pass
+
+
+def shared_vocab_size(teacher_tok: Any, student_tok: Any, teacher_rows: int, student_rows: int,
+                      teacher_name: str = "teacher", student_name: str = "student") -> int:
+    """Number of logit rows to compare teacher and student on, or a clear error.
+
+    Token-level teacher signals need one vocabulary. Allowed: identical tokenizers, even when an
+    embedding matrix is padded past the tokenizer (e.g. 152064 vs 151936 rows): the extra rows,
+    which no token maps to, are dropped and a message says so.
+    """
+    tv, sv = teacher_tok.get_vocab(), student_tok.get_vocab()
+    if tv != sv:
+        only_t = sorted(set(tv) - set(sv))[:5]
+        only_s = sorted(set(sv) - set(tv))[:5]
+        moved = [t for t in tv if t in sv and tv[t] != sv[t]][:5]
+        raise VocabularyMismatchError(
+            f"{teacher_name} and {student_name} do not share a vocabulary ({len(tv)} vs {len(sv)} tokens; "
+            f"only in {teacher_name}: {only_t}, only in {student_name}: {only_s}, different ids: {moved}). "
+            "Token-level teacher signals (aux rewards, top-k) need the same tokenizer; pick a teacher/student "
+            "pair of one model family."
+        )
+    n = len(teacher_tok)
+    if teacher_rows < n or student_rows < n:
+        raise VocabularyMismatchError(
+            f"embedding matrices smaller than the tokenizer ({n} tokens): {teacher_name} {teacher_rows} rows, "
+            f"{student_name} {student_rows} rows"
+        )
+    if teacher_rows != student_rows:
+        log.warning(
+            "%s has %d logit rows and %s %d for a %d-token tokenizer: using the first %d (padding rows dropped)",
+            teacher_name, teacher_rows, student_name, student_rows, n, min(teacher_rows, student_rows),
+        )
+    return min(teacher_rows, student_rows)
+
+
+def config_summary(model: Any) -> dict[str, Any]:
+    cfg = model.config
+    return json.loads(json.dumps({
+        "model_type": getattr(cfg, "model_type", None),
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+        "vocab_size": getattr(cfg, "vocab_size", None),
+        "name_or_path": getattr(cfg, "_name_or_path", None),
+    }, default=str))

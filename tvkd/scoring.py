@@ -1,0 +1,85 @@
+"""Batching pairs and reading a causal LM's logits at response states (METHODS A.1).
+
+Input ids = prompt ids + response ids (ending in EOS), right padded; chosen rows first, then
+rejected. The logits at index i predict token i+1, so with prompt length p the state s_t
+(t = 0..T) has its logits at index p+t−1, and s_T (after EOS) at the EOS position p+T−1.
+
+Only the positions from the shortest prompt's end onwards go through the LM head
+(`logits_to_keep`), so prompt positions cost no [L, V] matmul; the wanted states are then
+gathered per row into a response-aligned [rows, T(+1), V] tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+
+def collate_pairs(features: Sequence[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+    """[prompt+chosen for B rows] + [prompt+rejected for B rows], right padded.
+
+    Returns input_ids/attention_mask [2B, L], prompt_lens/resp_lens [2B], response_ids and
+    mask [2B, T] (response-aligned).
+    """
+    prompts = [list(f["prompt_ids"]) for f in features]
+    responses = [list(f["chosen_ids"]) for f in features] + [list(f["rejected_ids"]) for f in features]
+    prompts = prompts + prompts
+    seqs = [p + r for p, r in zip(prompts, responses)]
+    n, L = len(seqs), max(len(s) for s in seqs)
+    T = max(len(r) for r in responses)
+    input_ids = torch.full((n, L), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((n, L), dtype=torch.long)
+    response_ids = torch.full((n, T), pad_id, dtype=torch.long)
+    mask = torch.zeros((n, T), dtype=torch.bool)
+    for i, (s, r) in enumerate(zip(seqs, responses)):
+        input_ids[i, : len(s)] = torch.tensor(s)
+        attention_mask[i, : len(s)] = 1
+        response_ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = True
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "prompt_lens": torch.tensor([len(p) for p in prompts]),
+        "resp_lens": torch.tensor([len(r) for r in responses]),
+        "response_ids": response_ids,
+        "response_mask": mask,
+    }
+
+
+def state_logits(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_lens: torch.Tensor,
+    resp_lens: torch.Tensor, *, terminal: bool = False,
+) -> torch.Tensor:
+    """Response-aligned logits [rows, T, V] at states s_0..s_{T−1} (or [rows, T+1, V] with s_T).
+
+    Padded states hold the logits of some real position (gathered with a clamped index); callers
+    mask them.
+    """
+    rows, L = input_ids.shape
+    n_states = int(resp_lens.max()) + (1 if terminal else 0)
+    first = int(prompt_lens.min()) - 1  # earliest state position over the rows
+    if first < 0:
+        raise ValueError("a row has an empty prompt: state s_0 needs at least one prompt token (e.g. BOS)")
+    keep = L - first
+    try:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep, use_cache=False)
+        offset = L - out.logits.shape[1]
+    except TypeError:  # a model class without `logits_to_keep`
+        out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        offset = 0
+    logits = out.logits
+    t = torch.arange(n_states, device=input_ids.device)
+    pos = prompt_lens.to(input_ids.device)[:, None] - 1 + t[None, :] - offset
+    # A state past a row's end is padding: point it at the row's last real position.
+    last = (prompt_lens + resp_lens).to(input_ids.device)[:, None] - 1 - offset
+    pos = torch.minimum(pos, last).clamp_min(0)
+    return logits.gather(1, pos[:, :, None].expand(-1, -1, logits.shape[-1]))
+
+
+def token_logps(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """log π(a_t|s_t) in fp32 from response-aligned logits [rows, T, V]; 0 where ~mask."""
+    z = logits.float()
+    logp = z.gather(-1, ids[..., None]).squeeze(-1) - torch.logsumexp(z, dim=-1)
+    return logp.masked_fill(~mask, 0.0)

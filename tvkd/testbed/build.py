@@ -1,0 +1,594 @@
+"""Build the testbed: data -> SFT teacher -> teacher pairs -> DPO teacher; SFT student -> student pairs
+-> DPO student, each stage content-addressed and cached.
+
+DESIGN.md: "a deterministic synthetic preference world with a known oracle reward, built on demand
+into a local cache (tokenizer, tiny Llama models saved in the Hugging Face format, data as
+JSONL), so that the exact code path of a real run (hub model id -> local folder) is exercised."
+
+Stages (each a folder ``<cache>/<stage>-<key>``; the key is a fingerprint of the config fields the
+stage reads, the keys of the stages it reads, and ``TESTBED_VERSION``):
+
+    data           tokenizer/, sft_train.jsonl, test_prompts.jsonl, pair prompts (disjoint prompts)
+    teacher_sft    SFT of the teacher on the (flawed) demonstrations
+    teacher_pairs  pref_train.jsonl, pref_test.jsonl: on-policy pairs of the SFT teacher
+    teacher_dpo    DPO of the SFT teacher on its pairs (reference = SFT teacher)
+    student_sft    SFT of the student on the same demonstrations
+    student_pairs  student_pref_train.jsonl, student_pref_test.jsonl: on-policy pairs of the SFT student
+    student_dpo    plain DPO of the SFT student on its own pairs: does preference data help the student?
+
+A stage is built in a temporary folder and renamed into place only when complete, so a kill at
+any moment leaves either no stage or a finished one; a rebuild with nothing changed reads the
+stage records and trains nothing. Model folders load with ``AutoModelForCausalLM`` and
+``AutoTokenizer.from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from ..paths import atomic_write_json, cache_root, file_digest, fingerprint
+from . import tasks
+
+TESTBED_VERSION = 1
+"""Bumped whenever a change to this package changes what a stage produces."""
+
+STAGE_FILE = "stage.json"
+STAGES: tuple[str, ...] = (
+    "data",
+    "teacher_sft",
+    "teacher_pairs",
+    "teacher_dpo",
+    "student_sft",
+    "student_pairs",
+    "student_dpo",
+)
+MODEL_STAGES: tuple[str, ...] = ("teacher_sft", "teacher_dpo", "student_sft", "student_dpo")
+_ALL = STAGES
+
+
+def _f(default: Any, help: str, stages: Sequence[str] = (), fingerprinted: bool = True) -> Any:
+    return field(default=default, metadata={"help": help, "stages": tuple(stages), "fingerprinted": fingerprinted})
+
+
+_PAIRS = ("teacher_pairs", "student_pairs")
+
+
+@dataclass(frozen=True)
+class TestbedConfig:
+    """Everything that determines a testbed build.
+
+    Groups: the world (seed, alphabet, lengths, flaw), the data sizes, the teacher and student
+    shapes, SFT, on-policy pairs, teacher DPO (β = 0.05, the paper's teacher) and student DPO.
+    The defaults follow the second pilot of TESTBED-NOTES.md, whose DPO teacher beat its SFT
+    teacher on every seed; each field's metadata names the stages that read it, so changing a
+    field rebuilds exactly those stages and the ones downstream of them.
+    """
+
+    __test__ = False  # not a pytest test class, despite its name
+
+    # The world
+    seed: int = _f(0, "Seed of everything: prompts, flaws, inits, data order, sampling and labels.", _ALL)
+    num_symbols: int = _f(10, "Size of the list alphabet (a, b, c, ...).", ("data",))
+    min_len: int = _f(3, "Shortest list in a prompt.", ("data",))
+    max_len: int = _f(10, "Longest list in a prompt (also the largest count answer).", ("data",))
+    flaw_rate: float = _f(
+        0.6, "Fraction of SFT answers that repeat their last element before <eot> (the systematic flaw).", ("data",)
+    )
+    two_turn_rate: float = _f(
+        0.2,
+        "Fraction of SFT conversations with two user/assistant rounds, so the state after <eot> is trained.",
+        ("data",),
+    )
+    # Data sizes (all prompt sets are disjoint)
+    num_sft: int = _f(4000, "SFT conversations.", ("data",))
+    num_pref_train: int = _f(4000, "Prompts (one pair each) of the training preference pairs.", ("data",))
+    num_pref_test: int = _f(500, "Prompts (one pair each) of the held-out preference pairs.", ("data",))
+    num_test: int = _f(1000, "Held-out prompts for greedy evaluation (test_prompts.jsonl).", ("data",))
+    # Models
+    teacher_layers: int = _f(4, "Teacher transformer blocks.", ("teacher_sft",))
+    teacher_hidden: int = _f(128, "Teacher hidden size.", ("teacher_sft",))
+    teacher_heads: int = _f(4, "Teacher attention heads.", ("teacher_sft",))
+    teacher_intermediate: int = _f(256, "Teacher MLP width.", ("teacher_sft",))
+    student_layers: int = _f(2, "Student transformer blocks.", ("student_sft",))
+    student_hidden: int = _f(64, "Student hidden size.", ("student_sft",))
+    student_heads: int = _f(2, "Student attention heads.", ("student_sft",))
+    student_intermediate: int = _f(128, "Student MLP width.", ("student_sft",))
+    # SFT
+    teacher_sft_epochs: float = _f(12, "Teacher SFT epochs.", ("teacher_sft",))
+    teacher_sft_lr: float = _f(2e-3, "Teacher SFT peak learning rate (AdamW, cosine).", ("teacher_sft",))
+    student_sft_epochs: float = _f(12, "Student SFT epochs.", ("student_sft",))
+    student_sft_lr: float = _f(2e-3, "Student SFT peak learning rate (AdamW, cosine).", ("student_sft",))
+    sft_batch_size: int = _f(64, "SFT batch size (conversations).", ("teacher_sft", "student_sft"))
+    sft_warmup_ratio: float = _f(0.03, "Fraction of SFT steps with linear warm-up.", ("teacher_sft", "student_sft"))
+    # On-policy pairs
+    samples_per_prompt: int = _f(4, "On-policy samples per prompt; the best and worst by r* form the pair.", _PAIRS)
+    sample_temperature: float = _f(1.0, "Sampling temperature of the on-policy samples.", _PAIRS)
+    label_temperature: float = _f(
+        0.1, "Bradley–Terry temperature T: P(a ≻ b) = σ((r*_a − r*_b)/T); lower means less label noise.", _PAIRS
+    )
+    max_new_tokens: int = _f(
+        24, "Generation budget for samples and greedy evaluation (answers have ≤ max_len + 1 words).",
+        ("teacher_sft", "teacher_pairs", "teacher_dpo", "student_sft", "student_pairs", "student_dpo"),
+    )
+    # Teacher DPO
+    dpo_beta: float = _f(0.05, "Teacher DPO β (the paper's teacher uses 0.05).", ("teacher_dpo",))
+    dpo_lr: float = _f(3e-5, "Teacher DPO peak learning rate (AdamW, cosine).", ("teacher_dpo",))
+    dpo_epochs: float = _f(2, "Teacher DPO epochs.", ("teacher_dpo",))
+    dpo_batch_size: int = _f(32, "DPO batch size (pairs), teacher and student.", ("teacher_dpo", "student_dpo"))
+    dpo_warmup_steps: int = _f(20, "DPO linear warm-up steps, teacher and student.", ("teacher_dpo", "student_dpo"))
+    # Student DPO (a measurement: does plain DPO on the student's own pairs help the SFT student?)
+    student_dpo_beta: float = _f(0.05, "Student DPO β.", ("student_dpo",))
+    student_dpo_lr: float = _f(3e-5, "Student DPO peak learning rate.", ("student_dpo",))
+    student_dpo_epochs: float = _f(2, "Student DPO epochs.", ("student_dpo",))
+    # Execution (not part of any key)
+    num_threads: int = _f(
+        2, "torch CPU threads during the build; weights are bit-identical for a fixed thread count.",
+        fingerprinted=False,
+    )
+
+    def stage_fields(self, stage: str) -> dict[str, Any]:
+        """The config fields a stage reads (its share of the cache key)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if stage in f.metadata["stages"]}
+
+    def fingerprint(self) -> str:
+        """Fingerprint of every field that can change a result."""
+        return fingerprint(
+            TESTBED_VERSION, {f.name: getattr(self, f.name) for f in fields(self) if f.metadata["fingerprinted"]}
+        )
+
+
+@dataclass(frozen=True)
+class Testbed:
+    """A built testbed: absolute paths of its folders and files, and its report."""
+
+    __test__ = False
+
+    root: Path
+    config: TestbedConfig
+    stage_dirs: dict[str, Path]
+    report: dict[str, Any]
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.stage_dirs["data"] / "tokenizer"
+
+    @property
+    def teacher_sft_dir(self) -> Path:
+        return self.stage_dirs["teacher_sft"]
+
+    @property
+    def teacher_dpo_dir(self) -> Path:
+        return self.stage_dirs["teacher_dpo"]
+
+    @property
+    def student_sft_dir(self) -> Path:
+        return self.stage_dirs["student_sft"]
+
+    @property
+    def student_dpo_dir(self) -> Path:
+        return self.stage_dirs["student_dpo"]
+
+    @property
+    def sft_train(self) -> Path:
+        return self.stage_dirs["data"] / "sft_train.jsonl"
+
+    @property
+    def test_prompts(self) -> Path:
+        return self.stage_dirs["data"] / "test_prompts.jsonl"
+
+    @property
+    def pref_train(self) -> Path:
+        return self.stage_dirs["teacher_pairs"] / "pref_train.jsonl"
+
+    @property
+    def pref_test(self) -> Path:
+        return self.stage_dirs["teacher_pairs"] / "pref_test.jsonl"
+
+    @property
+    def student_pref_train(self) -> Path:
+        return self.stage_dirs["student_pairs"] / "student_pref_train.jsonl"
+
+    @property
+    def student_pref_test(self) -> Path:
+        return self.stage_dirs["student_pairs"] / "student_pref_test.jsonl"
+
+    @property
+    def report_path(self) -> Path:
+        return self.root / "builds" / self.config.fingerprint() / "report.json"
+
+
+# ---------------------------------------------------------------------------------------------
+# JSONL and stage bookkeeping
+
+
+def write_jsonl(path: str | os.PathLike, rows: Sequence[dict[str, Any]]) -> None:
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row, sort_keys=True) + "\n")
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _sub_seed(seed: int, purpose: str) -> int:
+    """A per-purpose seed, so stages draw independent streams from the one config seed."""
+    return int(fingerprint(seed, purpose), 16) % (2**31)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_temps(root: Path) -> None:
+    """Delete temporary stage folders left by builds that were killed (their process is gone)."""
+    for tmp in root.glob(".tmp-*"):
+        parts = tmp.name.split("-")
+        pid = int(parts[2]) if len(parts) > 2 and parts[2].isdigit() else None
+        if pid is not None and pid != os.getpid() and not _pid_alive(pid):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _run_stage(
+    root: Path, name: str, key: str, build: Callable[[Path], dict[str, Any]], say: Callable[[str], None]
+) -> tuple[Path, dict[str, Any], bool]:
+    """Return (folder, record, cached): the finished stage folder, building it atomically if absent."""
+    final = root / f"{name}-{key}"
+    if (final / STAGE_FILE).is_file():
+        record = json.loads((final / STAGE_FILE).read_text())
+        say(f"{name:<14} cached   {final}")
+        return final, record, True
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-{os.getpid()}-{name}-"))
+    try:
+        start = time.perf_counter()
+        record = build(tmp)
+        record = {"stage": name, "key": key, "wall_s": round(time.perf_counter() - start, 3), **record}
+        record["files"] = {p.name: file_digest(p) for p in sorted(tmp.iterdir()) if p.name != STAGE_FILE}
+        atomic_write_json(tmp / STAGE_FILE, record)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not (final / STAGE_FILE).is_file():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # a concurrent build finished the same stage first
+            record = json.loads((final / STAGE_FILE).read_text())
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    say(f"{name:<14} built in {record['wall_s']:.1f}s   {final}")
+    return final, record, False
+
+
+@contextlib.contextmanager
+def _build_environment(num_threads: int, progress: bool) -> Iterator[None]:
+    """A fixed torch thread count (bit-identical results need it) and no per-file loading bars."""
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    threads, bars = torch.get_num_threads(), hf_logging.is_progress_bar_enabled()
+    tqdm_env = os.environ.get("TQDM_DISABLE")
+    torch.set_num_threads(num_threads)
+    hf_logging.disable_progress_bar()
+    if not progress:  # TRL's reference-log-prob pass listens only to this variable
+        os.environ["TQDM_DISABLE"] = "1"
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        if bars:
+            hf_logging.enable_progress_bar()
+        if tqdm_env is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = tqdm_env
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage bodies
+
+
+def _build_data(cfg: TestbedConfig, out: Path) -> dict[str, Any]:
+    """Disjoint prompt sets, flawed SFT conversations, and the tokenizer."""
+    from .tokenizer import build_tokenizer
+
+    rng = random.Random(_sub_seed(cfg.seed, "data"))
+    draw = {"num_symbols": cfg.num_symbols, "min_len": cfg.min_len, "max_len": cfg.max_len}
+    n_sft_prompts = cfg.num_sft + round(cfg.num_sft * cfg.two_turn_rate)
+    wanted = cfg.num_test + cfg.num_pref_test + cfg.num_pref_train + n_sft_prompts
+    seen: set[str] = set()
+    problems: list[tasks.Problem] = []
+    for _ in range(50 * wanted):  # distinct prompt texts; short lists are few, so some draws repeat
+        if len(problems) == wanted:
+            break
+        p = tasks.sample_problem(rng, **draw)
+        if p.text not in seen:
+            seen.add(p.text)
+            problems.append(p)
+    if len(problems) < wanted:
+        raise ValueError(f"only {len(problems)} distinct prompts exist for {draw}; {wanted} are needed")
+    cuts = [0, cfg.num_test, cfg.num_test + cfg.num_pref_test, cfg.num_test + cfg.num_pref_test + cfg.num_pref_train]
+    test, pair_test, pair_train = (problems[a:b] for a, b in zip(cuts, cuts[1:]))
+    sft_problems = problems[cuts[-1] :]
+
+    def prompt_row(prefix: str, i: int, p: tasks.Problem) -> dict[str, Any]:
+        meta = {"task": p.task, "ideal": " ".join(p.ideal()), "length": len(p.items)}
+        return {"id": f"{prefix}-{i:05d}", "prompt": [{"role": "user", "content": p.text}], "meta": meta}
+
+    sft_rows, flawed_turns, turns = [], 0, 0
+    stream = iter(sft_problems)
+    two_turn = set(rng.sample(range(cfg.num_sft), n_sft_prompts - cfg.num_sft))
+    for i in range(cfg.num_sft):
+        messages, meta = [], {"tasks": [], "flawed": []}
+        for p in [next(stream)] + ([next(stream)] if i in two_turn else []):
+            flawed = rng.random() < cfg.flaw_rate
+            answer = tasks.add_flaw(p.ideal()) if flawed else p.ideal()
+            messages += [{"role": "user", "content": p.text}, {"role": "assistant", "content": " ".join(answer)}]
+            meta["tasks"].append(p.task)
+            meta["flawed"].append(flawed)
+            flawed_turns += flawed
+            turns += 1
+        sft_rows.append({"id": f"sft-{i:05d}", "messages": messages, "meta": meta})
+
+    write_jsonl(out / "sft_train.jsonl", sft_rows)
+    write_jsonl(out / "test_prompts.jsonl", [prompt_row("test", i, p) for i, p in enumerate(test)])
+    write_jsonl(out / "pair_prompts_train.jsonl", [prompt_row("pair-train", i, p) for i, p in enumerate(pair_train)])
+    write_jsonl(out / "pair_prompts_test.jsonl", [prompt_row("pair-test", i, p) for i, p in enumerate(pair_test)])
+    tokenizer = build_tokenizer(cfg.num_symbols, cfg.max_len)
+    tokenizer.save_pretrained(str(out / "tokenizer"))
+    return {
+        "num_sft_conversations": len(sft_rows),
+        "num_sft_turns": turns,
+        "sft_flaw_rate": flawed_turns / turns,
+        "vocab_size": len(tokenizer),
+    }
+
+
+def _greedy_eval(model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]], cfg: TestbedConfig, out: Path) -> dict:
+    """Greedy oracle metrics on the test prompts; the outputs are kept beside the model."""
+    from ..generation import generate
+
+    outputs = generate(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens=cfg.max_new_tokens)
+    responses = [o[0] for o in outputs]
+    write_jsonl(
+        out / "greedy_test.jsonl",
+        [{"id": r["id"], "response": y, "oracle": tasks.score(r["prompt"][-1]["content"], y)} for r, y in zip(rows, responses)],
+    )
+    return tasks.summarize([r["prompt"][-1]["content"] for r in rows], responses)
+
+
+def _sft_stage(cfg: TestbedConfig, role: str, data_dir: Path, progress: bool) -> Callable[[Path], dict]:
+    def build(out: Path) -> dict[str, Any]:
+        from transformers import AutoTokenizer
+
+        from . import models
+        from .train import save_model, train_sft
+
+        tokenizer = AutoTokenizer.from_pretrained(str(data_dir / "tokenizer"))
+        prefix = role  # "teacher" | "student"
+        size = models.ModelSize(
+            num_hidden_layers=getattr(cfg, f"{prefix}_layers"),
+            hidden_size=getattr(cfg, f"{prefix}_hidden"),
+            num_attention_heads=getattr(cfg, f"{prefix}_heads"),
+            intermediate_size=getattr(cfg, f"{prefix}_intermediate"),
+        )
+        model = models.init_model(size, tokenizer, seed=_sub_seed(cfg.seed, f"{role}-init"))
+        conversations = [r["messages"] for r in read_jsonl(data_dir / "sft_train.jsonl")]
+        model, log = train_sft(
+            model,
+            tokenizer,
+            conversations,
+            output_dir=out / "trainer",
+            epochs=getattr(cfg, f"{prefix}_sft_epochs"),
+            learning_rate=getattr(cfg, f"{prefix}_sft_lr"),
+            batch_size=cfg.sft_batch_size,
+            warmup_ratio=cfg.sft_warmup_ratio,
+            seed=_sub_seed(cfg.seed, f"{role}-sft"),
+            progress=progress,
+        )
+        shutil.rmtree(out / "trainer", ignore_errors=True)
+        save_model(model, tokenizer, out)
+        metrics = _greedy_eval(model, tokenizer, read_jsonl(data_dir / "test_prompts.jsonl"), cfg, out)
+        return {"parameters": models.num_parameters(model), "eval": metrics, "log": log}
+
+    return build
+
+
+def _pairs_stage(
+    cfg: TestbedConfig, role: str, policy_dir: Path, data_dir: Path, prefix: str, progress: bool
+) -> Callable[[Path], dict]:
+    def build(out: Path) -> dict[str, Any]:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from .pairs import pair_stats, sample_pairs
+
+        tokenizer = AutoTokenizer.from_pretrained(str(policy_dir))
+        model = AutoModelForCausalLM.from_pretrained(str(policy_dir))
+        record: dict[str, Any] = {}
+        for split in ("train", "test"):
+            rows = sample_pairs(
+                model,
+                tokenizer,
+                read_jsonl(data_dir / f"pair_prompts_{split}.jsonl"),
+                samples_per_prompt=cfg.samples_per_prompt,
+                temperature=cfg.sample_temperature,
+                label_temperature=cfg.label_temperature,
+                max_new_tokens=cfg.max_new_tokens,
+                seed=_sub_seed(cfg.seed, f"{role}-pairs-{split}"),
+                num_symbols=cfg.num_symbols,
+                max_len=cfg.max_len,
+                progress=progress,
+            )
+            write_jsonl(out / f"{prefix}_{split}.jsonl", rows)
+            record[split] = pair_stats(rows)
+        return record
+
+    return build
+
+
+def _dpo_stage(
+    cfg: TestbedConfig, role: str, sft_dir: Path, pairs_file: Path, data_dir: Path, progress: bool
+) -> Callable[[Path], dict]:
+    def build(out: Path) -> dict[str, Any]:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from .train import save_model, train_dpo
+
+        prefix = "" if role == "teacher" else "student_"
+        tokenizer = AutoTokenizer.from_pretrained(str(sft_dir))
+        policy = AutoModelForCausalLM.from_pretrained(str(sft_dir))
+        reference = AutoModelForCausalLM.from_pretrained(str(sft_dir))
+        model, log = train_dpo(
+            policy,
+            reference,
+            tokenizer,
+            read_jsonl(pairs_file),
+            output_dir=out / "trainer",
+            beta=getattr(cfg, f"{prefix}dpo_beta"),
+            epochs=getattr(cfg, f"{prefix}dpo_epochs"),
+            learning_rate=getattr(cfg, f"{prefix}dpo_lr"),
+            batch_size=cfg.dpo_batch_size,
+            warmup_steps=cfg.dpo_warmup_steps,
+            seed=_sub_seed(cfg.seed, f"{role}-dpo"),
+            progress=progress,
+        )
+        shutil.rmtree(out / "trainer", ignore_errors=True)
+        save_model(model, tokenizer, out)
+        metrics = _greedy_eval(model, tokenizer, read_jsonl(data_dir / "test_prompts.jsonl"), cfg, out)
+        return {"eval": metrics, "log": log}
+
+    return build
+
+
+# ---------------------------------------------------------------------------------------------
+# The build
+
+
+def stage_keys(config: TestbedConfig) -> dict[str, str]:
+    """Each stage's cache key: its config fields, its inputs' keys, and the testbed version."""
+    deps = {
+        "data": (),
+        "teacher_sft": ("data",),
+        "teacher_pairs": ("teacher_sft",),
+        "teacher_dpo": ("teacher_sft", "teacher_pairs"),
+        "student_sft": ("data",),
+        "student_pairs": ("student_sft",),
+        "student_dpo": ("student_sft", "student_pairs"),
+    }
+    keys: dict[str, str] = {}
+    for stage in STAGES:  # topological order
+        keys[stage] = fingerprint(
+            TESTBED_VERSION, stage, config.stage_fields(stage), {d: keys[d] for d in deps[stage]}, length=12
+        )
+    return keys
+
+
+def build_testbed(
+    config: TestbedConfig = TestbedConfig(), cache_dir: str | os.PathLike | None = None, progress: bool = True
+) -> Testbed:
+    """Build (or load from the cache) every stage of the testbed and return its paths and report.
+
+    ``cache_dir`` defaults to ``cache_root()/"testbed"``. With ``progress`` a tqdm bar runs on the
+    long stages and one line per stage says what it did or that it was cached.
+    """
+    root = Path(cache_dir) if cache_dir is not None else cache_root() / "testbed"
+    root = root.expanduser().resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(root)
+
+    def say(message: str) -> None:
+        if progress:
+            print(f"testbed: {message}", file=sys.stderr, flush=True)
+
+    keys = stage_keys(config)
+    dirs: dict[str, Path] = {}
+    records: dict[str, dict[str, Any]] = {}
+    cached: dict[str, bool] = {}
+    start = time.perf_counter()
+
+    def run(name: str, make: Callable[[], Callable[[Path], dict]]) -> None:
+        dirs[name], records[name], cached[name] = _run_stage(root, name, keys[name], make(), say)
+
+    with _build_environment(config.num_threads, progress):
+        run("data", lambda: lambda out: _build_data(config, out))
+        data = dirs["data"]
+        run("teacher_sft", lambda: _sft_stage(config, "teacher", data, progress))
+        run("teacher_pairs", lambda: _pairs_stage(config, "teacher", dirs["teacher_sft"], data, "pref", progress))
+        run(
+            "teacher_dpo",
+            lambda: _dpo_stage(config, "teacher", dirs["teacher_sft"], dirs["teacher_pairs"] / "pref_train.jsonl",
+                               data, progress),
+        )
+        run("student_sft", lambda: _sft_stage(config, "student", data, progress))
+        run(
+            "student_pairs",
+            lambda: _pairs_stage(config, "student", dirs["student_sft"], data, "student_pref", progress),
+        )
+        run(
+            "student_dpo",
+            lambda: _dpo_stage(config, "student", dirs["student_sft"],
+                               dirs["student_pairs"] / "student_pref_train.jsonl", data, progress),
+        )
+
+    report = _report(config, keys, records, cached, time.perf_counter() - start)
+    testbed = Testbed(root=root, config=config, stage_dirs=dict(dirs), report=report)
+    atomic_write_json(testbed.report_path, report)
+    atomic_write_json(
+        testbed.report_path.with_name("testbed.json"),
+        {"config": asdict(config), "stage_dirs": {k: str(v) for k, v in dirs.items()}},
+    )
+    say(f"report         {testbed.report_path}")
+    return testbed
+
+
+def _report(
+    cfg: TestbedConfig,
+    keys: dict[str, str],
+    records: dict[str, dict[str, Any]],
+    cached: dict[str, bool],
+    wall_s: float,
+) -> dict[str, Any]:
+    """The build's report: per stage its metrics, wall time and key; the headline gains."""
+    stages = {}
+    for name in STAGES:
+        r = records[name]
+        entry = {"key": keys[name], "wall_s": r["wall_s"], "cached": cached[name]}
+        entry.update({k: v for k, v in r.items() if k not in {"stage", "key", "wall_s", "log", "files"}})
+        stages[name] = entry
+    oracle = {name: records[name]["eval"]["oracle"] for name in MODEL_STAGES}
+    return {
+        "seed": cfg.seed,
+        "config_fingerprint": cfg.fingerprint(),
+        "testbed_version": TESTBED_VERSION,
+        "config": asdict(cfg),
+        "stages": stages,
+        "oracle": oracle,
+        "exact_match": {name: records[name]["eval"]["exact_match"] for name in MODEL_STAGES},
+        "flaw_rate": {name: records[name]["eval"]["flaw_rate"] for name in MODEL_STAGES},
+        "label_noise": {
+            "teacher_pairs": records["teacher_pairs"]["train"]["label_noise"],
+            "student_pairs": records["student_pairs"]["train"]["label_noise"],
+        },
+        "teacher_dpo_gain": oracle["teacher_dpo"] - oracle["teacher_sft"],
+        "teacher_student_gap": oracle["teacher_sft"] - oracle["student_sft"],
+        "student_dpo_gain": oracle["student_dpo"] - oracle["student_sft"],
+        "build_wall_s": round(wall_s, 3),
+        "stages_wall_s": round(sum(r["wall_s"] for r in records.values()), 3),
+    }

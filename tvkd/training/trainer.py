@@ -1,0 +1,146 @@
+"""The one trainer: a `transformers.Trainer` whose step is one concatenated forward over
+[chosen; rejected], per-token fp32 log-probs, a `ScoredBatch`, and the loss chosen by name.
+
+Everything else (accelerate, multi-GPU, DeepSpeed/FSDP, gradient accumulation, checkpoint and
+resume, `report_to`) comes from `transformers.Trainer` unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import Trainer
+
+from tvkd.losses.base import LossOutput, PreferenceLoss, ScoredBatch
+from tvkd.scoring import collate_pairs, state_logits, token_logps
+
+SIDES = ("chosen", "rejected")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training stopped on a NaN/inf loss; the message names the step, the pairs and the last checkpoint."""
+
+
+def _pad_rows(rows: Sequence[Any], width: int, tail: tuple[int, ...] = (), dtype=torch.float32) -> torch.Tensor:
+    out = torch.zeros((len(rows), width, *tail), dtype=dtype)
+    for i, r in enumerate(rows):
+        t = torch.as_tensor(r, dtype=dtype)
+        if t.numel():
+            out[i, : t.shape[0]] = t
+    return out
+
+
+@dataclass
+class PreferenceCollator:
+    """Pads B pairs into 2B rows (chosen first) plus the cached columns a loss asked for.
+
+    `batch_columns`: name -> "pair" (a per-pair scalar column ``name``), "token" ([2B, T] from
+    ``chosen/name`` and ``rejected/name``), "state" ([2B, T+1]) or "topk" ([2B, T, k]).
+    """
+
+    pad_id: int
+    batch_columns: dict[str, str]
+    reference: bool = False
+
+    def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        batch: dict[str, Any] = collate_pairs(features, self.pad_id)
+        T = batch["response_ids"].shape[1]
+        if self.reference:
+            rows = [f["chosen/ref_logps"] for f in features] + [f["rejected/ref_logps"] for f in features]
+            batch["ref_logps"] = _pad_rows(rows, T)
+        if "pair_index" in features[0]:
+            batch["pair_index"] = torch.tensor([int(f["pair_index"]) for f in features])
+        for name, kind in self.batch_columns.items():
+            key = f"col:{name}"
+            if kind == "pair":
+                batch[key] = torch.tensor([float(f[name]) for f in features], dtype=torch.float32)
+                continue
+            rows = [f[f"{side}/{name}"] for side in SIDES for f in features]
+            if kind == "token":
+                batch[key] = _pad_rows(rows, T)
+            elif kind == "state":
+                batch[key] = _pad_rows(rows, T + 1)
+            elif kind == "topk":
+                k = len(rows[0][0]) if len(rows[0]) else 1
+                is_int = name.endswith("_ids")
+                batch[key] = _pad_rows(rows, T, (k,), dtype=torch.long if is_int else torch.float32)
+            else:
+                raise ValueError(f"unknown batch column kind {kind!r} for {name!r}")
+        return batch
+
+
+class PreferenceTrainer(Trainer):
+    """`transformers.Trainer` with the registered preference loss as its objective.
+
+    Logs, averaged over the logging interval: the loss's own metrics (margin, reward accuracy,
+    Ψ statistics, ...), plus chosen/rejected log-prob means.
+    """
+
+    def __init__(self, *args: Any, loss: PreferenceLoss, loss_config: Any, needs_student_logits: bool = False,
+                 **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.loss_fn = loss
+        self.loss_config = loss_config
+        self.needs_student_logits = needs_student_logits
+        self._metric_sums: dict[str, list[float]] = defaultdict(list)
+
+    def scored_batch(self, model: Any, inputs: dict[str, Any]) -> ScoredBatch:
+        z = state_logits(model, inputs["input_ids"], inputs["attention_mask"], inputs["prompt_lens"],
+                         inputs["resp_lens"])
+        mask = inputs["response_mask"]
+        T1 = mask.shape[1] + 1
+        state_mask = torch.arange(T1, device=mask.device)[None, :] <= inputs["resp_lens"][:, None]
+        return ScoredBatch(
+            logps=token_logps(z, inputs["response_ids"], mask),
+            mask=mask,
+            ref_logps=inputs.get("ref_logps"),
+            logits=z if self.needs_student_logits else None,
+            columns={k[4:]: v for k, v in inputs.items() if k.startswith("col:")},
+            state_mask=state_mask,
+            pair_index=inputs.get("pair_index"),
+            token_ids=inputs["response_ids"],
+        )
+
+    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        batch = self.scored_batch(model, inputs)
+        out: LossOutput = self.loss_fn(batch, self.loss_config)
+        if not torch.isfinite(out.loss.detach()).all():
+            self._raise_non_finite(out, inputs)
+        if model.training:
+            with torch.no_grad():
+                seq = batch.sequence_logps()
+                cw, rj = batch.split(seq)
+                self._metric_sums["logps/chosen"].append(cw.mean().item())
+                self._metric_sums["logps/rejected"].append(rj.mean().item())
+                for k, v in out.metrics.items():
+                    self._metric_sums[k].append(float(v.detach().float().mean().item()) if torch.is_tensor(v) else float(v))
+        return (out.loss, {"margins": out.margins}) if return_outputs else out.loss
+
+    def _raise_non_finite(self, out: LossOutput, inputs: dict[str, Any]) -> None:
+        import glob
+        import os
+
+        ckpts = sorted(glob.glob(os.path.join(self.args.output_dir, "checkpoint-*")),
+                       key=lambda p: int(p.rsplit("-", 1)[-1]) if p.rsplit("-", 1)[-1].isdigit() else -1)
+        pairs = inputs.get("pair_index")
+        raise NonFiniteLossError(
+            f"loss is {out.loss.item()} at step {self.state.global_step} (epoch {self.state.epoch or 0:.2f}) "
+            f"for training pairs {pairs.tolist() if pairs is not None else '?'}; training stopped before the "
+            f"optimizer step. Last good checkpoint: {ckpts[-1] if ckpts else 'none (save_strategy=no)'}. "
+            "Try a lower learning rate, check those pairs' cached teacher values for inf/NaN, or a smaller alpha."
+        )
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if self._metric_sums and "loss" in logs:
+            for k, vals in self._metric_sums.items():
+                finite = [v for v in vals if math.isfinite(v)]
+                if finite:
+                    logs[k] = sum(finite) / len(finite)
+            self._metric_sums.clear()
+        super().log(logs, *args, **kwargs)
