@@ -54,7 +54,7 @@ def expand_study(spec: dict[str, Any], *, seeds: list[int] | None = None, quick:
 def run_study(name: str, *, seeds: list[int] | None = None, results: str | Path | None = None,
               out_dir: str | Path | None = None, quick: bool = False, progress: bool = True) -> dict[str, Any]:
     """Run (or resume) a study and write its tables. Returns {"frame": DataFrame, "tables": {fmt: path}}."""
-    from reports.tables import TABLES
+    from reports.tables import discover
     from tvkd.pipeline import execute
     from tvkd.results import ResultsStore
 
@@ -71,7 +71,7 @@ def run_study(name: str, *, seeds: list[int] | None = None, results: str | Path 
         rows.append({**info, "label": cfg.name, "run_dir": str(rec.run_dir), "record": rec})
     frame = study_frame(spec, rows)
     out = Path(out_dir) if out_dir else store.root / (spec["name"] + ("-quick" if quick else "")) / "tables"
-    tables = TABLES.get(spec["table"])(frame, out) if spec.get("table") else {}
+    tables = discover().get(spec["table"])(frame, out) if spec.get("table") else {}
     frame.drop(columns=["record"], errors="ignore").to_csv(out / "runs.csv", index=False) if tables else None
     print(f"study {name}: {len(runs)} runs in {time.perf_counter() - t0:.1f}s; tables in {out}", flush=True)
     return {"frame": frame, "tables": tables, "out_dir": out}

@@ -479,5 +479,6 @@ def test_summary_and_rendering():
     assert report.splitlines()[0].startswith(f"{HELPSTEER2} (split 'train', adapter 'helpsteer2')")
     assert "equal_helpfulness: 2" in report and "first 2 of 6 examples" in report
     assert report.count("── nvidia/HelpSteer2/train/") == 2
-    sft_report = inspect_source(DEITA, "test", n=1)
+    sft_report = inspect_source(DEITA, "test", n=1, kind="sft")
     assert "adapter 'deita_sft'" in sft_report and "messages:" in sft_report
+    assert "adapter 'deita_sft'" in inspect_source(DEITA, "test", n=0)  # kind from the adapter

@@ -97,15 +97,13 @@ def test_nan_loss_stops_with_a_clear_error(tiny_world, tmp_path, monkeypatch):
     from tvkd.training.trainer import NonFiniteLossError
 
     cfg = make_cfg(tiny_world, name="dpo")
-    original = dpo_mod.DPOLoss.__call__ if hasattr(dpo_mod, "DPOLoss") else None
-    if original is None:
-        pytest.skip("dpo loss class not found")
+    original = dpo_mod.DPO.__call__
 
     def nan_loss(self, batch, c):
         out = original(self, batch, c)
         out.loss = out.loss * torch.tensor(float("nan"))
         return out
 
-    monkeypatch.setattr(dpo_mod.DPOLoss, "__call__", nan_loss)
+    monkeypatch.setattr(dpo_mod.DPO, "__call__", nan_loss)
     with pytest.raises(NonFiniteLossError, match="step 0.*training pairs"):
         execute(cfg, store=ResultsStore(tmp_path / "results"), progress=False)

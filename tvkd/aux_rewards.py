@@ -62,9 +62,24 @@ class LogitStats:
         self._tempered: dict[float, torch.Tensor] = {}
 
     @cached_property
+    def max(self) -> torch.Tensor:
+        return self.z.amax(dim=-1)
+
+    @cached_property
+    def _exp_sums(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Σ_a e(a), Σ_a e(a)·z(a)) with e = exp(z − max z): one exp pass serves logsumexp and Σπz.
+
+        Elementwise products and sums rather than a matmul: a GPU matmul may run in TF32.
+        """
+        e = (self.z - self.max.unsqueeze(-1)).exp_()
+        total = e.sum(-1)
+        weighted = e.mul_(self.z).sum(-1)  # reuses e's memory: one [..., V] temporary in all
+        return total, weighted
+
+    @cached_property
     def lse(self) -> torch.Tensor:
         """logsumexp_a z(a) = log Z, the log-partition of π."""
-        return torch.logsumexp(self.z, dim=-1)
+        return self.max + self._exp_sums[0].log()
 
     @cached_property
     def top2(self) -> torch.Tensor:
@@ -75,10 +90,9 @@ class LogitStats:
 
     @cached_property
     def expected_logit(self) -> torch.Tensor:
-        """Σ_a π(a)·z(a), through one [..., V] temporary (π) and a batched dot product."""
-        probs = (self.z - self.lse.unsqueeze(-1)).exp_()
-        # matmul of [..., 1, V] by [..., V, 1] contracts V without materialising π·z
-        return (probs.unsqueeze(-2) @ self.z.unsqueeze(-1)).squeeze(-1).squeeze(-1)
+        """Σ_a π(a)·z(a) = Σ_a e(a)z(a) / Σ_a e(a)."""
+        total, weighted = self._exp_sums
+        return weighted / total
 
     def tempered_lse(self, temperature: float) -> torch.Tensor:
         """logsumexp_a z(a)/β_V, cached per temperature (β_V = 1 reuses `lse` bit for bit)."""
@@ -86,7 +100,8 @@ class LogitStats:
         if t == 1.0:
             return self.lse
         if t not in self._tempered:
-            self._tempered[t] = torch.logsumexp(self.z / t, dim=-1)
+            m = self.max
+            self._tempered[t] = m / t + (self.z - m.unsqueeze(-1)).div_(t).exp_().sum(-1).log()
         return self._tempered[t]
 
     def gather(self, actions: torch.Tensor) -> torch.Tensor:

@@ -151,7 +151,7 @@ def _train_and_evaluate(cfg: RunConfig, run_dir: Path, echo: Echo, progress: boo
     from tvkd.evaluation.metrics import implicit_rewards, oracle_margin_accuracy, pairwise_accuracy, sequence_logps
     from tvkd.modeling import load_causal_lm, load_tokenizer, model_digest, resolve_device, shared_vocab_size
     from tvkd.tokenize import tokenize_preferences
-    from tvkd.training.trainer import PreferenceCollator, PreferenceTrainer
+    from tvkd.training.trainer import PreferenceCollator, PreferenceTrainer, training_columns
 
     datasets.disable_progress_bars() if not progress else None
     set_seed(cfg.seed)
@@ -234,6 +234,7 @@ def _train_and_evaluate(cfg: RunConfig, run_dir: Path, echo: Echo, progress: boo
     if layout is not None and needs.aux:
         train = expand_teacher_columns(train, layout, needs.aux)
     train = loss.prepare(train, loss_cfg, seed=cfg.seed)
+    train = training_columns(train, loss.batch_columns(loss_cfg), needs.reference)
 
     # --- train -------------------------------------------------------------------------------
     with echo.stage("train"):

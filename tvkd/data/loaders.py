@@ -1,8 +1,9 @@
 """Load a preference or SFT data set from a hub id or a local file/folder into examples.
 
-    >>> result = load_preferences("argilla/dpo-mix-7k", split="train")
-    >>> print(result.summary())
-    argilla/dpo-mix-7k (split 'train', adapter 'dpo_mix_7k'): 6750 rows -> 6750 examples
+    result = load_preferences("argilla/dpo-mix-7k", split="train")
+    print(result.summary())
+    # argilla/dpo-mix-7k (split 'train', adapter 'dpo_mix_7k'): 6750 rows -> N preference
+    # examples; skipped K (reason: count, ...)
 
 Sources:
 

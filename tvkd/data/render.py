@@ -60,17 +60,19 @@ def inspect_source(
     split: str = "train",
     n: int = 3,
     *,
+    kind: str | None = None,
     adapter: str | None = None,
     max_chars: int = 400,
 ) -> str:
     """Load a source and describe it: the adapter, counts, skipped rows by reason, ``n`` examples.
 
-    Preference or SFT is decided by the adapter (given, registered for the hub id, or chosen by
-    the columns). The whole split is read so that the counts are the real ones.
+    ``kind`` ("preference" | "sft") restricts the adapters considered; None lets the adapter
+    decide (given, registered for the hub id, or chosen by the columns). The whole split is
+    read so that the counts are the real ones.
     """
     from tvkd.data.loaders import load_source
 
-    result = load_source(source, split=split, adapter=adapter)
+    result = load_source(source, split=split, adapter=adapter, kind=kind)
     lines = [result.summary()]
     if result.skipped:
         lines.append("skipped:")

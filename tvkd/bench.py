@@ -1,0 +1,250 @@
+"""`tvkd bench`: the speed and memory targets of DESIGN.md, as ratios measured in one process.
+
+1. TVKD step / DPO step on the same trainer (target <= 1.03);
+2. this trainer's DPO throughput / TRL DPOTrainer's on the same model, batch and length (>= 1.5);
+3. teacher-cache bytes per response token (six aux rewards at one temperature + reference
+   log-probs, fp32) against a top-50 cache of the same data (target <= 32 bytes; top-50 ~300+);
+4. cache build throughput / a bare no-grad teacher forward over the same batches (>= 0.85).
+
+Both sides of a ratio run in this process on the same synthetic data, interleaved where that
+matters, so machine noise hits both alike. Timings are medians over steps after a warm-up.
+The model is a small random Llama with a realistic vocabulary (the cache's cost grows with V).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+TARGETS = {
+    "tvkd_step_over_dpo_step": ("<=", 1.03),
+    "dpo_throughput_over_trl": (">=", 1.5),
+    "cache_bytes_per_token": ("<=", 32.0),
+    "cache_build_over_bare_forward": (">=", 0.85),
+}
+
+
+def _tokenizer(vocab: int):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<unk>", "<bos>", "<eot>", "<user>", "<assistant>"]
+    words = specials + [f"w{i}" for i in range(vocab - len(specials))]
+    tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<bos>",
+                                   eos_token="<eot>")
+    fast.chat_template = ("{{ bos_token }}{% for m in messages %}{{ '<' + m['role'] + '> ' + m['content'] + ' <eot> ' }}"
+                          "{% endfor %}{% if add_generation_prompt %}{{ '<assistant> ' }}{% endif %}")
+    return fast
+
+
+def _model(vocab: int, hidden: int, layers: int, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024, pad_token_id=0,
+                      bos_token_id=2, eos_token_id=3, tie_word_embeddings=False)
+    return LlamaForCausalLM(cfg)
+
+
+def _rows(n: int, vocab: int, prompt_len: int, resp_len: int, seed: int = 0) -> list[dict[str, Any]]:
+    rng = np.random.default_rng(seed)
+
+    def text(k: int) -> str:
+        return " ".join(f"w{i}" for i in rng.integers(0, vocab - 6, size=k))
+
+    return [
+        {"prompt": [{"role": "user", "content": text(prompt_len)}],
+         "chosen": [{"role": "assistant", "content": text(int(rng.integers(resp_len // 2, resp_len)))}],
+         "rejected": [{"role": "assistant", "content": text(int(rng.integers(resp_len // 2, resp_len)))}]}
+        for _ in range(n)
+    ]
+
+
+class _StepTimer:
+    """A transformers callback recording each optimizer step's wall time."""
+
+    def __new__(cls):
+        from transformers import TrainerCallback
+
+        class Timer(TrainerCallback):
+            def __init__(self):
+                self.times: list[float] = []
+                self._t = 0.0
+
+            def on_step_begin(self, args, state, control, **kw):
+                self._t = time.perf_counter()
+
+            def on_step_end(self, args, state, control, **kw):
+                self.times.append(time.perf_counter() - self._t)
+
+        return Timer()
+
+
+def _examples(rows):
+    from tvkd.data import PreferenceExample
+
+    return [PreferenceExample(id=str(i), prompt=r["prompt"], chosen=r["chosen"], rejected=r["rejected"], meta={})
+            for i, r in enumerate(rows)]
+
+
+def _ours(model, tok, rows, loss_name: str, steps: int, batch: int, tmp: Path, extra_cols: dict | None = None):
+    """Per-step times of PreferenceTrainer with a registered loss."""
+    import datasets
+    from transformers import TrainingArguments
+
+    from tvkd.cache.teacher import build_reference_cache, build_teacher_cache, expand_teacher_columns
+    from tvkd.losses import LOSSES, build_config
+    from tvkd.tokenize import TokenizeConfig, tokenize_preferences
+    from tvkd.training.trainer import PreferenceCollator, PreferenceTrainer, training_columns
+
+    td = tokenize_preferences(_examples(rows), tok, TokenizeConfig(1024, 512), cache_dir=tmp / "tok", progress=False)
+    ref = build_reference_cache(td.dataset, td.fingerprint, model, "bench-ref", cache_dir=tmp / "ref", progress=False)
+    parts = [td.dataset, ref.dataset]
+    loss_cls = LOSSES.get(loss_name)
+    loss = loss_cls()
+    cfg = build_config(loss_cls, {"aux": "soft_value"} if loss_name == "tvkd" else {})
+    needs = loss.needs(cfg)
+    layout = None
+    if needs.aux:
+        tc = build_teacher_cache(td.dataset, td.fingerprint, model, "bench-teacher", list(needs.aux),
+                                 cache_dir=tmp / "teacher", progress=False)
+        parts.append(tc.dataset)
+        layout = tc.layout
+    ds = datasets.concatenate_datasets(parts, axis=1).add_column("pair_index", list(range(len(td.dataset))))
+    if layout:
+        ds = expand_teacher_columns(ds, layout, needs.aux)
+    ds = training_columns(loss.prepare(ds, cfg, seed=0), loss.batch_columns(cfg), needs.reference)
+    args = TrainingArguments(output_dir=str(tmp / f"out-{loss_name}"), max_steps=steps, per_device_train_batch_size=batch,
+                             learning_rate=1e-5, use_cpu=True, report_to="none", remove_unused_columns=False,
+                             save_strategy="no", logging_steps=10_000, disable_tqdm=True, seed=0, data_seed=0)
+    timer = _StepTimer()
+    trainer = PreferenceTrainer(model=copy.deepcopy(model).train(), args=args, train_dataset=ds,
+                                data_collator=PreferenceCollator(tok.pad_token_id, loss.batch_columns(cfg), needs.reference),
+                                loss=loss, loss_config=cfg, callbacks=[timer])
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.train()
+    return timer.times
+
+
+def _trl(model, tok, rows, steps: int, batch: int, tmp: Path):
+    import datasets
+    from transformers.trainer_callback import PrinterCallback
+    from trl import DPOConfig, DPOTrainer
+
+    args = DPOConfig(output_dir=str(tmp / "trl"), max_steps=steps, per_device_train_batch_size=batch, learning_rate=1e-5,
+                     use_cpu=True, bf16=False, gradient_checkpointing=False, report_to="none", save_strategy="no",
+                     logging_steps=10_000, disable_tqdm=True, precompute_ref_log_probs=True, max_length=1024, seed=0,
+                     data_seed=0, beta=0.1)
+    timer = _StepTimer()
+    trainer = DPOTrainer(model=copy.deepcopy(model).train(), ref_model=copy.deepcopy(model).eval(), args=args,
+                         train_dataset=datasets.Dataset.from_list(rows), processing_class=tok, callbacks=[timer])
+    trainer.remove_callback(PrinterCallback)
+    trainer.train()
+    return timer.times
+
+
+def _median_after_warmup(times: list[float], warmup: int) -> float:
+    return statistics.median(times[warmup:] if len(times) > warmup + 2 else times)
+
+
+@torch.no_grad()
+def _cache_vs_forward(model, tok, rows, tmp: Path, repeats: int):
+    from tvkd.cache.teacher import (
+        _length_batches, build_reference_cache, build_teacher_cache, default_specs, response_tokens,
+    )
+    from tvkd.scoring import collate_pairs
+    from tvkd.tokenize import TokenizeConfig, tokenize_preferences
+
+    td = tokenize_preferences(_examples(rows), tok, TokenizeConfig(1024, 512), cache_dir=tmp / "tok", progress=False)
+    model = model.eval()
+    specs = default_specs((2.0,))
+    cache_s, fwd_s = [], []
+    for r in range(repeats):  # interleaved, so drift hits both
+        t0 = time.perf_counter()
+        tc = build_teacher_cache(td.dataset, td.fingerprint, model, f"bench-{r}", specs, cache_dir=tmp / f"tc{r}",
+                                 progress=False, batch_size=16)
+        cache_s.append(time.perf_counter() - t0)
+        cols = td.dataset.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"])
+        t0 = time.perf_counter()
+        for idx in _length_batches(cols, 16, 65536):
+            f = cols[idx]
+            feats = [dict(prompt_ids=p, chosen_ids=c, rejected_ids=rj)
+                     for p, c, rj in zip(f["prompt_ids"], f["chosen_ids"], f["rejected_ids"])]
+            b = collate_pairs(feats, tok.pad_token_id)
+            model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False)
+        fwd_s.append(time.perf_counter() - t0)
+    ref = build_reference_cache(td.dataset, td.fingerprint, model, "bench-ref", cache_dir=tmp / "ref", progress=False)
+    top = build_teacher_cache(td.dataset, td.fingerprint, model, "bench-top", specs[:0] + specs, topk=50,
+                              cache_dir=tmp / "top", progress=False, batch_size=16)
+    ntok = response_tokens(td.dataset)
+    from tvkd.cache.teacher import arrow_bytes
+
+    top_bytes = arrow_bytes(top.dataset, [c for c in top.dataset.column_names if "topk" in c]) / ntok
+    aux_bytes = tc.stats["aux_bytes_per_token"]
+    return {
+        "cache_seconds": statistics.median(cache_s),
+        "forward_seconds": statistics.median(fwd_s),
+        "aux_bytes_per_token": aux_bytes,
+        "ref_bytes_per_token": ref.stats["bytes_per_token"],
+        "top50_bytes_per_token": top_bytes,
+        "response_tokens": ntok,
+    }
+
+
+def main(quick: bool = False, out: str | Path | None = None) -> int:
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
+    vocab, hidden, layers = 8192, 256, 4
+    steps, batch = (12, 8) if quick else (30, 8)
+    tok = _tokenizer(vocab)
+    model = _model(vocab, hidden, layers)
+    rows = _rows(steps * batch + 16, vocab, prompt_len=48, resp_len=96)
+    results: dict[str, Any] = {"model": {"vocab": vocab, "hidden": hidden, "layers": layers},
+                               "batch_pairs": batch, "steps": steps, "threads": torch.get_num_threads()}
+    print(f"tvkd bench: Llama {layers}x{hidden}, vocab {vocab}, {batch} pairs/step, prompt 48 + response <=96 tokens, "
+          f"{torch.get_num_threads()} threads", flush=True)
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        warm = 3
+        dpo_t, tvkd_t = [], []
+        for rep in range(2):  # interleave DPO and TVKD runs
+            dpo_t += _ours(model, tok, rows, "dpo", steps, batch, tmp / f"d{rep}")[warm:]
+            tvkd_t += _ours(model, tok, rows, "tvkd", steps, batch, tmp / f"t{rep}")[warm:]
+        trl_t = _trl(model, tok, rows, steps, batch, tmp)[warm:]
+        dpo_t2 = _ours(model, tok, rows, "dpo", steps, batch, tmp / "d2")[warm:]
+        dpo_med, tvkd_med = statistics.median(dpo_t + dpo_t2), statistics.median(tvkd_t)
+        trl_med = statistics.median(trl_t)
+        results.update(dpo_step_s=dpo_med, tvkd_step_s=tvkd_med, trl_step_s=trl_med)
+        results["tvkd_step_over_dpo_step"] = tvkd_med / dpo_med
+        results["dpo_throughput_over_trl"] = trl_med / dpo_med
+        c = _cache_vs_forward(model, tok, _rows(128, vocab, 48, 96, seed=1), tmp / "cache", repeats=2 if quick else 3)
+        results.update(c)
+        results["cache_bytes_per_token"] = c["aux_bytes_per_token"] + c["ref_bytes_per_token"]
+        results["cache_bytes_over_top50"] = results["cache_bytes_per_token"] / c["top50_bytes_per_token"]
+        results["cache_build_over_bare_forward"] = c["forward_seconds"] / c["cache_seconds"]
+    print()
+    print(f"{'measure':<34}{'value':>10}  target   {'':<6}")
+    for key, (op, target) in TARGETS.items():
+        v = results[key]
+        ok = v <= target if op == "<=" else v >= target
+        print(f"{key:<34}{v:>10.3f}  {op} {target:<6} {'ok' if ok else 'MISS'}")
+    print(f"{'(top-50 cache bytes per token)':<34}{results['top50_bytes_per_token']:>10.1f}")
+    print(f"{'(step seconds: dpo / tvkd / trl)':<34} {dpo_med:.4f} / {tvkd_med:.4f} / {trl_med:.4f}")
+    print(f"{'(cache build / bare forward s)':<34} {c['cache_seconds']:.3f} / {c['forward_seconds']:.3f}")
+    out = Path(out) if out else Path("results") / "bench.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(f"\nwrote {out}")
+    return 0
