@@ -24,10 +24,16 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_study(name: str) -> dict[str, Any]:
+def load_study(name: str | Path | dict[str, Any]) -> dict[str, Any]:
+    """A study spec from a registered name, a YAML path, or a dict (returned as is)."""
     from studies import STUDIES
 
-    return yaml.safe_load(STUDIES.get(name).read_text())
+    if isinstance(name, dict):
+        return name
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml") and path.exists():
+        return yaml.safe_load(path.read_text())
+    return yaml.safe_load(STUDIES.get(str(name)).read_text())
 
 
 def expand_study(spec: dict[str, Any], *, seeds: list[int] | None = None, quick: bool = False) -> list[tuple[dict, RunConfig]]:
@@ -51,7 +57,7 @@ def expand_study(spec: dict[str, Any], *, seeds: list[int] | None = None, quick:
     return out
 
 
-def run_study(name: str, *, seeds: list[int] | None = None, results: str | Path | None = None,
+def run_study(name: str | Path | dict[str, Any], *, seeds: list[int] | None = None, results: str | Path | None = None,
               out_dir: str | Path | None = None, quick: bool = False, progress: bool = True) -> dict[str, Any]:
     """Run (or resume) a study and write its tables. Returns {"frame": DataFrame, "tables": {fmt: path}}."""
     from reports.tables import discover
@@ -59,6 +65,7 @@ def run_study(name: str, *, seeds: list[int] | None = None, results: str | Path 
     from tvkd.results import ResultsStore
 
     spec = load_study(name)
+    name = spec["name"]
     store = ResultsStore(Path(results) if results else results_root())
     runs = expand_study(spec, seeds=seeds, quick=quick)
     t0 = time.perf_counter()

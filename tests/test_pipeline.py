@@ -2,40 +2,11 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
-from tests.conftest import make_tiny_llama, make_tiny_tokenizer
 from tvkd.config import config_from_dict
 from tvkd.pipeline import execute
 from tvkd.results import ResultsStore
-
-PAIRS = [
-    ("sort c a b", "a b c", "c b a"), ("reverse a b", "b a", "a b"), ("sort b a", "a b", "b a"),
-    ("hello world", "hello", "the cat the dog"), ("the cat", "yes", "no maybe"), ("sort e d", "d e", "e d e"),
-]
-
-
-@pytest.fixture
-def tiny_world(tmp_path, monkeypatch):
-    monkeypatch.setenv("TVKD_CACHE", str(tmp_path / "cache"))
-    tok = make_tiny_tokenizer()
-    paths = {}
-    for name, layers, hidden, seed in (("teacher", 2, 32, 1), ("student", 1, 16, 2)):
-        model = make_tiny_llama(len(tok), seed=seed, layers=layers, hidden=hidden)
-        model.save_pretrained(tmp_path / name)
-        tok.save_pretrained(tmp_path / name)
-        paths[name] = str(tmp_path / name)
-    rows = [
-        {"id": f"p{i}", "prompt": [{"role": "user", "content": p}], "chosen": [{"role": "assistant", "content": c}],
-         "rejected": [{"role": "assistant", "content": r}], "meta": {"oracle_chosen": 1.0, "oracle_rejected": 0.0}}
-        for i, (p, c, r) in enumerate(PAIRS * 4)
-    ]
-    data = tmp_path / "pairs.jsonl"
-    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    paths["data"] = str(data)
-    return paths
 
 
 def make_cfg(world, **loss):

@@ -1,0 +1,141 @@
+"""Teacher and reference caches equal a direct, one-row-at-a-time full-logits computation."""
+
+from __future__ import annotations
+
+import logging
+from types import SimpleNamespace
+
+import datasets
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import make_tiny_llama, make_tiny_tokenizer
+from tvkd.cache.teacher import (
+    build_reference_cache, build_teacher_cache, default_specs, expand_teacher_columns,
+)
+from tvkd.losses.base import AuxSpec
+from tvkd.modeling import VocabularyMismatchError, shared_vocab_size
+from tvkd.tokenize import TokenizeConfig, tokenize_preferences
+
+ROWS = [("sort c a b", "a b c", "c b a"), ("reverse a b", "b a", "a b a b"), ("hello", "world", "the cat the dog"),
+        ("the cat the dog sort", "yes", "no")]
+
+
+def tokenized(tmp_path, tok):
+    exs = [SimpleNamespace(id=str(i), prompt=[{"role": "user", "content": p}],
+                           chosen=[{"role": "assistant", "content": c}], rejected=[{"role": "assistant", "content": r}],
+                           meta={}) for i, (p, c, r) in enumerate(ROWS)]
+    return tokenize_preferences(exs, tok, TokenizeConfig(64, 32), cache_dir=tmp_path / "tok", progress=False)
+
+
+def direct(model, prompt, response):
+    """Full logits of one unpadded sequence; states s_0..s_T (A.1: logits at p+t-1 predict a_t)."""
+    ids = torch.tensor([list(prompt) + list(response)])
+    with torch.no_grad():
+        z = model(input_ids=ids).logits[0].double()
+    p = len(prompt)
+    return z[p - 1: p + len(response)]  # T+1 states
+
+
+def reference_values(z, response, beta_v):
+    """Table 5 by hand from full logits (float64)."""
+    pi = torch.softmax(z, -1)
+    top = torch.sort(pi, -1, descending=True).values
+    a = torch.tensor(list(response))
+    T = len(response)
+    return {
+        "logits": z[torch.arange(T), a],
+        "log_prob": torch.log_softmax(z, -1)[torch.arange(T), a],
+        "max": top[:, 0],
+        "margin": top[:, 0] - top[:, 1],
+        "expectation": (pi * z).sum(-1),
+        f"soft_value@{beta_v:g}": beta_v * torch.logsumexp(z / beta_v, -1),
+    }
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_teacher_cache_equals_direct_computation(tmp_path, batch_size):
+    tok = make_tiny_tokenizer()
+    teacher = make_tiny_llama(len(tok), seed=3)
+    td = tokenized(tmp_path, tok)
+    specs = default_specs((0.5, 2.0))
+    tc = build_teacher_cache(td.dataset, td.fingerprint, teacher, "t", specs, topk=4, pad_id=tok.pad_token_id,
+                             batch_size=batch_size, cache_dir=tmp_path / "tc", progress=False)
+    ds = expand_teacher_columns(datasets.concatenate_datasets([td.dataset, tc.dataset], axis=1), tc.layout, specs)
+    for i in range(len(ds)):
+        row = ds[i]
+        for side in ("chosen", "rejected"):
+            resp = row[f"{side}_ids"]
+            z = direct(teacher, row["prompt_ids"], resp)
+            for bv in (0.5, 2.0):
+                want = reference_values(z, resp, bv)
+                for col, ref in want.items():
+                    got = np.asarray(row[f"{side}/{col}"], dtype=np.float64)
+                    n = len(resp) if col in ("logits", "log_prob") else len(resp) + 1
+                    assert got.shape == (n,), (col, got.shape)
+                    np.testing.assert_allclose(got, ref[:n].numpy(), rtol=1e-5, atol=1e-5, err_msg=f"{side} {col}")
+            lp = torch.log_softmax(z[:-1], -1)
+            top_lp, top_ids = lp.topk(4, -1)
+            np.testing.assert_array_equal(np.asarray(row[f"{side}/topk_ids"]), top_ids.numpy())
+            np.testing.assert_allclose(np.asarray(row[f"{side}/topk_logprobs"]), top_lp.numpy(), rtol=1e-5, atol=1e-6)
+            rest = torch.log1p(-top_lp.exp().sum(-1))
+            np.testing.assert_allclose(np.asarray(row[f"{side}/topk_rest"]), rest.numpy(), rtol=1e-4, atol=1e-5)
+    # s_0 is shared by the pair: chosen and rejected potentials start with the same value
+    assert ds[0]["chosen/max"][0] == ds[0]["rejected/max"][0]
+
+
+def test_reference_cache_and_reuse(tmp_path):
+    tok = make_tiny_tokenizer()
+    ref = make_tiny_llama(len(tok), seed=4)
+    td = tokenized(tmp_path, tok)
+    rc = build_reference_cache(td.dataset, td.fingerprint, ref, "r", pad_id=tok.pad_token_id, batch_size=2,
+                               cache_dir=tmp_path / "rc", progress=False)
+    for i in range(len(td.dataset)):
+        row = td.dataset[i]
+        for side in ("chosen", "rejected"):
+            resp = row[f"{side}_ids"]
+            z = direct(ref, row["prompt_ids"], resp)[:-1]
+            want = torch.log_softmax(z, -1)[torch.arange(len(resp)), torch.tensor(resp)]
+            np.testing.assert_allclose(rc.dataset[i][f"{side}/ref_logps"], want.numpy(), rtol=1e-5, atol=1e-5)
+    loads = {"n": 0}
+
+    def loader():
+        loads["n"] += 1
+        return ref
+
+    again = build_reference_cache(td.dataset, td.fingerprint, loader, "r", cache_dir=tmp_path / "rc", progress=False)
+    assert again.cached and loads["n"] == 0  # a cached call loads no model
+
+
+def test_cache_bytes_per_token_is_compact(tmp_path):
+    tok = make_tiny_tokenizer()
+    td = tokenized(tmp_path, tok)
+    tc = build_teacher_cache(td.dataset, td.fingerprint, make_tiny_llama(len(tok)), "t", default_specs((2.0,)),
+                             pad_id=tok.pad_token_id, cache_dir=tmp_path / "tc", progress=False)
+    # six aux rewards at one temperature: 6 floats per token + one offset per response + s_0 per pair
+    ntok = tc.stats["response_tokens"]
+    assert tc.stats["aux_bytes_per_token"] <= 24 + (2 * 4 * len(ROWS) + 4 * 4 * len(ROWS) + 64) / ntok
+    assert tc.layout["token_fields"][:2] == ["logits", "log_prob"]
+
+
+def test_expand_unknown_column_is_explained(tmp_path):
+    tok = make_tiny_tokenizer()
+    td = tokenized(tmp_path, tok)
+    tc = build_teacher_cache(td.dataset, td.fingerprint, make_tiny_llama(len(tok)), "t", default_specs((2.0,)),
+                             pad_id=tok.pad_token_id, cache_dir=tmp_path / "tc", progress=False)
+    with pytest.raises(KeyError, match="soft_value@5.*Rebuild"):
+        expand_teacher_columns(tc.dataset, tc.layout, [AuxSpec("soft_value", temperature=5.0)])
+
+
+def test_vocabulary_checks(caplog):
+    tok = make_tiny_tokenizer()
+    other = make_tiny_tokenizer()
+    other.add_tokens(["zebra"])
+    with pytest.raises(VocabularyMismatchError, match="only in student.*zebra"):
+        shared_vocab_size(tok, other, len(tok), len(other))
+    with caplog.at_level(logging.WARNING):
+        assert shared_vocab_size(tok, tok, len(tok) + 8, len(tok)) == len(tok)
+    assert "padding rows dropped" in caplog.text
+    with pytest.raises(VocabularyMismatchError, match="smaller than the tokenizer"):
+        shared_vocab_size(tok, tok, len(tok) - 1, len(tok))
