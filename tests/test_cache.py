@@ -12,7 +12,10 @@ import torch
 
 from tests.conftest import make_tiny_llama, make_tiny_tokenizer
 from tvkd.cache.teacher import (
-    build_reference_cache, build_teacher_cache, default_specs, expand_teacher_columns,
+    build_reference_cache,
+    build_teacher_cache,
+    default_specs,
+    expand_teacher_columns,
 )
 from tvkd.losses.base import AuxSpec
 from tvkd.modeling import VocabularyMismatchError, shared_vocab_size

@@ -163,7 +163,11 @@ def _median_after_warmup(times: list[float], warmup: int) -> float:
 @torch.no_grad()
 def _cache_vs_forward(model, tok, rows, tmp: Path, repeats: int):
     from tvkd.cache.teacher import (
-        _length_batches, build_reference_cache, build_teacher_cache, default_specs, response_tokens,
+        _length_batches,
+        build_reference_cache,
+        build_teacher_cache,
+        default_specs,
+        response_tokens,
     )
     from tvkd.scoring import collate_pairs
     from tvkd.tokenize import TokenizeConfig, tokenize_preferences

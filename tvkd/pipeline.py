@@ -104,6 +104,8 @@ def execute(cfg: RunConfig, *, store: Any = None, force: bool = False, progress:
     from tvkd.results import ResultsStore
 
     echo = echo or Echo(progress)
+    # Validate names and options before any model is loaded or any testbed stage is built.
+    build_config(LOSSES.get(cfg.loss.name), cfg.loss.options)
     store = store or ResultsStore()
     key = run_key(cfg)
     if testbed:
@@ -146,9 +148,17 @@ def _train_and_evaluate(cfg: RunConfig, run_dir: Path, echo: Echo, progress: boo
     from transformers import TrainingArguments
 
     from tvkd.cache.teacher import (
-        build_reference_cache, build_teacher_cache, default_specs, expand_teacher_columns,
+        build_reference_cache,
+        build_teacher_cache,
+        default_specs,
+        expand_teacher_columns,
     )
-    from tvkd.evaluation.metrics import implicit_rewards, oracle_margin_accuracy, pairwise_accuracy, sequence_logps
+    from tvkd.evaluation.metrics import (
+        implicit_rewards,
+        oracle_margin_accuracy,
+        pairwise_accuracy,
+        sequence_logps,
+    )
     from tvkd.modeling import load_causal_lm, load_tokenizer, model_digest, resolve_device, shared_vocab_size
     from tvkd.tokenize import tokenize_preferences
     from tvkd.training.trainer import PreferenceCollator, PreferenceTrainer, training_columns

@@ -6,8 +6,9 @@ r*(x, y) ∈ [0, 1] scores any response (e.g. 1 − normalised edit distance to 
 
 A prompt is one line of whitespace-separated words, e.g. ``sort : c a b`` (answer ``a b c``),
 ``reverse : c a b`` (``b a c``), ``dedupe : c a c b`` (``c a b``: first occurrences in order) and
-``count a : a b a`` (``2``). The oracle reads the task from the prompt TEXT alone, so anything
-that holds a prompt string (a JSONL row, a rendered chat, a generation log) can be scored.
+``count : c a c`` (``3``: the number of elements). The oracle reads the task from the prompt TEXT
+alone, so anything that holds a prompt string (a JSONL row, a rendered chat, a generation log)
+can be scored.
 
 The "systematic flaw" lives here too: a fraction of the SFT demonstrations repeat their last
 element before the end of the turn (``a b c c``). TESTBED-NOTES.md found that preference
@@ -45,17 +46,15 @@ def count_words(max_len: int) -> list[str]:
 
 @dataclass(frozen=True)
 class Problem:
-    """One parsed prompt: the task, its argument (the symbol to count, else None) and the list."""
+    """One parsed prompt: the task and the list."""
 
     task: str
     items: tuple[str, ...]
-    arg: str | None = None
 
     @property
     def text(self) -> str:
         """The prompt text a user message carries."""
-        head = self.task if self.arg is None else f"{self.task} {self.arg}"
-        return f"{head} {SEPARATOR} {' '.join(self.items)}"
+        return f"{self.task} {SEPARATOR} {' '.join(self.items)}"
 
     def ideal(self) -> list[str]:
         """The ideal answer, as a list of words."""
@@ -66,25 +65,20 @@ class Problem:
         if self.task == "dedupe":
             return list(dict.fromkeys(self.items))
         if self.task == "count":
-            return [str(sum(1 for x in self.items if x == self.arg))]
+            return [str(len(self.items))]
         raise ValueError(f"unknown task {self.task!r}; valid tasks: {', '.join(TASKS)}")
 
 
 def sample_problem(rng: random.Random, *, num_symbols: int, min_len: int, max_len: int) -> Problem:
     """Draw one problem: a uniform task, a uniform length in [min_len, max_len], uniform symbols.
 
-    Difficulty varies with the task (count and reverse are easier than sort for a small
-    transformer) and with the length; the count argument is drawn from the list half of the time
-    so that answers other than 0 and 1 are common.
+    Difficulty varies with the task (count is a one-word answer; reverse, dedupe and sort need
+    every position right) and with the length.
     """
     alphabet = symbols(num_symbols)
     task = rng.choice(TASKS)
     n = rng.randint(min_len, max_len)
-    items = tuple(rng.choice(alphabet) for _ in range(n))
-    arg = None
-    if task == "count":
-        arg = rng.choice(items) if rng.random() < 0.5 else rng.choice(alphabet)
-    return Problem(task=task, items=items, arg=arg)
+    return Problem(task=task, items=tuple(rng.choice(alphabet) for _ in range(n)))
 
 
 def parse_prompt(prompt_text: str) -> Problem:
@@ -103,13 +97,9 @@ def parse_prompt(prompt_text: str) -> Problem:
         raise ValueError(f"not a testbed prompt (no {SEPARATOR!r}): {prompt_text!r}")
     cut = words.index(SEPARATOR)
     head, items = words[:cut], tuple(words[cut + 1 :])
-    if not head or head[0] not in TASKS:
+    if len(head) != 1 or head[0] not in TASKS:
         raise ValueError(f"unknown task in prompt {prompt_text!r}; valid tasks: {', '.join(TASKS)}")
-    task = head[0]
-    arg = head[1] if task == "count" and len(head) > 1 else None
-    if task == "count" and arg is None:
-        raise ValueError(f"count prompt without a symbol to count: {prompt_text!r}")
-    return Problem(task=task, items=items, arg=arg)
+    return Problem(task=head[0], items=items)
 
 
 def response_words(response_text: str) -> list[str]:

@@ -88,7 +88,7 @@ def train_sft(
         learning_rate=learning_rate,
         per_device_train_batch_size=batch_size,
         warmup_steps=warmup_ratio,
-        train_sampling_strategy="random",  # two-turn conversations are twice as long: pad less
+        train_sampling_strategy="group_by_length",  # two-turn conversations are twice as long: pad less
         seed=seed,
         data_seed=seed,
         logging_steps=max(1, len(dataset) // batch_size),
