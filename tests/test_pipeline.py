@@ -32,6 +32,12 @@ def test_run_writes_metrics_and_is_idempotent(tiny_world, tmp_path, loss):
     for key in ("train_loss", "margin_accuracy", "oracle_margin_accuracy", "response_words"):
         assert key in m, key
     assert 0.0 <= m["margin_accuracy"] <= 1.0
+    if loss["name"] == "tvkd":
+        for key in ("teacher_scores/sum_logprob", "teacher_scores/oracle_shaping", "teacher_signal/label_agreement",
+                    "value_kl", "policy_kl"):
+            assert key in m, key
+        # all test pairs have chosen better by the oracle: oracle agreement == label agreement here
+        assert m["teacher_scores/oracle_shaping"] == m["teacher_scores/shaping"]
     assert len(rec.outputs()) == 6  # unique test prompts
     again = execute(cfg, store=store, progress=False)
     assert again.run_dir == rec.run_dir

@@ -93,6 +93,8 @@ class EvalConfig:
     generate: bool = _f(True, "Greedy generations on the test prompts (for oracle score / win rates).")
     max_new_tokens: int = _f(64, "Generation budget per prompt.")
     batch_size: int = _f(128, "Prompts / pairs per evaluation batch.")
+    teacher_scores: bool = _f(
+        True, "Table 3: margin accuracy of the teacher's sum / mean log-prob and shaping sum on the test pairs.")
     value_alignment: int = _f(0, "Value-alignment and policy KL on N training chosen responses (0: off).")
     ties: str = _f("half", "Margin-accuracy ties: half (count 1/2) | loss (count 0).")
 

@@ -132,6 +132,69 @@ def execute(cfg: RunConfig, *, store: Any = None, force: bool = False, progress:
     return rec
 
 
+def _teacher_scores(cfg: RunConfig, loss_cfg: Any, tok_test: Any, teacher_model: Any, teacher_key: str,
+                    layout: dict[str, Any], pad_id: int, progress: bool) -> dict[str, float]:
+    """Table 3 on the test pairs: does the teacher's Σ log π_T, mean log π_T or shaping sum Ψ rank pairs right?"""
+    from tvkd.cache.teacher import build_teacher_cache, expand_teacher_columns
+    from tvkd.evaluation.metrics import oracle_margin_accuracy, teacher_scores
+    from tvkd.losses.base import AuxSpec
+    from tvkd.shaping import shaping_sum_rows
+
+    aux_spec = getattr(loss_cfg, "spec", None) or AuxSpec("soft_value", temperature=2.0)
+    lp_spec = AuxSpec("log_prob")
+    specs = [AuxSpec(**s) for s in layout["specs"]]
+    specs = list(dict.fromkeys(specs + [aux_spec, lp_spec]))
+    tc = build_teacher_cache(tok_test.dataset, tok_test.fingerprint, teacher_model, teacher_key, specs,
+                             pad_id=pad_id, batch_size=cfg.cache.batch_size, progress=False)
+    import datasets as hfds
+
+    ds = expand_teacher_columns(hfds.concatenate_datasets([tok_test.dataset, tc.dataset], axis=1), tc.layout,
+                                [aux_spec, lp_spec])
+    from tvkd.aux_rewards import aux_kind
+
+    kind = aux_kind(aux_spec.name)
+    opts = {} if kind == "action" else dict(gamma=getattr(loss_cfg, "gamma", 1.0),
+                                            shaping=getattr(loss_cfg, "shaping", "pbrs"),
+                                            terminal=getattr(loss_cfg, "terminal", "teacher"))
+    lw = np.array([sum(x) for x in ds["chosen/log_prob"]])
+    ll = np.array([sum(x) for x in ds["rejected/log_prob"]])
+    nw = np.array([len(x) for x in ds["chosen_ids"]], dtype=float)
+    nl = np.array([len(x) for x in ds["rejected_ids"]], dtype=float)
+    pw = np.array(shaping_sum_rows(ds[f"chosen/{aux_spec.column}"], kind, **opts))
+    pl = np.array(shaping_sum_rows(ds[f"rejected/{aux_spec.column}"], kind, **opts))
+    out = {f"teacher_scores/{k}": v for k, v in teacher_scores((lw, ll), (nw, nl), (pw, pl)).items()}
+    metas = [json.loads(x) for x in ds["meta"]]
+    if metas and all("oracle_chosen" in mm and "oracle_rejected" in mm for mm in metas):
+        ow, ol = [mm["oracle_chosen"] for mm in metas], [mm["oracle_rejected"] for mm in metas]
+        for name, (a, b) in {"sum_logprob": (lw, ll), "mean_logprob": (lw / nw, ll / nl), "shaping": (pw, pl)}.items():
+            out[f"teacher_scores/oracle_{name}"] = oracle_margin_accuracy(a, b, ow, ol)
+    return out
+
+
+def teacher_signal(train: Any) -> dict[str, float]:
+    """How the per-pair teacher offset Ψ_w − Ψ_l relates to the labels, when the loss made one.
+
+    `label_agreement`: fraction of pairs with Ψ_w > Ψ_l (the teacher ranks the labelled-chosen
+    response higher; ties 1/2); `oracle_agreement`: the same against the oracle's true preference
+    where the data carries oracle scores (the testbed), pairs the oracle ties left out.
+    """
+    from tvkd.evaluation.metrics import oracle_margin_accuracy, pairwise_accuracy
+
+    if "tvkd_offset" not in train.column_names:
+        return {}
+    off = np.asarray(train["tvkd_offset"], dtype=np.float64)
+    out = {
+        "teacher_signal/label_agreement": pairwise_accuracy(off, np.zeros_like(off)),
+        "teacher_signal/abs_mean": float(np.abs(off).mean()),
+    }
+    if "meta" in train.column_names:
+        metas = [json.loads(x) for x in train["meta"]]
+        if metas and all("oracle_chosen" in m and "oracle_rejected" in m for m in metas):
+            out["teacher_signal/oracle_agreement"] = oracle_margin_accuracy(
+                off, np.zeros_like(off), [m["oracle_chosen"] for m in metas], [m["oracle_rejected"] for m in metas])
+    return out
+
+
 def _load_pairs(source: str, split: str, limit: int | None, adapter: str | None, echo: Echo) -> Any:
     from tvkd.data import load_preferences
 
@@ -206,19 +269,19 @@ def _train_and_evaluate(cfg: RunConfig, run_dir: Path, echo: Echo, progress: boo
             parts.append(rc.dataset)
             echo(f"  reference cache ({'cached' if rc.cached else 'built'}): {rc.path}")
     layout = None
+    holder: dict[str, Any] = {}
+
+    def teacher_model():
+        if "m" not in holder:
+            holder["m"] = load_causal_lm(teacher, dtype=m.dtype, trust_remote_code=m.trust_remote_code)
+        return holder["m"]
+
     with echo.stage("teacher_cache"):
         if needs.aux or needs.topk:
             if teacher is None:
                 raise ValueError(f"loss {cfg.loss.name!r} needs a teacher: set models.teacher")
             specs = list(dict.fromkeys(default_specs(cfg.cache.value_temperatures, cfg.cache.q_sources) + list(needs.aux)))
             t_tok = load_tokenizer(teacher, trust_remote_code=m.trust_remote_code)
-            holder: dict[str, Any] = {}
-
-            def teacher_model():
-                if "m" not in holder:
-                    holder["m"] = load_causal_lm(teacher, dtype=m.dtype, trust_remote_code=m.trust_remote_code)
-                return holder["m"]
-
             from transformers import AutoConfig
 
             vt = AutoConfig.from_pretrained(teacher).vocab_size
@@ -232,7 +295,7 @@ def _train_and_evaluate(cfg: RunConfig, run_dir: Path, echo: Echo, progress: boo
             metrics["cache_bytes_per_token"] = tc.stats["bytes_per_token"]
             parts.append(tc.dataset)
             layout = tc.layout
-            holder.clear()
+            holder.clear()  # free the teacher while the student trains
     train = datasets.concatenate_datasets(parts, axis=1) if len(parts) > 1 else parts[0]
     train = train.add_column("pair_index", list(range(len(train))))
     if cfg.data.subsample:
@@ -244,6 +307,7 @@ def _train_and_evaluate(cfg: RunConfig, run_dir: Path, echo: Echo, progress: boo
     if layout is not None and needs.aux:
         train = expand_teacher_columns(train, layout, needs.aux)
     train = loss.prepare(train, loss_cfg, seed=cfg.seed)
+    metrics.update(teacher_signal(train))
     train = training_columns(train, loss.batch_columns(loss_cfg), needs.reference)
 
     # --- train -------------------------------------------------------------------------------
@@ -324,6 +388,9 @@ def _train_and_evaluate(cfg: RunConfig, run_dir: Path, echo: Echo, progress: boo
                 metrics["flaw_rate"] = float(np.mean([has_flaw(o["prompt"], o["response"]) for o in outputs]))
             metrics["response_words"] = float(np.mean([len(o["response"].split()) for o in outputs]))
             metrics["eval_prompts"] = len(outputs)
+        if cfg.eval.teacher_scores and teacher is not None and tok_test is not None and layout is not None:
+            metrics.update(_teacher_scores(cfg, loss_cfg, tok_test, teacher_model, model_digest(teacher), layout,
+                                           pad_id, progress))
         if cfg.eval.value_alignment and teacher is not None:
             from tvkd.evaluation.metrics import value_alignment
 
