@@ -45,10 +45,13 @@ def cmd_testbed_build(args: argparse.Namespace) -> int:
     cfg = TestbedConfig(seed=args.seed, **overrides)
     tb = build_testbed(cfg, cache_dir=args.cache_dir, progress=not args.quiet)
     print(f"testbed ready in {tb.root}")
-    stages = tb.report.get("stages", {}) if isinstance(tb.report, dict) else {}
-    for name, info in stages.items():
-        if isinstance(info, dict) and "oracle_score" in info:
-            print(f"  {name:<14} oracle score {info['oracle_score']:.3f}  exact match {info.get('exact_match', float('nan')):.3f}")
+    report = tb.report if isinstance(tb.report, dict) else {}
+    oracle, exact = report.get("oracle", {}), report.get("exact_match", {})
+    for stage in ("teacher_sft", "teacher_dpo", "student_sft", "student_dpo"):
+        if stage in oracle:
+            print(f"  {stage:<12} greedy oracle score {oracle[stage]:.3f}  exact match {exact.get(stage, float('nan')):.3f}")
+    if "label_noise" in report:
+        print("  label noise: " + ", ".join(f"{k} {v:.3f}" for k, v in report["label_noise"].items()))
     print(f"report: {Path(tb.root) / 'report.json'}")
     return 0
 

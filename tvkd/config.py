@@ -104,6 +104,9 @@ class RunConfig:
     name: str = _f("run", "A short name for the run (used in the run directory's name).")
     seed: int = _f(0, "Seed for init, data order, subsampling and sampling.")
     study: str | None = _f(None, "The study this run belongs to (groups runs in the results store).")
+    num_threads: int | None = _f(
+        None, "CPU threads for torch (default: torch's). Tiny models run fastest on 1: thread hand-offs cost "
+              "more than their small matmuls, and oversubscribed OpenMP threads spin-wait.")
     models: ModelsConfig = field(default_factory=ModelsConfig)
     data: DataConfig = field(default_factory=DataConfig)
     tokenize: TokenizeConfig = field(default_factory=lambda: TokenizeConfig(max_length=256, max_prompt_length=128))

@@ -227,6 +227,8 @@ def _train_and_evaluate(cfg: RunConfig, run_dir: Path, echo: Echo, progress: boo
     from tvkd.training.trainer import PreferenceCollator, PreferenceTrainer, training_columns
 
     datasets.disable_progress_bars() if not progress else None
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
     set_seed(cfg.seed)
     m = cfg.models
     student = resolve(m.student, testbed, progress)

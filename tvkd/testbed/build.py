@@ -105,11 +105,11 @@ class TestbedConfig:
     student_heads: int = _f(2, "Student attention heads.", ("student_sft",))
     student_intermediate: int = _f(128, "Student MLP width.", ("student_sft",))
     # SFT
-    teacher_sft_epochs: float = _f(12, "Teacher SFT epochs.", ("teacher_sft",))
-    teacher_sft_lr: float = _f(2e-3, "Teacher SFT peak learning rate (AdamW, cosine).", ("teacher_sft",))
-    student_sft_epochs: float = _f(12, "Student SFT epochs.", ("student_sft",))
+    teacher_sft_epochs: float = _f(8, "Teacher SFT epochs.", ("teacher_sft",))
+    teacher_sft_lr: float = _f(1e-3, "Teacher SFT peak learning rate (AdamW, cosine).", ("teacher_sft",))
+    student_sft_epochs: float = _f(8, "Student SFT epochs.", ("student_sft",))
     student_sft_lr: float = _f(2e-3, "Student SFT peak learning rate (AdamW, cosine).", ("student_sft",))
-    sft_batch_size: int = _f(64, "SFT batch size (conversations).", ("teacher_sft", "student_sft"))
+    sft_batch_size: int = _f(32, "SFT batch size (conversations).", ("teacher_sft", "student_sft"))
     sft_warmup_ratio: float = _f(0.03, "Fraction of SFT steps with linear warm-up.", ("teacher_sft", "student_sft"))
     # On-policy pairs
     samples_per_prompt: int = _f(4, "On-policy samples per prompt; the best and worst by r* form the pair.", _PAIRS)
@@ -133,7 +133,7 @@ class TestbedConfig:
     student_dpo_epochs: float = _f(2, "Student DPO epochs.", ("student_dpo",))
     # Execution (not part of any key)
     num_threads: int = _f(
-        2, "torch CPU threads during the build; weights are bit-identical for a fixed thread count.",
+        1, "torch CPU threads during the build; weights are bit-identical for a fixed thread count.",
         fingerprinted=False,
     )
 
@@ -231,18 +231,18 @@ def _sub_seed(seed: int, purpose: str) -> int:
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
+    except PermissionError:  # alive, owned by someone else
         return True
+    except (OSError, OverflowError):
+        return False
     return True
 
 
 def _remove_stale_temps(root: Path) -> None:
     """Delete temporary stage folders left by builds that were killed (their process is gone)."""
     for tmp in root.glob(".tmp-*"):
-        parts = tmp.name.split("-")
-        pid = int(parts[2]) if len(parts) > 2 and parts[2].isdigit() else None
+        parts = tmp.name.split("-")  # .tmp-<pid>-<stage>-<random>
+        pid = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else None
         if pid is not None and pid != os.getpid() and not _pid_alive(pid):
             shutil.rmtree(tmp, ignore_errors=True)
 
