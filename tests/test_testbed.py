@@ -49,7 +49,10 @@ def test_oracle_values():
 
 
 @settings(max_examples=200, deadline=None)
-@given(seed=st.integers(0, 10**6), words=st.lists(st.sampled_from(list("abcdefghij") + ["3", "<eot>"]), max_size=14))
+@given(
+    seed=st.integers(0, 10**6),
+    words=st.lists(st.sampled_from(list("abcdefghij") + ["3", "<eot>"]), max_size=14),
+)
 def test_oracle_is_bounded_and_maximal_only_at_the_ideal(seed, words):
     (problem,) = _problems(1, seed)
     response = " ".join(words)
@@ -109,14 +112,19 @@ def test_special_tokens(tokenizer):
 
 def test_generation_prompt_is_a_prefix_and_the_turn_ends_in_exactly_eos(tokenizer):
     for p in _problems(200):
-        for history in ([], [{"role": "user", "content": "reverse : a b"}, {"role": "assistant", "content": "b a"}]):
+        for history in (
+            [],
+            [{"role": "user", "content": "reverse : a b"}, {"role": "assistant", "content": "b a"}],
+        ):
             prompt = [*history, {"role": "user", "content": p.text}]
             answer = " ".join(p.ideal())
             prompt_ids = _ids(tokenizer, prompt, add_generation_prompt=True)
             full_ids = _ids(tokenizer, prompt + [{"role": "assistant", "content": answer}])
             assert full_ids[: len(prompt_ids)] == prompt_ids
             response = full_ids[len(prompt_ids) :]
-            assert response == tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            assert response == tokenizer(answer, add_special_tokens=False)["input_ids"] + [
+                tokenizer.eos_token_id
+            ]
             assert tokenizer.decode(response, skip_special_tokens=True) == answer
 
 
@@ -204,7 +212,11 @@ def test_stage_keys_follow_their_inputs():
     dpo_only = stage_keys(dataclasses.replace(TINY, dpo_lr=1e-4))
     assert {s for s in STAGES if base[s] != dpo_only[s]} == {"teacher_dpo"}
     student_only = stage_keys(dataclasses.replace(TINY, student_hidden=32))
-    assert {s for s in STAGES if base[s] != student_only[s]} == {"student_sft", "student_pairs", "student_dpo"}
+    assert {s for s in STAGES if base[s] != student_only[s]} == {
+        "student_sft",
+        "student_pairs",
+        "student_dpo",
+    }
     assert stage_keys(dataclasses.replace(TINY, num_threads=1)) == base
     assert all(base[s] != stage_keys(dataclasses.replace(TINY, seed=1))[s] for s in STAGES)
 
@@ -213,14 +225,21 @@ def test_model_folders_load_like_hub_models(built):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    for folder in (built.teacher_sft_dir, built.teacher_dpo_dir, built.student_sft_dir, built.student_dpo_dir):
+    for folder in (
+        built.teacher_sft_dir,
+        built.teacher_dpo_dir,
+        built.student_sft_dir,
+        built.student_dpo_dir,
+    ):
         assert (folder / "model.safetensors").is_file()
         assert not list(folder.glob("*.bin")) and not (folder / "trainer").exists()
         model = AutoModelForCausalLM.from_pretrained(str(folder))
         tok = AutoTokenizer.from_pretrained(str(folder))
         assert model.config.vocab_size == len(tok)
         assert model.config.eos_token_id == tok.eos_token_id
-        ids = torch.tensor([_ids(tok, [{"role": "user", "content": "sort : b a"}], add_generation_prompt=True)])
+        ids = torch.tensor(
+            [_ids(tok, [{"role": "user", "content": "sort : b a"}], add_generation_prompt=True)]
+        )
         assert torch.isfinite(model(ids).logits).all()
     teacher = AutoModelForCausalLM.from_pretrained(str(built.teacher_sft_dir))
     student = AutoModelForCausalLM.from_pretrained(str(built.student_sft_dir))
@@ -237,8 +256,12 @@ def test_data_files_follow_the_schema(built):
             assert [m["role"] for m in row["prompt"]] == ["user"]
             assert row["chosen"][0]["role"] == row["rejected"][0]["role"] == "assistant"
             meta = row["meta"]
-            assert meta["oracle_chosen"] == tasks.score(row["prompt"][0]["content"], row["chosen"][0]["content"])
-            assert meta["oracle_rejected"] == tasks.score(row["prompt"][0]["content"], row["rejected"][0]["content"])
+            assert meta["oracle_chosen"] == tasks.score(
+                row["prompt"][0]["content"], row["chosen"][0]["content"]
+            )
+            assert meta["oracle_rejected"] == tasks.score(
+                row["prompt"][0]["content"], row["rejected"][0]["content"]
+            )
             assert meta["oracle_chosen"] != meta["oracle_rejected"]
             assert meta["label_flipped"] == (meta["oracle_chosen"] < meta["oracle_rejected"])
     sft = read_jsonl(built.sft_train)
@@ -274,7 +297,7 @@ def test_report(built):
 def test_a_second_build_is_cached(built):
     stamps = {s: (d / "stage.json").stat().st_mtime_ns for s, d in built.stage_dirs.items()}
     start = time.perf_counter()
-    again = build_testbed(TINY, cache_dir=built.root, progress=False)
+    again = build_testbed(TINY, cache_dir=built.cache_dir, progress=False)
     assert time.perf_counter() - start < 10
     assert all(again.report["stages"][s]["cached"] for s in STAGES)
     assert {s: (d / "stage.json").stat().st_mtime_ns for s, d in again.stage_dirs.items()} == stamps
@@ -307,7 +330,10 @@ def test_a_failed_stage_leaves_nothing_that_looks_finished(built, tmp_path, monk
     monkeypatch.setattr(pairs, "pair_stats", killed)
     with pytest.raises(KeyboardInterrupt):
         build_testbed(TINY, cache_dir=root, progress=False)
-    assert sorted(p.name.split("-")[0] for p in root.iterdir()) == ["data", "teacher_sft"]  # no temp, no half stage
+    assert sorted(p.name.split("-")[0] for p in root.iterdir()) == [
+        "data",
+        "teacher_sft",
+    ]  # no temp, no half stage
 
 
 def test_a_killed_builds_leftovers_are_swept(tmp_path):

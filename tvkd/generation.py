@@ -19,7 +19,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 def render_prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, Any]]) -> list[int]:
     """Token ids of a chat prompt ending in the generation prompt (the assistant header)."""
     return list(
-        tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True, return_dict=False)
+        tokenizer.apply_chat_template(
+            list(messages), add_generation_prompt=True, tokenize=True, return_dict=False
+        )
     )
 
 
@@ -44,8 +46,8 @@ def generate(
     completion that never emits eos is the text of its ``max_new_tokens`` tokens).
 
     Sampling (``do_sample=True``) is pure temperature sampling (no top-k/top-p) and
-    deterministic for a fixed ``seed``, ``batch_size`` and thread count; the global torch RNG is
-    left untouched. ``batch_size`` counts prompts, so one forward holds up to
+    deterministic for a fixed ``seed`` and ``batch_size``; the global torch RNG is left
+    untouched. ``batch_size`` counts prompts, so one forward holds up to
     ``batch_size * num_return_sequences`` sequences.
     """
     if num_return_sequences > 1 and not do_sample:
@@ -62,10 +64,14 @@ def generate(
     # Equal-length prompts share a batch, so left padding (and wasted compute) is minimal.
     order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i]), i))
     results: list[list[str]] = [[] for _ in encoded]
-    sampling = {"do_sample": True, "temperature": temperature, "top_k": None, "top_p": None} if do_sample else {
-        "do_sample": False, "temperature": None, "top_k": None, "top_p": None}
+    # Explicit values override whatever top-k/top-p a model's saved generation config carries.
+    sampling = (
+        {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
+        if do_sample
+        else {"do_sample": False}
+    )
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         for batch in tqdm(batches, desc="generate", disable=not progress, leave=False):
             width = max(len(encoded[i]) for i in batch)

@@ -171,12 +171,24 @@ def _teacher_scores(cfg: RunConfig, loss_cfg: Any, tok_test: Any, teacher_model:
     return out
 
 
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman rank correlation (average ranks for ties) through pandas; nan when undefined."""
+    import pandas as pd
+
+    if len(a) < 3:
+        return float("nan")
+    return float(pd.Series(a).corr(pd.Series(b), method="spearman"))
+
+
 def teacher_signal(train: Any) -> dict[str, float]:
     """How the per-pair teacher offset Ψ_w − Ψ_l relates to the labels, when the loss made one.
 
     `label_agreement`: fraction of pairs with Ψ_w > Ψ_l (the teacher ranks the labelled-chosen
     response higher; ties 1/2); `oracle_agreement`: the same against the oracle's true preference
-    where the data carries oracle scores (the testbed), pairs the oracle ties left out.
+    where the data carries oracle scores (the testbed), pairs the oracle ties left out. Both depend
+    only on which offsets are positive, so a permutation of the offsets (the shuffled control)
+    leaves them nearly unchanged; `oracle_gap_correlation` (Spearman ρ between the offset and the
+    oracle gap r*(y_w) − r*(y_l)) is pair-specific and falls to ~0 under the shuffle.
     """
     from tvkd.evaluation.metrics import oracle_margin_accuracy, pairwise_accuracy
 
@@ -190,8 +202,10 @@ def teacher_signal(train: Any) -> dict[str, float]:
     if "meta" in train.column_names:
         metas = [json.loads(x) for x in train["meta"]]
         if metas and all("oracle_chosen" in m and "oracle_rejected" in m for m in metas):
-            out["teacher_signal/oracle_agreement"] = oracle_margin_accuracy(
-                off, np.zeros_like(off), [m["oracle_chosen"] for m in metas], [m["oracle_rejected"] for m in metas])
+            ow = np.array([m["oracle_chosen"] for m in metas], dtype=np.float64)
+            ol = np.array([m["oracle_rejected"] for m in metas], dtype=np.float64)
+            out["teacher_signal/oracle_agreement"] = oracle_margin_accuracy(off, np.zeros_like(off), ow, ol)
+            out["teacher_signal/oracle_gap_correlation"] = spearman(off, ow - ol)
     return out
 
 

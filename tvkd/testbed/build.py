@@ -58,7 +58,9 @@ _ALL = STAGES
 
 
 def _f(default: Any, help: str, stages: Sequence[str] = (), fingerprinted: bool = True) -> Any:
-    return field(default=default, metadata={"help": help, "stages": tuple(stages), "fingerprinted": fingerprinted})
+    return field(
+        default=default, metadata={"help": help, "stages": tuple(stages), "fingerprinted": fingerprinted}
+    )
 
 
 _PAIRS = ("teacher_pairs", "student_pairs")
@@ -83,7 +85,9 @@ class TestbedConfig:
     min_len: int = _f(3, "Shortest list in a prompt.", ("data",))
     max_len: int = _f(10, "Longest list in a prompt (also the largest count answer).", ("data",))
     flaw_rate: float = _f(
-        0.6, "Fraction of SFT answers that repeat their last element before <eot> (the systematic flaw).", ("data",)
+        0.6,
+        "Fraction of SFT answers that repeat their last element before <eot> (the systematic flaw).",
+        ("data",),
     )
     two_turn_rate: float = _f(
         0.2,
@@ -110,30 +114,42 @@ class TestbedConfig:
     student_sft_epochs: float = _f(8, "Student SFT epochs.", ("student_sft",))
     student_sft_lr: float = _f(2e-3, "Student SFT peak learning rate (AdamW, cosine).", ("student_sft",))
     sft_batch_size: int = _f(32, "SFT batch size (conversations).", ("teacher_sft", "student_sft"))
-    sft_warmup_ratio: float = _f(0.03, "Fraction of SFT steps with linear warm-up.", ("teacher_sft", "student_sft"))
+    sft_warmup_ratio: float = _f(
+        0.03, "Fraction of SFT steps with linear warm-up.", ("teacher_sft", "student_sft")
+    )
     # On-policy pairs
-    samples_per_prompt: int = _f(4, "On-policy samples per prompt; the best and worst by r* form the pair.", _PAIRS)
+    samples_per_prompt: int = _f(
+        4, "On-policy samples per prompt; the best and worst by r* form the pair.", _PAIRS
+    )
     sample_temperature: float = _f(1.0, "Sampling temperature of the on-policy samples.", _PAIRS)
     label_temperature: float = _f(
-        0.1, "Bradley–Terry temperature T: P(a ≻ b) = σ((r*_a − r*_b)/T); lower means less label noise.", _PAIRS
+        0.1,
+        "Bradley–Terry temperature T: P(a ≻ b) = σ((r*_a − r*_b)/T); lower means less label noise.",
+        _PAIRS,
     )
     max_new_tokens: int = _f(
-        24, "Generation budget for samples and greedy evaluation (answers have ≤ max_len + 1 words).",
+        24,
+        "Generation budget for samples and greedy evaluation (answers have ≤ max_len + 1 words).",
         ("teacher_sft", "teacher_pairs", "teacher_dpo", "student_sft", "student_pairs", "student_dpo"),
     )
     # Teacher DPO
     dpo_beta: float = _f(0.05, "Teacher DPO β (the paper's teacher uses 0.05).", ("teacher_dpo",))
     dpo_lr: float = _f(3e-5, "Teacher DPO peak learning rate (AdamW, cosine).", ("teacher_dpo",))
-    dpo_epochs: float = _f(2, "Teacher DPO epochs.", ("teacher_dpo",))
-    dpo_batch_size: int = _f(32, "DPO batch size (pairs), teacher and student.", ("teacher_dpo", "student_dpo"))
-    dpo_warmup_steps: int = _f(20, "DPO linear warm-up steps, teacher and student.", ("teacher_dpo", "student_dpo"))
+    dpo_epochs: float = _f(1, "Teacher DPO epochs.", ("teacher_dpo",))
+    dpo_batch_size: int = _f(
+        32, "DPO batch size (pairs), teacher and student.", ("teacher_dpo", "student_dpo")
+    )
+    dpo_warmup_steps: int = _f(
+        20, "DPO linear warm-up steps, teacher and student.", ("teacher_dpo", "student_dpo")
+    )
     # Student DPO (a measurement: does plain DPO on the student's own pairs help the SFT student?)
-    student_dpo_beta: float = _f(0.05, "Student DPO β.", ("student_dpo",))
+    student_dpo_beta: float = _f(0.1, "Student DPO β (the DPO scale of METHODS.md A.3).", ("student_dpo",))
     student_dpo_lr: float = _f(3e-5, "Student DPO peak learning rate.", ("student_dpo",))
-    student_dpo_epochs: float = _f(2, "Student DPO epochs.", ("student_dpo",))
+    student_dpo_epochs: float = _f(1, "Student DPO epochs.", ("student_dpo",))
     # Execution (not part of any key)
     num_threads: int = _f(
-        1, "torch CPU threads during the build; weights are bit-identical for a fixed thread count.",
+        1,
+        "torch CPU threads during the build; weights are bit-identical for a fixed thread count.",
         fingerprinted=False,
     )
 
@@ -144,17 +160,24 @@ class TestbedConfig:
     def fingerprint(self) -> str:
         """Fingerprint of every field that can change a result."""
         return fingerprint(
-            TESTBED_VERSION, {f.name: getattr(self, f.name) for f in fields(self) if f.metadata["fingerprinted"]}
+            TESTBED_VERSION,
+            {f.name: getattr(self, f.name) for f in fields(self) if f.metadata["fingerprinted"]},
         )
 
 
 @dataclass(frozen=True)
 class Testbed:
-    """A built testbed: absolute paths of its folders and files, and its report."""
+    """A built testbed: absolute paths of its folders and files, and its report.
+
+    ``root`` is this configuration's build folder, ``<cache_dir>/builds/<config fingerprint>``,
+    holding ``report.json`` and ``testbed.json`` (the config and every stage folder); the stage
+    folders themselves live in ``cache_dir``, shared by every configuration that reuses them.
+    """
 
     __test__ = False
 
     root: Path
+    cache_dir: Path
     config: TestbedConfig
     stage_dirs: dict[str, Path]
     report: dict[str, Any]
@@ -205,7 +228,7 @@ class Testbed:
 
     @property
     def report_path(self) -> Path:
-        return self.root / "builds" / self.config.fingerprint() / "report.json"
+        return self.root / "report.json"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,7 +347,12 @@ def _build_data(cfg: TestbedConfig, out: Path) -> dict[str, Any]:
             problems.append(p)
     if len(problems) < wanted:
         raise ValueError(f"only {len(problems)} distinct prompts exist for {draw}; {wanted} are needed")
-    cuts = [0, cfg.num_test, cfg.num_test + cfg.num_pref_test, cfg.num_test + cfg.num_pref_test + cfg.num_pref_train]
+    cuts = [
+        0,
+        cfg.num_test,
+        cfg.num_test + cfg.num_pref_test,
+        cfg.num_test + cfg.num_pref_test + cfg.num_pref_train,
+    ]
     test, pair_test, pair_train = (problems[a:b] for a, b in zip(cuts, cuts[1:]))
     sft_problems = problems[cuts[-1] :]
 
@@ -340,7 +368,10 @@ def _build_data(cfg: TestbedConfig, out: Path) -> dict[str, Any]:
         for p in [next(stream)] + ([next(stream)] if i in two_turn else []):
             flawed = rng.random() < cfg.flaw_rate
             answer = tasks.add_flaw(p.ideal()) if flawed else p.ideal()
-            messages += [{"role": "user", "content": p.text}, {"role": "assistant", "content": " ".join(answer)}]
+            messages += [
+                {"role": "user", "content": p.text},
+                {"role": "assistant", "content": " ".join(answer)},
+            ]
             meta["tasks"].append(p.task)
             meta["flawed"].append(flawed)
             flawed_turns += flawed
@@ -349,8 +380,12 @@ def _build_data(cfg: TestbedConfig, out: Path) -> dict[str, Any]:
 
     write_jsonl(out / "sft_train.jsonl", sft_rows)
     write_jsonl(out / "test_prompts.jsonl", [prompt_row("test", i, p) for i, p in enumerate(test)])
-    write_jsonl(out / "pair_prompts_train.jsonl", [prompt_row("pair-train", i, p) for i, p in enumerate(pair_train)])
-    write_jsonl(out / "pair_prompts_test.jsonl", [prompt_row("pair-test", i, p) for i, p in enumerate(pair_test)])
+    write_jsonl(
+        out / "pair_prompts_train.jsonl", [prompt_row("pair-train", i, p) for i, p in enumerate(pair_train)]
+    )
+    write_jsonl(
+        out / "pair_prompts_test.jsonl", [prompt_row("pair-test", i, p) for i, p in enumerate(pair_test)]
+    )
     tokenizer = build_tokenizer(cfg.num_symbols, cfg.max_len)
     tokenizer.save_pretrained(str(out / "tokenizer"))
     return {
@@ -361,7 +396,9 @@ def _build_data(cfg: TestbedConfig, out: Path) -> dict[str, Any]:
     }
 
 
-def _greedy_eval(model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]], cfg: TestbedConfig, out: Path) -> dict:
+def _greedy_eval(
+    model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]], cfg: TestbedConfig, out: Path
+) -> dict:
     """Greedy oracle metrics on the test prompts; the outputs are kept beside the model."""
     from ..generation import generate
 
@@ -369,7 +406,10 @@ def _greedy_eval(model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]], cfg
     responses = [o[0] for o in outputs]
     write_jsonl(
         out / "greedy_test.jsonl",
-        [{"id": r["id"], "response": y, "oracle": tasks.score(r["prompt"][-1]["content"], y)} for r, y in zip(rows, responses)],
+        [
+            {"id": r["id"], "response": y, "oracle": tasks.score(r["prompt"][-1]["content"], y)}
+            for r, y in zip(rows, responses)
+        ],
     )
     return tasks.summarize([r["prompt"][-1]["content"] for r in rows], responses)
 
@@ -382,12 +422,11 @@ def _sft_stage(cfg: TestbedConfig, role: str, data_dir: Path, progress: bool) ->
         from .train import save_model, train_sft
 
         tokenizer = AutoTokenizer.from_pretrained(str(data_dir / "tokenizer"))
-        prefix = role  # "teacher" | "student"
-        size = models.ModelSize(
-            num_hidden_layers=getattr(cfg, f"{prefix}_layers"),
-            hidden_size=getattr(cfg, f"{prefix}_hidden"),
-            num_attention_heads=getattr(cfg, f"{prefix}_heads"),
-            intermediate_size=getattr(cfg, f"{prefix}_intermediate"),
+        size = models.ModelSize(  # role is "teacher" or "student", the prefix of its config fields
+            num_hidden_layers=getattr(cfg, f"{role}_layers"),
+            hidden_size=getattr(cfg, f"{role}_hidden"),
+            num_attention_heads=getattr(cfg, f"{role}_heads"),
+            intermediate_size=getattr(cfg, f"{role}_intermediate"),
         )
         model = models.init_model(size, tokenizer, seed=_sub_seed(cfg.seed, f"{role}-init"))
         conversations = [r["messages"] for r in read_jsonl(data_dir / "sft_train.jsonl")]
@@ -396,8 +435,8 @@ def _sft_stage(cfg: TestbedConfig, role: str, data_dir: Path, progress: bool) ->
             tokenizer,
             conversations,
             output_dir=out / "trainer",
-            epochs=getattr(cfg, f"{prefix}_sft_epochs"),
-            learning_rate=getattr(cfg, f"{prefix}_sft_lr"),
+            epochs=getattr(cfg, f"{role}_sft_epochs"),
+            learning_rate=getattr(cfg, f"{role}_sft_lr"),
             batch_size=cfg.sft_batch_size,
             warmup_ratio=cfg.sft_warmup_ratio,
             seed=_sub_seed(cfg.seed, f"{role}-sft"),
@@ -451,7 +490,7 @@ def _dpo_stage(
 
         from .train import save_model, train_dpo
 
-        prefix = "" if role == "teacher" else "student_"
+        prefix = "" if role == "teacher" else "student_"  # teacher fields are dpo_*, student student_dpo_*
         tokenizer = AutoTokenizer.from_pretrained(str(sft_dir))
         policy = AutoModelForCausalLM.from_pretrained(str(sft_dir))
         reference = AutoModelForCausalLM.from_pretrained(str(sft_dir))
@@ -530,11 +569,20 @@ def build_testbed(
         run("data", lambda: lambda out: _build_data(config, out))
         data = dirs["data"]
         run("teacher_sft", lambda: _sft_stage(config, "teacher", data, progress))
-        run("teacher_pairs", lambda: _pairs_stage(config, "teacher", dirs["teacher_sft"], data, "pref", progress))
+        run(
+            "teacher_pairs",
+            lambda: _pairs_stage(config, "teacher", dirs["teacher_sft"], data, "pref", progress),
+        )
         run(
             "teacher_dpo",
-            lambda: _dpo_stage(config, "teacher", dirs["teacher_sft"], dirs["teacher_pairs"] / "pref_train.jsonl",
-                               data, progress),
+            lambda: _dpo_stage(
+                config,
+                "teacher",
+                dirs["teacher_sft"],
+                dirs["teacher_pairs"] / "pref_train.jsonl",
+                data,
+                progress,
+            ),
         )
         run("student_sft", lambda: _sft_stage(config, "student", data, progress))
         run(
@@ -543,15 +591,27 @@ def build_testbed(
         )
         run(
             "student_dpo",
-            lambda: _dpo_stage(config, "student", dirs["student_sft"],
-                               dirs["student_pairs"] / "student_pref_train.jsonl", data, progress),
+            lambda: _dpo_stage(
+                config,
+                "student",
+                dirs["student_sft"],
+                dirs["student_pairs"] / "student_pref_train.jsonl",
+                data,
+                progress,
+            ),
         )
 
     report = _report(config, keys, records, cached, time.perf_counter() - start)
-    testbed = Testbed(root=root, config=config, stage_dirs=dict(dirs), report=report)
+    testbed = Testbed(
+        root=root / "builds" / config.fingerprint(),
+        cache_dir=root,
+        config=config,
+        stage_dirs=dict(dirs),
+        report=report,
+    )
     atomic_write_json(testbed.report_path, report)
     atomic_write_json(
-        testbed.report_path.with_name("testbed.json"),
+        testbed.root / "testbed.json",
         {"config": asdict(config), "stage_dirs": {k: str(v) for k, v in dirs.items()}},
     )
     say(f"report         {testbed.report_path}")

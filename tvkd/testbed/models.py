@@ -28,7 +28,9 @@ TEACHER = ModelSize(num_hidden_layers=4, hidden_size=128, num_attention_heads=4,
 STUDENT = ModelSize(num_hidden_layers=2, hidden_size=64, num_attention_heads=2, intermediate_size=128)
 
 
-def llama_config(size: ModelSize, tokenizer: PreTrainedTokenizerBase, max_positions: int = 128) -> LlamaConfig:
+def llama_config(
+    size: ModelSize, tokenizer: PreTrainedTokenizerBase, max_positions: int = 128
+) -> LlamaConfig:
     """A LlamaConfig of the given size whose vocabulary and special ids are the tokenizer's."""
     return LlamaConfig(
         vocab_size=len(tokenizer),

@@ -112,7 +112,12 @@ def sample_pairs(
     for row, outs in zip(prompt_rows, samples, strict=True):
         problem = tasks.parse_prompt(row["prompt"][-1]["content"])
         pair = make_pair(
-            problem, outs, label_temperature=label_temperature, rng=rng, num_symbols=num_symbols, max_len=max_len
+            problem,
+            outs,
+            label_temperature=label_temperature,
+            rng=rng,
+            num_symbols=num_symbols,
+            max_len=max_len,
         )
         rows.append({"id": row["id"], "prompt": row["prompt"], **pair})
     return rows

@@ -157,7 +157,9 @@ def has_flaw(prompt_text: str, response_text: str) -> bool:
     return score_words(ideal, words[:-1]) > score_words(ideal, words)
 
 
-def corrupt(words: Sequence[str], rng: random.Random, alphabet: Sequence[str], max_edits: int = 3) -> list[str]:
+def corrupt(
+    words: Sequence[str], rng: random.Random, alphabet: Sequence[str], max_edits: int = 3
+) -> list[str]:
     """Apply 1..max_edits random word edits (substitute, insert, delete).
 
     Used only when the on-policy samples of a prompt all tie, to still form a pair (the pilot's

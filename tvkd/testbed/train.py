@@ -40,7 +40,9 @@ _COMMON = {
 }
 
 
-def sft_features(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, Any]]) -> dict[str, list[int]]:
+def sft_features(
+    tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, Any]]
+) -> dict[str, list[int]]:
     """``input_ids`` and the loss mask (``assistant_masks``) of one SFT conversation."""
     out = tokenizer.apply_chat_template(
         list(messages), tokenize=True, return_dict=True, return_assistant_tokens_mask=True
@@ -175,7 +177,11 @@ def _known_warnings() -> Iterator[None]:
 def _losses(trainer: Any) -> list[dict[str, Any]]:
     """The trainer's log history, kept small: the numbers only."""
     return [
-        {k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items() if isinstance(v, (int, float))}
+        {
+            k: (round(v, 6) if isinstance(v, float) else v)
+            for k, v in row.items()
+            if isinstance(v, (int, float))
+        }
         for row in trainer.state.log_history
     ]
 
