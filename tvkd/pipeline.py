@@ -289,7 +289,8 @@ def _train_and_evaluate(cfg: RunConfig, run_dir: Path, echo: Echo, progress: boo
 
     def teacher_model():
         if "m" not in holder:
-            holder["m"] = load_causal_lm(teacher, dtype=m.dtype, trust_remote_code=m.trust_remote_code)
+            holder["m"] = load_causal_lm(teacher, dtype=cfg.cache.dtype or m.dtype,
+                                         trust_remote_code=m.trust_remote_code)
         return holder["m"]
 
     with echo.stage("teacher_cache"):
