@@ -36,11 +36,14 @@ def main() -> int:
     args = ap.parse_args()
 
     import datasets
-    from transformers import TrainingArguments, TrainerCallback
+    from transformers import TrainerCallback, TrainingArguments
     from transformers.trainer_callback import PrinterCallback
 
     from tvkd.cache.teacher import (
-        build_reference_cache, build_teacher_cache, default_specs, expand_teacher_columns,
+        build_reference_cache,
+        build_teacher_cache,
+        default_specs,
+        expand_teacher_columns,
     )
     from tvkd.data import load_preferences
     from tvkd.losses import LOSSES, build_config

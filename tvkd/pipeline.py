@@ -277,7 +277,9 @@ def _train_and_evaluate(cfg: RunConfig, run_dir: Path, echo: Echo, progress: boo
             ref_model = load_causal_lm(reference, dtype=m.dtype, trust_remote_code=m.trust_remote_code)
         return ref_model
 
-    ref_key = model_digest(reference)
+    # A cache is keyed by the weights AND the forward dtype: bf16 and fp32 logits differ.
+    ref_key = f"{model_digest(reference)}:{m.dtype}"
+    teacher_key = f"{model_digest(teacher)}:{cfg.cache.dtype or m.dtype}" if teacher else None
     with echo.stage("reference_cache"):
         if needs.reference:
             rc = build_reference_cache(tok_train.dataset, tok_train.fingerprint, reference_model, ref_key,
@@ -304,7 +306,7 @@ def _train_and_evaluate(cfg: RunConfig, run_dir: Path, echo: Echo, progress: boo
             vt = AutoConfig.from_pretrained(teacher).vocab_size
             vs = AutoConfig.from_pretrained(student).vocab_size
             vocab = shared_vocab_size(t_tok, tokenizer, vt, vs)
-            tc = build_teacher_cache(tok_train.dataset, tok_train.fingerprint, teacher_model, model_digest(teacher),
+            tc = build_teacher_cache(tok_train.dataset, tok_train.fingerprint, teacher_model, teacher_key,
                                      specs, topk=needs.topk, vocab_size=vocab if vocab != vt else None,
                                      pad_id=pad_id, batch_size=cfg.cache.batch_size, progress=progress)
             echo(f"  teacher cache ({'cached' if tc.cached else 'built'}): {tc.stats['bytes_per_token']:.1f} "
@@ -406,7 +408,7 @@ def _train_and_evaluate(cfg: RunConfig, run_dir: Path, echo: Echo, progress: boo
             metrics["response_words"] = float(np.mean([len(o["response"].split()) for o in outputs]))
             metrics["eval_prompts"] = len(outputs)
         if cfg.eval.teacher_scores and teacher is not None and tok_test is not None and layout is not None:
-            metrics.update(_teacher_scores(cfg, loss_cfg, tok_test, teacher_model, model_digest(teacher), layout,
+            metrics.update(_teacher_scores(cfg, loss_cfg, tok_test, teacher_model, teacher_key, layout,
                                            pad_id, progress))
         if cfg.eval.value_alignment and teacher is not None:
             from tvkd.evaluation.metrics import value_alignment
