@@ -88,6 +88,19 @@ def _length_batches(ds: Any, batch_size: int, max_tokens: int | None) -> list[li
     return batches
 
 
+def _batches(tokenized: Any, pad_id: int, batch_size: int, max_tokens: int | None, device: Any, desc: str,
+             progress: bool):
+    """(row indices, collated pair batch on `device`) over the data set, grouped by length."""
+    from tqdm.auto import tqdm
+
+    cols = tokenized.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"])
+    for idx in tqdm(_length_batches(cols, batch_size, max_tokens), desc=desc, disable=not progress, unit="batch"):
+        rows = cols[idx]
+        feats = [dict(prompt_ids=p, chosen_ids=c, rejected_ids=r)
+                 for p, c, r in zip(rows["prompt_ids"], rows["chosen_ids"], rows["rejected_ids"])]
+        yield idx, {k: v.to(device) for k, v in collate_pairs(feats, pad_id).items()}
+
+
 def _write_atomically(path: Path, ds: Any, meta: dict[str, Any]) -> None:
     tmp = path.parent / f".{path.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -139,7 +152,6 @@ def build_teacher_cache(
     `vocab_size` limits the logit rows used (a padded embedding matrix's extra rows are dropped).
     """
     import datasets
-    from tqdm.auto import tqdm
 
     from tvkd.aux_rewards import compute_aux
 
@@ -164,15 +176,8 @@ def build_teacher_cache(
     token_rows: dict[str, list] = {s: [None] * n for s in SIDES}
     prompt_rows: list = [None] * n
     topk_rows: dict[str, list] = {f"{s}/{c}": [None] * n for s in SIDES for c in ("topk_ids", "topk_logprobs", "topk_rest")}
-    cols = tokenized.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"])
     t0 = time.perf_counter()
-    for idx in tqdm(_length_batches(cols, batch_size, max_tokens), desc="teacher cache", disable=not progress,
-                    unit="batch"):
-        feats = cols[idx]
-        feats = [dict(prompt_ids=p, chosen_ids=c, rejected_ids=r)
-                 for p, c, r in zip(feats["prompt_ids"], feats["chosen_ids"], feats["rejected_ids"])]
-        b = collate_pairs(feats, pad_id)
-        b = {k: v.to(device) for k, v in b.items()}
+    for idx, b in _batches(tokenized, pad_id, batch_size, max_tokens, device, "teacher cache", progress):
         z = state_logits(model, b["input_ids"], b["attention_mask"], b["prompt_lens"], b["resp_lens"], terminal=True)
         if vocab_size is not None:
             z = z[..., :vocab_size]
@@ -263,7 +268,6 @@ def build_reference_cache(
 ) -> CacheResult:
     """One no-grad pass of the reference model: per-token log π_ref(a_t|s_t) for both responses."""
     import datasets
-    from tqdm.auto import tqdm
 
     key = fingerprint(CACHE_VERSION, "reference", tokenized_fingerprint, reference_key)
     path = (Path(cache_dir) if cache_dir else cache_root() / "reference_cache") / key
@@ -274,14 +278,8 @@ def build_reference_cache(
     device = next(model.parameters()).device
     n = len(tokenized)
     out = {s: [None] * n for s in SIDES}
-    cols = tokenized.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"])
     t0 = time.perf_counter()
-    for idx in tqdm(_length_batches(cols, batch_size, max_tokens), desc="reference cache", disable=not progress,
-                    unit="batch"):
-        feats = cols[idx]
-        feats = [dict(prompt_ids=p, chosen_ids=c, rejected_ids=r)
-                 for p, c, r in zip(feats["prompt_ids"], feats["chosen_ids"], feats["rejected_ids"])]
-        b = {k: v.to(device) for k, v in collate_pairs(feats, pad_id).items()}
+    for idx, b in _batches(tokenized, pad_id, batch_size, max_tokens, device, "reference cache", progress):
         z = state_logits(model, b["input_ids"], b["attention_mask"], b["prompt_lens"], b["resp_lens"])
         lp = token_logps(z, b["response_ids"], b["response_mask"]).cpu().numpy()
         B = len(idx)
