@@ -4,10 +4,10 @@ DESIGN.md, "The embedded default: the testbed". ``build_testbed()`` builds (or l
 cache) a word-level tokenizer, tiny Llama teacher and student models in the Hugging Face format
 and JSONL data sets, so every feature runs the code path of a real run on a laptop CPU::
 
-    from tvkd.testbed import build_testbed
-    tb = build_testbed()                      # ~minutes the first time, seconds when cached
+    from tvkd.testbed import build_testbed, score
+    tb = build_testbed()                      # ~2 minutes the first time, ~1 s when cached
     tb.teacher_dpo_dir, tb.pref_train         # hand these to anything that takes a hub id / a file
-    tasks.score(prompt_text, response_text)   # the oracle reward r* ∈ [0, 1]
+    score(prompt_text, response_text)         # the oracle reward r* ∈ [0, 1]
 """
 
 from .build import STAGES, TESTBED_VERSION, Testbed, TestbedConfig, build_testbed, read_jsonl, stage_keys

@@ -16,8 +16,6 @@ Its contract is the one TRL's DPO preprocessing and METHODS.md A.1 rely on:
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
@@ -69,8 +67,3 @@ def build_tokenizer(num_symbols: int, max_len: int) -> PreTrainedTokenizerFast:
     )
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
-
-
-def save_tokenizer(tokenizer: PreTrainedTokenizerFast, folder: str | Path) -> None:
-    """Save a tokenizer so ``AutoTokenizer.from_pretrained(folder)`` restores it, template included."""
-    tokenizer.save_pretrained(str(folder))
