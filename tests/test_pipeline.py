@@ -84,3 +84,13 @@ def test_nan_loss_stops_with_a_clear_error(tiny_world, tmp_path, monkeypatch):
     monkeypatch.setattr(dpo_mod.DPO, "__call__", nan_loss)
     with pytest.raises(NonFiniteLossError, match="step 0.*training pairs"):
         execute(cfg, store=ResultsStore(tmp_path / "results"), progress=False)
+
+
+def test_spearman_without_scipy():
+    import numpy as np
+
+    from tvkd.pipeline import spearman
+
+    assert spearman(np.array([1.0, 2, 3, 4]), np.array([2.0, 4, 6, 9])) == 1.0
+    assert abs(spearman(np.array([1.0, 2, 2, 4]), np.array([4.0, 3, 2, 1])) + 0.9486832980505138) < 1e-12
+    assert np.isnan(spearman(np.array([1.0, 1, 1]), np.array([1.0, 2, 3])))

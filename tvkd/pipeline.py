@@ -172,12 +172,15 @@ def _teacher_scores(cfg: RunConfig, loss_cfg: Any, tok_test: Any, teacher_model:
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman rank correlation (average ranks for ties) through pandas; nan when undefined."""
+    """Spearman rank correlation: Pearson's r of average ranks (pandas' own method needs scipy)."""
     import pandas as pd
 
     if len(a) < 3:
         return float("nan")
-    return float(pd.Series(a).corr(pd.Series(b), method="spearman"))
+    ra, rb = pd.Series(a).rank().to_numpy(), pd.Series(b).rank().to_numpy()
+    if ra.std() == 0 or rb.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(ra, rb)[0, 1])
 
 
 def teacher_signal(train: Any) -> dict[str, float]:
