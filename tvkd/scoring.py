@@ -83,3 +83,41 @@ def token_logps(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> 
     z = logits.float()
     logp = z.gather(-1, ids[..., None]).squeeze(-1) - torch.logsumexp(z, dim=-1)
     return logp.masked_fill(~mask, 0.0)
+
+
+def flat_state_logits(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_lens: torch.Tensor,
+    resp_lens: torch.Tensor, *, terminal: bool = True,
+) -> torch.Tensor:
+    """Logits [N, V] at every real state, row-major: row 0's s_0..s_T, then row 1's, ...
+
+    The LM head runs on exactly those N hidden states and nothing else: a pre-hook on the
+    model's output embedding swaps its input for the gathered states, so whatever the model does
+    to its logits afterwards (soft-capping, scaling: elementwise) still applies. No [rows, T, V]
+    padding, no masked copies. Models without `get_output_embeddings` take the padded path.
+    """
+    n_states = resp_lens + (1 if terminal else 0)
+    rows = torch.repeat_interleave(torch.arange(len(resp_lens), device=input_ids.device), n_states.to(input_ids.device))
+    starts = torch.cumsum(n_states, 0) - n_states
+    t = torch.arange(int(n_states.sum()), device=input_ids.device) - starts.to(input_ids.device)[rows]
+    pos = prompt_lens.to(input_ids.device)[rows] - 1 + t
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        z = state_logits(model, input_ids, attention_mask, prompt_lens, resp_lens, terminal=terminal)
+        return z[rows, t]
+    first = int(prompt_lens.min()) - 1
+    if first < 0:
+        raise ValueError("a row has an empty prompt: state s_0 needs at least one prompt token (e.g. BOS)")
+    keep = input_ids.shape[1] - first
+
+    def gather(module: Any, args: tuple) -> tuple:
+        h = args[0]
+        offset = input_ids.shape[1] - h.shape[1]
+        return (h[rows, pos - offset].unsqueeze(0), *args[1:])
+
+    handle = head.register_forward_pre_hook(gather)
+    try:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep, use_cache=False)
+    finally:
+        handle.remove()
+    return out.logits[0]

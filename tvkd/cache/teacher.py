@@ -33,7 +33,7 @@ import torch
 
 from tvkd.losses.base import AuxSpec
 from tvkd.paths import cache_root, fingerprint
-from tvkd.scoring import collate_pairs, state_logits, token_logps
+from tvkd.scoring import collate_pairs, flat_state_logits, state_logits, token_logps
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1
@@ -178,43 +178,42 @@ def build_teacher_cache(
     topk_rows: dict[str, list] = {f"{s}/{c}": [None] * n for s in SIDES for c in ("topk_ids", "topk_logprobs", "topk_rest")}
     t0 = time.perf_counter()
     for idx, b in _batches(tokenized, pad_id, batch_size, max_tokens, device, "teacher cache", progress):
-        z = state_logits(model, b["input_ids"], b["attention_mask"], b["prompt_lens"], b["resp_lens"], terminal=True)
-        if vocab_size is not None:
-            z = z[..., :vocab_size]
-        rows, T1, V = z.shape
         resp_lens = b["resp_lens"]
-        smask = torch.arange(T1, device=device)[None, :] <= resp_lens[:, None]  # s_0..s_T
-        amask = b["response_mask"]  # a_0..a_{T-1}
-        flat_states = z[smask]  # [N_states, V]
-        svals = compute_aux(flat_states, None, state) if state else {}
-        flat_actions = z[:, :-1][amask]
-        avals = compute_aux(flat_actions, b["response_ids"][amask], action) if action else {}
-        # Back to per-row tensors: states [rows, T+1, n_state], actions [rows, T, n_action].
-        S = torch.zeros(rows, T1, len(state), device=device)
-        for j, s in enumerate(state):
-            S[..., j][smask] = svals[s.column].float()
-        A = torch.zeros(rows, T1 - 1, len(action), device=device)
-        for j, s in enumerate(action):
-            A[..., j][amask] = avals[s.column].float()
-        tok = torch.cat([A, S[:, 1:]], dim=-1).cpu().numpy()  # token t: actions at s_t, states at s_{t+1}
-        s0 = S[:, 0].cpu().numpy()
+        z = flat_state_logits(model, b["input_ids"], b["attention_mask"], b["prompt_lens"], resp_lens)
+        if vocab_size is not None:
+            z = z[:, :vocab_size]
+        # The token taken at each state (s_T has none: the pad id stands in, its value unused).
+        nxt = torch.cat([torch.cat([ids[: int(k)], ids.new_full((1,), pad_id)])
+                         for ids, k in zip(b["response_ids"], resp_lens)])
+        vals = compute_aux(z, nxt, specs)  # one pass: action and state specs share the reductions
+        flat = torch.stack([vals[s.column] for s in action + state], -1).cpu().numpy()  # [N, K]
+        na = len(action)
+        bounds = np.cumsum((resp_lens + 1).cpu().numpy())[:-1]
+        per_row = np.split(flat, bounds)
+        rows = len(per_row)
         if topk:
-            logp = torch.log_softmax(z[:, :-1].float(), dim=-1)
+            # action states s_0..s_{T-1} of each row inside the flat [N, V] logits
+            act = torch.cat([torch.arange(int(k), device=z.device) + int(o) for k, o in
+                             zip(resp_lens, torch.cumsum(resp_lens + 1, 0) - (resp_lens + 1))])
+            logp = torch.log_softmax(z[act].float(), dim=-1)
             top_lp, top_ids = logp.topk(topk, dim=-1)
             # log of the mass outside the top k, as a logsumexp over the rest (stable; METHODS B §8).
             rest = logp.scatter(-1, top_ids, float("-inf")).logsumexp(-1)
             top_lp, top_ids, rest = top_lp.cpu().numpy(), top_ids.cpu().numpy(), rest.cpu().numpy()
+            abounds = np.cumsum(resp_lens.cpu().numpy())[:-1]
+            top_lp, top_ids, rest = (np.split(x, abounds) for x in (top_lp, top_ids, rest))
         B = len(idx)
         for r in range(rows):
             side, i = SIDES[r // B], idx[r % B]
-            T = int(resp_lens[r])
-            token_rows[side][i] = tok[r, :T]
+            v = per_row[r]  # [T+1, K]: states s_0..s_T
+            # token t: action values at s_t, state values at s_{t+1}
+            token_rows[side][i] = np.concatenate([v[:-1, :na], v[1:, na:]], axis=1)
             if r < B:
-                prompt_rows[i] = s0[r]
+                prompt_rows[i] = v[0, na:]
             if topk:
-                topk_rows[f"{side}/topk_ids"][i] = top_ids[r, :T].astype(np.int32)
-                topk_rows[f"{side}/topk_logprobs"][i] = top_lp[r, :T]
-                topk_rows[f"{side}/topk_rest"][i] = rest[r, :T]
+                topk_rows[f"{side}/topk_ids"][i] = top_ids[r].astype(np.int32)
+                topk_rows[f"{side}/topk_logprobs"][i] = top_lp[r]
+                topk_rows[f"{side}/topk_rest"][i] = rest[r]
     seconds = time.perf_counter() - t0
     if not len(layout["token_fields"]):
         raise ValueError("the teacher cache was asked for no aux reward and no top-k: nothing to compute")
