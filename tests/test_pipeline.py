@@ -23,7 +23,8 @@ def make_cfg(world, **loss):
 
 
 @pytest.mark.parametrize("loss", [{"name": "tvkd", "aux": "soft_value"}, {"name": "dpo"},
-                                  {"name": "tvkd", "aux": "logits", "control": "shuffled"}])
+                                  {"name": "tvkd", "aux": "logits", "control": "shuffled"},
+                                  {"name": "tvkd_released", "topk": 8}, {"name": "sft"}])
 def test_run_writes_metrics_and_is_idempotent(tiny_world, tmp_path, loss):
     store = ResultsStore(tmp_path / "results")
     cfg = make_cfg(tiny_world, **loss)
