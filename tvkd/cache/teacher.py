@@ -119,6 +119,20 @@ def _load_done(path: Path) -> tuple[Any, dict] | None:
     return datasets.load_from_disk(str(path / "data")), json.loads((path / "done.json").read_text())
 
 
+def _lookup(kind: str, key: str, cache_dir: str | Path | None) -> tuple[Path, CacheResult | None]:
+    """(where the cache lives, the finished cache if it is there)."""
+    path = (Path(cache_dir) if cache_dir else cache_root() / kind) / key
+    done = _load_done(path)
+    if done is None:
+        return path, None
+    return path, CacheResult(done[0], path, key, done[1]["layout"], done[1]["stats"], cached=True)
+
+
+def _materialise(model: Any) -> Any:
+    """A model, or a zero-argument loader called only now (a cached call loads nothing)."""
+    return model() if callable(model) and not isinstance(model, torch.nn.Module) else model
+
+
 def arrow_bytes(ds: Any, columns: Sequence[str] | None = None) -> int:
     table = ds.data.table if hasattr(ds.data, "table") else ds.data
     cols = columns or table.column_names
@@ -165,12 +179,10 @@ def build_teacher_cache(
         "topk": topk,
     }
     key = fingerprint(CACHE_VERSION, "teacher", tokenized_fingerprint, teacher_key, layout, vocab_size)
-    path = (Path(cache_dir) if cache_dir else cache_root() / "teacher_cache") / key
-    done = _load_done(path)
-    if done is not None:
-        return CacheResult(done[0], path, key, done[1]["layout"], done[1]["stats"], cached=True)
-
-    model = teacher() if callable(teacher) and not isinstance(teacher, torch.nn.Module) else teacher
+    path, found = _lookup("teacher_cache", key, cache_dir)
+    if found is not None:
+        return found
+    model = _materialise(teacher)
     device = next(model.parameters()).device
     n = len(tokenized)
     token_rows: dict[str, list] = {s: [None] * n for s in SIDES}
@@ -269,11 +281,10 @@ def build_reference_cache(
     import datasets
 
     key = fingerprint(CACHE_VERSION, "reference", tokenized_fingerprint, reference_key)
-    path = (Path(cache_dir) if cache_dir else cache_root() / "reference_cache") / key
-    done = _load_done(path)
-    if done is not None:
-        return CacheResult(done[0], path, key, done[1]["layout"], done[1]["stats"], cached=True)
-    model = reference() if callable(reference) and not isinstance(reference, torch.nn.Module) else reference
+    path, found = _lookup("reference_cache", key, cache_dir)
+    if found is not None:
+        return found
+    model = _materialise(reference)
     device = next(model.parameters()).device
     n = len(tokenized)
     out = {s: [None] * n for s in SIDES}
