@@ -57,3 +57,16 @@ def test_unknown_loss_and_missing_file(tmp_path, capsys):
 def test_unknown_study(capsys):
     code, _, err = run(capsys, "study", "run", "reward-conflit")
     assert code == 2 and "reward-conflict" in err
+
+
+def test_example_run_config_parses():
+    from pathlib import Path
+
+    from tvkd.config import load_config
+    from tvkd.losses import LOSSES, build_config
+
+    for path in sorted(Path("studies/runs").glob("*.yaml")):
+        first = path.read_text().splitlines()[0]
+        assert first.startswith("# tvkd run "), f"{path} must start with the command that runs it"
+        cfg = load_config(path)
+        build_config(LOSSES.get(cfg.loss.name), cfg.loss.options)

@@ -243,7 +243,11 @@ def _train_and_evaluate(cfg: RunConfig, run_dir: Path, echo: Echo, progress: boo
     from tvkd.tokenize import tokenize_preferences
     from tvkd.training.trainer import PreferenceCollator, PreferenceTrainer, training_columns
 
-    datasets.disable_progress_bars() if not progress else None
+    if not progress:
+        import transformers
+
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     set_seed(cfg.seed)
