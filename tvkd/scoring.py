@@ -48,6 +48,18 @@ def collate_pairs(features: Sequence[dict[str, Any]], pad_id: int) -> dict[str, 
     }
 
 
+def accepts_logits_to_keep(model: Any) -> bool:
+    """Whether the model's forward takes `logits_to_keep` (checked on the signature, not by catching
+    a TypeError, which would hide real errors inside the forward and run it twice)."""
+    import inspect
+
+    fwd = getattr(model, "forward", None)
+    if fwd is None:
+        return False
+    params = inspect.signature(fwd).parameters
+    return "logits_to_keep" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
 def state_logits(
     model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_lens: torch.Tensor,
     resp_lens: torch.Tensor, *, terminal: bool = False,
@@ -63,13 +75,10 @@ def state_logits(
     if first < 0:
         raise ValueError("a row has an empty prompt: state s_0 needs at least one prompt token (e.g. BOS)")
     keep = L - first
-    try:
-        out = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep, use_cache=False)
-        offset = L - out.logits.shape[1]
-    except TypeError:  # a model class without `logits_to_keep`
-        out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        offset = 0
+    extra = {"logits_to_keep": keep} if accepts_logits_to_keep(model) else {}
+    out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)
     logits = out.logits
+    offset = L - logits.shape[1]
     t = torch.arange(n_states, device=input_ids.device)
     pos = prompt_lens.to(input_ids.device)[:, None] - 1 + t[None, :] - offset
     # A state past a row's end is padding: point it at the row's last real position.
@@ -117,7 +126,8 @@ def flat_state_logits(
 
     handle = head.register_forward_pre_hook(gather)
     try:
-        out = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep, use_cache=False)
+        extra = {"logits_to_keep": keep} if accepts_logits_to_keep(model) else {}
+        out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)
     finally:
         handle.remove()
     return out.logits[0]
