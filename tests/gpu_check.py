@@ -35,22 +35,18 @@ def main() -> int:
     ap.add_argument("--out", default=".")
     args = ap.parse_args()
 
-    import datasets
     from transformers import TrainerCallback, TrainingArguments
     from transformers.trainer_callback import PrinterCallback
 
-    from tvkd.cache.teacher import (
-        build_reference_cache,
-        build_teacher_cache,
-        default_specs,
-        expand_teacher_columns,
-    )
+    from tvkd.api import LOSSES, build_config
+    from tvkd.assemble import CacheOptions, assemble_training_set
+    from tvkd.aux_rewards import TABLE5
+    from tvkd.cache.teacher import aux_specs, build_teacher_cache
     from tvkd.data import load_preferences
-    from tvkd.losses import LOSSES, build_config
-    from tvkd.modeling import load_causal_lm, load_tokenizer
+    from tvkd.modeling import ModelSource, load_causal_lm, load_tokenizer
     from tvkd.shaping import pair_offset_rows
     from tvkd.tokenize import TokenizeConfig, tokenize_preferences
-    from tvkd.training.trainer import PreferenceCollator, PreferenceTrainer, training_columns
+    from tvkd.training.trainer import PreferenceCollator, PreferenceTrainer
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     report: dict = {"torch": torch.__version__, "device": torch.cuda.get_device_name(0) if dev == "cuda" else "cpu"}
@@ -59,7 +55,7 @@ def main() -> int:
     exs = load_preferences(args.data, limit=args.pairs).examples
     tmp = Path(tempfile.mkdtemp())
     td = tokenize_preferences(exs, tok, TokenizeConfig(96, 48), cache_dir=tmp / "tok", progress=False)
-    specs = default_specs((1.0, 2.0))
+    specs = aux_specs(TABLE5, (1.0, 2.0))
     caches = {}
     for name, device, dtype in (("cpu_fp32", "cpu", "float32"), (f"{dev}_fp32", dev, "float32"),
                                 (f"{dev}_bf16", dev, "bfloat16")):
@@ -72,10 +68,7 @@ def main() -> int:
         caches[name] = (tc, time.perf_counter() - t0)
         report[f"cache_{name}_seconds"] = round(caches[name][1], 3)
         report[f"cache_{name}_bytes_per_token"] = round(tc.stats["bytes_per_token"], 2)
-    cols = {}
-    for name, (tc, _) in caches.items():
-        ds = expand_teacher_columns(datasets.concatenate_datasets([td.dataset, tc.dataset], axis=1), tc.layout, specs)
-        cols[name] = ds
+    cols = {name: tc.dataset for name, (tc, _) in caches.items()}
     base = cols["cpu_fp32"]
     for name in list(cols)[1:]:
         diffs = {}
@@ -90,9 +83,7 @@ def main() -> int:
     print(json.dumps({k: v for k, v in report.items() if "diff" in k or "agree" in k}, indent=1), flush=True)
 
     student = load_causal_lm(args.student, dtype="float32", device=dev)
-    rc = build_reference_cache(td.dataset, td.fingerprint, student, "ref", pad_id=tok.pad_token_id,
-                               cache_dir=tmp / "ref", progress=False)
-    tc = caches[f"{dev}_bf16"][0]
+    teacher = ModelSource.in_memory(load_causal_lm(args.teacher, dtype="bfloat16", device=dev), f"{dev}_bf16")
 
     class Timer(TrainerCallback):
         def __init__(self):
@@ -112,12 +103,10 @@ def main() -> int:
         loss_cls = LOSSES.get(loss_name)
         cfg = build_config(loss_cls, opts)
         loss = loss_cls()
-        needs = loss.needs(cfg)
-        ds = datasets.concatenate_datasets([td.dataset, rc.dataset, tc.dataset], axis=1)
-        ds = ds.add_column("pair_index", list(range(len(ds))))
-        if needs.aux:
-            ds = expand_teacher_columns(ds, tc.layout, needs.aux)
-        ds = training_columns(loss.prepare(ds, cfg, seed=0), loss.batch_columns(cfg), needs.reference)
+        ts = assemble_training_set(td, loss, cfg, reference=ModelSource.in_memory(student, "ref"), teacher=teacher,
+                                   pad_id=tok.pad_token_id, cache=CacheOptions(cache_dir=str(tmp / "train")),
+                                   progress=False)
+        ds, needs = ts.train, ts.needs
         targs = TrainingArguments(output_dir=str(tmp / f"out-{loss_name}"), max_steps=args.steps,
                                   per_device_train_batch_size=32, learning_rate=3e-5, bf16=dev == "cuda",
                                   use_cpu=dev == "cpu", report_to="none", remove_unused_columns=False,

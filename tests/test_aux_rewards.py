@@ -1,4 +1,4 @@
-"""Aux rewards (METHODS A.2) against direct per-row numpy computations."""
+"""Aux rewards (docs/methods.md §A.2) against direct per-row numpy computations."""
 
 from __future__ import annotations
 
@@ -8,8 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from tvkd.aux_rewards import AUX_REWARDS, LogitStats, aux_reward, compute_aux, make_spec
-from tvkd.losses.base import AuxSpec
+from tvkd.api import AuxSpec
+from tvkd.aux_rewards import (
+    AUX_REWARDS,
+    TABLE5,
+    LogitStats,
+    aux_reward,
+    compute_aux,
+    make_spec,
+    reference_value,
+)
 from tvkd.registry import UnknownNameError
 from tvkd.shaping import shaping_sum
 
@@ -27,7 +35,11 @@ def _ids(seed: int = 1, shape=(N,), vocab: int = V) -> torch.Tensor:
 
 
 def reference(name: str, row: np.ndarray, a: int | None, q_source: str, beta_v: float | None) -> float:
-    """One aux reward at one state, written out in float64 with Python loops."""
+    """One of Table 5's aux rewards at one state, written out in float64 with Python loops.
+
+    Independent of the float64 references the aux modules register (`test_registered_reference`
+    checks those against this one for the six of the paper; a new aux reward is checked against
+    its own)."""
     z = [float(x) for x in row]
     m = max(z)
     log_z = m + math.log(sum(math.exp(x - m) for x in z))
@@ -50,10 +62,13 @@ def reference(name: str, row: np.ndarray, a: int | None, q_source: str, beta_v: 
     raise AssertionError(name)
 
 
-def _expected(spec: AuxSpec, z: torch.Tensor, ids: torch.Tensor) -> np.ndarray:
+def _expected(spec: AuxSpec, z: torch.Tensor, ids: torch.Tensor, registered: bool = False) -> np.ndarray:
     zz = z.double().numpy().reshape(-1, z.shape[-1])
     aa = ids.reshape(-1).tolist()
-    out = [reference(spec.name, zz[i], aa[i], spec.q_source, spec.temperature) for i in range(len(zz))]
+    if registered or spec.name not in TABLE5:
+        out = [reference_value(spec, zz[i], aa[i]) for i in range(len(zz))]
+    else:
+        out = [reference(spec.name, zz[i], aa[i], spec.q_source, spec.temperature) for i in range(len(zz))]
     return np.array(out).reshape(tuple(z.shape[:-1]))
 
 
@@ -66,7 +81,7 @@ ALL_SPECS = [
 
 
 def test_registry_has_table_5():
-    kinds = {name: AUX_REWARDS.meta(name)["kind"] for name in AUX_REWARDS}
+    kinds = {name: AUX_REWARDS.meta(name)["kind"] for name in TABLE5}
     assert kinds == {
         "logits": "action",
         "log_prob": "action",
@@ -75,11 +90,28 @@ def test_registry_has_table_5():
         "expectation": "state",
         "soft_value": "state",
     }
-    for name in AUX_REWARDS:
-        meta = AUX_REWARDS.meta(name)
-        assert isinstance(meta["formula"], str) and meta["formula"]
-        assert meta["uses_temperature"] is (name == "soft_value")
-        assert AUX_REWARDS.get(name).__doc__
+    for name in TABLE5:
+        assert AUX_REWARDS.meta(name)["uses_temperature"] is (name == "soft_value")
+
+
+@pytest.mark.parametrize("name", AUX_REWARDS.names())
+def test_registered_with_metadata(name):
+    meta = AUX_REWARDS.meta(name)
+    assert meta["kind"] in ("action", "state")
+    assert isinstance(meta["formula"], str) and meta["formula"]
+    assert isinstance(meta["uses_temperature"], bool) and isinstance(meta["uses_q"], bool)
+    assert callable(meta["reference"])
+    fn = AUX_REWARDS.get(name)
+    assert fn.__doc__ and __import__(fn.__module__, fromlist=["x"]).__doc__
+
+
+@pytest.mark.parametrize("spec", sorted({s for s in ALL_SPECS if s.name in TABLE5}, key=lambda s: s.column),
+                         ids=lambda s: s.column)
+def test_registered_reference(spec):
+    """The float64 reference each of the paper's aux modules registers equals this file's loop version."""
+    z, ids = _logits(15), _ids(16)
+    np.testing.assert_allclose(_expected(spec, z, ids, registered=True), _expected(spec, z, ids), rtol=1e-12,
+                               atol=1e-12)
 
 
 def test_unknown_aux_name_suggests():

@@ -11,13 +11,9 @@ import pytest
 import torch
 
 from tests.conftest import make_tiny_llama, make_tiny_tokenizer
-from tvkd.cache.teacher import (
-    build_reference_cache,
-    build_teacher_cache,
-    default_specs,
-    expand_teacher_columns,
-)
-from tvkd.losses.base import AuxSpec
+from tvkd.api import AUX_REWARDS, AuxSpec
+from tvkd.aux_rewards import TABLE5
+from tvkd.cache.teacher import aux_specs, build_reference_cache, build_teacher_cache
 from tvkd.modeling import VocabularyMismatchError, shared_vocab_size
 from tvkd.tokenize import TokenizeConfig, tokenize_preferences
 
@@ -62,10 +58,10 @@ def test_teacher_cache_equals_direct_computation(tmp_path, batch_size):
     tok = make_tiny_tokenizer()
     teacher = make_tiny_llama(len(tok), seed=3)
     td = tokenized(tmp_path, tok)
-    specs = default_specs((0.5, 2.0))
+    specs = aux_specs(TABLE5, (0.5, 2.0))
     tc = build_teacher_cache(td.dataset, td.fingerprint, teacher, "t", specs, topk=4, pad_id=tok.pad_token_id,
                              batch_size=batch_size, cache_dir=tmp_path / "tc", progress=False)
-    ds = expand_teacher_columns(datasets.concatenate_datasets([td.dataset, tc.dataset], axis=1), tc.layout, specs)
+    ds = datasets.concatenate_datasets([td.dataset, tc.dataset], axis=1)
     for i in range(len(ds)):
         row = ds[i]
         for side in ("chosen", "rejected"):
@@ -114,21 +110,60 @@ def test_reference_cache_and_reuse(tmp_path):
 def test_cache_bytes_per_token_is_compact(tmp_path):
     tok = make_tiny_tokenizer()
     td = tokenized(tmp_path, tok)
-    tc = build_teacher_cache(td.dataset, td.fingerprint, make_tiny_llama(len(tok)), "t", default_specs((2.0,)),
+    tc = build_teacher_cache(td.dataset, td.fingerprint, make_tiny_llama(len(tok)), "t", aux_specs(TABLE5, (2.0,)),
                              pad_id=tok.pad_token_id, cache_dir=tmp_path / "tc", progress=False)
-    # six aux rewards at one temperature: 6 floats per token + one offset per response + s_0 per pair
-    ntok = tc.stats["response_tokens"]
-    assert tc.stats["aux_bytes_per_token"] <= 24 + (2 * 4 * len(ROWS) + 4 * 4 * len(ROWS) + 64) / ntok
-    assert tc.layout["token_fields"][:2] == ["logits", "log_prob"]
+    # six aux rewards at one temperature: 6 floats per token, one list offset per response and column,
+    # one extra potential (s_T... s_0) per response for each of the 4 state kinds
+    ntok, n = tc.stats["response_tokens"], 2 * len(ROWS)
+    assert 24 < tc.stats["aux_bytes_per_token"] <= 24 + (6 * 4 * (n + 1) + 4 * 4 * n) / ntok
 
 
-def test_expand_unknown_column_is_explained(tmp_path):
+def test_top_k_only_cache(tmp_path):
     tok = make_tiny_tokenizer()
     td = tokenized(tmp_path, tok)
-    tc = build_teacher_cache(td.dataset, td.fingerprint, make_tiny_llama(len(tok)), "t", default_specs((2.0,)),
+    tc = build_teacher_cache(td.dataset, td.fingerprint, make_tiny_llama(len(tok)), "t", [], topk=5,
                              pad_id=tok.pad_token_id, cache_dir=tmp_path / "tc", progress=False)
-    with pytest.raises(KeyError, match="soft_value@5.*Rebuild"):
-        expand_teacher_columns(tc.dataset, tc.layout, [AuxSpec("soft_value", temperature=5.0)])
+    assert sorted(tc.dataset.column_names) == sorted(f"{s}/{c}" for s in ("chosen", "rejected")
+                                                      for c in ("topk_ids", "topk_logprobs", "topk_rest"))
+    assert tc.built == ["topk-5"]
+    with pytest.raises(ValueError, match="nothing to compute"):
+        build_teacher_cache(td.dataset, td.fingerprint, make_tiny_llama(len(tok)), "t", [], cache_dir=tmp_path / "x")
+
+
+def _entropy(stats, actions=None, *, temperature=None, q_source="logits"):
+    """H(π_T(·|s)), an aux reward that exists only in this test."""
+    return stats.lse - stats.expected_logit
+
+
+def test_new_aux_reward_reuses_the_existing_cache(tmp_path):
+    """A new aux reward adds its column; the cached ones are neither recomputed nor changed."""
+    tok = make_tiny_tokenizer()
+    td = tokenized(tmp_path, tok)
+    teacher = make_tiny_llama(len(tok), seed=5)
+    old = [AuxSpec("soft_value", temperature=2.0), AuxSpec("max")]
+    first = build_teacher_cache(td.dataset, td.fingerprint, teacher, "t", old, pad_id=tok.pad_token_id,
+                                cache_dir=tmp_path / "tc", progress=False)
+    assert sorted(first.built) == ["aux-max", "aux-soft_value@2"]
+    stamp = {p.name: (p / "done.json").stat().st_mtime_ns for p in first.path.iterdir() if (p / "done.json").exists()}
+    assert len(stamp) == 2
+    AUX_REWARDS.add("test_entropy", _entropy, kind="state", formula="H", uses_temperature=False, uses_q=False,
+                    reference=None)
+    try:
+        new = AuxSpec("test_entropy")
+        second = build_teacher_cache(td.dataset, td.fingerprint, teacher, "t", [*old, new], pad_id=tok.pad_token_id,
+                                     cache_dir=tmp_path / "tc", progress=False)
+        assert second.path == first.path and second.built == ["aux-test_entropy"]
+        assert {p: (first.path / p / "done.json").stat().st_mtime_ns for p in stamp} == stamp
+        for col in ("chosen/soft_value@2", "rejected/max"):
+            assert second.dataset[col] == first.dataset[col]
+        z = direct(teacher, td.dataset[0]["prompt_ids"], td.dataset[0]["chosen_ids"])
+        want = -(torch.softmax(z, -1) * torch.log_softmax(z, -1)).sum(-1)
+        np.testing.assert_allclose(second.dataset[0]["chosen/test_entropy"], want.numpy(), rtol=1e-5, atol=1e-5)
+        third = build_teacher_cache(td.dataset, td.fingerprint, lambda: pytest.fail("loaded the teacher"), "t",
+                                    [new], cache_dir=tmp_path / "tc", progress=False)
+        assert third.cached and third.built == []
+    finally:
+        AUX_REWARDS.remove("test_entropy")
 
 
 def test_vocabulary_checks(caplog):

@@ -12,7 +12,6 @@ import pytest
 import torch
 from datasets import Dataset
 
-from tvkd.aux_rewards import AUX_REWARDS
 from tvkd.losses import LOSSES, LossOutput, Needs, PreferenceLoss, ScoredBatch, build_config
 from tvkd.registry import UnknownNameError
 
@@ -30,8 +29,8 @@ def _dataset(needs: Needs, g: torch.Generator) -> Dataset:
     """A training set holding the cached teacher columns `needs` asks for."""
     lengths = torch.randint(1, T + 1, (2 * B,), generator=g).tolist()
     data: dict[str, list] = {}
-    for spec in needs.aux + needs.teacher_reference_aux:
-        extra = 1 if AUX_REWARDS.meta(spec.name)["kind"] == "state" else 0
+    for spec in needs.aux:
+        extra = 1 if spec.is_state else 0
         rows = [torch.randn(n + extra, generator=g).tolist() for n in lengths]
         data[f"chosen/{spec.column}"], data[f"rejected/{spec.column}"] = rows[:B], rows[B:]
     data.setdefault("id", list(range(B)))

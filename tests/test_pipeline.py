@@ -17,7 +17,7 @@ def make_cfg(world, **loss):
         "tokenize": {"max_length": 32, "max_prompt_length": 16},
         "loss": loss or {"name": "tvkd", "aux": "soft_value"},
         "train": {"learning_rate": 1e-3, "num_train_epochs": 1, "per_device_train_batch_size": 4, "logging_steps": 2},
-        "cache": {"value_temperatures": [2.0]},
+        "cache": {"precompute": ["log_prob"]},
         "eval": {"max_new_tokens": 6, "value_alignment": 4},
     })
 
@@ -71,7 +71,7 @@ def test_crash_mid_run_is_redone_on_rerun(tiny_world, tmp_path, monkeypatch):
 def test_nan_loss_stops_with_a_clear_error(tiny_world, tmp_path, monkeypatch):
     import torch
 
-    import tvkd.losses.dpo as dpo_mod
+    import baselines.dpo as dpo_mod
     from tvkd.training.trainer import NonFiniteLossError
 
     cfg = make_cfg(tiny_world, name="dpo")
@@ -90,7 +90,7 @@ def test_nan_loss_stops_with_a_clear_error(tiny_world, tmp_path, monkeypatch):
 def test_spearman_without_scipy():
     import numpy as np
 
-    from tvkd.pipeline import spearman
+    from tvkd.evaluation.metrics import spearman
 
     assert spearman(np.array([1.0, 2, 3, 4]), np.array([2.0, 4, 6, 9])) == 1.0
     assert abs(spearman(np.array([1.0, 2, 2, 4]), np.array([4.0, 3, 2, 1])) + 0.9486832980505138) < 1e-12

@@ -17,7 +17,7 @@ def tiny_spec(world):
                      "subsample": 0.75},
             "tokenize": {"max_length": 32, "max_prompt_length": 16},
             "train": {"learning_rate": 1e-3, "num_train_epochs": 1, "per_device_train_batch_size": 4},
-            "cache": {"value_temperatures": [2.0]},
+            "cache": {"precompute": ["log_prob"]},
             "eval": {"max_new_tokens": 4},
         },
         "variants": [

@@ -98,42 +98,31 @@ def _examples(rows):
             for i, r in enumerate(rows)]
 
 
-def _ours(model, tok, rows, loss_name: str, steps: int, batch: int, tmp: Path, extra_cols: dict | None = None):
-    """Per-step times of PreferenceTrainer with a registered loss."""
-    import datasets
+def _ours(model, tok, rows, loss_name: str, steps: int, batch: int, tmp: Path):
+    """Per-step times of PreferenceTrainer with a registered loss, on the pipeline's own training set."""
     from transformers import TrainingArguments
+    from transformers.trainer_callback import PrinterCallback
 
-    from tvkd.cache.teacher import build_reference_cache, build_teacher_cache, expand_teacher_columns
-    from tvkd.losses import LOSSES, build_config
+    from tvkd.api import LOSSES, build_config
+    from tvkd.assemble import CacheOptions, assemble_training_set
+    from tvkd.modeling import ModelSource
     from tvkd.tokenize import TokenizeConfig, tokenize_preferences
-    from tvkd.training.trainer import PreferenceCollator, PreferenceTrainer, training_columns
+    from tvkd.training.trainer import PreferenceCollator, PreferenceTrainer
 
     td = tokenize_preferences(_examples(rows), tok, TokenizeConfig(1024, 512), cache_dir=tmp / "tok", progress=False)
-    ref = build_reference_cache(td.dataset, td.fingerprint, model, "bench-ref", cache_dir=tmp / "ref", progress=False)
-    parts = [td.dataset, ref.dataset]
     loss_cls = LOSSES.get(loss_name)
     loss = loss_cls()
     cfg = build_config(loss_cls, {"aux": "soft_value"} if loss_name == "tvkd" else {})
-    needs = loss.needs(cfg)
-    layout = None
-    if needs.aux:
-        tc = build_teacher_cache(td.dataset, td.fingerprint, model, "bench-teacher", list(needs.aux),
-                                 cache_dir=tmp / "teacher", progress=False)
-        parts.append(tc.dataset)
-        layout = tc.layout
-    ds = datasets.concatenate_datasets(parts, axis=1).add_column("pair_index", list(range(len(td.dataset))))
-    if layout:
-        ds = expand_teacher_columns(ds, layout, needs.aux)
-    ds = training_columns(loss.prepare(ds, cfg, seed=0), loss.batch_columns(cfg), needs.reference)
+    ts = assemble_training_set(td, loss, cfg, reference=ModelSource.in_memory(model, "bench-ref"),
+                               teacher=ModelSource.in_memory(model, "bench-teacher"), pad_id=tok.pad_token_id,
+                               cache=CacheOptions(cache_dir=str(tmp / "caches")), progress=False)
     args = TrainingArguments(output_dir=str(tmp / f"out-{loss_name}"), max_steps=steps, per_device_train_batch_size=batch,
                              learning_rate=1e-5, use_cpu=True, report_to="none", remove_unused_columns=False,
                              save_strategy="no", logging_steps=10_000, disable_tqdm=True, seed=0, data_seed=0)
     timer = _StepTimer()
-    trainer = PreferenceTrainer(model=copy.deepcopy(model).train(), args=args, train_dataset=ds,
-                                data_collator=PreferenceCollator(tok.pad_token_id, loss.batch_columns(cfg), needs.reference),
-                                loss=loss, loss_config=cfg, callbacks=[timer])
-    from transformers.trainer_callback import PrinterCallback
-
+    collator = PreferenceCollator(tok.pad_token_id, loss.batch_columns(cfg), ts.needs.reference)
+    trainer = PreferenceTrainer(model=copy.deepcopy(model).train(), args=args, train_dataset=ts.train,
+                                data_collator=collator, loss=loss, loss_config=cfg, callbacks=[timer])
     trainer.remove_callback(PrinterCallback)
     trainer.train()
     return timer.times
@@ -162,11 +151,13 @@ def _median_after_warmup(times: list[float], warmup: int) -> float:
 
 @torch.no_grad()
 def _cache_vs_forward(model, tok, rows, tmp: Path, repeats: int):
+    from tvkd.aux_rewards import TABLE5
     from tvkd.cache.teacher import (
-        _length_batches,
+        arrow_bytes,
+        aux_specs,
         build_reference_cache,
         build_teacher_cache,
-        default_specs,
+        length_batches,
         response_tokens,
     )
     from tvkd.scoring import collate_pairs
@@ -174,7 +165,7 @@ def _cache_vs_forward(model, tok, rows, tmp: Path, repeats: int):
 
     td = tokenize_preferences(_examples(rows), tok, TokenizeConfig(1024, 512), cache_dir=tmp / "tok", progress=False)
     model = model.eval()
-    specs = default_specs((2.0,))
+    specs = aux_specs(TABLE5, (2.0,))  # the six aux rewards of Table 5 at one temperature
     cache_s, fwd_s = [], []
     for r in range(repeats):  # interleaved, so drift hits both
         t0 = time.perf_counter()
@@ -183,7 +174,7 @@ def _cache_vs_forward(model, tok, rows, tmp: Path, repeats: int):
         cache_s.append(time.perf_counter() - t0)
         cols = td.dataset.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"])
         t0 = time.perf_counter()
-        for idx in _length_batches(cols, 16, 65536):
+        for idx in length_batches(cols, 16, 65536):
             f = cols[idx]
             feats = [dict(prompt_ids=p, chosen_ids=c, rejected_ids=rj)
                      for p, c, rj in zip(f["prompt_ids"], f["chosen_ids"], f["rejected_ids"])]
@@ -191,17 +182,14 @@ def _cache_vs_forward(model, tok, rows, tmp: Path, repeats: int):
             model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False)
         fwd_s.append(time.perf_counter() - t0)
     ref = build_reference_cache(td.dataset, td.fingerprint, model, "bench-ref", cache_dir=tmp / "ref", progress=False)
-    top = build_teacher_cache(td.dataset, td.fingerprint, model, "bench-top", specs[:0] + specs, topk=50,
+    top = build_teacher_cache(td.dataset, td.fingerprint, model, "bench-top", [], topk=50,
                               cache_dir=tmp / "top", progress=False, batch_size=16)
     ntok = response_tokens(td.dataset)
-    from tvkd.cache.teacher import arrow_bytes
-
-    top_bytes = arrow_bytes(top.dataset, [c for c in top.dataset.column_names if "topk" in c]) / ntok
-    aux_bytes = tc.stats["aux_bytes_per_token"]
+    top_bytes = arrow_bytes(top.dataset) / ntok
     return {
         "cache_seconds": statistics.median(cache_s),
         "forward_seconds": statistics.median(fwd_s),
-        "aux_bytes_per_token": aux_bytes,
+        "aux_bytes_per_token": tc.stats["aux_bytes_per_token"],
         "ref_bytes_per_token": ref.stats["bytes_per_token"],
         "top50_bytes_per_token": top_bytes,
         "response_tokens": ntok,

@@ -82,8 +82,13 @@ class TrainConfig:
 
 @dataclass
 class CacheConfig:
-    value_temperatures: list = _f([0.1, 0.2, 0.5, 1.0, 2.0, 5.0], "β_V values cached for soft_value (the paper's grid).")
-    q_sources: list = _f(["logits"], "Q sources cached: logits (Lemma 1) and/or logprobs.")
+    precompute: list = _f(
+        [], "Aux rewards computed in the same teacher pass as the loss's own whenever a pass runs (each at every "
+            "value temperature and Q source below), so a study sweeping aux rewards or β_V needs one pass. The "
+            "teacher cache stores one column per aux reward; a column is computed the first time it is asked for.")
+    value_temperatures: list = _f([2.0], "β_V values at which `precompute` computes soft_value (paper grid: "
+                                         "0.1, 0.2, 0.5, 1, 2, 5).")
+    q_sources: list = _f(["logits"], "Q sources at which `precompute` computes Q-dependent aux rewards.")
     batch_size: int = _f(32, "Pairs per cache forward.")
     dtype: str | None = _f(
         None, "Teacher weights/forward dtype for the cache (default: models.dtype). The aux math is fp32 either "

@@ -137,6 +137,21 @@ def shared_vocab_size(teacher_tok: Any, student_tok: Any, teacher_rows: int, stu
     return min(teacher_rows, student_rows)
 
 
+def teacher_vocab_size(teacher: str | Path, student: str | Path, student_tokenizer: Any, *,
+                       trust_remote_code: bool = False) -> int | None:
+    """The teacher logit rows shared with the student (None: all of them), or a clear error.
+
+    Reads only tokenizers and configs, so a mismatch costs no model load.
+    """
+    from transformers import AutoConfig
+
+    teacher_tok = load_tokenizer(teacher, trust_remote_code=trust_remote_code)
+    vt = AutoConfig.from_pretrained(str(teacher), trust_remote_code=trust_remote_code).vocab_size
+    vs = AutoConfig.from_pretrained(str(student), trust_remote_code=trust_remote_code).vocab_size
+    vocab = shared_vocab_size(teacher_tok, student_tokenizer, vt, vs)
+    return vocab if vocab != vt else None
+
+
 def config_summary(model: Any) -> dict[str, Any]:
     cfg = model.config
     return json.loads(json.dumps({
@@ -145,3 +160,43 @@ def config_summary(model: Any) -> dict[str, Any]:
         "vocab_size": getattr(cfg, "vocab_size", None),
         "name_or_path": getattr(cfg, "_name_or_path", None),
     }, default=str))
+
+
+class ModelSource:
+    """A model the pipeline may need: its content key (for cache keys) and a loader run on first use.
+
+    A cached pass never loads the model; `release` frees it once its passes are done (the
+    teacher while the student trains). `key` holds the weights' digest and the forward dtype,
+    because bf16 and fp32 logits differ.
+    """
+
+    def __init__(self, name: str, key: str, loader: Any):
+        self.name = name
+        self.key = key
+        self._loader = loader
+        self._model: Any = None
+
+    @classmethod
+    def from_path(cls, path: str | Path, *, dtype: str | None = "auto", trust_remote_code: bool = False,
+                  device: str | None = "auto") -> ModelSource:
+        def load() -> Any:
+            return load_causal_lm(path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+
+        return cls(str(path), f"{model_digest(path)}:{dtype}", load)
+
+    @classmethod
+    def in_memory(cls, model: Any, key: str) -> ModelSource:
+        return cls(key, key, lambda: model)
+
+    def get(self) -> Any:
+        if self._model is None:
+            self._model = self._loader()
+        return self._model
+
+    __call__ = get  # a zero-argument loader, as the caches take
+
+    def release(self) -> None:
+        self._model = None
+
+    def __repr__(self) -> str:
+        return f"ModelSource({self.name!r}, key={self.key!r})"

@@ -84,6 +84,8 @@ DEFAULT_IGNORE: frozenset[str] = frozenset(
         "logging_steps", "logging_strategy", "logging_first_step", "log_every", "report_to", "run_name",
         # checkpoint cadence: saving does not change the optimisation
         "save_steps", "save_strategy", "save_total_limit", "save_only_model",
+        # what else the teacher pass computes while it runs: each cached column is the same either way
+        "cache.precompute", "cache.value_temperatures", "cache.q_sources",
     }
 )
 

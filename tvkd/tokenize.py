@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from tvkd.paths import cache_root, fingerprint
+from tvkd.storage import cached_stage
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,20 @@ class TokenizedData:
             if c.get(key):
                 parts.append(f"{key.replace('_', ' ')}: {c[key]}")
         return ", ".join(parts) + ("" if not self.cached else " (cached)")
+
+
+def _features() -> Any:
+    import datasets
+
+    return datasets.Features(
+        {
+            "id": datasets.Value("string"),
+            "prompt_ids": datasets.Sequence(datasets.Value("int32")),
+            "chosen_ids": datasets.Sequence(datasets.Value("int32")),
+            "rejected_ids": datasets.Sequence(datasets.Value("int32")),
+            "meta": datasets.Value("string"),
+        }
+    )
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -177,7 +191,6 @@ def tokenize_preferences(
 ) -> TokenizedData:
     """Tokenize preference examples once and save them as an Arrow dataset (reused when unchanged)."""
     import datasets
-    from tqdm.auto import tqdm
 
     config = config or TokenizeConfig()
     template = ensure_chat_template(tokenizer, config.chat_template)
@@ -193,11 +206,20 @@ def tokenize_preferences(
         asdict(config), eos_token,
     )
     root = Path(cache_dir) if cache_dir is not None else cache_root() / "tokenized"
-    path = root / key
-    if (path / "done.json").exists():
-        ds = datasets.load_from_disk(str(path / "data"))
-        counts = json.loads((path / "done.json").read_text())["counts"]
-        return TokenizedData(ds, path, key, counts, cached=True)
+
+    def build(tmp: Path) -> dict[str, Any]:
+        counts, rows = _tokenize_rows(examples, tokenizer, config, eos_id, progress)
+        datasets.Dataset.from_dict(rows, features=_features()).save_to_disk(str(tmp / "data"))
+        return {"counts": counts, "config": asdict(config), "eos_token": eos_token}
+
+    stage = cached_stage(root / key, build, describe="the tokenized data")
+    ds = datasets.load_from_disk(str(stage.path / "data"))
+    return TokenizedData(ds, stage.path, key, stage.record["counts"], cached=stage.cached)
+
+
+def _tokenize_rows(examples: Sequence[Any], tokenizer: Any, config: TokenizeConfig, eos_id: int,
+                   progress: bool) -> tuple[dict[str, int], dict[str, list]]:
+    from tqdm.auto import tqdm
 
     counts: Counter = Counter()
     rows: dict[str, list] = {"id": [], "prompt_ids": [], "chosen_ids": [], "rejected_ids": [], "meta": []}
@@ -225,24 +247,4 @@ def tokenize_preferences(
             "%d examples: the templated prompt is not a prefix of prompt+response; the response starts where "
             "they diverge (TRL's convention)", counts["prompt_not_prefix"],
         )
-    features = datasets.Features(
-        {
-            "id": datasets.Value("string"),
-            "prompt_ids": datasets.Sequence(datasets.Value("int32")),
-            "chosen_ids": datasets.Sequence(datasets.Value("int32")),
-            "rejected_ids": datasets.Sequence(datasets.Value("int32")),
-            "meta": datasets.Value("string"),
-        }
-    )
-    ds = datasets.Dataset.from_dict(rows, features=features)
-    tmp = root / f".{key}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    ds.save_to_disk(str(tmp / "data"))
-    (tmp / "done.json").write_text(
-        json.dumps({"counts": dict(counts), "config": asdict(config), "eos_token": eos_token}, indent=2)
-    )
-    shutil.rmtree(path, ignore_errors=True)
-    tmp.rename(path)
-    ds = datasets.load_from_disk(str(path / "data"))
-    return TokenizedData(ds, path, key, dict(counts), cached=False)
+    return dict(counts), rows

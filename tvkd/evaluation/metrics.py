@@ -1,4 +1,4 @@
-"""Analysis metrics (METHODS A.6): margin accuracy, win rate, value alignment, policy KL.
+"""Analysis metrics (docs/methods.md §A.6): margin accuracy, win rate, value alignment, policy KL.
 
 Pure functions of scores first (tested directly), then the model passes that produce them.
 """
@@ -11,10 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tvkd.registry import Registry
 from tvkd.scoring import collate_pairs, state_logits, token_logps
-
-EVALUATORS: Registry = Registry("evaluator")
 
 
 def pairwise_accuracy(a: Sequence[float], b: Sequence[float], ties: str = "half") -> float:
@@ -32,16 +29,9 @@ def pairwise_accuracy(a: Sequence[float], b: Sequence[float], ties: str = "half"
     return float(win.mean())
 
 
-EVALUATORS.add("margin_accuracy", pairwise_accuracy, higher_is_better=True,
-               description="mean over test pairs of [S(x,y_w) > S(x,y_l)], ties 1/2 (SimPO reward accuracy)")
-
-
 def win_rate(scores: Sequence[float], other: Sequence[float]) -> float:
     """Judge-based win rate of one system's outputs against another's on the same prompts (ties 1/2)."""
     return pairwise_accuracy(scores, other, ties="half")
-
-
-EVALUATORS.add("win_rate", win_rate, higher_is_better=True, description="oracle-judged wins vs another run, ties 1/2")
 
 
 def oracle_margin_accuracy(s_w: Sequence[float], s_l: Sequence[float], oracle_w: Sequence[float],
@@ -133,10 +123,6 @@ def value_alignment(teacher: Any, student: Any, tokenized: Any, *, beta_v: float
     return {"value_kl": float(np.mean(value_kls)), "policy_kl": float(np.mean(policy_kls))}
 
 
-EVALUATORS.add("value_alignment", value_alignment, higher_is_better=False,
-               description="KL(teacher||student) of soft values over positions (Table 4) and token policy KL")
-
-
 def teacher_scores(teacher_logps: tuple[np.ndarray, np.ndarray], lengths: tuple[np.ndarray, np.ndarray],
                    shaping: tuple[np.ndarray, np.ndarray], ties: str = "half") -> dict[str, float]:
     """Table 3: margin accuracy of the teacher's Σ log π_T, mean log π_T and shaping sum Ψ."""
@@ -146,3 +132,46 @@ def teacher_scores(teacher_logps: tuple[np.ndarray, np.ndarray], lengths: tuple[
         "mean_logprob": pairwise_accuracy(lw / nw, ll / nl, ties),
         "shaping": pairwise_accuracy(pw, pl, ties),
     }
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman rank correlation: Pearson's r of average ranks (pandas' own method needs scipy)."""
+    import pandas as pd
+
+    if len(a) < 3:
+        return float("nan")
+    ra, rb = pd.Series(a).rank().to_numpy(), pd.Series(b).rank().to_numpy()
+    if ra.std() == 0 or rb.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def oracle_scores(metas: Sequence[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray] | None:
+    """(r*(y_w), r*(y_l)) when every pair's metadata carries the oracle's scores (the testbed), else None."""
+    if not metas or not all("oracle_chosen" in m and "oracle_rejected" in m for m in metas):
+        return None
+    return (np.array([m["oracle_chosen"] for m in metas], dtype=np.float64),
+            np.array([m["oracle_rejected"] for m in metas], dtype=np.float64))
+
+
+def teacher_signal(offsets: Sequence[float], metas: Sequence[dict[str, Any]] | None = None) -> dict[str, float]:
+    """How a per-pair teacher offset Ψ_w − Ψ_l relates to the labels (and the oracle, where known).
+
+    `label_agreement`: fraction of pairs with Ψ_w > Ψ_l (the teacher ranks the labelled-chosen
+    response higher; ties 1/2); `oracle_agreement`: the same against the oracle's true preference
+    where the data carries oracle scores (the testbed), pairs the oracle ties left out. Both depend
+    only on which offsets are positive, so a permutation of the offsets (the shuffled control)
+    leaves them nearly unchanged; `oracle_gap_correlation` (Spearman ρ between the offset and the
+    oracle gap r*(y_w) − r*(y_l)) is pair-specific and falls to ~0 under the shuffle.
+    """
+    off = np.asarray(offsets, dtype=np.float64)
+    out = {
+        "teacher_signal/label_agreement": pairwise_accuracy(off, np.zeros_like(off)),
+        "teacher_signal/abs_mean": float(np.abs(off).mean()),
+    }
+    oracle = oracle_scores(metas or [])
+    if oracle is not None:
+        ow, ol = oracle
+        out["teacher_signal/oracle_agreement"] = oracle_margin_accuracy(off, np.zeros_like(off), ow, ol)
+        out["teacher_signal/oracle_gap_correlation"] = spearman(off, ow - ol)
+    return out

@@ -1,10 +1,10 @@
-"""Every loss, registered into `LOSSES` on import (one module per loss).
+"""TVKD's losses: `tvkd` (the paper's Eq. 3) and `tvkd_released` (the authors' released recipe).
 
-``import tvkd.losses`` registers them all; ``LOSSES.get(name)`` returns the class and
-``LOSSES.meta(name)`` its `needs`, `citation` and `reference_free` metadata.
+Every loss registers itself into `tvkd.api.LOSSES` when its module is imported; the registry
+imports every module of this package and of `baselines` (and the ``tvkd.losses`` entry-point
+group) on first use, so a loss is one file and nothing else lists it.
 """
 
-from tvkd.losses import dpo, sft, tvkd, tvkd_released  # noqa: F401  (registration)
-from tvkd.losses.base import LOSSES, AuxSpec, LossOutput, Needs, PreferenceLoss, ScoredBatch, build_config
+from tvkd.api import LOSSES, AuxSpec, LossOutput, Needs, PreferenceLoss, ScoredBatch, build_config
 
 __all__ = ["LOSSES", "AuxSpec", "LossOutput", "Needs", "PreferenceLoss", "ScoredBatch", "build_config"]

@@ -19,7 +19,7 @@ column ``tvkd_offset``. The `shuffled` control permutes those offsets across the
 data set (a random cyclic permutation with `control_seed`, so no pair keeps its own offset):
 the offsets' distribution is kept and their link to the pair is broken.
 
-Decisions (METHODS A.3 leaves them open):
+Decisions (docs/methods.md §A.3 leaves them open):
 - Action aux rewards (`logits`, `log_prob`) enter as ψ_t = f(s_t, a_t); `gamma`, `shaping` and
   `terminal` describe state potentials only, so a non-default value with an action aux is an
   error rather than silently ignored. `value_temperature`/`tie_temperature` only affect
@@ -40,9 +40,20 @@ from typing import Any
 import numpy as np
 import torch.nn.functional as F
 
-from tvkd import aux_rewards, shaping
-from tvkd.losses.base import LOSSES, AuxSpec, LossOutput, Needs, PreferenceLoss, ScoredBatch
-from tvkd.losses.dpo import log_ratios, reward_metrics
+from tvkd import shaping
+from tvkd.api import (
+    AUX_REWARDS,
+    LOSSES,
+    Q_SOURCES,
+    AuxSpec,
+    EvalSettings,
+    LossOutput,
+    Needs,
+    PreferenceLoss,
+    ScoredBatch,
+    ShapingSignal,
+    reward_metrics,
+)
 
 OFFSET_COLUMN = "tvkd_offset"
 CONTROLS = ("none", "shuffled")
@@ -121,14 +132,11 @@ class TVKD(PreferenceLoss):
         )
 
         def __post_init__(self):
-            kind = aux_rewards.aux_kind(self.aux)  # unknown name: the registry's "did you mean" error
-            shaping.check_options(kind, self.gamma, self.shaping, self.terminal)
+            shaping.check_options(self.kind, self.gamma, self.shaping, self.terminal)
             if self.control not in CONTROLS:
                 raise ValueError(f"tvkd: unknown control {self.control!r}; valid: {', '.join(CONTROLS)}")
-            if self.q_source not in aux_rewards.Q_SOURCES:
-                raise ValueError(
-                    f"tvkd: unknown q_source {self.q_source!r}; valid: {', '.join(aux_rewards.Q_SOURCES)}"
-                )
+            if self.q_source not in Q_SOURCES:
+                raise ValueError(f"tvkd: unknown q_source {self.q_source!r}; valid: {', '.join(Q_SOURCES)}")
             if not self.beta > 0:
                 raise ValueError(f"tvkd: beta must be > 0, got {self.beta}")
             if not self.value_temperature > 0:
@@ -136,19 +144,28 @@ class TVKD(PreferenceLoss):
 
         @property
         def kind(self) -> str:
-            return aux_rewards.aux_kind(self.aux)
+            return AUX_REWARDS.meta(self.aux)["kind"]  # unknown name: the registry's "did you mean"
 
         @property
         def spec(self) -> AuxSpec:
             """The one cached teacher quantity this config reads."""
             temperature = self.beta if self.tie_temperature else self.value_temperature
-            return aux_rewards.make_spec(self.aux, q_source=self.q_source, temperature=temperature)
+            return AuxSpec(self.aux, q_source=self.q_source, temperature=temperature)
+
+        @property
+        def signal(self) -> ShapingSignal:
+            return ShapingSignal(self.spec, gamma=self.gamma, shaping=self.shaping, terminal=self.terminal)
 
     def needs(self, cfg: Config) -> Needs:
         return Needs(reference=cfg.include_reference, aux=(cfg.spec,))
 
     def batch_columns(self, cfg: Config) -> dict[str, str]:
         return {OFFSET_COLUMN: "pair"}
+
+    def eval_settings(self, cfg: Config) -> EvalSettings:
+        return EvalSettings(implicit_reward_beta=cfg.beta, shaping=cfg.signal,
+                            value_temperature=cfg.spec.temperature or cfg.value_temperature,
+                            offset_column=OFFSET_COLUMN)
 
     def prepare(self, dataset: Any, cfg: Config, *, seed: int) -> Any:
         """Add the per-pair column ``tvkd_offset`` = Ψ_w − Ψ_l (permuted if `control=shuffled`).
@@ -185,7 +202,7 @@ class TVKD(PreferenceLoss):
             raise ValueError(
                 f"tvkd reads the per-pair column {OFFSET_COLUMN!r}; run TVKD.prepare on the data set"
             )
-        chosen, rejected = log_ratios(batch, include_reference=cfg.include_reference)
+        chosen, rejected = batch.log_ratios(include_reference=cfg.include_reference)
         implicit = cfg.beta * (chosen - rejected)
         # same dtype as the margin: an fp64 offset column must not promote the loss
         offset = batch.columns[OFFSET_COLUMN].to(device=implicit.device, dtype=implicit.dtype)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from tvkd.losses.base import LOSSES, LossOutput, Needs, PreferenceLoss, ScoredBatch
+from tvkd.api import LOSSES, LossOutput, Needs, PreferenceLoss, ScoredBatch
 
 CLAMP_MIN = 1e-8
 CLAMP_MAX = 1.0 - 1e-8

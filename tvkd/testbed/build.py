@@ -16,9 +16,10 @@ stage reads, the keys of the stages it reads, and ``TESTBED_VERSION``):
     student_pairs  student_pref_train.jsonl, student_pref_test.jsonl: on-policy pairs of the SFT student
     student_dpo    plain DPO of the SFT student on its own pairs: does preference data help the student?
 
-A stage is built in a temporary folder and renamed into place only when complete, so a kill at
-any moment leaves either no stage or a finished one; a rebuild with nothing changed reads the
-stage records and trains nothing. Model folders load with ``AutoModelForCausalLM`` and
+A stage is built by `tvkd.storage.cached_stage` (a unique temporary folder renamed into place only
+when complete, under a lock), so a kill at any moment leaves either no stage or a finished one,
+two processes building the same stage build it once, and a rebuild with nothing changed reads
+the stage records and trains nothing. Model folders load with ``AutoModelForCausalLM`` and
 ``AutoTokenizer.from_pretrained``.
 """
 
@@ -30,7 +31,6 @@ import os
 import random
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from ..paths import atomic_write_json, cache_root, file_digest, fingerprint
+from ..storage import cached_stage, remove_stale_temps
 from . import tasks
 
 TESTBED_VERSION = 1
@@ -263,53 +264,24 @@ def _sub_seed(seed: int, purpose: str) -> int:
     return int(fingerprint(seed, purpose), 16) % (2**31)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except PermissionError:  # alive, owned by someone else
-        return True
-    except (OSError, OverflowError):
-        return False
-    return True
-
-
-def _remove_stale_temps(root: Path) -> None:
-    """Delete temporary stage folders left by builds that were killed (their process is gone)."""
-    for tmp in root.glob(".tmp-*"):
-        parts = tmp.name.split("-")  # .tmp-<pid>-<stage>-<random>
-        pid = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else None
-        if pid is not None and pid != os.getpid() and not _pid_alive(pid):
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
 def _run_stage(
     root: Path, name: str, key: str, build: Callable[[Path], dict[str, Any]], say: Callable[[str], None]
 ) -> tuple[Path, dict[str, Any], bool]:
-    """Return (folder, record, cached): the finished stage folder, building it atomically if absent."""
-    final = root / f"{name}-{key}"
-    if (final / STAGE_FILE).is_file():
-        record = json.loads((final / STAGE_FILE).read_text())
-        say(f"{name:<14} cached   {final}")
-        return final, record, True
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-{os.getpid()}-{name}-"))
-    try:
+    """Return (folder, record, cached): the finished stage folder, built atomically if absent."""
+
+    def build_stage(tmp: Path) -> dict[str, Any]:
         start = time.perf_counter()
         record = build(tmp)
         record = {"stage": name, "key": key, "wall_s": round(time.perf_counter() - start, 3), **record}
         record["files"] = {p.name: file_digest(p) for p in sorted(tmp.iterdir()) if p.name != STAGE_FILE}
-        atomic_write_json(tmp / STAGE_FILE, record)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not (final / STAGE_FILE).is_file():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)  # a concurrent build finished the same stage first
-            record = json.loads((final / STAGE_FILE).read_text())
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    say(f"{name:<14} built in {record['wall_s']:.1f}s   {final}")
-    return final, record, False
+        return record
+
+    stage = cached_stage(root / f"{name}-{key}", build_stage, marker=STAGE_FILE, describe=f"testbed stage {name}")
+    if stage.cached:
+        say(f"{name:<14} cached   {stage.path}")
+    else:
+        say(f"{name:<14} built in {stage.record['wall_s']:.1f}s   {stage.path}")
+    return stage.path, stage.record, stage.cached
 
 
 @contextlib.contextmanager
@@ -562,7 +534,7 @@ def build_testbed(
     root = Path(cache_dir) if cache_dir is not None else cache_root() / "testbed"
     root = root.expanduser().resolve()
     root.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(root)
+    remove_stale_temps(root)
 
     def say(message: str) -> None:
         if progress:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from transformers import Trainer
 
-from tvkd.losses.base import LossOutput, PreferenceLoss, ScoredBatch
+from tvkd.api import LossOutput, PreferenceLoss, ScoredBatch
 from tvkd.scoring import collate_pairs, state_logits, token_logps
 
 SIDES = ("chosen", "rejected")
@@ -158,3 +158,52 @@ class PreferenceTrainer(Trainer):
                     logs[k] = sum(finite) / len(finite)
             self._metric_sums.clear()
         super().log(logs, *args, **kwargs)
+
+
+def train_policy(student: str, train: Any, loss: PreferenceLoss, loss_cfg: Any, *, cfg: Any, out_dir: Any,
+                 pad_id: int, progress: bool) -> tuple[Any, dict[str, Any]]:
+    """Train the student from `student` (a folder or hub id) on `train`; (trained policy, metrics).
+
+    `cfg` is the run's `RunConfig` (models, train and seed sections). Checkpoints go to
+    `out_dir`; a run restarted with checkpoints there resumes from the last one.
+    """
+    from pathlib import Path
+
+    from transformers import TrainingArguments
+    from transformers.trainer_callback import PrinterCallback
+
+    from tvkd.modeling import load_causal_lm, resolve_device
+
+    m, t = cfg.models, cfg.train
+    device = resolve_device("auto")
+    needs = loss.needs(loss_cfg)
+    policy = load_causal_lm(student, dtype=m.dtype, trust_remote_code=m.trust_remote_code, eval_mode=False)
+    out_dir = Path(out_dir)
+    args = TrainingArguments(
+        output_dir=str(out_dir), seed=cfg.seed, data_seed=cfg.seed, learning_rate=t.learning_rate,
+        num_train_epochs=t.num_train_epochs, per_device_train_batch_size=t.per_device_train_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps, lr_scheduler_type=t.lr_scheduler_type,
+        warmup_steps=t.warmup_steps, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
+        logging_steps=t.logging_steps, save_strategy=t.save_strategy, save_steps=t.save_steps,
+        report_to=list(t.report_to) or "none", remove_unused_columns=False, use_cpu=device.type == "cpu",
+        bf16=device.type == "cuda" and m.dtype in ("auto", "bf16", "bfloat16") and torch.cuda.is_bf16_supported(),
+        disable_tqdm=not progress, dataloader_num_workers=0, **t.extra,
+    )
+    collator = PreferenceCollator(pad_id=pad_id, batch_columns=loss.batch_columns(loss_cfg), reference=needs.reference)
+    trainer = PreferenceTrainer(model=policy, args=args, train_dataset=train, data_collator=collator, loss=loss,
+                                loss_config=loss_cfg, needs_student_logits=needs.student_logits)
+    if not progress:
+        trainer.remove_callback(PrinterCallback)
+    resume = t.save_strategy != "no" and any(out_dir.glob("checkpoint-*"))
+    result = trainer.train(resume_from_checkpoint=True if resume else None)
+    metrics: dict[str, Any] = {
+        "train_loss": float(result.training_loss),
+        "train_steps": int(result.global_step),
+        "train_pairs": len(train),
+        "train_seconds": float(result.metrics.get("train_runtime", 0.0)),
+    }
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    if logged:
+        metrics["train_log_last"] = {k: v for k, v in logged[-1].items() if isinstance(v, (int, float))}
+    policy.eval()
+    return policy, metrics

@@ -13,37 +13,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 import torch.nn.functional as F
 
-from tvkd.losses.base import LOSSES, LossOutput, Needs, PreferenceLoss, ScoredBatch
-
-
-def log_ratios(batch: ScoredBatch, include_reference: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Δ_w, Δ_l), each [B]: Σ_t log π_θ − Σ_t log π_ref per response (no π_ref if not included).
-
-    Shared by every DPO-family loss so that their margins are computed by the same operations
-    in the same order (TVKD with a zero offset then equals DPO to the last bit).
-    """
-    scores = batch.sequence_logps()
-    if include_reference:
-        scores = scores - batch.sequence_ref_logps()
-    return batch.split(scores)
-
-
-def reward_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The implicit-reward metrics every DPO-family loss logs (TRL's `rewards/*` convention).
-
-    `reward_accuracy` = mean[r_w > r_l], a tie counting as wrong, as TRL's `rewards/accuracies`.
-    """
-    chosen_rewards, rejected_rewards = chosen_rewards.detach(), rejected_rewards.detach()
-    diff = chosen_rewards - rejected_rewards
-    return {
-        "rewards/chosen": chosen_rewards.mean(),
-        "rewards/rejected": rejected_rewards.mean(),
-        "reward_margin": diff.mean(),
-        "reward_accuracy": (diff > 0).float().mean(),
-    }
+from tvkd.api import LOSSES, EvalSettings, LossOutput, Needs, PreferenceLoss, ScoredBatch, reward_metrics
 
 
 @LOSSES.register(
@@ -80,8 +52,11 @@ class DPO(PreferenceLoss):
     def needs(self, cfg: Config) -> Needs:
         return Needs(reference=not cfg.reference_free)
 
+    def eval_settings(self, cfg: Config) -> EvalSettings:
+        return EvalSettings(implicit_reward_beta=cfg.beta)
+
     def __call__(self, batch: ScoredBatch, cfg: Config) -> LossOutput:
-        chosen, rejected = log_ratios(batch, include_reference=not cfg.reference_free)
+        chosen, rejected = batch.log_ratios(include_reference=not cfg.reference_free)
         chosen_rewards, rejected_rewards = cfg.beta * chosen, cfg.beta * rejected
         margin = cfg.beta * (chosen - rejected)
         if cfg.label_smoothing == 0.0:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tvkd.losses.base import LOSSES, LossOutput, Needs, PreferenceLoss, ScoredBatch
+from tvkd.api import LOSSES, LossOutput, Needs, PreferenceLoss, ScoredBatch
 
 
 @LOSSES.register(

@@ -1,6 +1,8 @@
-"""Auxiliary rewards from the teacher's raw logits (the paper's Table 5; METHODS A.2).
+"""Auxiliary rewards from the teacher's raw logits (the paper's Table 5; docs/methods.md §A.2).
 
-Each aux reward is read off the teacher's logits z at one state s (π = softmax(z)):
+Each aux reward is read off the teacher's logits z at one state s (π = softmax(z)) and lives in
+its own module of this package, registered into `AUX_REWARDS` with its kind, its formula and a
+float64 reference computation the tests compare it against. The six of the paper:
 
 | name          | kind   | value                                  |
 |---------------|--------|----------------------------------------|
@@ -14,33 +16,48 @@ Each aux reward is read off the teacher's logits z at one state s (π = softmax(
 An *action* reward f(s_t, a_t) is one value per response token; a *state* reward Φ(s) is one
 potential per state s_0..s_T and is turned into per-token shaping by `tvkd.shaping`.
 
+Adding one is one file here (or in any package registered through the ``tvkd.aux_rewards``
+entry-point group)::
+
+    @AUX_REWARDS.register("entropy", kind="state", formula=r"-\\sum_a \\pi(a)\\log\\pi(a)",
+                          uses_temperature=False, uses_q=False, reference=entropy_reference)
+    def entropy(stats, actions=None, *, temperature=None, q_source="logits"):
+        return stats.lse - stats.expected_logit
+
+The function receives a `LogitStats` (shared reductions of one chunk of logits, computed at most
+once whatever else is requested) and returns one fp32 value per state. The teacher cache stores
+one column per aux reward and computes a column the first time a loss asks for it, so a new aux
+reward invalidates no existing cache.
+
 Q source. By Lemma 1 of the paper the teacher's raw logits are its soft Q-function, so Q = z by
 default (`q_source="logits"`). `q_source="logprobs"` takes Q = log π = z − logsumexp(z) instead
 (all that a top-k probability cache could provide). That is a per-state shift of Q by
-−logsumexp(z), so it moves exactly the Q-dependent rewards (`logits`, `expectation`,
-`soft_value`) by −logsumexp(z) and leaves the π-only ones (`log_prob`, `max`, `margin`) alone.
-We compute it as that shift, which makes soft_value at β_V = 1 *identically* 0 (it is
-logsumexp(z) − logsumexp(z) of the same rounded number) and negative/positive for β_V below/above 1.
+−logsumexp(z), so it moves exactly the Q-dependent rewards (`uses_q=True`) and leaves the
+π-only ones alone. We compute it as that shift, which makes soft_value at β_V = 1 *identically*
+0 (logsumexp(z) − logsumexp(z) of the same rounded number) and negative/positive for β_V
+below/above 1.
 
-All math is fp32 whatever the input dtype. `compute_aux` computes many specs from one logits
-tensor and shares the reductions between them (`LogitStats`).
+All math is fp32 whatever the input dtype.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from functools import cached_property
 
+import numpy as np
 import torch
 
-from tvkd.losses.base import AuxSpec
-from tvkd.registry import Registry
+from tvkd.api import AUX_REWARDS, Q_SOURCES, AuxSpec
 
-AuxFn = Callable[..., torch.Tensor]
-AUX_REWARDS: Registry[AuxFn] = Registry("aux reward")
+__all__ = [
+    "AUX_REWARDS", "Q_SOURCES", "TABLE5", "LogitStats", "aux_kind", "aux_reward", "compute_aux", "make_spec",
+    "need_actions", "q_shift", "reference_stats", "reference_value",
+]
 
-Q_SOURCES = ("logits", "logprobs")
+#: The six aux rewards of the paper's Table 5, in its order.
+TABLE5 = ("logits", "log_prob", "max", "margin", "expectation", "soft_value")
 
 # Rows of logits processed at once by `compute_aux` when no chunk size is given: bounds each
 # fp32 [rows, V] temporary to 2**26 elements (256 MiB), whatever N is.
@@ -117,102 +134,17 @@ def _stats(z: torch.Tensor | LogitStats) -> LogitStats:
     return z if isinstance(z, LogitStats) else LogitStats(z)
 
 
-def _check_q_source(q_source: str) -> None:
+def q_shift(stats: LogitStats, q_source: str) -> torch.Tensor | None:
+    """The per-state shift that turns Q = z into the requested Q source (None for logits)."""
     if q_source not in Q_SOURCES:
         raise ValueError(f"unknown q_source {q_source!r}; valid: {', '.join(Q_SOURCES)}")
-
-
-def _q_shift(stats: LogitStats, q_source: str) -> torch.Tensor | None:
-    """The per-state shift that turns Q = z into the requested Q source (None for logits)."""
-    _check_q_source(q_source)
     return stats.lse if q_source == "logprobs" else None
 
 
-def _need_actions(name: str, actions: torch.Tensor | None) -> torch.Tensor:
+def need_actions(name: str, actions: torch.Tensor | None) -> torch.Tensor:
     if actions is None:
         raise ValueError(f"aux reward {name!r} is an action reward and needs the taken token ids")
     return actions
-
-
-# --------------------------------------------------------------------------------------------
-# Action rewards: one value per (s_t, a_t).
-
-
-@AUX_REWARDS.register("logits", kind="action", formula=r"Q(s,a) = z(a)", uses_temperature=False, uses_q=True)
-def logits(z, actions=None, *, temperature=None, q_source="logits"):
-    """Q(s_t, a_t): the teacher's raw logit of the taken token (Lemma 1: logits are soft Q-values)."""
-    s = _stats(z)
-    q = s.gather(_need_actions("logits", actions))
-    shift = _q_shift(s, q_source)
-    return q if shift is None else q - shift
-
-
-@AUX_REWARDS.register("log_prob", kind="action", formula=r"\log \pi(a)", uses_temperature=False, uses_q=False)
-def log_prob(z, actions=None, *, temperature=None, q_source="logits"):
-    """log π(a_t|s_t) = z(a_t) − logsumexp(z); independent of the Q source."""
-    _check_q_source(q_source)
-    s = _stats(z)
-    return s.gather(_need_actions("log_prob", actions)) - s.lse
-
-
-# --------------------------------------------------------------------------------------------
-# State rewards: one potential Φ(s) per state.
-
-
-@AUX_REWARDS.register("max", kind="state", formula=r"\max_a \pi(a)", uses_temperature=False, uses_q=False)
-def max_prob(z, actions=None, *, temperature=None, q_source="logits"):
-    """max_a π(a|s): the teacher's confidence at s."""
-    _check_q_source(q_source)
-    s = _stats(z)
-    return (s.top2[..., 0] - s.lse).exp() if s.z.shape[-1] >= 2 else (s.z.max(-1).values - s.lse).exp()
-
-
-@AUX_REWARDS.register(
-    "margin", kind="state", formula=r"\pi_{(1)} - \pi_{(2)}", uses_temperature=False, uses_q=False
-)
-def margin(z, actions=None, *, temperature=None, q_source="logits"):
-    """π_(1) − π_(2): the top-1 minus the top-2 probability at s (a probability, not a log margin)."""
-    _check_q_source(q_source)
-    s = _stats(z)
-    p = (s.top2 - s.lse.unsqueeze(-1)).exp()
-    return p[..., 0] - p[..., 1]
-
-
-@AUX_REWARDS.register(
-    "expectation", kind="state", formula=r"\sum_a \pi(a)\, Q(s,a)", uses_temperature=False, uses_q=True
-)
-def expectation(z, actions=None, *, temperature=None, q_source="logits"):
-    """Σ_a π(a|s)·Q(s, a); with Q = log π it is −H(π)."""
-    s = _stats(z)
-    shift = _q_shift(s, q_source)
-    return s.expected_logit if shift is None else s.expected_logit - shift
-
-
-@AUX_REWARDS.register(
-    "soft_value",
-    kind="state",
-    formula=r"\beta_V \log \sum_a \exp\!\big(Q(s,a)/\beta_V\big)",
-    uses_temperature=True,
-    uses_q=True,
-)
-def soft_value(z, actions=None, *, temperature=None, q_source="logits"):
-    """V(s) = β_V·logsumexp(Q(s,·)/β_V), the soft value of the teacher (Lemma 1).
-
-    With Q = log π: β_V·logsumexp(z/β_V) − logsumexp(z) = β_V·log Σ_a π(a)^{1/β_V}, which is 0
-    at β_V = 1, > 0 for β_V > 1 and < 0 for β_V < 1.
-    """
-    if temperature is None:
-        raise ValueError("aux reward 'soft_value' needs a value temperature β_V")
-    t = float(temperature)
-    if not (t > 0 and math.isfinite(t)):
-        raise ValueError(f"the value temperature β_V must be a positive number, got {temperature!r}")
-    s = _stats(z)
-    v = t * s.tempered_lse(t)
-    shift = _q_shift(s, q_source)
-    return v if shift is None else v - shift
-
-
-# --------------------------------------------------------------------------------------------
 
 
 def aux_kind(name: str) -> str:
@@ -221,23 +153,8 @@ def aux_kind(name: str) -> str:
 
 
 def make_spec(name: str, *, q_source: str = "logits", temperature: float | None = None) -> AuxSpec:
-    """The canonical `AuxSpec` of an aux reward.
-
-    The temperature is kept only for aux rewards that use it, and the Q source only for those
-    whose value depends on it, so one cached column serves every config that yields the same
-    numbers (e.g. `max` under either Q source is the column ``max``).
-    """
-    meta = AUX_REWARDS.meta(name)
-    _check_q_source(q_source)
-    if meta["uses_temperature"]:
-        if temperature is None:
-            raise ValueError(f"aux reward {name!r} needs a value temperature")
-        temperature = float(temperature)
-    else:
-        temperature = None
-    if not meta["uses_q"]:
-        q_source = "logits"
-    return AuxSpec(name=name, q_source=q_source, temperature=temperature)
+    """The canonical `AuxSpec` of an aux reward (`AuxSpec` canonicalises itself)."""
+    return AuxSpec(name, q_source=q_source, temperature=temperature)
 
 
 def aux_reward(
@@ -245,7 +162,7 @@ def aux_reward(
 ) -> torch.Tensor:
     """One aux reward for a spec, from logits [..., V] (and the taken ids [...] for action kinds)."""
     fn = AUX_REWARDS.get(spec.name)
-    return fn(z, actions, temperature=spec.temperature, q_source=spec.q_source)
+    return fn(_stats(z), actions, temperature=spec.temperature, q_source=spec.q_source)
 
 
 def compute_aux(
@@ -261,14 +178,14 @@ def compute_aux(
     [N] the token taken at each state (needed only by action kinds; at a state with no next
     token, e.g. s_T, pass any valid id and ignore the value). Rows are processed `chunk_size`
     at a time (default: as many as keep one [rows, V] fp32 tensor under 2**26 elements) and,
-    within a chunk, the logsumexp/top-2/expectation/tempered-logsumexp reductions are shared
-    across specs, so at most about two [rows, V] temporaries exist at once.
+    within a chunk, the reductions are shared across specs, so at most about two [rows, V]
+    temporaries exist at once. A value does not depend on which other specs are computed with it.
     """
     if logits.dim() != 2:
         raise ValueError(f"compute_aux expects logits [N, V], got shape {tuple(logits.shape)}")
     specs = list(dict.fromkeys(specs))  # duplicates would be computed twice for one column
     for spec in specs:
-        if aux_kind(spec.name) == "action" and next_ids is None:
+        if spec.kind == "action" and next_ids is None:
             raise ValueError(f"aux reward {spec.name!r} is an action reward and needs next_ids")
     n, v = logits.shape
     if next_ids is not None and next_ids.shape != (n,):
@@ -282,3 +199,24 @@ def compute_aux(
             out[spec.column][start : start + rows] = aux_reward(spec, stats, ids)
         del stats  # free this chunk's temporaries before the next
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# float64 references: one state at a time, written out plainly, for the tests.
+
+
+def reference_stats(z: Sequence[float], q_source: str) -> tuple[np.ndarray, np.ndarray, float]:
+    """(Q, π, log Z) of one state in float64 from its logits z, with Q per the Q source."""
+    z = np.asarray(z, dtype=np.float64)
+    m = float(z.max())
+    log_z = m + math.log(float(np.exp(z - m).sum()))
+    pi = np.exp(z - log_z)
+    q = z if q_source == "logits" else z - log_z
+    return q, pi, log_z
+
+
+def reference_value(spec: AuxSpec, z: Sequence[float], action: int | None) -> float:
+    """The registered float64 reference of an aux reward at one state."""
+    ref = AUX_REWARDS.meta(spec.name)["reference"]
+    return float(ref(np.asarray(z, dtype=np.float64), action, temperature=spec.temperature,
+                     q_source=spec.q_source))

@@ -1,0 +1,108 @@
+"""The training set a loss asked for: the one place where `Needs` become caches and columns.
+
+    tokenized pairs
+      + reference log-probs      (Needs.reference: the reference cache)
+      + teacher columns          (Needs.aux / Needs.topk: the teacher cache, one stage per column)
+      -> pair_index, seeded subsample
+      -> loss.prepare            (per-pair columns, e.g. the TVKD offset)
+      -> only the columns the collator reads
+
+Both `tvkd.pipeline` and `tvkd.bench` build their training sets here, so what a run trains on
+and what the benchmark measures are assembled by the same code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from tvkd.api import AuxSpec, Needs, PreferenceLoss
+from tvkd.cache.teacher import CacheResult, build_reference_cache, build_teacher_cache
+from tvkd.modeling import ModelSource
+from tvkd.tokenize import TokenizedData
+from tvkd.training.trainer import training_columns
+
+
+@dataclass(frozen=True)
+class CacheOptions:
+    batch_size: int = 32  # pairs per cache forward
+    also: tuple[AuxSpec, ...] = ()  # further aux columns computed if a teacher pass runs anyway
+    cache_dir: str | None = None  # default: $TVKD_CACHE
+
+
+@dataclass
+class TrainingSet:
+    full: Any  # datasets.Dataset after `prepare`: every column, one row per training pair
+    train: Any  # the columns the collator reads (what the trainer gets)
+    needs: Needs
+    caches: dict[str, CacheResult] = field(default_factory=dict)
+
+
+def assemble_training_set(
+    tokenized: TokenizedData,
+    loss: PreferenceLoss,
+    loss_cfg: Any,
+    *,
+    reference: ModelSource | None,
+    teacher: ModelSource | None,
+    pad_id: int,
+    teacher_vocab: int | None = None,
+    cache: CacheOptions = CacheOptions(),
+    subsample: float | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    say: Callable[[str], None] = lambda msg: None,
+) -> TrainingSet:
+    """Compute (or load) exactly what `loss.needs(loss_cfg)` declares and join it to the pairs.
+
+    `teacher_vocab`: the number of teacher logit rows shared with the student (checked by the
+    caller), or None for all of them.
+    """
+    import datasets
+
+    needs = loss.needs(loss_cfg)
+    parts = [tokenized.dataset]
+    caches: dict[str, CacheResult] = {}
+    if needs.reference:
+        if reference is None:
+            raise ValueError(f"loss {loss.name!r} needs reference log-probs: set models.reference or models.student")
+        rc = build_reference_cache(tokenized.dataset, tokenized.fingerprint, reference, reference.key,
+                                   pad_id=pad_id, batch_size=cache.batch_size, cache_dir=_sub(cache, "reference"),
+                                   progress=progress)
+        say(f"  reference cache ({'cached' if rc.cached else 'built'}): {rc.path}")
+        caches["reference"] = rc
+        parts.append(rc.dataset)
+    if needs.teacher:
+        if teacher is None:
+            raise ValueError(f"loss {loss.name!r} needs a teacher: set models.teacher")
+        tc = build_teacher_cache(tokenized.dataset, tokenized.fingerprint, teacher, teacher.key, needs.aux,
+                                 topk=needs.topk, also=cache.also, vocab_size=teacher_vocab, pad_id=pad_id,
+                                 batch_size=cache.batch_size, cache_dir=_sub(cache, "teacher"), progress=progress)
+        built = f"computed {', '.join(tc.built)}" if tc.built else "cached"
+        say(f"  teacher cache ({built}): {tc.stats['bytes_per_token']:.1f} bytes per response token, {tc.path}")
+        caches["teacher"] = tc
+        parts.append(tc.dataset)
+        teacher.release()  # free the teacher while the student trains
+    full = datasets.concatenate_datasets(parts, axis=1) if len(parts) > 1 else parts[0]
+    full = full.add_column("pair_index", list(range(len(full))))
+    if subsample:
+        full = subsample_pairs(full, subsample, seed)
+        say(f"  subsample: {len(full)} of {len(tokenized.dataset)} pairs (seed {seed})")
+    full = loss.prepare(full, loss_cfg, seed=seed)
+    train = training_columns(full, loss.batch_columns(loss_cfg), needs.reference)
+    return TrainingSet(full=full, train=train, needs=needs, caches=caches)
+
+
+def subsample_pairs(dataset: Any, fraction: float, seed: int) -> Any:
+    """A seeded random `fraction` of the pairs (in their original order), renumbered."""
+    rng = np.random.default_rng(seed)
+    k = max(1, int(round(fraction * len(dataset))))
+    dataset = dataset.select(sorted(rng.choice(len(dataset), size=k, replace=False).tolist()))
+    return dataset.remove_columns("pair_index").add_column("pair_index", list(range(len(dataset))))
+
+
+def _sub(cache: CacheOptions, kind: str) -> str | None:
+    return f"{cache.cache_dir}/{kind}" if cache.cache_dir else None
