@@ -66,6 +66,6 @@ def study_reward_conflict(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def bench(session: nox.Session) -> None:
-    """Speed and memory ratios measured in one process (targets in DESIGN.md)."""
+    """Speed and memory ratios measured in one process (each printed with its target)."""
     install(session, "test")
     session.run("tvkd", "bench", *session.posargs, env=env())

@@ -2,7 +2,7 @@
 
     L_DPO = −log σ(β·(Δ_w − Δ_l)),   Δ_i = Σ_t [log π_θ(a_t|s_t) − log π_ref(a_t|s_t)]   (DPO paper, Eq. 7)
 
-cDPO (METHODS A.7; TRL 0.12 semantics, which current TRL's `sigmoid` no longer applies):
+cDPO (docs/methods.md §A.7; TRL 0.12 semantics, which current TRL's `sigmoid` no longer applies):
 
     L = (1 − ε)·(−log σ(β·h)) − ε·log σ(−β·h),   h = Δ_w − Δ_l
 

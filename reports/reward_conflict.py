@@ -7,11 +7,11 @@ Input: one row per finished run with the columns
     aux                     the aux reward of a TVKD run (None for DPO)
     control                 "none" | "shuffled" (missing/None reads as "none")
     seed
-    margin_accuracy         fraction in [0, 1] (METHODS A.6: the student's implicit-reward accuracy)
+    margin_accuracy         fraction in [0, 1] (docs/methods.md §A.6: the student's implicit-reward accuracy)
     oracle_score            mean oracle reward r*(x, y) of the student's generations
     win_rate_vs_soft_value  fraction of prompts the run's generations beat TVKD(soft_value)'s
 
-Other columns are ignored. Rows: the six aux rewards of METHODS A.2 in the paper's order, then
+Other columns are ignored. Rows: the six aux rewards of docs/methods.md §A.2 in the paper's order, then
 "DPO" (no teacher) and "soft_value (shuffled Ψ)" (the teacher offsets permuted across pairs; a
 gain it also shows is not teacher knowledge). Each cell is mean ± std over seeds; a row without
 finished runs stays in the table with "–". Only the aux rewards and DPO are ranked for the
@@ -62,7 +62,7 @@ class TableRow:
 _SOFT_VALUE_TEX = r"$\beta_V \log \sum_a \exp(z(a)/\beta_V)$"
 _SOFT_VALUE_TEXT = "β_V log Σ_a exp(z(a)/β_V)"
 
-#: The rows in table order; formulas are the teacher quantities of METHODS A.2, π = softmax(z).
+#: The rows in table order; formulas are the teacher quantities of docs/methods.md §A.2, π = softmax(z).
 ROWS: tuple[TableRow, ...] = (
     TableRow("logits", "action", "logits", r"$z(a)$", "z(a)", "tvkd", "logits", "none"),
     TableRow("log_prob", "action", "log_prob", r"$\log \pi(a)$", "log π(a)", "tvkd", "log_prob", "none"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from types import SimpleNamespace
 
 import datasets
@@ -177,3 +178,33 @@ def test_vocabulary_checks(caplog):
     assert "padding rows dropped" in caplog.text
     with pytest.raises(VocabularyMismatchError, match="smaller than the tokenizer"):
         shared_vocab_size(tok, tok, len(tok) - 1, len(tok))
+
+
+def _build_in_process(tmp: str, out) -> None:
+    import torch as _torch
+
+    _torch.set_num_threads(1)
+    tok = make_tiny_tokenizer()
+    td = tokenized(Path(tmp), tok)
+    teacher = make_tiny_llama(len(tok), seed=7)
+    tc = build_teacher_cache(td.dataset, td.fingerprint, teacher, "t", aux_specs(TABLE5, (2.0,)), topk=3,
+                             pad_id=tok.pad_token_id, cache_dir=Path(tmp) / "tc", progress=False)
+    out.put((tc.built, tc.dataset.to_dict()))
+
+
+def test_two_processes_building_the_same_teacher_cache_get_one_identical_result(tmp_path):
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_build_in_process, args=(str(tmp_path), out)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=300) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    built = sorted(len(r[0]) for r in results)
+    assert built == [0, 7]  # one process computed the 6 aux columns and the top-k, the other found them
+    assert results[0][1] == results[1][1]
+    assert not [p for p in (tmp_path / "tc").rglob("*") if ".tmp-" in p.name]

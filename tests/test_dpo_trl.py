@@ -1,7 +1,7 @@
 """Our `dpo` equals TRL's DPOTrainer loss (loss_type="sigmoid") on one collated batch.
 
 A tiny random Llama and a word-level tokenizer; TRL tokenizes plain-text rows (appending the
-EOS string, METHODS A.1), collates [chosen rows; rejected rows], and computes its loss with a
+EOS string, docs/methods.md §A.1), collates [chosen rows; rejected rows], and computes its loss with a
 separate reference model. We recompute per-token log-probs from the same `input_ids` and
 `completion_mask` (logits at index i predict token i + 1), lay them out response-aligned as a
 `ScoredBatch`, and compare.
@@ -55,7 +55,7 @@ def _model(tokenizer, seed: int):
 
 
 def _response_logps(model, input_ids, attention_mask, completion_mask) -> tuple[torch.Tensor, torch.Tensor]:
-    """Response-aligned [2B, T] log π(a_t|s_t) and mask (METHODS A.1)."""
+    """Response-aligned [2B, T] log π(a_t|s_t) and mask (docs/methods.md §A.1)."""
     with torch.no_grad():
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
     # logits at index i predict token i + 1

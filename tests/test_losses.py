@@ -1,4 +1,4 @@
-"""`dpo`, `tvkd`, `tvkd_released` and `sft` against independent loop references (METHODS A.3, A.4, A.7)."""
+"""`dpo`, `tvkd`, `tvkd_released` and `sft` against independent loop references (docs/methods.md §A.3, §A.4, §A.7)."""
 
 from __future__ import annotations
 
@@ -308,7 +308,7 @@ def test_sft_is_chosen_token_mean_nll(world):
 
 
 def released_loop(logits: np.ndarray, ids: np.ndarray, tokens, lengths, gamma: float) -> float:
-    """METHODS B §1.3 + A.7, one position at a time in float64."""
+    """docs/methods.md §B.1.3 + §A.7, one position at a time in float64."""
 
     def bins(z, top):
         p = softmax64(z)

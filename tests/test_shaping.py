@@ -1,4 +1,4 @@
-"""Per-token shaping and the pair offset (METHODS A.2/A.3) against loop references."""
+"""Per-token shaping and the pair offset (docs/methods.md §A.2, §A.3) against loop references."""
 
 from __future__ import annotations
 

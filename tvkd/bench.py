@@ -1,4 +1,4 @@
-"""`tvkd bench`: the speed and memory targets of DESIGN.md, as ratios measured in one process.
+"""`tvkd bench`: the project's speed and memory targets, as ratios measured in one process.
 
 1. TVKD step / DPO step on the same trainer (target <= 1.03);
 2. this trainer's DPO throughput / TRL DPOTrainer's on the same model, batch and length (>= 1.5);

@@ -127,17 +127,19 @@ def cmd_losses(args: argparse.Namespace) -> int:
         cls, meta = LOSSES.get(name), LOSSES.meta(name)
         print(f"{name}: {meta.get('citation', '')}")
         if args.verbose:
+            print(f"    needs: {meta.get('needs', '')}   ({cls.__module__})")
             for f in dataclasses.fields(cls.Config):
                 print(f"    {f.name} = {f.default!r}: {f.metadata.get('help', '')}")
     return 0
 
 
 def cmd_aux(args: argparse.Namespace) -> int:
-    from tvkd.aux_rewards import AUX_REWARDS
+    from tvkd.aux_rewards import AUX_REWARDS, TABLE5
 
-    for name in AUX_REWARDS.names():
+    # the paper's Table 5 in its order, then any other registered aux reward
+    for name in [*TABLE5, *sorted(set(AUX_REWARDS.names()) - set(TABLE5))]:
         meta = AUX_REWARDS.meta(name)
-        print(f"{name:<12} {meta.get('kind', ''):<7} {meta.get('formula', '')}")
+        print(f"{name:<12} {meta.get('kind', ''):<7} {meta.get('formula', '')}   ({AUX_REWARDS.where(name)})")
     return 0
 
 
@@ -239,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: finished stages and runs are kept; rerun the same command to resume", file=sys.stderr)
         return 130
-    except (ValueError, KeyError, FileNotFoundError, OSError) as e:
+    except (ValueError, KeyError, FileNotFoundError, OSError, ImportError) as e:
         if os.environ.get("TVKD_DEBUG"):
             raise
         print(f"error: {e}", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""Batching pairs and reading a causal LM's logits at response states (METHODS A.1).
+"""Batching pairs and reading a causal LM's logits at response states (docs/methods.md §A.1).
 
 Input ids = prompt ids + response ids (ending in EOS), right padded; chosen rows first, then
 rejected. The logits at index i predict token i+1, so with prompt length p the state s_t

@@ -1,4 +1,4 @@
-"""Per-token reward shaping from teacher aux rewards, and the TVKD pair offset (METHODS A.2/A.3).
+"""Per-token reward shaping from teacher aux rewards, and the TVKD pair offset (docs/methods.md §A.2, §A.3).
 
 For a response y = (a_0..a_{T-1}) with states s_0..s_T (s_T after EOS):
 
@@ -91,7 +91,7 @@ def shaping_terms(
     shaping: str = "pbrs",
     terminal: str = "teacher",
 ) -> torch.Tensor:
-    """[N, T] per-token shaping ψ_t (0 beyond each row's length); METHODS A.2.
+    """[N, T] per-token shaping ψ_t (0 beyond each row's length); docs/methods.md §A.2.
 
     For a state kind `values` is [N, T+1] (potentials of s_0..s_T); for an action kind [N, T].
     """
@@ -155,7 +155,7 @@ def pair_offset(
     shaping: str = "pbrs",
     terminal: str = "teacher",
 ) -> torch.Tensor:
-    """[B] Ψ_w − Ψ_l, the shaping offset of each pair (paper Eq. 3; METHODS A.3).
+    """[B] Ψ_w − Ψ_l, the shaping offset of each pair (paper Eq. 3; docs/methods.md §A.3).
 
     For pbrs the shared start potential cancels analytically,
 

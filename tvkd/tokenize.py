@@ -1,6 +1,6 @@
 """One tokenization: preference examples -> prompt ids + response ids, saved as Arrow.
 
-The convention (METHODS A.1) is TRL's DPO preprocessing, so our batches equal TRL's:
+The convention (docs/methods.md §A.1) is TRL's DPO preprocessing, so our batches equal TRL's:
 - conversational rows: prompt ids = chat template of the prompt with the generation prompt;
   each response = the suffix of the templated prompt+response after the common prefix;
 - plain-text rows: the tokenizer's ``eos_token`` is appended to each completion, then the same

@@ -1,4 +1,4 @@
-"""TVKD as released by its authors (METHODS A.4, Part B §1.3, with the A.7 correction).
+"""TVKD as released by its authors (docs/methods.md §A.4, §B.1.3, with the §A.7 correction).
 
 The released recipe (`qadapter_loss_type="dpo"`, `softvalue="entropy"`) trains a different
 objective from the paper's Eq. 3. On the 51-bin projection q_θ(s) of the student at each state
@@ -13,7 +13,7 @@ bin(a) is the index of a among the teacher's top-k ids at s_t, or k (the rest bi
 The entropy at the EOS position (the state s_{T−1} that predicts EOS) is exactly 0 (A.7: the
 released code zeroes the probabilities there before the entropy), so the last content token
 gets r = Q only. The rest bin's log-mass is logsumexp over the non-top-k student logits minus
-logsumexp over all of them (stable; METHODS B §8), not log(1 − Σ top-k).
+logsumexp over all of them (stable; docs/methods.md §B.8), not log(1 − Σ top-k).
 """
 
 from __future__ import annotations
@@ -53,11 +53,11 @@ def clamped_bins(log_q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     "tvkd_released",
     needs="student logits + teacher top-k ids (k=50); no reference",
     citation="TVKD official code (kaist-siit-lab/StarLab_Preference-Distillation-via-Value-based-Reinforcement-"
-    "Learning, scripts/run_distill_dpo.py, qadapter_loss_type=dpo, softvalue=entropy); METHODS A.4",
+    "Learning, scripts/run_distill_dpo.py, qadapter_loss_type=dpo, softvalue=entropy); docs/methods.md §A.4",
     reference_free=True,
 )
 class TVKDReleased(PreferenceLoss):
-    """R_i = Σ_t [log q_θ(bin(a_t)) − γ·H(q_θ(s_{t+1}))], L = −log σ(R_w − R_l) (METHODS B §1.3)."""
+    """R_i = Σ_t [log q_θ(bin(a_t)) − γ·H(q_θ(s_{t+1}))], L = −log σ(R_w − R_l) (docs/methods.md §B.1.3)."""
 
     name = "tvkd_released"
 

@@ -1,6 +1,6 @@
 """The testbed: a deterministic synthetic preference world with a known oracle reward.
 
-DESIGN.md, "The embedded default: the testbed". ``build_testbed()`` builds (or loads from the
+docs/testbed.md §1. ``build_testbed()`` builds (or loads from the
 cache) a word-level tokenizer, tiny Llama teacher and student models in the Hugging Face format
 and JSONL data sets, so every feature runs the code path of a real run on a laptop CPU::
 

@@ -1,9 +1,9 @@
 """Build the testbed: data -> SFT teacher -> teacher pairs -> DPO teacher; SFT student -> student pairs
 -> DPO student, each stage content-addressed and cached.
 
-DESIGN.md: "a deterministic synthetic preference world with a known oracle reward, built on demand
-into a local cache (tokenizer, tiny Llama models saved in the Hugging Face format, data as
-JSONL), so that the exact code path of a real run (hub model id -> local folder) is exercised."
+docs/testbed.md §1: a deterministic synthetic preference world with a known oracle reward, built
+on demand into a local cache (tokenizer, tiny Llama models saved in the Hugging Face format, data
+as JSONL), so that the exact code path of a real run (hub model id -> local folder) is exercised.
 
 Stages (each a folder ``<cache>/<stage>-<key>``; the key is a fingerprint of the config fields the
 stage reads, the keys of the stages it reads, and ``TESTBED_VERSION``):
@@ -76,7 +76,7 @@ class TestbedConfig:
     Each field's metadata names the stages that read it, so changing a field rebuilds exactly
     those stages and the ones downstream of them.
 
-    The defaults start from the second pilot of TESTBED-NOTES.md (60% flawed demos, on-policy
+    The defaults start from the second prototype of docs/testbed.md §5 (60% flawed demos, on-policy
     pairs, Bradley–Terry labels at T = 0.1, a low DPO learning rate) with these measured changes,
     chosen only so that the teacher's DPO stage helps robustly:
     - teacher SFT at lr 1e-3, batch 32, 8 epochs: r* 0.763 on seed 0, as good as 12 epochs at
@@ -85,8 +85,8 @@ class TestbedConfig:
       0.643/0.473/0.611 at 1e-3);
     - teacher DPO for 1 epoch at lr 3e-5 (β = 0.05): greedy r* rose on seeds 0, 1, 2 by +0.046,
       +0.119, +0.055; 2 epochs at 1e-5 or 3e-5 also gained on every seed (+0.033 at least),
-      2 epochs at 1e-4 lost on seed 0 (−0.023), the pilot's "lowest learning rate is best";
-    - pairs pair the best and the worst of 4 samples, which gives ~8% label noise (the pilot's
+      2 epochs at 1e-4 lost on seed 0 (−0.023), the prototype's "lowest learning rate is best";
+    - pairs pair the best and the worst of 4 samples, which gives ~8% label noise (the prototype's
       random pairs of distinct scores gave 16–17%).
     """
 
@@ -156,7 +156,7 @@ class TestbedConfig:
         20, "DPO linear warm-up steps, teacher and student.", ("teacher_dpo", "student_dpo")
     )
     # Student DPO (a measurement: does plain DPO on the student's own pairs help the SFT student?)
-    student_dpo_beta: float = _f(0.1, "Student DPO β (the DPO scale of METHODS.md A.3).", ("student_dpo",))
+    student_dpo_beta: float = _f(0.1, "Student DPO β (the DPO scale of docs/methods.md §A.3).", ("student_dpo",))
     student_dpo_lr: float = _f(3e-5, "Student DPO peak learning rate.", ("student_dpo",))
     student_dpo_epochs: float = _f(1, "Student DPO epochs.", ("student_dpo",))
     # Execution (not part of any key)

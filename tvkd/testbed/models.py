@@ -1,7 +1,7 @@
 """The testbed's teacher and student: tiny ``LlamaForCausalLM`` models sharing one vocabulary.
 
-DESIGN.md: "a teacher (larger tiny Llama) and a student (smaller) sharing one word-level
-tokenizer". The sizes are the pilot's (TESTBED-NOTES.md): the teacher (~0.67M parameters)
+docs/testbed.md §1: a teacher (a larger tiny Llama) and a student (a smaller one) sharing one
+word-level tokenizer. The sizes are the early prototype's (docs/testbed.md §2): the teacher (~0.67M parameters)
 reaches r* ≈ 0.84 after SFT, the student (~0.09M) ≈ 0.6–0.65, a clear capacity gap that
 distillation can try to close.
 """

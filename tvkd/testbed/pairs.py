@@ -1,9 +1,9 @@
 """On-policy preference pairs with Bradley–Terry labels on the oracle.
 
-TESTBED-NOTES.md: pairs made by corrupting the ideal answer "never made DPO beat SFT: the
+docs/testbed.md §3: pairs made by corrupting the ideal answer "never made DPO beat SFT: the
 corruptions are not what the SFT model gets wrong"; pairs sampled from the SFT model itself did.
 So, per prompt: draw ``k`` samples from the policy at temperature 1, pair the best and the worst
-by r* (when all ``k`` tie, a sample and a 1–3-edit corruption of itself, as the pilot did), and
+by r* (when all ``k`` tie, a sample and a 1–3-edit corruption of itself, as the prototype did), and
 label the pair by a Bradley–Terry draw on the oracle,
 
     P(y_a ≻ y_b) = σ((r*(x, y_a) − r*(x, y_b)) / T_label),

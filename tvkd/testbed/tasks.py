@@ -1,8 +1,8 @@
 """The testbed's world: symbolic list tasks, their ideal answers, and the oracle reward r*.
 
-DESIGN.md, "The embedded default: the testbed": "prompts: small symbolic tasks of varied
-difficulty (e.g. sort / reverse / dedupe / count a list of 3–10 symbols); the oracle
-r*(x, y) ∈ [0, 1] scores any response (e.g. 1 − normalised edit distance to the ideal answer)".
+docs/testbed.md §1: prompts are small symbolic tasks of varied difficulty (sort / reverse /
+dedupe / count a list of 3–10 symbols); the oracle r*(x, y) ∈ [0, 1] scores any response
+(1 − normalised edit distance to the ideal answer).
 
 A prompt is one line of whitespace-separated words, e.g. ``sort : c a b`` (answer ``a b c``),
 ``reverse : c a b`` (``b a c``), ``dedupe : c a c b`` (``c a b``: first occurrences in order) and
@@ -11,7 +11,7 @@ alone, so anything that holds a prompt string (a JSONL row, a rendered chat, a g
 can be scored.
 
 The "systematic flaw" lives here too: a fraction of the SFT demonstrations repeat their last
-element before the end of the turn (``a b c c``). TESTBED-NOTES.md found that preference
+element before the end of the turn (``a b c c``). docs/testbed.md §3 records that preference
 optimisation only helps when the SFT model has a systematic, greedy-visible error that on-policy
 pairs can correct; this flaw is that error.
 """
@@ -162,7 +162,7 @@ def corrupt(
 ) -> list[str]:
     """Apply 1..max_edits random word edits (substitute, insert, delete).
 
-    Used only when the on-policy samples of a prompt all tie, to still form a pair (the pilot's
+    Used only when the on-policy samples of a prompt all tie, to still form a pair (the prototype's
     recipe); edits can cancel, so the caller retries until the score differs.
     """
     out = list(words)
@@ -182,7 +182,7 @@ def summarize(prompt_texts: Sequence[str], responses: Sequence[str]) -> dict[str
     """Oracle metrics of responses to prompts: mean r*, exact match, lengths, flaw rate, per task.
 
     ``longer_than_ideal`` is the fraction of responses with more words than the ideal answer,
-    the symptom of DPO's length failure that TESTBED-NOTES.md warns about.
+    the symptom of DPO's length failure that docs/testbed.md §3 warns about.
     """
     if len(prompt_texts) != len(responses):
         raise ValueError(f"{len(prompt_texts)} prompts but {len(responses)} responses")

@@ -5,7 +5,7 @@ One word per token (``tokenizers`` WordLevel + WhitespaceSplit) wrapped in
 ``AutoTokenizer.from_pretrained(folder)`` loads it like any hub tokenizer.
 
 The chat template renders ``<bos> <user> {content} <eot> <assistant> {content} <eot> ...``.
-Its contract is the one TRL's DPO preprocessing and METHODS.md A.1 rely on:
+Its contract is the one TRL's DPO preprocessing and docs/methods.md §A.1 rely on:
 - an assistant turn's content tokens are followed by exactly the eos token ``<eot>``, the
   end-of-turn token ("EOS" in A.1), and nothing else closes the turn;
 - ``apply_chat_template(prompt, add_generation_prompt=True)`` is a token prefix of

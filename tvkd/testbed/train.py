@@ -7,7 +7,7 @@ who deletes it: a stage folder holds only the final model, its tokenizer and the
 SFT loss mask. The loss covers each assistant turn's content and its ``<eot>`` (the template's
 ``{% generation %}`` span) and, in two-turn conversations, the ``<user>`` token that follows an
 assistant ``<eot>``. That last token is the point of the two-turn demonstrations: at γ = 1 the
-TVKD offset is the teacher's value at the state after EOS (TESTBED-NOTES.md), and a teacher that
+TVKD offset is the teacher's value at the state after EOS (docs/testbed.md §4), and a teacher that
 only ever saw single-turn data ending in ``<eot>`` was never trained at that state. Here it has
 learned what follows an ended turn, as a chat LLM has. Prompt words are not trained on: they are
 uniform random symbols, i.e. pure noise for the model.

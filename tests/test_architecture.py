@@ -1,0 +1,233 @@
+"""The shape of the package: no import cycles, a bottom-floor contract module, plug-ins by discovery."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("tvkd", "baselines", "studies", "reports")
+
+
+def module_files() -> dict[str, Path]:
+    mods = {}
+    for pkg in PACKAGES:
+        for path in (ROOT / pkg).rglob("*.py"):
+            parts = list(path.relative_to(ROOT).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            mods[".".join(parts)] = path
+    return mods
+
+
+def _top_level_imports(tree: ast.Module) -> list[ast.stmt]:
+    """Import statements run at import time: module level, inside try/if (not TYPE_CHECKING), not in defs."""
+    out, todo = [], list(tree.body)
+    while todo:
+        node = todo.pop(0)
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            out.append(node)
+        elif isinstance(node, ast.If):
+            if "TYPE_CHECKING" not in ast.unparse(node.test):
+                todo.extend(node.body + node.orelse)
+        elif isinstance(node, ast.Try):
+            todo.extend(node.body + node.orelse + node.finalbody + [s for h in node.handlers for s in h.body])
+    return out
+
+
+def import_graph() -> dict[str, set[str]]:
+    mods = module_files()
+    graph: dict[str, set[str]] = {m: set() for m in mods}
+    for mod, path in mods.items():
+        is_pkg = path.name == "__init__.py"
+        for node in _top_level_imports(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            else:
+                base = node.module or ""
+                if node.level:
+                    anchor = mod.split(".") if is_pkg else mod.split(".")[:-1]
+                    anchor = anchor[: len(anchor) - (node.level - 1)]
+                    base = ".".join(anchor + ([base] if base else []))
+                # an ancestor package is always being imported already when its child runs
+                ancestor = mod == base or mod.startswith(base + ".")
+                targets = ([] if ancestor else [base]) + [f"{base}.{a.name}" for a in node.names]
+            for t in targets:
+                if t in mods and t != mod:
+                    graph[mod].add(t)
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(n: str) -> list[str] | None:
+        state[n] = 1
+        stack.append(n)
+        for m in sorted(graph[n]):
+            if state.get(m) == 1:
+                return stack[stack.index(m):] + [m]
+            if m not in state and (c := visit(m)):
+                return c
+        stack.pop()
+        state[n] = 2
+        return None
+
+    for n in sorted(graph):
+        if n not in state and (c := visit(n)):
+            return c
+    return None
+
+
+def test_no_import_cycles():
+    graph = import_graph()
+    assert len(graph) > 40 and "tvkd.api" in graph
+    assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+
+
+def test_the_cycle_finder_finds_one():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+
+
+def test_api_is_the_bottom_floor():
+    """tvkd.api imports nothing of the project but the registry, at import time or inside functions."""
+    tree = ast.parse((ROOT / "tvkd" / "api.py").read_text())
+    project = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in PACKAGES:
+            project.add(node.module)
+        elif isinstance(node, ast.Import):
+            project |= {a.name for a in node.names if a.name.split(".")[0] in PACKAGES}
+    assert project == {"tvkd.registry"}
+
+
+def _run(code: str, env: dict | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd, timeout=300,
+                          env={**os.environ, **(env or {})})
+
+
+def test_importing_the_contract_loads_no_plugin():
+    out = _run("import sys, tvkd.api; print(json.dumps(sorted(m for m in sys.modules if m.startswith(('tvkd.', 'baselines')))))"
+               .replace("import sys", "import sys, json"))
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == ["tvkd.api", "tvkd.registry"]
+
+
+DROP_IN = '''\
+"""A loss dropped into baselines/ by a test (IPO, Azar et al. 2023, length-averaged as TRL)."""
+
+from dataclasses import dataclass, field
+
+from tvkd.api import LOSSES, LossOutput, Needs, PreferenceLoss
+
+
+@LOSSES.register("{name}", needs="reference log-probs", citation="Azar et al., 2023 (IPO)", reference_free=False)
+class DropIn(PreferenceLoss):
+    """L = (Δ̄_w − Δ̄_l − 1/(2β))², Δ̄ the length-averaged log-ratio."""
+
+    name = "{name}"
+
+    @dataclass
+    class Config:
+        beta: float = field(default=0.1, metadata={{"help": "β, the IPO regularisation."}})
+
+    def needs(self, cfg):
+        return Needs(reference=True)
+
+    def __call__(self, batch, cfg):
+        avg = (batch.sequence_logps() - batch.sequence_ref_logps()) / batch.lengths()
+        w, l = batch.split(avg)
+        losses = (w - l - 1 / (2 * cfg.beta)) ** 2
+        return LossOutput(loss=losses.mean(), metrics={{"loss": losses.detach().mean()}}, margins=(w - l).detach())
+'''
+
+
+def test_a_loss_file_dropped_into_baselines_is_found_listed_and_contract_tested():
+    name = f"dropin_{uuid.uuid4().hex[:8]}"
+    path = ROOT / "baselines" / f"{name}.py"
+    path.write_text(DROP_IN.format(name=name))
+    try:
+        listed = subprocess.run([sys.executable, "-m", "tvkd.cli", "losses"], capture_output=True, text=True,
+                                cwd=ROOT, timeout=300)
+        assert listed.returncode == 0, listed.stderr
+        assert f"{name}: Azar et al., 2023 (IPO)" in listed.stdout
+        contract = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                                   "tests/test_loss_contract.py", "-k", name], capture_output=True, text=True,
+                                  cwd=ROOT, timeout=600)
+        assert contract.returncode == 0, contract.stdout[-3000:]
+        assert " passed" in contract.stdout and "6 passed" in contract.stdout.replace(", 1 skipped", ""), \
+            contract.stdout[-1000:]
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def test_a_plugin_that_fails_to_import_is_an_error_naming_its_file():
+    name = f"broken_{uuid.uuid4().hex[:8]}"
+    path = ROOT / "baselines" / f"{name}.py"
+    path.write_text("import this_module_does_not_exist_anywhere\n")
+    try:
+        out = _run("from tvkd.api import LOSSES; LOSSES.get('dpo')")
+        assert out.returncode != 0
+        assert f"baselines/{name}.py" in out.stderr and "this_module_does_not_exist_anywhere" in out.stderr
+        cli = subprocess.run([sys.executable, "-m", "tvkd.cli", "losses"], capture_output=True, text=True, cwd=ROOT,
+                             timeout=300)
+        assert cli.returncode == 2 and "Traceback" not in cli.stderr
+        assert cli.stderr.startswith("error: ") and f"{name}.py" in cli.stderr
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _installed_package(tmp_path: Path, group: str, entry: str, files: dict[str, str]) -> Path:
+    """A package 'installed' into a folder on sys.path, with an entry point (a dist-info, as pip makes)."""
+    site = tmp_path / "site"
+    for rel, text in files.items():
+        (site / rel).parent.mkdir(parents=True, exist_ok=True)
+        (site / rel).write_text(text)
+    info = site / "tvkd_plugin_example-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: tvkd-plugin-example\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[{group}]\n{entry}\n")
+    return site
+
+
+def test_an_installed_entry_point_registers_a_loss(tmp_path):
+    name = f"ep_{uuid.uuid4().hex[:8]}"
+    site = _installed_package(tmp_path, "tvkd.losses", "example = myplugin.losses",
+                              {"myplugin/__init__.py": "", "myplugin/losses.py": DROP_IN.format(name=name)})
+    out = _run(f"from tvkd.api import LOSSES; print(LOSSES.where({name!r}))", env={"PYTHONPATH": str(site)})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "myplugin.losses.DropIn"
+
+
+def test_readme_examples_register_through_discovery_and_pass_the_contracts(tmp_path):
+    """The README's "Add a loss" and "Add an aux reward" files, copied into a package as a user would."""
+    readme = (ROOT / "README.md").read_text()
+
+    def block(heading: str) -> str:
+        section = readme.split(f"## {heading}", 1)[1].split("\n## ", 1)[0]
+        return textwrap.dedent(section.split("```python\n", 1)[1].split("```", 1)[0])
+
+    site = _installed_package(tmp_path, "tvkd.losses", "readme = readme_plugin", {
+        "readme_plugin/__init__.py": "", "readme_plugin/dpo_norm.py": block("Add a loss"),
+        "readme_plugin/entropy.py": block("Add an aux reward"),
+    })
+    (next(site.glob("*.dist-info")) / "entry_points.txt").write_text(
+        "[tvkd.losses]\nreadme = readme_plugin\n[tvkd.aux_rewards]\nreadme = readme_plugin\n")
+    env = {"PYTHONPATH": str(site)}
+    out = _run("from tvkd.api import LOSSES, AUX_REWARDS; print(LOSSES.where('dpo_norm'), AUX_REWARDS.meta('entropy')['kind'])",
+               env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["readme_plugin.dpo_norm.DPONorm", "state"]
+    tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                            "tests/test_loss_contract.py", "tests/test_aux_rewards.py", "-k", "dpo_norm or entropy"],
+                           capture_output=True, text=True, cwd=ROOT, timeout=600, env={**os.environ, **env})
+    assert tests.returncode == 0, tests.stdout[-3000:]
+    summary = tests.stdout.strip().splitlines()[-1]
+    assert "failed" not in summary and int(summary.split(" passed")[0].split()[-1]) >= 10, summary
