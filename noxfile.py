@@ -1,71 +1,141 @@
 """Sessions: `nox -s tests` (fast suite), `tests-slow`, `lint`, `testbed`, `study-reward-conflict`, `bench`.
 
-Every session builds its own virtualenv the same way: torch==2.13.0 first (a CPU build on a CPU
-box; a looser spec would pull a multi-GB CUDA build), then this package with the pinned stack in
-constraints.txt.
+One environment, ``.nox/tvkd``, serves every session: the first session creates it and each later
+one only adds the extras it lacks (the main job needs none; the tests add `test,sweeps,benchmarks`),
+so the README's two commands install the stack once. It is rebuilt when `constraints.txt`,
+`pyproject.toml` or the torch pin change. With `uv` present (``pip install "nox[uv]"``) it is
+created and filled by uv, else by venv + pip.
+
+torch==2.13.0 is installed first, alone: a looser spec would pull a multi-GB CUDA build on a CPU
+box. uv does not read pip's configuration, so the find-links folders pip is configured with (where
+a local CPU wheel of torch may lie) are passed to it; without any, torch is installed by pip.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import nox
 
 nox.options.sessions = ["tests"]
-nox.options.reuse_existing_virtualenvs = True
 
 PYTHON = "3.11"
 TORCH = "torch==2.13.0"
+ROOT = Path(__file__).resolve().parent
+ENV = ROOT / ".nox" / "tvkd"
 # Offline by design: every model and data set comes from the testbed or a local folder.
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
                "RAY_AUTH_MODE": "disabled"}
+ALL_EXTRAS = ("test", "sweeps", "benchmarks")
 
 
-def install(session: nox.Session, extras: str = "test") -> None:
-    session.install("-q", TORCH)
-    session.install("-q", "-c", "constraints.txt", "-e", f".[{extras}]")
+def _uv() -> str | None:
+    try:
+        from uv import find_uv_bin  # installed by nox[uv]
+
+        return find_uv_bin()
+    except (ImportError, FileNotFoundError):
+        return shutil.which("uv")
 
 
-def env() -> dict[str, str]:
-    return {**OFFLINE_ENV, **{k: v for k, v in os.environ.items() if k.startswith("TVKD_")}}
+def _pip_find_links() -> list[str]:
+    """The find-links folders pip is configured with (environment or pip config)."""
+    value = os.environ.get("PIP_FIND_LINKS")
+    if not value:
+        try:
+            value = subprocess.run([sys.executable, "-m", "pip", "config", "get", "global.find-links"],
+                                   capture_output=True, text=True, timeout=60).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            value = ""
+    return [v for v in value.split() if v and Path(v).exists()]
 
 
-@nox.session(python=PYTHON)
+def _digest(*files: str) -> str:
+    h = hashlib.sha256()
+    for f in files:
+        h.update((ROOT / f).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def environment(session: nox.Session, extras: tuple[str, ...] = ()) -> Path:
+    """The shared environment with at least `extras` installed (created or extended as needed)."""
+    stamp = ENV / "tvkd-install.json"
+    pins = {"torch": TORCH, "python": PYTHON, "files": _digest("constraints.txt", "pyproject.toml")}
+    state = json.loads(stamp.read_text()) if stamp.exists() else {}
+    python = ENV / "bin" / "python"
+    if state.get("pins") != pins or not python.exists():
+        state = {"pins": pins, "extras": []}
+        shutil.rmtree(ENV, ignore_errors=True)
+    have = set(state["extras"])
+    if (ENV / "bin" / "tvkd").exists() and set(extras) <= have:
+        return ENV
+    want = sorted(have | set(extras))
+    uv, links = _uv(), _pip_find_links()
+    session.log(f"environment {ENV}: installing torch + tvkd[{','.join(want)}] with {'uv' if uv else 'pip'}")
+    if not python.exists():
+        if uv:
+            session.run(uv, "venv", "-q", "--seed", "--python", PYTHON, str(ENV), external=True)
+        else:
+            session.run(f"python{PYTHON}", "-m", "venv", str(ENV), external=True)
+    if uv and links:
+        session.run(uv, "pip", "install", "-q", "--python", str(python),
+                    *[a for link in links for a in ("--find-links", link)], TORCH, external=True)
+    else:
+        session.run(str(python), "-m", "pip", "install", "-q", TORCH, external=True)
+    target = f".[{','.join(want)}]" if want else "."
+    if uv:
+        session.run(uv, "pip", "install", "-q", "--python", str(python), "-c", "constraints.txt", "-e", target,
+                    external=True)
+    else:
+        session.run(str(python), "-m", "pip", "install", "-q", "-c", "constraints.txt", "-e", target, external=True)
+    state["extras"] = want
+    stamp.write_text(json.dumps(state, indent=1))
+    return ENV
+
+
+def run(session: nox.Session, env_dir: Path, program: str, *args: str) -> None:
+    env = {**OFFLINE_ENV, **{k: v for k, v in os.environ.items() if k.startswith("TVKD_")},
+           "VIRTUAL_ENV": str(env_dir), "PATH": f"{env_dir / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"}
+    session.run(str(env_dir / "bin" / program), *args, env=env, external=True)
+
+
+@nox.session(venv_backend="none")
 def tests(session: nox.Session) -> None:
     """The fast test suite (what CI runs)."""
-    install(session, "test,sweeps,benchmarks")
-    session.run("pytest", "-q", *session.posargs, env=env())
+    run(session, environment(session, ALL_EXTRAS), "pytest", "-q", *session.posargs)
 
 
-@nox.session(name="tests-slow", python=PYTHON)
+@nox.session(name="tests-slow", venv_backend="none")
 def tests_slow(session: nox.Session) -> None:
     """Slow tests only: full testbed builds over several seeds, end-to-end studies."""
-    install(session, "test,sweeps,benchmarks")
-    session.run("pytest", "-q", "-m", "slow", *session.posargs, env=env())
+    run(session, environment(session, ALL_EXTRAS), "pytest", "-q", "-m", "slow", *session.posargs)
 
 
-@nox.session(python=PYTHON)
+@nox.session(venv_backend="none")
 def lint(session: nox.Session) -> None:
-    session.install("-q", "-c", "constraints.txt", "ruff")
-    session.run("ruff", "check", "tvkd", "baselines", "studies", "reports", "tests", "noxfile.py")
+    run(session, environment(session, ("test",)), "ruff", "check", "tvkd", "baselines", "studies", "reports",
+        "tests", "noxfile.py")
 
 
-@nox.session(python=PYTHON)
+@nox.session(venv_backend="none")
 def testbed(session: nox.Session) -> None:
     """Build (or reuse) the embedded testbed: tokenizer, data, SFT/DPO teacher, SFT student."""
-    install(session, "test")
-    session.run("tvkd", "testbed", "build", *session.posargs, env=env())
+    run(session, environment(session), "tvkd", "testbed", "build", *session.posargs)
 
 
-@nox.session(name="study-reward-conflict", python=PYTHON)
+@nox.session(name="study-reward-conflict", venv_backend="none")
 def study_reward_conflict(session: nox.Session) -> None:
     """The main job: testbed -> teacher cache -> TVKD x six aux rewards + DPO + control -> tables."""
-    install(session, "test")
-    session.run("tvkd", "study", "run", "reward-conflict", *session.posargs, env=env())
+    run(session, environment(session), "tvkd", "study", "run", "reward-conflict", *session.posargs)
 
 
-@nox.session(python=PYTHON)
+@nox.session(venv_backend="none")
 def bench(session: nox.Session) -> None:
     """Speed and memory ratios measured in one process (each printed with its target)."""
-    install(session, "test")
-    session.run("tvkd", "bench", *session.posargs, env=env())
+    run(session, environment(session), "tvkd", "bench", *session.posargs)

@@ -51,6 +51,7 @@ from typing import Any
 import yaml
 
 from tvkd.paths import atomic_write_text, fingerprint, results_root
+from tvkd.storage import fsync_dir
 
 try:  # POSIX only; elsewhere runs are not protected against two concurrent writers
     import fcntl
@@ -371,23 +372,9 @@ def environment(seed: int | None = None, device: str | None = None) -> dict[str,
 # --------------------------------------------------------------------------------------------
 
 
-def _fsync_dir(path: Path) -> None:
-    """Make a rename inside ``path`` durable, so metrics.json reaches the disk before status.json."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
 def _write_text(path: Path, text: str) -> None:
     atomic_write_text(path, text)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -594,7 +581,7 @@ class RunHandle:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-        _fsync_dir(self.run_dir)
+        fsync_dir(self.run_dir)
         return path
 
     def _finish(self, state: str, **fields: Any) -> None:
