@@ -61,7 +61,7 @@ def run_study(name: str | Path | dict[str, Any], *, seeds: list[int] | None = No
               out_dir: str | Path | None = None, quick: bool = False, progress: bool = True) -> dict[str, Any]:
     """Run (or resume) a study and write its tables. Returns {"frame": DataFrame, "tables": {fmt: path}}."""
     from reports.tables import discover
-    from tvkd.pipeline import execute
+    from tvkd.pipeline import execute, identity
     from tvkd.results import ResultsStore
 
     spec = load_study(name)
@@ -69,7 +69,8 @@ def run_study(name: str | Path | dict[str, Any], *, seeds: list[int] | None = No
     store = ResultsStore(Path(results) if results else results_root())
     runs = expand_study(spec, seeds=seeds, quick=quick)
     t0 = time.perf_counter()
-    done_before = sum(store.is_complete(cfg.to_dict(), study=cfg.study, name=cfg.name) for _, cfg in runs)
+    done_before = sum(store.is_complete(identity(cfg, progress=progress), study=cfg.study, name=cfg.name)
+                      for _, cfg in runs)
     print(f"study {name}{' (quick)' if quick else ''}: {len(runs)} runs, {done_before} already complete", flush=True)
     rows = []
     for i, (info, cfg) in enumerate(runs, 1):

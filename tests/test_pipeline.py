@@ -62,7 +62,9 @@ def test_crash_mid_run_is_redone_on_rerun(tiny_world, tmp_path, monkeypatch):
     monkeypatch.setattr(trainer_mod.PreferenceTrainer, "compute_loss", crashing)
     with pytest.raises(KeyboardInterrupt):
         execute(cfg, store=store, progress=False)
-    assert not store.is_complete(cfg.to_dict(), study=cfg.study, name=cfg.name)
+    from tvkd.pipeline import identity
+
+    assert not store.is_complete(identity(cfg), study=cfg.study, name=cfg.name)
     monkeypatch.setattr(trainer_mod.PreferenceTrainer, "compute_loss", original)
     rec = execute(cfg, store=store, progress=False)
     assert rec.complete and "margin_accuracy" in rec.metrics

@@ -59,43 +59,41 @@ def cmd_testbed_build(args: argparse.Namespace) -> int:
 def cmd_data_inspect(args: argparse.Namespace) -> int:
     from tvkd.data.render import inspect_source
 
-    print(inspect_source(args.source, split=args.split, n=args.n, kind=args.kind))
+    print(inspect_source(args.source, split=args.split, n=args.n, kind=args.kind, adapter=args.adapter))
     return 0
 
 
-def _apply_sets(data: dict, sets: list[str]) -> dict:
-    import yaml
-
-    for item in sets or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"error: --set expects key=value (dotted keys), got {item!r}")
-        node = data
-        parts = key.split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = yaml.safe_load(value)
-    return data
-
-
 def cmd_run(args: argparse.Namespace) -> int:
-    import yaml
-
-    from tvkd.config import ConfigError, config_from_dict
-    from tvkd.pipeline import execute
+    from tvkd.config import load_config
+    from tvkd.pipeline import execute, plan_run
     from tvkd.results import ResultsStore
 
-    try:
-        data = yaml.safe_load(Path(args.config).read_text()) or {}
-        cfg = config_from_dict(_apply_sets(data, args.set), where=args.config)
-    except FileNotFoundError:
-        print(f"error: config file not found: {args.config}", file=sys.stderr)
-        return 2
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    rec = execute(cfg, store=ResultsStore(args.results), force=args.force, progress=not args.quiet)
+    cfg = load_config(args.config, sets=args.set)
+    store = ResultsStore(args.results)
+    if args.dry_run:
+        plan = plan_run(cfg, progress=not args.quiet)
+        record = store.load(plan.key, study=cfg.study, name=cfg.name, complete_only=False)
+        state = record.state if record is not None else "not run yet"
+        print(f"run {cfg.name!r}: {state}; {'would rerun (--force)' if args.force else ''}".rstrip("; "))
+        print(f"  run folder: {store.run_dir(plan.key, study=cfg.study, name=cfg.name)}")
+        print("  inputs (content fingerprints; a change makes a new run):")
+        for role, digest in plan.inputs.items():
+            print(f"    {role:<20} {digest}  {plan.paths[role.split('.')[1]]}")
+        return 0
+    rec = execute(cfg, store=store, force=args.force, progress=not args.quiet)
     print(f"results: {rec.run_dir}")
+    return 0
+
+
+def cmd_results_gc(args: argparse.Namespace) -> int:
+    from tvkd.results import ResultsStore
+
+    store = ResultsStore(args.results)
+    found = store.gc(args.study, dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    for path, reason in found:
+        print(f"{verb} {path}  ({reason})")
+    print(f"{verb} {len(found)} item(s) from {store.root}" if found else f"nothing to remove in {store.root}")
     return 0
 
 
@@ -194,7 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("source")
     d.add_argument("--split", default="train")
     d.add_argument("-n", type=int, default=3, help="examples to render (default 3)")
-    d.add_argument("--kind", choices=["preference", "sft"], default="preference")
+    d.add_argument("--kind", choices=["preference", "sft"], default="preference",
+                   help="what the source holds: preference pairs (default) or SFT conversations")
+    d.add_argument("--adapter", default=None, help="the data set adapter to read it with (default: chosen from "
+                                                  "the hub id or the columns); the error for an unknown one lists them")
     d.set_defaults(func=cmd_data_inspect)
 
     r = sub.add_parser("run", help="train and evaluate one YAML configuration (does nothing if already done)",
@@ -204,8 +205,20 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a dotted key, e.g. loss.alpha=0.5")
     r.add_argument("--results", default=None, help="results store root (default $TVKD_RESULTS or ./results)")
     r.add_argument("--force", action="store_true", help="rerun even if the results store has it")
+    r.add_argument("--dry-run", action="store_true",
+                   help="check every input and print the run's folder, state and input fingerprints; train nothing")
     r.add_argument("--quiet", action="store_true")
     r.set_defaults(func=cmd_run)
+
+    res = sub.add_parser("results", help="the results store").add_subparsers(dest="sub", required=True)
+    g = res.add_parser("gc", help="remove failed, interrupted and stale run folders and leftover checkpoints",
+                       description="Removes run folders that are failed, interrupted, left 'running' by a process "
+                                   "that is gone, or unreadable, and the checkpoints of finished runs that did not "
+                                   "ask to keep them (train.keep_checkpoints). Complete runs are never touched.")
+    g.add_argument("--results", default=None, help="results store root (default $TVKD_RESULTS or ./results)")
+    g.add_argument("--study", default=None, help="only this study's runs")
+    g.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
+    g.set_defaults(func=cmd_results_gc)
 
     st = sub.add_parser("study", help="run a paper table / figure").add_subparsers(dest="sub", required=True)
     s = st.add_parser("run", help="run every configuration of a study (resumable), then write its tables")
@@ -232,19 +245,41 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that report a user's input or a state the user can fix: one `error:` line, no traceback."""
+    from tvkd.results import HashCollisionError, RunAlreadyCompleteError, RunInProgressError
+    from tvkd.training.trainer import NonFiniteLossError
+
+    return (ValueError, KeyError, OSError, ImportError, RunInProgressError, RunAlreadyCompleteError,
+            HashCollisionError, NonFiniteLossError)
+
+
+def _one_line(e: BaseException) -> str:
+    import errno
+
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        where = f" while writing {e.filename}" if e.filename else ""
+        return (f"no space left on device{where}: free space, or point TVKD_CACHE / TVKD_RESULTS at a disk that has "
+                "some; finished stages and runs are kept, rerun the same command to continue")
+    text = str(e) if not isinstance(e, KeyError) else str(e.args[0]) if e.args else repr(e)
+    return " ".join(text.split("\n")).strip() or type(e).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(getattr(args, "verbose", False))
+    user_errors = _user_errors()
     try:
         return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        print("interrupted: finished stages and runs are kept; rerun the same command to resume", file=sys.stderr)
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM during a run
+        print(f"interrupted ({e or 'Ctrl-C'}): finished stages and runs are kept; rerun the same command to resume",
+              file=sys.stderr)
         return 130
-    except (ValueError, KeyError, FileNotFoundError, OSError, ImportError) as e:
+    except user_errors as e:
         if os.environ.get("TVKD_DEBUG"):
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
 
 

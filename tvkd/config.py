@@ -18,13 +18,55 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from tvkd.api import ConfigError, checked_fields
 from tvkd.tokenize import TokenizeConfig
+
+DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
+
+# TrainingArguments fields that the run config sets itself (from its own keys): `train.extra` may not.
+MANAGED_TRAINING_ARGUMENTS = {
+    "output_dir": "the run folder", "seed": "seed", "data_seed": "seed", "learning_rate": "train.learning_rate",
+    "num_train_epochs": "train.num_train_epochs", "per_device_train_batch_size": "train.per_device_train_batch_size",
+    "gradient_accumulation_steps": "train.gradient_accumulation_steps", "lr_scheduler_type": "train.lr_scheduler_type",
+    "warmup_steps": "train.warmup_steps", "weight_decay": "train.weight_decay", "max_grad_norm": "train.max_grad_norm",
+    "logging_steps": "train.logging_steps", "save_strategy": "train.save_strategy", "save_steps": "train.save_steps",
+    "report_to": "train.report_to", "remove_unused_columns": "the trainer (it must be false)",
+    "use_cpu": "the device found", "bf16": "models.dtype", "disable_tqdm": "--quiet",
+    "dataloader_num_workers": "the trainer",
+}
+
+
+def _at_least(key: str, value: Any, low: int) -> None:
+    if value is not None and value < low:
+        raise ValueError(f"{key} must be >= {low}, got {value}")
+
+
+def _one_of(key: str, value: Any, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        close = difflib.get_close_matches(str(value), valid, n=1)
+        raise ValueError(f"{key} must be one of {', '.join(valid)}, got {value!r}"
+                         + (f". Did you mean {close[0]!r}?" if close else ""))
+
+
+def check_training_arguments(extra: dict[str, Any]) -> None:
+    """`train.extra` keys against `transformers.TrainingArguments`, before anything is loaded."""
+    from transformers import TrainingArguments
+
+    valid = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
+    for key in extra:
+        if key in MANAGED_TRAINING_ARGUMENTS:
+            raise ValueError(f"extra.{key}: set by the run config itself; use {MANAGED_TRAINING_ARGUMENTS[key]}")
+        if key not in valid:
+            close = difflib.get_close_matches(key, sorted(valid), n=1)
+            raise ValueError(f"extra.{key}: not a transformers.TrainingArguments field"
+                             + (f". Did you mean {close[0]!r}?" if close else ""))
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -42,6 +84,9 @@ class ModelsConfig:
     dtype: str = _f("auto", "Compute dtype: auto (bf16 on a GPU that has it, else fp32), float32, bfloat16.")
     trust_remote_code: bool = _f(False, "Allow model code from the hub; off unless you trust the source.")
 
+    def __post_init__(self) -> None:
+        _one_of("dtype", self.dtype, DTYPES)
+
 
 @dataclass
 class DataConfig:
@@ -55,11 +100,26 @@ class DataConfig:
     subsample: float | None = _f(
         None, "Train on a random fraction of the pairs drawn with the run's seed (so seeds resample the data).")
 
+    def __post_init__(self) -> None:
+        if self.subsample is not None and not 0 < self.subsample <= 1:
+            raise ValueError(f"subsample must lie in (0, 1] (a fraction of the pairs), got {self.subsample}")
+        _at_least("limit", self.limit, 1)
+        _at_least("test_limit", self.test_limit, 1)
+
 
 @dataclass
 class LossConfig:
     name: str = _f("tvkd", "A registered loss (see `tvkd losses`).")
     options: dict = _f({}, "The loss's own options (see its Config); given inline next to `name` in YAML.")
+
+    def __post_init__(self) -> None:
+        from tvkd.api import LOSSES, build_config
+
+        try:
+            cls = LOSSES.get(self.name)
+        except KeyError as e:  # the registry's message lists the names and a "did you mean"
+            raise ConfigError(f"loss.name: {e}") from None
+        build_config(cls, self.options, where="loss")  # types and ranges of every option
 
 
 @dataclass
@@ -77,7 +137,25 @@ class TrainConfig:
     save_steps: int = _f(500, "With save_strategy=steps: save every N steps.")
     save_model: bool = _f(False, "Keep the trained weights in the run directory (safetensors).")
     report_to: list = _f([], "transformers report_to integrations, e.g. [wandb, tensorboard].")
+    keep_checkpoints: bool = _f(False, "Keep the trainer's checkpoints in the run folder after the run finishes "
+                                       "(by default they exist only while it runs, for resume).")
     extra: dict = _f({}, "Any other transformers.TrainingArguments field, passed through.")
+
+    def __post_init__(self) -> None:
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if not self.num_train_epochs > 0:
+            raise ValueError(f"num_train_epochs must be > 0, got {self.num_train_epochs}")
+        _at_least("per_device_train_batch_size", self.per_device_train_batch_size, 1)
+        _at_least("gradient_accumulation_steps", self.gradient_accumulation_steps, 1)
+        _at_least("logging_steps", self.logging_steps, 1)
+        _at_least("save_steps", self.save_steps, 1)
+        for key in ("warmup_steps", "weight_decay", "max_grad_norm"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
+        _one_of("save_strategy", self.save_strategy, ("no", "steps", "epoch"))
+        if self.extra:
+            check_training_arguments(self.extra)
 
 
 @dataclass
@@ -95,6 +173,21 @@ class CacheConfig:
               "way, but a bf16 forward moves the logits: on the testbed teacher 4.7% of soft_value pair offsets "
               "changed sign against fp32 (max |Δ| 0.05). Use float32 when the teacher fits.")
 
+    def __post_init__(self) -> None:
+        from tvkd.api import AUX_REWARDS, Q_SOURCES
+
+        for name in self.precompute:
+            if name not in AUX_REWARDS:
+                raise ValueError(f"precompute: {AUX_REWARDS.unknown_message(name)}")
+        for t in self.value_temperatures:
+            if isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0:
+                raise ValueError(f"value_temperatures must be positive numbers, got {t!r}")
+        for q in self.q_sources:
+            _one_of("q_sources", q, Q_SOURCES)
+        _at_least("batch_size", self.batch_size, 1)
+        if self.dtype is not None:
+            _one_of("dtype", self.dtype, DTYPES)
+
 
 @dataclass
 class EvalConfig:
@@ -107,6 +200,12 @@ class EvalConfig:
     value_alignment: int = _f(0, "Value-alignment and policy KL on N training chosen responses (0: off).")
     ties: str = _f("half", "Margin-accuracy ties: half (count 1/2) | loss (count 0).")
 
+    def __post_init__(self) -> None:
+        _at_least("max_new_tokens", self.max_new_tokens, 1)
+        _at_least("batch_size", self.batch_size, 1)
+        _at_least("value_alignment", self.value_alignment, 0)
+        _one_of("ties", self.ties, ("half", "loss"))
+
 
 @dataclass
 class RunConfig:
@@ -118,63 +217,101 @@ class RunConfig:
               "more than their small matmuls, and oversubscribed OpenMP threads spin-wait.")
     models: ModelsConfig = field(default_factory=ModelsConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    tokenize: TokenizeConfig = field(default_factory=lambda: TokenizeConfig(max_length=256, max_prompt_length=128))
+    tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
+    def __post_init__(self) -> None:
+        if not self.name.strip():
+            raise ValueError("name must not be empty")
+        _at_least("num_threads", self.num_threads, 1)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-class ConfigError(ValueError):
-    pass
-
-
-def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+def _build(cls: type, data: Any, file: str, path: str) -> Any:
+    """A config dataclass from a mapping: every key, type and value checked, errors naming file and key."""
     if data is None:
         return cls()
     if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in data.items():
-        if key not in fields:
-            close = difflib.get_close_matches(key, list(fields), n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"{where}: unknown key {key!r}; valid keys: {', '.join(fields)}.{hint}")
-        ftype = fields[key].type
-        sub = {"ModelsConfig": ModelsConfig, "DataConfig": DataConfig, "TokenizeConfig": TokenizeConfig,
-               "LossConfig": LossConfig, "TrainConfig": TrainConfig, "CacheConfig": CacheConfig,
-               "EvalConfig": EvalConfig}.get(ftype if isinstance(ftype, str) else getattr(ftype, "__name__", ""))
-        kwargs[key] = _build(sub, value, f"{where}.{key}") if sub else value
+        raise ConfigError(f"{file}: {path} must be a mapping of keys, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    sections = {k for k in data if k in hints and dataclasses.is_dataclass(hints[k])}
+    kwargs = checked_fields(cls, {k: v for k, v in data.items() if k not in sections}, f"{file}: {path}")
+    for key in sections:
+        kwargs[key] = _build(hints[key], data[key], file, f"{path}{key}.")
     try:
         return cls(**kwargs)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"{where}: {e}") from None
+    except ConfigError as e:  # already names its key
+        raise ConfigError(f"{file}: {e}") from None
+    except (TypeError, ValueError, KeyError) as e:
+        raise ConfigError(f"{file}: {path.rstrip('.') or 'config'}: {e}") from None
 
 
-def config_from_dict(data: dict[str, Any], where: str = "config") -> RunConfig:
-    data = dict(data or {})
+def config_from_dict(data: Any, where: str = "config") -> RunConfig:
+    """A `RunConfig` from a parsed YAML mapping; `where` (the file name) prefixes every error."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: the top level must be a mapping of sections (name, seed, models, data, loss, "
+                          f"train, ...), got {type(data).__name__} {data!r:.60}")
+    data = dict(data)
     loss = data.get("loss")
     if isinstance(loss, dict) and "options" not in loss:
         # YAML convenience: `loss: {name: tvkd, alpha: 0.5}` puts options next to the name.
         loss = dict(loss)
         name = loss.pop("name", "tvkd")
         data["loss"] = {"name": name, "options": loss}
-    return _build(RunConfig, data, where)
+    return _build(RunConfig, data, where, "")
 
 
-def load_config(path: str | Path) -> RunConfig:
+def apply_sets(data: dict[str, Any], sets: list[str] | None) -> dict[str, Any]:
+    """Apply ``--set dotted.key=value`` overrides (values parsed as YAML) to a config mapping."""
+    for item in sets or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE with a dotted key, e.g. loss.alpha=0.5")
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({e.problem})") from None
+        node = data
+        parts = key.split(".")
+        for i, p in enumerate(parts[:-1]):
+            child = node.setdefault(p, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: {'.'.join(parts[: i + 1])} is a value ({child!r}), not a "
+                                  f"section; set it directly, e.g. --set {'.'.join(parts[: i + 1])}=...")
+            node = child
+        node[parts[-1]] = parsed
+    return data
+
+
+def load_config(path: str | Path, sets: list[str] | None = None) -> RunConfig:
+    """Read a run config file (plus ``--set`` overrides); every problem is a ConfigError naming the file."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path} is a folder; give a YAML run config file") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); save the config as UTF-8") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    return config_from_dict(data or {}, where=str(path))
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML{at}: {problem}") from None
+    if data is None:
+        data = {}
+    if isinstance(data, dict):
+        data = apply_sets(data, sets)
+    return config_from_dict(data, where=str(path))
 
 
 def dump_config(cfg: RunConfig) -> str:

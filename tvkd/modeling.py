@@ -6,13 +6,14 @@ safetensors (`use_safetensors=True`), never unpickled.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from tvkd.paths import content_digest
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +62,9 @@ def load_causal_lm(
             str(name_or_path), dtype=resolve_dtype(dtype, dev), trust_remote_code=trust_remote_code,
             use_safetensors=True,
         )
-    except OSError as e:
-        raise OSError(
-            f"could not load a causal LM from {str(name_or_path)!r}: {e}\n"
+    except Exception as e:  # noqa: BLE001 - a corrupt file raises many types; name the model either way
+        raise ModelLoadError(
+            f"could not load a causal LM from {str(name_or_path)!r}: {type(e).__name__}: {str(e).splitlines()[0]}. "
             "Weights are read from safetensors only; give a local folder saved with save_pretrained "
             "(safe_serialization) or a hub id in the local HF cache."
         ) from None
@@ -74,34 +75,87 @@ def load_causal_lm(
 
 
 def model_digest(name_or_path: str | Path) -> str:
-    """Content key of a model folder: config + weight files (fully hashed when small, else name/size/ends).
+    """Content key of a model folder (config, tokenizer and weight files; `paths.content_digest`'s rule),
+    or of the hub id's snapshot in the local Hugging Face cache."""
+    path = local_model_path(name_or_path)
+    return content_digest(path) if path is not None else f"hub:{name_or_path}"
 
-    Hashing 16 GB of weights on every run would cost minutes; for large files the size plus the
-    first and last MiB identify a checkpoint well enough (safetensors headers hold every tensor's
-    name, shape and offsets).
-    """
+
+def local_model_path(name_or_path: str | Path) -> Path | None:
+    """A local folder holding the model: the path itself, or the hub id's snapshot in the local cache."""
     path = Path(name_or_path)
-    if not path.exists():
-        return f"hub:{name_or_path}"
-    h = hashlib.sha256()
-    for p in sorted(path.rglob("*")):
-        if not p.is_file() or p.name.startswith("."):
-            continue
-        h.update(str(p.relative_to(path)).encode())
-        size = p.stat().st_size
-        h.update(str(size).encode())
-        with open(p, "rb") as f:
-            if size <= 64 << 20:
-                h.update(f.read())
-            else:
-                h.update(f.read(1 << 20))
-                f.seek(-(1 << 20), 2)
-                h.update(f.read())
-    return h.hexdigest()[:16]
+    if path.exists():
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(name_or_path), local_files_only=True))
+    except Exception:  # noqa: BLE001 - not a hub id, or not in the cache: the caller says so
+        return None
 
 
 class VocabularyMismatchError(ValueError):
     pass
+
+
+class ModelLoadError(ValueError):
+    """A model folder that cannot be loaded; the message names the folder and the fix."""
+
+
+def check_model_folder(path: str | Path, what: str) -> None:
+    """A model folder has a config and readable safetensors weights (headers only: no weights are loaded)."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{what}: {path} has no config.json; give a folder saved with save_pretrained")
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
+        pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
+        hint = (f" (it holds pickled weights {pickles}, which are never unpickled here; re-save the model with "
+                "save_pretrained(safe_serialization=True))") if pickles else ""
+        raise ModelLoadError(f"{what}: {path} has no .safetensors weights{hint}")
+    for w in weights:
+        problem = _safetensors_problem(w)
+        if problem:
+            raise ModelLoadError(f"{what}: {w} is not a valid safetensors file ({problem}); re-save or re-download it")
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """Why a safetensors file is unusable (bad header, or shorter than its header says), else None.
+
+    Reads the 8-byte header length and the JSON header only (the format's own layout), so a
+    truncated download is caught in milliseconds instead of deep inside a model load.
+    """
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if n <= 0 or 8 + n > size:
+                return f"header length {n} does not fit in {size} bytes"
+            header = json.loads(f.read(n))
+    except (OSError, ValueError) as e:
+        return f"unreadable header: {e}"
+    if not isinstance(header, dict):
+        return "the header is not a JSON object"
+    ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__" and isinstance(t, dict)
+            and isinstance(t.get("data_offsets"), list) and len(t["data_offsets"]) == 2]
+    if len(ends) != len([k for k in header if k != "__metadata__"]):
+        return "a tensor entry has no data offsets"
+    if ends and 8 + n + max(ends) > size:
+        return f"truncated: the header needs {8 + n + max(ends)} bytes, the file has {size}"
+    return None
+
+
+def reference_vocab_check(reference: str | Path, student: str | Path, student_tokenizer: Any, *,
+                          trust_remote_code: bool = False) -> None:
+    """The reference must share the student's vocabulary: its log-probs are compared token by token."""
+    from transformers import AutoConfig
+
+    if Path(str(reference)).resolve() == Path(str(student)).resolve():
+        return
+    ref_tok = load_tokenizer(reference, trust_remote_code=trust_remote_code)
+    rows_r = AutoConfig.from_pretrained(str(reference), trust_remote_code=trust_remote_code).vocab_size
+    rows_s = AutoConfig.from_pretrained(str(student), trust_remote_code=trust_remote_code).vocab_size
+    shared_vocab_size(ref_tok, student_tokenizer, rows_r, rows_s, teacher_name="reference", student_name="student")
 
 
 def shared_vocab_size(teacher_tok: Any, student_tok: Any, teacher_rows: int, student_rows: int,

@@ -1,7 +1,13 @@
-"""One run, end to end: data -> tokenize -> caches -> train -> evaluate -> results store.
+"""One run, end to end: check inputs -> caches -> train -> evaluate -> results store.
+
+    plan_run      every input checked (config, loss options, models, vocabularies, data) and the
+                  run's identity computed: the config plus the content of what it reads
+    execute       a finished run is returned as is; otherwise the store's run folder is started,
+                  the training set assembled (`tvkd.assemble`), the student trained (resuming from
+                  a checkpoint of a killed attempt) and evaluated (`tvkd.evaluation`)
 
 Every stage is keyed by a content hash of its inputs (tokenized data, caches, the run itself),
-so a rerun skips what is done: a finished run is not recomputed, a killed one is redone clean.
+so a rerun skips what is done, and a changed input is a new run.
 """
 
 from __future__ import annotations
@@ -9,9 +15,10 @@ from __future__ import annotations
 import json
 import logging
 import random
+import shutil
 import time
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +27,7 @@ import torch
 
 from tvkd.config import RunConfig
 from tvkd.losses import LOSSES, build_config
-from tvkd.paths import fingerprint
+from tvkd.paths import content_digest, fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -89,39 +96,202 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def run_key(cfg: RunConfig) -> dict[str, Any]:
-    """What identifies a run's results: the whole config."""
-    return cfg.to_dict()
+MODEL_ROLES = ("student", "reference", "teacher")
+
+
+@dataclass
+class RunPlan:
+    """A run with every input resolved and checked, and its identity: nothing of it is in the store yet."""
+
+    cfg: RunConfig
+    loss: Any  # PreferenceLoss
+    loss_cfg: Any
+    paths: dict[str, str | None]  # role -> local path or hub id (testbed parts resolved)
+    inputs: dict[str, str]  # role -> content fingerprint (`paths.content_digest`)
+    key: dict[str, Any]  # the run's identity in the results store: the config and its inputs' content
+    testbed: dict[str, Any] | None = None
+    tokenizer: Any = None
+    pad_id: int = 0
+    teacher_vocab: int | None = None
+    train_data: Any = None  # LoadResult
+    test_data: Any = None  # LoadResult | None
+    tokenized_train: Any = None  # TokenizedData
+    tokenized_test: Any = None
+
+
+def _check_model(role: str, value: str, trust_remote_code: bool) -> Path:
+    """The local folder of a model, with its config and safetensors weights readable, or a clear error."""
+    from tvkd.modeling import check_model_folder, local_model_path
+
+    path = local_model_path(value)
+    if path is None:
+        raise InputError(f"models.{role}: {value!r} is neither a local folder nor a model in the local Hugging "
+                         "Face cache (this harness runs offline); download it where there is network access "
+                         f"(huggingface-cli download {value}) or give a local folder")
+    check_model_folder(path, f"models.{role}")
+    return path
+
+
+def _data_fingerprint(value: str) -> str:
+    path = Path(value)
+    if path.exists():
+        return content_digest(path)
+    try:
+        from huggingface_hub import snapshot_download
+
+        return content_digest(snapshot_download(value, repo_type="dataset", local_files_only=True))
+    except Exception:  # noqa: BLE001 - not cached: loading it says so, with the fix
+        return f"hub:{value}"
+
+
+def run_identity(cfg: RunConfig, paths: dict[str, str | None], testbed: dict[str, Any] | None = None
+                 ) -> tuple[dict[str, Any], dict[str, str]]:
+    """(store key, input fingerprints): the config plus the content of every model and data file it reads.
+
+    A data file or model folder changed in place is a new run; an unchanged one is the same run.
+    """
+    from tvkd.modeling import model_digest
+
+    inputs: dict[str, str] = {}
+    for role in MODEL_ROLES:
+        if paths.get(role):
+            inputs[f"models.{role}"] = model_digest(paths[role])
+    for role in ("source", "test_source"):
+        if paths.get(role):
+            inputs[f"data.{role}"] = _data_fingerprint(paths[role])
+    key = {**cfg.to_dict(), "inputs": inputs}
+    if testbed:
+        key["testbed"] = testbed
+    return key, inputs
+
+
+def identity(cfg: RunConfig, testbed: dict[str, Any] | None = None, progress: bool = True) -> dict[str, Any]:
+    """The store key of a run (`run_identity`) without checking or loading its inputs (study planning)."""
+    m = cfg.models
+    paths = {"student": resolve(m.student, testbed, progress), "teacher": resolve(m.teacher, testbed, progress),
+             "source": resolve(cfg.data.source, testbed, progress)}
+    paths["reference"] = resolve(m.reference, testbed, progress) or paths["student"]
+    paths["test_source"] = resolve(cfg.data.test_source, testbed, progress) or paths["source"]
+    return run_identity(cfg, paths, testbed)[0]
+
+
+class InputError(ValueError):
+    """An input (model, data, vocabulary) that cannot be used; the message names it and the fix."""
+
+
+def plan_run(cfg: RunConfig, *, testbed: dict[str, Any] | None = None, progress: bool = True,
+             echo: Echo | None = None) -> RunPlan:
+    """Check every input of a run before any model loads or any cache is built, and compute its identity.
+
+    Config keys, types and ranges were checked when the config was built; here: the loss's
+    options, the testbed parts (built if needed), every model folder (config and safetensors
+    weights readable), the reference's and the teacher's vocabulary against the student's, the
+    data (loaded and tokenized: a malformed row is named here), and the content fingerprints.
+    """
+    from tvkd.modeling import load_tokenizer, reference_vocab_check, teacher_vocab_size
+    from tvkd.tokenize import tokenize_preferences
+
+    echo = echo or Echo(progress)
+    loss = LOSSES.get(cfg.loss.name)()
+    loss_cfg = build_config(type(loss), cfg.loss.options)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    m = cfg.models
+    paths: dict[str, str | None] = {
+        "student": resolve(m.student, testbed, progress),
+        "teacher": resolve(m.teacher, testbed, progress),
+        "source": resolve(cfg.data.source, testbed, progress),
+    }
+    paths["reference"] = resolve(m.reference, testbed, progress) or paths["student"]
+    paths["test_source"] = resolve(cfg.data.test_source, testbed, progress) or paths["source"]
+    needs = loss.needs(loss_cfg)
+    if needs.teacher and not paths["teacher"]:
+        raise InputError(f"loss {cfg.loss.name!r} needs a teacher: set models.teacher")
+    for role in MODEL_ROLES:
+        if paths[role]:
+            paths[role] = str(_check_model(role, paths[role], m.trust_remote_code))
+    tokenizer = load_tokenizer(paths["student"], trust_remote_code=m.trust_remote_code)
+    reference_vocab_check(paths["reference"], paths["student"], tokenizer, trust_remote_code=m.trust_remote_code)
+    vocab = teacher_vocab_size(paths["teacher"], paths["student"], tokenizer,
+                               trust_remote_code=m.trust_remote_code) if paths["teacher"] else None
+    key, inputs = run_identity(cfg, paths, testbed)
+    plan = RunPlan(cfg=cfg, loss=loss, loss_cfg=loss_cfg, paths=paths, inputs=inputs, key=key, testbed=testbed,
+                   tokenizer=tokenizer, teacher_vocab=vocab)
+    plan.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    plan.train_data = _load_pairs(paths["source"], cfg.data.split, cfg.data.limit, cfg.data.adapter, echo)
+    if cfg.eval.margin_accuracy or cfg.eval.generate:
+        plan.test_data = _load_pairs(paths["test_source"], cfg.data.test_split, cfg.data.test_limit,
+                                     cfg.data.adapter, echo)
+    plan.tokenized_train = tokenize_preferences(plan.train_data.examples, tokenizer, cfg.tokenize, progress=progress)
+    echo(f"  tokenized train: {plan.tokenized_train.summary()}")
+    if len(plan.tokenized_train.dataset) == 0:
+        raise InputError(f"data.source: no pair of {paths['source']} fits the tokenize limits "
+                         f"({plan.tokenized_train.summary()}); raise tokenize.max_length / max_prompt_length")
+    if plan.test_data is not None:
+        plan.tokenized_test = tokenize_preferences(plan.test_data.examples, tokenizer, cfg.tokenize,
+                                                   progress=progress)
+    return plan
+
+
+@contextmanager
+def _signals_interrupt():
+    """SIGTERM raises `RunInterrupted` (as Ctrl-C raises KeyboardInterrupt), so the run is marked interrupted."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise RunInterrupted(f"received signal {signal.Signals(signum).name}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """The run was stopped by a signal (SIGTERM); like Ctrl-C, it is recorded as interrupted."""
 
 
 def execute(cfg: RunConfig, *, store: Any = None, force: bool = False, progress: bool = True,
             echo: Echo | None = None, testbed: dict[str, Any] | None = None) -> Any:
-    """Train and evaluate one configuration, or return its stored record if it already finished."""
+    """Train and evaluate one configuration, or return its stored record if it already finished.
+
+    Every input is checked first (`plan_run`): a mistake costs no store entry. A run killed after
+    a checkpoint (``train.save_strategy: steps``) resumes from it; `force` redoes a finished run.
+    """
     from tvkd.results import ResultsStore
 
     echo = echo or Echo(progress)
-    # Validate names and options before any model is loaded or any testbed stage is built.
-    build_config(LOSSES.get(cfg.loss.name), cfg.loss.options)
     store = store or ResultsStore()
-    key = run_key(cfg)
-    if testbed:
-        key = {**key, "testbed": testbed}
-    if not force and store.is_complete(key, study=cfg.study, name=cfg.name):
-        rec = store.load(key, study=cfg.study, name=cfg.name)
-        echo(f"[{cfg.name}] already complete: {rec.run_dir} (nothing to do)")
+    plan = plan_run(cfg, testbed=testbed, progress=progress, echo=echo)
+    if not force and store.is_complete(plan.key, study=cfg.study, name=cfg.name):
+        rec = store.load(plan.key, study=cfg.study, name=cfg.name)
+        echo(f"[{cfg.name}] already complete: {rec.run_dir} (nothing to do; --force reruns it)")
         return rec
-    handle = store.start(key, study=cfg.study, name=cfg.name)
+    resumable = cfg.train.save_strategy != "no" and not force
+    handle = store.start(plan.key, study=cfg.study, name=cfg.name, overwrite=force, keep_checkpoint=resumable)
     echo(f"[{cfg.name}] running in {handle.run_dir}")
     try:
-        metrics, outputs = _train_and_evaluate(cfg, handle.run_dir, echo, progress, testbed)
-        if outputs is not None:
-            handle.write_outputs(outputs)
-        handle.write_metrics(metrics)
-        handle.complete()
+        with _signals_interrupt():
+            metrics, outputs = _train_and_evaluate(plan, handle.run_dir, echo, progress)
+            if outputs is not None:
+                handle.write_outputs(outputs)
+            handle.write_metrics(metrics)
+            if not cfg.train.keep_checkpoints:
+                shutil.rmtree(handle.run_dir / "checkpoint", ignore_errors=True)
+            handle.complete()
+    except KeyboardInterrupt as e:
+        handle.interrupt(e)
+        raise
     except BaseException as e:
         handle.fail(e)
         raise
-    rec = store.load(key, study=cfg.study, name=cfg.name)
+    rec = store.load(plan.key, study=cfg.study, name=cfg.name)
     echo(f"[{cfg.name}] done in {sum(echo.timings.values()):.1f}s: " + ", ".join(
         f"{k}={v:.4f}" for k, v in metrics.items() if k in ("margin_accuracy", "oracle_score", "train_loss")
     ))
@@ -134,21 +304,19 @@ def _load_pairs(source: str, split: str, limit: int | None, adapter: str | None,
     res = load_preferences(source, split=split, adapter=adapter, limit=limit)
     echo(f"  data {source} [{split}]: {res.summary()}")
     if not res.examples:
-        raise ValueError(f"{source} [{split}] has no usable preference pairs ({res.summary()})")
+        raise InputError(f"{source} [{split}] has no usable preference pairs ({res.summary()})")
     return res
 
 
-def _train_and_evaluate(cfg: RunConfig, run_dir: Path, echo: Echo, progress: bool,
-                        testbed: dict[str, Any] | None) -> tuple[dict[str, Any], list | None]:
-    """data -> tokenize -> assemble (caches, prepare) -> train -> evaluate; (metrics, generations)."""
+def _train_and_evaluate(plan: RunPlan, run_dir: Path, echo: Echo, progress: bool) -> tuple[dict[str, Any], list | None]:
+    """caches and prepare (assemble) -> train -> evaluate; (metrics, generations)."""
     import datasets
 
     from tvkd.assemble import CacheOptions, assemble_training_set
     from tvkd.cache.teacher import aux_specs
     from tvkd.evaluation import EvalContext, run_evaluators
     from tvkd.evaluation.metrics import teacher_signal
-    from tvkd.modeling import ModelSource, load_tokenizer, teacher_vocab_size
-    from tvkd.tokenize import tokenize_preferences
+    from tvkd.modeling import ModelSource
     from tvkd.training.trainer import train_policy
 
     if not progress:
@@ -156,44 +324,21 @@ def _train_and_evaluate(cfg: RunConfig, run_dir: Path, echo: Echo, progress: boo
 
         datasets.disable_progress_bars()
         transformers.utils.logging.disable_progress_bar()
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
+    cfg, loss, loss_cfg = plan.cfg, plan.loss, plan.loss_cfg
     set_seed(cfg.seed)
     m = cfg.models
-    student = resolve(m.student, testbed, progress)
-    reference = resolve(m.reference, testbed, progress) or student
-    teacher = resolve(m.teacher, testbed, progress)
-    source = resolve(cfg.data.source, testbed, progress)
-    test_source = resolve(cfg.data.test_source, testbed, progress) or source
-    loss = LOSSES.get(cfg.loss.name)()
-    loss_cfg = build_config(type(loss), cfg.loss.options)
-    needs = loss.needs(loss_cfg)
     metrics: dict[str, Any] = {}
-
-    with echo.stage("data"):
-        train_res = _load_pairs(source, cfg.data.split, cfg.data.limit, cfg.data.adapter, echo)
-        test_res = _load_pairs(test_source, cfg.data.test_split, cfg.data.test_limit, cfg.data.adapter, echo) \
-            if (cfg.eval.margin_accuracy or cfg.eval.generate) else None
-    tokenizer = load_tokenizer(student, trust_remote_code=m.trust_remote_code)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    with echo.stage("tokenize"):
-        tok_train = tokenize_preferences(train_res.examples, tokenizer, cfg.tokenize, progress=progress)
-        echo(f"  tokenized train: {tok_train.summary()}")
-        tok_test = tokenize_preferences(test_res.examples, tokenizer, cfg.tokenize, progress=progress) \
-            if test_res is not None else None
-    ref_source = ModelSource.from_path(reference, dtype=m.dtype, trust_remote_code=m.trust_remote_code)
-    teacher_source = ModelSource.from_path(teacher, dtype=cfg.cache.dtype or m.dtype,
-                                           trust_remote_code=m.trust_remote_code) if teacher else None
-    vocab = teacher_vocab_size(teacher, student, tokenizer, trust_remote_code=m.trust_remote_code) \
-        if teacher else None
+    ref_source = ModelSource.from_path(plan.paths["reference"], dtype=m.dtype, trust_remote_code=m.trust_remote_code)
+    teacher_source = ModelSource.from_path(plan.paths["teacher"], dtype=cfg.cache.dtype or m.dtype,
+                                           trust_remote_code=m.trust_remote_code) if plan.paths["teacher"] else None
 
     with echo.stage("caches"):
         cache = CacheOptions(batch_size=cfg.cache.batch_size,
                              also=tuple(aux_specs(cfg.cache.precompute, cfg.cache.value_temperatures,
                                                   cfg.cache.q_sources)))
-        ts = assemble_training_set(tok_train, loss, loss_cfg, reference=ref_source, teacher=teacher_source,
-                                   pad_id=pad_id, teacher_vocab=vocab, cache=cache, subsample=cfg.data.subsample,
-                                   seed=cfg.seed, progress=progress, say=echo)
+        ts = assemble_training_set(plan.tokenized_train, loss, loss_cfg, reference=ref_source, teacher=teacher_source,
+                                   pad_id=plan.pad_id, teacher_vocab=plan.teacher_vocab, cache=cache,
+                                   subsample=cfg.data.subsample, seed=cfg.seed, progress=progress, say=echo)
     if "teacher" in ts.caches:
         metrics["cache_bytes_per_token"] = ts.caches["teacher"].stats["bytes_per_token"]
     settings = loss.eval_settings(loss_cfg)
@@ -202,18 +347,20 @@ def _train_and_evaluate(cfg: RunConfig, run_dir: Path, echo: Echo, progress: boo
         metrics.update(teacher_signal(ts.full[settings.offset_column], metas))
 
     with echo.stage("train"):
-        policy, train_metrics = train_policy(student, ts.train, loss, loss_cfg, cfg=cfg, out_dir=run_dir / "trainer",
-                                             pad_id=pad_id, progress=progress)
+        policy, train_metrics = train_policy(plan.paths["student"], ts.train, loss, loss_cfg, cfg=cfg,
+                                             out_dir=run_dir / "checkpoint", pad_id=plan.pad_id, progress=progress,
+                                             say=echo)
         metrics.update(train_metrics)
         if cfg.train.save_model:
-            policy.save_pretrained(str(run_dir / "checkpoint"))
-            tokenizer.save_pretrained(str(run_dir / "checkpoint"))
+            policy.save_pretrained(str(run_dir / "model"))
+            plan.tokenizer.save_pretrained(str(run_dir / "model"))
 
     with echo.stage("evaluate"):
-        ctx = EvalContext(cfg=cfg, policy=policy, tokenizer=tokenizer, pad_id=pad_id, settings=settings,
-                          train=tok_train, test=tok_test, test_examples=test_res.examples if test_res else None,
-                          reference=ref_source, teacher=teacher_source, teacher_vocab=vocab,
-                          teacher_signal=needs.teacher, testbed=uses_testbed(cfg), progress=progress)
+        ctx = EvalContext(cfg=cfg, policy=policy, tokenizer=plan.tokenizer, pad_id=plan.pad_id, settings=settings,
+                          train=plan.tokenized_train, test=plan.tokenized_test,
+                          test_examples=plan.test_data.examples if plan.test_data else None,
+                          reference=ref_source, teacher=teacher_source, teacher_vocab=plan.teacher_vocab,
+                          teacher_signal=ts.needs.teacher, testbed=uses_testbed(cfg), progress=progress)
         metrics.update(run_evaluators(ctx, say=echo))
     metrics["seconds"] = dict(echo.timings)
     metrics["loss_config"] = asdict(loss_cfg)

@@ -97,6 +97,7 @@ ENVIRONMENT_PACKAGES: tuple[str, ...] = (
 )
 
 STATUS_RUNNING, STATUS_COMPLETE, STATUS_FAILED = "running", "complete", "failed"
+STATUS_INTERRUPTED = "interrupted"  # stopped by Ctrl-C or SIGTERM; redone (or resumed) by the next start
 _DEFAULT_STUDY = "runs"
 _LOCK_NAME = ".lock"
 
@@ -611,6 +612,12 @@ class RunHandle:
             message, tb = str(exc), None
         self._finish(STATUS_FAILED, error=_scrub_text(message), traceback=_scrub_text(tb) if tb else None)
 
+    def interrupt(self, exc: BaseException | str = "interrupted") -> None:
+        """Mark the run interrupted (Ctrl-C, SIGTERM) and release its lock; the next start redoes or resumes it."""
+        self._check_open()
+        message = f"{type(exc).__name__}: {exc}" if isinstance(exc, BaseException) else str(exc)
+        self._finish(STATUS_INTERRUPTED, error=_scrub_text(message))
+
     def __enter__(self) -> RunHandle:
         return self
 
@@ -758,6 +765,39 @@ class ResultsStore:
                 and ((p / "status.json").exists() or (p / "config.yaml").exists())
             )
         return runs
+
+    def garbage(self, study: str | None = None) -> list[tuple[Path, str]]:
+        """What `gc` would remove: (path, reason) for every run folder that is failed, interrupted,
+        left "running" by a dead process, or unreadable, and for the checkpoints of finished runs that
+        did not ask to keep them (``train.keep_checkpoints``)."""
+        found = []
+        for run_dir in self._run_dirs(study):
+            record = RunRecord.read(run_dir)
+            state = record.state
+            if state in (STATUS_FAILED, STATUS_INTERRUPTED):
+                found.append((run_dir, state))
+            elif state == STATUS_RUNNING:
+                try:
+                    lock = _RunLock(run_dir)
+                except RunInProgressError:
+                    continue  # a live process is writing it
+                lock.release()
+                found.append((run_dir, "left running by a process that is gone"))
+            elif state == STATUS_COMPLETE and record.metrics is None or state == "unknown":
+                found.append((run_dir, "unreadable status or metrics"))
+            elif state == STATUS_COMPLETE and (run_dir / "checkpoint").is_dir():
+                keep = ((record.config or {}).get("train") or {}).get("keep_checkpoints")
+                if not keep:
+                    found.append((run_dir / "checkpoint", "checkpoints of a finished run"))
+        return found
+
+    def gc(self, study: str | None = None, *, dry_run: bool = False) -> list[tuple[Path, str]]:
+        """Remove `garbage` (nothing with ``dry_run``); returns what was (or would be) removed."""
+        found = self.garbage(study)
+        if not dry_run:
+            for path, _ in found:
+                shutil.rmtree(path, ignore_errors=True)
+        return found
 
     def records(self, study: str | None = None) -> list[RunRecord]:
         """Every run directory of a study (all studies when None), in any state, sorted by path."""

@@ -64,12 +64,14 @@ class TokenizeConfig:
     )
 
     def __post_init__(self) -> None:
+        if self.max_prompt_length < 1:
+            raise ValueError(f"max_prompt_length must be >= 1, got {self.max_prompt_length}")
         if self.truncation not in ("keep_start", "drop"):
             raise ValueError(f"truncation must be 'keep_start' or 'drop', got {self.truncation!r}")
         if self.max_prompt_length >= self.max_length:
             raise ValueError(
                 f"max_prompt_length ({self.max_prompt_length}) must be smaller than max_length ({self.max_length}), "
-                "or no response token would fit"
+                "or no response token would fit; set both (defaults 512 and 1024)"
             )
 
 

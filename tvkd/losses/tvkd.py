@@ -139,6 +139,10 @@ class TVKD(PreferenceLoss):
                 raise ValueError(f"tvkd: unknown q_source {self.q_source!r}; valid: {', '.join(Q_SOURCES)}")
             if not self.beta > 0:
                 raise ValueError(f"tvkd: beta must be > 0, got {self.beta}")
+            if not self.alpha >= 0:
+                raise ValueError(f"tvkd: alpha must be >= 0 (the offset's weight; 0 is DPO), got {self.alpha}")
+            if not 0 < self.gamma <= 1:
+                raise ValueError(f"tvkd: gamma must lie in (0, 1], got {self.gamma}")
             if not self.value_temperature > 0:
                 raise ValueError(f"tvkd: value_temperature must be > 0, got {self.value_temperature}")
 

@@ -160,12 +160,42 @@ class PreferenceTrainer(Trainer):
         super().log(logs, *args, **kwargs)
 
 
+def last_checkpoint(out_dir: Any) -> Any:
+    """The newest complete ``checkpoint-<step>`` folder under `out_dir`, or None."""
+    from pathlib import Path
+
+    found = [p for p in Path(out_dir).glob("checkpoint-*")
+             if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").is_file()]
+    return max(found, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
+class _NoArgumentsPickle:
+    """Deletes the `training_args.bin` transformers writes into each checkpoint.
+
+    It is a pickle of the TrainingArguments, credentials included (`hub_token`); resuming does
+    not read it, and a results store must hold no secret and nothing that needs unpickling.
+    """
+
+    def __new__(cls):
+        from transformers import TrainerCallback
+
+        class Callback(TrainerCallback):
+            def on_save(self, args, state, control, **kwargs):
+                from pathlib import Path
+
+                for p in Path(args.output_dir).glob("**/training_args.bin"):
+                    p.unlink(missing_ok=True)
+
+        return Callback()
+
+
 def train_policy(student: str, train: Any, loss: PreferenceLoss, loss_cfg: Any, *, cfg: Any, out_dir: Any,
-                 pad_id: int, progress: bool) -> tuple[Any, dict[str, Any]]:
+                 pad_id: int, progress: bool, say: Any = print) -> tuple[Any, dict[str, Any]]:
     """Train the student from `student` (a folder or hub id) on `train`; (trained policy, metrics).
 
     `cfg` is the run's `RunConfig` (models, train and seed sections). Checkpoints go to
-    `out_dir`; a run restarted with checkpoints there resumes from the last one.
+    `out_dir`; a run restarted with a checkpoint there resumes from the last one (optimizer,
+    scheduler, RNG states and data order included, so it ends where an uninterrupted run would).
     """
     from pathlib import Path
 
@@ -191,12 +221,16 @@ def train_policy(student: str, train: Any, loss: PreferenceLoss, loss_cfg: Any, 
     )
     collator = PreferenceCollator(pad_id=pad_id, batch_columns=loss.batch_columns(loss_cfg), reference=needs.reference)
     trainer = PreferenceTrainer(model=policy, args=args, train_dataset=train, data_collator=collator, loss=loss,
-                                loss_config=loss_cfg, needs_student_logits=needs.student_logits)
+                                loss_config=loss_cfg, needs_student_logits=needs.student_logits,
+                                callbacks=[_NoArgumentsPickle()])
     if not progress:
         trainer.remove_callback(PrinterCallback)
-    resume = t.save_strategy != "no" and any(out_dir.glob("checkpoint-*"))
-    result = trainer.train(resume_from_checkpoint=True if resume else None)
+    resume = last_checkpoint(out_dir) if t.save_strategy != "no" else None
+    if resume is not None:
+        say(f"  resuming from {resume.name} (step {resume.name.split('-')[-1]} of an interrupted attempt)")
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
     metrics: dict[str, Any] = {
+        "resumed_from_step": int(resume.name.split("-")[-1]) if resume is not None else 0,
         "train_loss": float(result.training_loss),
         "train_steps": int(result.global_step),
         "train_pairs": len(train),
