@@ -149,39 +149,47 @@ class DropIn(PreferenceLoss):
 '''
 
 
-def test_a_loss_file_dropped_into_baselines_is_found_listed_and_contract_tested():
-    name = f"dropin_{uuid.uuid4().hex[:8]}"
-    path = ROOT / "baselines" / f"{name}.py"
-    path.write_text(DROP_IN.format(name=name))
-    try:
-        listed = subprocess.run([sys.executable, "-m", "tvkd.cli", "losses"], capture_output=True, text=True,
-                                cwd=ROOT, timeout=300)
-        assert listed.returncode == 0, listed.stderr
-        assert f"{name}: Azar et al., 2023 (IPO)" in listed.stdout
-        contract = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                                   "tests/test_loss_contract.py", "-k", name], capture_output=True, text=True,
-                                  cwd=ROOT, timeout=600)
-        assert contract.returncode == 0, contract.stdout[-3000:]
-        assert " passed" in contract.stdout and "6 passed" in contract.stdout.replace(", 1 skipped", ""), \
-            contract.stdout[-1000:]
-    finally:
-        path.unlink(missing_ok=True)
+def checkout_copy(tmp_path: Path) -> Path:
+    """A copy of the checkout's code and tests: files dropped into it touch no other process's run."""
+    import shutil
+
+    copy = tmp_path / "checkout"
+    for part in (*PACKAGES, "tests", "docs", "pyproject.toml", "README.md"):
+        src = ROOT / part
+        if src.is_dir():
+            shutil.copytree(src, copy / part, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(src, copy / part)
+    return copy
 
 
-def test_a_plugin_that_fails_to_import_is_an_error_naming_its_file():
-    name = f"broken_{uuid.uuid4().hex[:8]}"
-    path = ROOT / "baselines" / f"{name}.py"
-    path.write_text("import this_module_does_not_exist_anywhere\n")
-    try:
-        out = _run("from tvkd.api import LOSSES; LOSSES.get('dpo')")
-        assert out.returncode != 0
-        assert f"baselines/{name}.py" in out.stderr and "this_module_does_not_exist_anywhere" in out.stderr
-        cli = subprocess.run([sys.executable, "-m", "tvkd.cli", "losses"], capture_output=True, text=True, cwd=ROOT,
-                             timeout=300)
-        assert cli.returncode == 2 and "Traceback" not in cli.stderr
-        assert cli.stderr.startswith("error: ") and f"{name}.py" in cli.stderr
-    finally:
-        path.unlink(missing_ok=True)
+def test_a_loss_file_dropped_into_baselines_is_found_listed_and_contract_tested(tmp_path):
+    copy = checkout_copy(tmp_path)
+    name = "dropin_ipo"
+    (copy / "baselines" / f"{name}.py").write_text(DROP_IN.format(name=name))  # no other file changes
+    env = {**os.environ, "PYTHONPATH": str(copy)}
+    listed = subprocess.run([sys.executable, "-m", "tvkd.cli", "losses"], capture_output=True, text=True,
+                            cwd=copy, timeout=300, env=env)
+    assert listed.returncode == 0, listed.stderr
+    assert f"{name}: Azar et al., 2023 (IPO)" in listed.stdout
+    contract = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                               "tests/test_loss_contract.py", "-k", name], capture_output=True, text=True,
+                              cwd=copy, timeout=600, env=env)
+    assert contract.returncode == 0, contract.stdout[-3000:]
+    assert "6 passed, 1 skipped" in contract.stdout, contract.stdout[-1000:]
+
+
+def test_a_plugin_that_fails_to_import_is_an_error_naming_its_file(tmp_path):
+    copy = checkout_copy(tmp_path)
+    (copy / "baselines" / "broken.py").write_text("import this_module_does_not_exist_anywhere\n")
+    env = {"PYTHONPATH": str(copy)}
+    out = _run("from tvkd.api import LOSSES; LOSSES.get('dpo')", env=env, cwd=copy)
+    assert out.returncode != 0
+    assert "baselines/broken.py" in out.stderr and "this_module_does_not_exist_anywhere" in out.stderr
+    cli = subprocess.run([sys.executable, "-m", "tvkd.cli", "losses"], capture_output=True, text=True, cwd=copy,
+                         timeout=300, env={**os.environ, **env})
+    assert cli.returncode == 2 and "Traceback" not in cli.stderr
+    assert cli.stderr.startswith("error: ") and "broken.py" in cli.stderr
 
 
 def _installed_package(tmp_path: Path, group: str, entry: str, files: dict[str, str]) -> Path:

@@ -482,3 +482,249 @@ def test_summary_and_rendering():
     sft_report = inspect_source(DEITA, "test", n=1, kind="sft")
     assert "adapter 'deita_sft'" in sft_report and "messages:" in sft_report
     assert "adapter 'deita_sft'" in inspect_source(DEITA, "test", n=0)  # kind from the adapter
+
+
+# --------------------------------------------------------------------------------------------
+# Bad sources: every one is a one-line DataError naming the file (and line) and the fix
+
+
+def raises_one_line(load, *args, **kwargs) -> DataError:
+    """The DataError ``load`` raises, checked to be one line that ends with a fix."""
+    with pytest.raises(DataError) as info:
+        load(*args, **kwargs)
+    err, message = info.value, str(info.value)
+    assert "\n" not in message and "Traceback" not in message
+    assert err.fix and message.rstrip().endswith((".", ")")) and err.fix in message
+    return err
+
+
+GOOD_ROW = {"prompt": "q", "chosen": "a", "rejected": "b"}
+
+
+@pytest.mark.parametrize("loader", [load_preferences, load_sft])
+def test_folder_without_the_split_lists_its_splits(tmp_path, loader):
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", [GOOD_ROW])  # no README: datasets names the split NamedSplit('train')
+    err = raises_one_line(loader, folder, split="test")
+    assert str(err).startswith(f"{folder}: has no split 'test'; its splits are train.")
+    assert "split=" in err.fix and "--split" in err.fix
+
+
+def test_malformed_jsonl_in_a_folder_names_the_file_and_line(tmp_path):
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text(
+        json.dumps(GOOD_ROW) + "\n\n" + '{"prompt": "q", "chosen": "a",\n' + json.dumps(GOOD_ROW) + "\n"
+    )
+    err = raises_one_line(load_preferences, folder)
+    assert str(err).startswith(f"{folder / 'train.jsonl'} line 3: not valid JSON")
+    assert (err.source, err.line) == (str(folder / "train.jsonl"), 3)
+    # datasets prepares every split of a folder, so a bad file of another split is named too.
+    write_jsonl(folder / "train.jsonl", [GOOD_ROW])
+    (folder / "test.jsonl").write_text(json.dumps(GOOD_ROW) + "\n[1, 2]\n")
+    err = raises_one_line(load_preferences, folder, split="train")
+    assert str(err).startswith(f"{folder / 'test.jsonl'} line 2: each line must be a JSON object, got list")
+
+
+def test_file_of_blank_lines_has_no_rows(tmp_path):
+    path = tmp_path / "blank.jsonl"
+    path.write_text("\n\n   \n")
+    err = raises_one_line(load_preferences, path)
+    assert str(err).startswith(f"{path}: the file has no rows")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text("\n\n")
+    assert str(raises_one_line(load_sft, folder)).startswith(
+        f"{folder / 'train.jsonl'}: the file has no rows"
+    )
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert str(raises_one_line(load_preferences, empty)).startswith(f"{empty}: holds no data files")
+
+
+def test_bad_utf8_names_the_file_and_line(tmp_path):
+    good = json.dumps(GOOD_ROW).encode()
+    bad = b'{"prompt": "q\xff\xfe", "chosen": "a", "rejected": "b"}'
+    path = tmp_path / "latin.jsonl"
+    path.write_bytes(good + b"\n" + bad + b"\n")
+    err = raises_one_line(load_preferences, path)
+    assert str(err).startswith(f"{path} line 2: not valid UTF-8 (byte 0xff at byte 14 of the line)")
+    assert err.line == 2 and "must be UTF-8" in err.fix
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "train.jsonl").write_bytes(good + b"\n" + bad + b"\n")
+    assert str(raises_one_line(load_preferences, folder)).startswith(
+        f"{folder / 'train.jsonl'} line 2: not valid UTF-8"
+    )
+    document = tmp_path / "latin.json"
+    document.write_bytes(b"[\n" + good + b",\n" + bad + b"\n]\n")
+    assert str(raises_one_line(load_preferences, document)).startswith(f"{document} line 3: not valid UTF-8")
+
+
+@pytest.mark.parametrize(
+    "hub_id, loader, split",
+    [
+        ("argilla/dpo-mix-7k", load_preferences, "train"),
+        ("nvidia/HelpSteer2", load_preferences, "test"),
+        ("HuggingFaceH4/deita-10k-v0-sft", load_sft, "train"),
+        ("tvkd-tests/no-such-dataset", load_preferences, "train"),
+    ],
+)
+def test_hub_id_not_cached_while_offline(monkeypatch, tmp_path, hub_id, loader, split):
+    # An empty datasets cache, and offline: datasets cannot find the data set anywhere.
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    err = raises_one_line(loader, hub_id, split=split)
+    assert str(err).startswith(f"{hub_id}: this data set is not in the local Hugging Face cache")
+    assert "offline" in err.problem and "HF_HUB_OFFLINE=1" in err.problem
+    assert f"huggingface-cli download --repo-type dataset {hub_id}" in err.fix
+    assert "point source at a local folder or file" in err.fix
+
+
+@pytest.mark.parametrize(
+    "raised, problem",
+    [
+        (
+            ConnectionError("Couldn't reach 'x' on the Hub (ConnectError)"),
+            "could not reach the Hugging Face Hub",
+        ),
+        (
+            datasets.exceptions.DatasetNotFoundError("Dataset 'x' doesn't exist"),
+            "no such data set on the Hugging Face Hub",
+        ),
+        (ValueError("Unknown split \"dev\". Should be one of ['train', 'test']."), "has no split 'dev'"),
+    ],
+)
+def test_other_hub_failures(monkeypatch, raised, problem):
+    import huggingface_hub.constants
+
+    def fail(*args, **kwargs):
+        raise raised
+
+    monkeypatch.setattr(datasets, "load_dataset", fail)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    err = raises_one_line(load_preferences, "someone/pairs", split="dev")
+    assert str(err).startswith("someone/pairs") and problem in err.problem
+
+
+def test_kind_mismatch_suggests_the_other_kind(tmp_path):
+    err = raises_one_line(load_preferences, GENERIC / "sft_messages.jsonl")
+    assert "no preference adapter fits the columns id, messages" in err.problem
+    assert 'kind="sft"' in err.fix and "--kind sft" in err.fix and "load_sft" in err.fix
+    err = raises_one_line(load_preferences, DEITA, split="train_sft")
+    assert "--kind sft" in err.fix
+    err = raises_one_line(load_sft, GENERIC / "explicit_text.jsonl")
+    assert 'kind="preference"' in err.fix and "--kind preference" in err.fix
+    err = raises_one_line(load_sft, HELPSTEER2, adapter="helpsteer2")
+    assert "--kind preference" in err.fix
+    # Columns that fit neither kind keep the plain fix.
+    err = raises_one_line(load_sft, write_jsonl(tmp_path / "qa.jsonl", [{"question": "q", "answer": "a"}]))
+    assert err.fix == "Rename the columns, or pass adapter=<name>."
+
+
+def test_truncated_parquet_names_the_file(tmp_path):
+    shard = DPO_MIX / "data" / "test-00000-of-00001.parquet"
+    path = tmp_path / "pairs.parquet"
+    path.write_bytes(shard.read_bytes()[:300])
+    err = raises_one_line(load_preferences, path)
+    assert str(err).startswith(f"{path}: not a readable Parquet file")
+    folder = tmp_path / "argilla" / "dpo-mix-7k"
+    (folder / "data").mkdir(parents=True)
+    (folder / "data" / "train-00000-of-00001.parquet").write_bytes(shard.read_bytes()[:-20])
+    err = raises_one_line(load_preferences, folder)
+    assert str(err).startswith(
+        f"{folder / 'data' / 'train-00000-of-00001.parquet'}: not a readable Parquet file"
+    )
+
+
+def test_truncated_gzip_names_the_file(tmp_path):
+    path = tmp_path / "pairs.jsonl.gz"
+    path.write_bytes((HELPSTEER2 / "train.jsonl.gz").read_bytes()[:60])
+    assert str(raises_one_line(load_preferences, path)).startswith(f"{path}: not a readable gzip file")
+
+
+@pytest.mark.parametrize(
+    "text, problem, row, line",
+    [
+        ("3", "the top level is int 3, not a list of row objects", None, None),
+        ('"rows"', "the top level is str 'rows'", None, None),
+        (
+            '{"rows": [{"prompt": "q", "chosen": "a", "rejected": "b"}]}',
+            "'rows' holds a list of 1 objects",
+            None,
+            None,
+        ),
+        ('[{"prompt": "q", "chosen": "a", "rejected": "b"}, "x"]', "item 1 is str 'x'", 1, None),
+        (
+            '{\n  "prompt": "q",\n  "chosen": "a",\n  "rejected": "b"\n}',
+            "one JSON object spread over 5 lines",
+            None,
+            None,
+        ),
+        ("[]", "the file has no rows", None, None),
+        (
+            '[\n  {"prompt": "q", "chosen": "a", "rejected": "b"},\n  {"prompt": "q",, }\n]',
+            "not valid JSON",
+            None,
+            3,
+        ),
+    ],
+)
+def test_json_file_must_hold_a_list_of_rows(tmp_path, text, problem, row, line):
+    path = tmp_path / "pairs.json"
+    path.write_text(text)
+    err = raises_one_line(load_preferences, path)
+    assert str(err).startswith(str(path)) and problem in err.problem
+    assert err.rows == (() if row is None else (row,)) and err.line == line
+
+
+def test_json_file_that_is_json_lines_is_read_as_lines(tmp_path):
+    path = tmp_path / "pairs.json"
+    write_jsonl(path, [GOOD_ROW, {**GOOD_ROW, "chosen": "c"}])
+    assert len(load_preferences(path)) == 2
+    path.write_text(json.dumps(GOOD_ROW) + "\n" + '{"prompt": "q"\n')
+    assert str(raises_one_line(load_preferences, path)).startswith(f"{path} line 2: not valid JSON")
+    one_row = tmp_path / "one.json"
+    one_row.write_text(
+        json.dumps(
+            {
+                "chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+                "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "b"}],
+            }
+        )
+    )
+    assert len(load_preferences(one_row)) == 1  # one object on one line: a one-row file, not a wrapper
+
+
+def test_bad_file_logs_nothing_besides_the_error(tmp_path, caplog):
+    # datasets logs "Failed to load JSON from file ..." before raising; the DataError says it all.
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text(json.dumps(GOOD_ROW) + '\n{"prompt": "q",, }\n')
+    with caplog.at_level("WARNING"):
+        raises_one_line(load_preferences, folder)
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("datasets")] == []
+
+
+def test_load_failure_no_check_explains(tmp_path, monkeypatch):
+    path = write_jsonl(tmp_path / "pairs.jsonl", [GOOD_ROW])
+
+    def fail_with(cause):
+        def load_dataset(*args, **kwargs):
+            try:
+                raise cause
+            except Exception as e:
+                raise datasets.exceptions.DatasetGenerationError("An error occurred") from e
+
+        return load_dataset
+
+    # About the data: a DataError quoting Arrow's reason.
+    monkeypatch.setattr(datasets, "load_dataset", fail_with(TypeError("Couldn't cast array of type int64")))
+    err = raises_one_line(load_preferences, path)
+    assert str(err).startswith(f"{path}: could not be read into a table (TypeError: Couldn't cast array")
+    # About the machine (disk, cache): the original error, untouched.
+    monkeypatch.setattr(datasets, "load_dataset", fail_with(OSError(28, "No space left on device")))
+    with pytest.raises(datasets.exceptions.DatasetGenerationError):
+        load_preferences(path)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import re
 import time
 from pathlib import Path
 
@@ -303,8 +304,10 @@ def test_a_second_build_is_cached(built):
     assert {s: (d / "stage.json").stat().st_mtime_ns for s, d in again.stage_dirs.items()} == stamps
 
 
-def test_same_seed_gives_bit_identical_data_and_weights(built, tmp_path):
+def test_same_seed_gives_bit_identical_data_and_weights(built, tmp_path, capfd):
+    capfd.readouterr()
     twin = build_testbed(TINY, cache_dir=tmp_path, progress=False)
+    assert capfd.readouterr() == ("", "")  # without progress a build prints nothing
     for stage in STAGES:
         ours = json.loads((built.stage_dirs[stage] / "stage.json").read_text())["files"]
         theirs = json.loads((twin.stage_dirs[stage] / "stage.json").read_text())["files"]
@@ -343,3 +346,81 @@ def test_a_killed_builds_leftovers_are_swept(tmp_path):
     (stale / "trainer").mkdir(parents=True)
     remove_stale_temps(Path(tmp_path))
     assert not stale.exists()
+
+
+# ------------------------------------------------------------------------------------------- progress
+
+_ESTIMATED = re.compile(r"building, estimated \d+(\.\d)? s|building, estimated \d+ min \d\d s")
+
+
+def test_a_build_names_its_stage_on_every_line_and_bar(built, tmp_path, capfd):
+    import io
+    import shutil
+
+    from tqdm import std, tqdm
+
+    root = tmp_path / "cache"
+    for stage in ("data", "teacher_sft"):  # two cached stages, five built ones
+        shutil.copytree(built.stage_dirs[stage], root / built.stage_dirs[stage].name)
+    hook_free = std.tqdm.__dict__["__init__"]
+    capfd.readouterr()
+    build_testbed(TINY, cache_dir=root, progress=True)
+    err = capfd.readouterr().err  # lines and bars; stdout holds only the trainers' loss logs
+    labels = [f"testbed stage {k}/7 {name}" for k, name in enumerate(STAGES, 1)]
+    positions = [err.find(label) for label in labels]
+    assert -1 not in positions and positions == sorted(positions), positions
+
+    lines = [seg.strip() for seg in re.split(r"[\r\n]", err) if seg.strip()]
+    assert re.fullmatch(r"testbed: 5 of 7 stages to build, estimated .+ s in all", lines[0]), lines[0]
+    for label, name in zip(labels, STAGES):
+        mine = [line for line in lines if line.startswith(label + ":") and "%|" not in line]
+        if name in ("data", "teacher_sft"):
+            assert mine == [f"{label}: cached   {root.resolve() / built.stage_dirs[name].name}"], mine
+        else:
+            assert len(mine) == 2, mine
+            assert _ESTIMATED.search(mine[0]), mine[0]  # before: the estimate and the work it counts
+            assert re.search(r": built in .+ s \(estimated .+ s\)   ", mine[1]), mine[1]  # after: actual
+    bars = [line for line in lines if "%|" in line]
+    assert bars and all(line.startswith("testbed stage ") for line in bars), bars
+    assert any(line.startswith("testbed stage 3/7 teacher_pairs: sampling train") for line in bars)
+    assert any(line.startswith("testbed stage 4/7 teacher_dpo: training") for line in bars)
+    assert any(line.startswith("testbed stage 6/7 student_pairs: sampling test") for line in bars)
+    assert any(
+        line.startswith("testbed stage 7/7 student_dpo: Computing reference log probs") for line in bars
+    )
+    assert lines[-1].startswith("testbed: ready in ")
+
+    # the labels are gone after the build, and progress changed nothing that was built
+    assert std.tqdm.__dict__["__init__"] is hook_free
+    with tqdm(total=1, desc="after", file=io.StringIO()) as bar:
+        assert bar.desc == "after"
+    for stage in STAGES[2:]:
+        ours = json.loads((built.stage_dirs[stage] / "stage.json").read_text())["files"]
+        theirs = json.loads((root / built.stage_dirs[stage].name / "stage.json").read_text())["files"]
+        assert ours == theirs, stage
+
+
+def test_estimates_follow_the_work(built):
+    from tvkd.testbed.progress import estimate_build, estimate_stage, model_parameters
+
+    for role in ("teacher", "student"):  # the parameter count the costs scale with is the model's
+        assert model_parameters(TINY, role) == built.report["stages"][f"{role}_sft"]["parameters"]
+    base = TestbedConfig()
+    assert model_parameters(base, "teacher") == 664_704 and model_parameters(base, "student") == 86_336
+
+    def sec(cfg, stage):
+        return estimate_stage(cfg, stage, trl_imported=True)[0]
+
+    more = dataclasses.replace(
+        base, num_sft=8000, teacher_sft_epochs=16, samples_per_prompt=8, num_pref_train=8000, num_test=2000
+    )
+    for stage in STAGES:
+        assert 0 < sec(base, stage) < sec(more, stage), stage
+    assert sec(base, "teacher_sft") > sec(base, "student_sft")
+    assert sec(base, "teacher_pairs") > sec(base, "student_pairs")
+    assert sec(base, "teacher_dpo") > sec(base, "student_dpo")
+    assert estimate_stage(base, "teacher_sft", trl_imported=False)[0] > sec(base, "teacher_sft")
+    total = estimate_build(base, STAGES)
+    assert 60 < total < 600  # the default build: about 3 minutes on 2 cores, one thread
+    assert total < sum(estimate_stage(base, s, trl_imported=False)[0] for s in STAGES)  # TRL imported once
+    assert sum(sec(TINY, s) for s in STAGES) < 5

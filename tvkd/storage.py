@@ -22,6 +22,7 @@ removed.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -171,6 +172,11 @@ def cached_stage(path: str | os.PathLike, build: Callable[[Path], dict[str, Any]
                 shutil.rmtree(path)
             os.rename(tmp, path)
             fsync_dir(parent)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if e.errno == errno.ENOSPC and not e.filename:  # name the place, which the OS error leaves out
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from e
+            raise
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

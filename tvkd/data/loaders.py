@@ -22,21 +22,25 @@ registered for the hub id, else the one whose columns the source has.
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import datasets
-
 from tvkd.data.adapters import ADAPTERS, AdapterContext, Skip
 from tvkd.data.errors import DataError
 from tvkd.data.examples import PreferenceExample, SFTExample
+from tvkd.data.files import (
+    JSON_SUFFIXES,
+    PARQUET_SUFFIXES,
+    folder_builder,
+    folder_files,
+    load_folder,
+    load_hub,
+    read_file,
+)
 
-_JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
-_PARQUET_SUFFIXES = (".parquet",)
 _EXAMPLE_TYPES = {"preference": PreferenceExample, "sft": SFTExample}
 
 
@@ -198,11 +202,10 @@ def _kinds_ok(entry_kind: str, kind: str | None) -> bool:
 def _adapter_by_name(name: str, kind: str | None, src: _Source) -> str:
     meta = ADAPTERS.meta(name)  # unknown names fail here, with the valid ones and a suggestion
     if not _kinds_ok(meta["kind"], kind):
-        loader = "load_sft" if meta["kind"] == "sft" else "load_preferences"
         raise DataError(
             src.display,
             f"adapter {name!r} reads {meta['kind']} data, not {kind} data",
-            fix=f"Use {loader}, or a {kind} adapter: {', '.join(_names(kind))}.",
+            fix=f"Load it as {_as_kind(meta['kind'])}, or pass a {kind} adapter: {', '.join(_names(kind))}.",
         )
     return name
 
@@ -217,8 +220,8 @@ def _adapter_by_hub_id(hub_id: str | None, kind: str | None) -> str | None:
     return None
 
 
-def _adapter_by_columns(columns: Sequence[str], kind: str | None, label: str) -> str:
-    have = set(columns)
+def _best_by_columns(have: set[str], kind: str | None) -> str | None:
+    """The adapter of ``kind`` with the largest column set that ``have`` holds, or None."""
     best, best_size = None, -1
     for name in ADAPTERS:
         meta = ADAPTERS.meta(name)
@@ -227,19 +230,41 @@ def _adapter_by_columns(columns: Sequence[str], kind: str | None, label: str) ->
         for needed in meta.get("columns", ()):
             if needed <= have and len(needed) > best_size:
                 best, best_size = name, len(needed)
+    return best
+
+
+def _adapter_by_columns(columns: Sequence[str], kind: str | None, label: str) -> str:
+    have = set(columns)
+    best = _best_by_columns(have, kind)
     if best is None:
         wanted = "; ".join(
             f"{name}: {' + '.join(sorted(cols))}"
             for name in _names(kind)
             for cols in ADAPTERS.meta(name).get("columns", ())
         )
+        fix = "Rename the columns, or pass adapter=<name>."
+        other = _best_by_columns(have, None) if kind is not None else None
+        if other is not None:
+            # The columns fit an adapter of the other kind: an SFT set asked for as preferences
+            # (or the reverse) is the likely mistake.
+            other_kind = ADAPTERS.meta(other)["kind"]
+            fix = (
+                f"These columns look like {other_kind} data (adapter {other!r}): load it as "
+                f"{_as_kind(other_kind)}; or rename the columns, or pass adapter=<name>."
+            )
         raise DataError(
             label,
             f"no {kind or 'data'} adapter fits the columns {', '.join(sorted(have)) or '(none)'}; "
             f"adapters select on these columns: {wanted}",
-            fix="Rename the columns, or pass adapter=<name>.",
+            fix=fix,
         )
     return best
+
+
+def _as_kind(kind: str) -> str:
+    """How to ask for ``kind`` data, in the API and on the command line."""
+    loader = "load_sft" if kind == "sft" else "load_preferences"
+    return f'{kind} data with kind="{kind}" ({loader}, or --kind {kind} with tvkd data inspect)'
 
 
 def _check_columns(name: str, columns: Sequence[str], label: str) -> None:
@@ -289,7 +314,7 @@ class _Source:
         if path.is_dir():
             hub_id = _mirrored_hub_id(path)
             return cls("folder", str(path), hub_id or path.resolve().name, hub_id, text)
-        looks_local = text.startswith((".", "/", "~")) or text.endswith(_JSON_SUFFIXES + _PARQUET_SUFFIXES)
+        looks_local = text.startswith((".", "/", "~")) or text.endswith(JSON_SUFFIXES + PARQUET_SUFFIXES)
         if looks_local or text.count("/") > 1:
             raise DataError(
                 text, "no such file or folder", fix="Check the path (hub ids look like 'owner/name')."
@@ -300,7 +325,7 @@ class _Source:
         """Load the rows of ``split``; return them with the adapter context."""
         meta = ADAPTERS.meta(adapter) if adapter else {}
         if self.kind == "file":
-            table = _read_file(Path(self.location), self.display)
+            table = read_file(Path(self.location), self.display)
             return table, AdapterContext(self.display, self.name, split, split, progress)
 
         data_dir = meta.get("data_dir")
@@ -308,23 +333,32 @@ class _Source:
             data_dir = None  # the folder is the data directory itself
         where = self.display + (f"/{data_dir}" if data_dir else "")
         kwargs = {"data_dir": data_dir} if data_dir else {}
+        if self.kind == "hub":
+            if "source_split" in meta:
+                source_split = meta["source_split"]  # the adapter selects rows by a split column
+            else:
+                # A hub repository's split names are not listed before loading; the adapter's
+                # first alias is the name that data set uses (HelpSteer2: test -> validation).
+                aliases = meta.get("split_aliases", {}).get(split, ())
+                source_split = aliases[0] if aliases else split
+            label = f"{where} (split {source_split!r})"
+            table = load_hub(self.location, source_split, kwargs, self.display, label)
+            return table, AdapterContext(label, self.name, source_split, split, progress)
+
+        builder = folder_builder(self.location, kwargs, where)
         if "source_split" in meta:
-            source_split = meta["source_split"]  # the adapter selects rows by a split column
-        elif self.kind == "hub":
-            # A hub repository's split names are not listed before loading; the adapter's first
-            # alias is the name that data set uses (HelpSteer2: test -> validation).
-            aliases = meta.get("split_aliases", {}).get(split, ())
-            source_split = aliases[0] if aliases else split
+            source_split = meta["source_split"]
         else:
-            source_split = _resolve_folder_split(self.location, kwargs, split, adapter, where)
+            source_split = _resolve_folder_split(builder, split, adapter, where)
         label = f"{where} (split {source_split!r})"
-        table = datasets.load_dataset(self.location, split=source_split, **kwargs)
+        files = folder_files(builder, self.location, self.display)
+        table = load_folder(self.location, source_split, kwargs, files, label)
         return table, AdapterContext(label, self.name, source_split, split, progress)
 
 
 def _file_stem(path: Path) -> str:
     name = path.name
-    for suffix in sorted(_JSON_SUFFIXES + _PARQUET_SUFFIXES, key=len, reverse=True):
+    for suffix in sorted(JSON_SUFFIXES + PARQUET_SUFFIXES, key=len, reverse=True):
         if name.endswith(suffix):
             return name[: -len(suffix)]
     return path.stem
@@ -340,75 +374,15 @@ def _mirrored_hub_id(path: Path) -> str | None:
     return None
 
 
-def _resolve_folder_split(
-    folder: str, kwargs: dict[str, Any], split: str, adapter: str | None, where: str
-) -> str:
-    builder = datasets.load_dataset_builder(folder, **kwargs)
-    available = list((builder.config.data_files or {}).keys())
+def _resolve_folder_split(builder: Any, split: str, adapter: str | None, where: str) -> str:
+    # Split names are str or datasets.NamedSplit (a folder without a README); compare as str.
+    available = [str(name) for name in (builder.config.data_files or {})]
     for candidate in _split_candidates(split, adapter):
         if candidate in available:
             return candidate
     raise DataError(
         where,
         f"has no split {split!r}; its splits are {', '.join(sorted(available)) or '(none)'}",
-        fix="Pass one of these as split=, or adapter=<name> if the folder holds a known data set.",
+        fix="Pass one of these as split= (--split on the command line), or adapter=<name> if the folder "
+        "holds a known data set that names its splits differently.",
     )
-
-
-def _read_file(path: Path, display: str) -> Any:
-    name = path.name
-    if name.endswith(_PARQUET_SUFFIXES):
-        return datasets.load_dataset("parquet", data_files=str(path), split="train")
-    if not name.endswith(_JSON_SUFFIXES):
-        raise DataError(
-            display,
-            f"unsupported file type {''.join(path.suffixes) or '(none)'}",
-            fix="Use a .jsonl, .json or .parquet file (optionally .gz), or a folder laid out like a hub data set.",
-        )
-    if path.stat().st_size == 0:
-        raise DataError(display, "the file is empty", fix="Point to a file with rows.")
-    try:
-        return datasets.load_dataset("json", data_files=str(path), split="train")
-    except datasets.exceptions.DatasetGenerationError:
-        # Arrow's JSON reader reports only "invalid value in row N" of a block; re-read the text
-        # to name the broken line and what is wrong with it.
-        _raise_json_syntax_error(path, display)
-        raise
-
-
-def _raise_json_syntax_error(path: Path, display: str) -> None:
-    import gzip
-
-    opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        text = f.read()
-    if path.name.endswith((".json", ".json.gz")):
-        try:
-            json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(
-                display,
-                f"not valid JSON ({e.msg}, column {e.colno})",
-                line=e.lineno,
-                fix="Fix the JSON syntax.",
-            ) from None
-        return
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(
-                display,
-                f"not valid JSON ({e.msg}, column {e.colno})",
-                line=number,
-                fix="Fix the line or drop it.",
-            ) from None
-        if not isinstance(value, dict):
-            raise DataError(
-                display,
-                f"each line must be a JSON object, got {type(value).__name__}",
-                line=number,
-                fix="Fix the line or drop it.",
-            )

@@ -37,9 +37,10 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from ..paths import atomic_write_json, cache_root, file_digest, fingerprint
+from ..paths import atomic_write_json, cache_root, content_digest, fingerprint
 from ..storage import cached_stage, remove_stale_temps
 from . import tasks
+from .progress import activity, estimate_build, estimate_stage, format_seconds, labelled_bars
 
 TESTBED_VERSION = 1
 """Bumped whenever a change to this package changes what a stage produces."""
@@ -264,23 +265,46 @@ def _sub_seed(seed: int, purpose: str) -> int:
     return int(fingerprint(seed, purpose), 16) % (2**31)
 
 
+def stage_label(name: str) -> str:
+    """``testbed stage k/n <name>``: how a stage's lines and progress bars name it (k in build order)."""
+    return f"testbed stage {STAGES.index(name) + 1}/{len(STAGES)} {name}"
+
+
 def _run_stage(
-    root: Path, name: str, key: str, build: Callable[[Path], dict[str, Any]], say: Callable[[str], None]
+    root: Path,
+    name: str,
+    key: str,
+    build: Callable[[Path], dict[str, Any]],
+    say: Callable[[str], None],
+    estimate: Callable[[], tuple[float, str]] | None = None,
 ) -> tuple[Path, dict[str, Any], bool]:
-    """Return (folder, record, cached): the finished stage folder, built atomically if absent."""
+    """Return (folder, record, cached): the finished stage folder, built atomically if absent.
+
+    A stage that is built says so first, with ``estimate()`` (seconds, the work counted) when given,
+    and its wall time and that estimate when done; a stage found in the cache says "cached".
+    """
+    label = stage_label(name)
+    estimated: list[float] = []
 
     def build_stage(tmp: Path) -> dict[str, Any]:
+        if estimate is None:
+            say(f"{label}: building")
+        else:
+            seconds, work = estimate()
+            estimated.append(seconds)
+            say(f"{label}: building, estimated {format_seconds(seconds)} ({work})")
         start = time.perf_counter()
         record = build(tmp)
         record = {"stage": name, "key": key, "wall_s": round(time.perf_counter() - start, 3), **record}
-        record["files"] = {p.name: file_digest(p) for p in sorted(tmp.iterdir()) if p.name != STAGE_FILE}
+        record["files"] = {p.name: content_digest(p) for p in sorted(tmp.iterdir()) if p.name != STAGE_FILE}
         return record
 
-    stage = cached_stage(root / f"{name}-{key}", build_stage, marker=STAGE_FILE, describe=f"testbed stage {name}")
+    stage = cached_stage(root / f"{name}-{key}", build_stage, marker=STAGE_FILE, describe=label)
     if stage.cached:
-        say(f"{name:<14} cached   {stage.path}")
+        say(f"{label}: cached   {stage.path}")
     else:
-        say(f"{name:<14} built in {stage.record['wall_s']:.1f}s   {stage.path}")
+        versus = f" (estimated {format_seconds(estimated[0])})" if estimated else ""
+        say(f"{label}: built in {format_seconds(stage.record['wall_s'])}{versus}   {stage.path}")
     return stage.path, stage.record, stage.cached
 
 
@@ -381,12 +405,24 @@ def _build_data(cfg: TestbedConfig, out: Path) -> dict[str, Any]:
 
 
 def _greedy_eval(
-    model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]], cfg: TestbedConfig, out: Path
+    model: Any,
+    tokenizer: Any,
+    rows: Sequence[dict[str, Any]],
+    cfg: TestbedConfig,
+    out: Path,
+    progress: bool = False,
 ) -> dict:
     """Greedy oracle metrics on the test prompts; the outputs are kept beside the model."""
     from ..generation import generate
 
-    outputs = generate(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens=cfg.max_new_tokens)
+    with activity("evaluating"):
+        outputs = generate(
+            model,
+            tokenizer,
+            [r["prompt"] for r in rows],
+            max_new_tokens=cfg.max_new_tokens,
+            progress=progress,
+        )
     responses = [o[0] for o in outputs]
     write_jsonl(
         out / "greedy_test.jsonl",
@@ -414,21 +450,23 @@ def _sft_stage(cfg: TestbedConfig, role: str, data_dir: Path, progress: bool) ->
         )
         model = models.init_model(size, tokenizer, seed=_sub_seed(cfg.seed, f"{role}-init"))
         conversations = [r["messages"] for r in read_jsonl(data_dir / "sft_train.jsonl")]
-        model, log = train_sft(
-            model,
-            tokenizer,
-            conversations,
-            output_dir=out / "trainer",
-            epochs=getattr(cfg, f"{role}_sft_epochs"),
-            learning_rate=getattr(cfg, f"{role}_sft_lr"),
-            batch_size=cfg.sft_batch_size,
-            warmup_ratio=cfg.sft_warmup_ratio,
-            seed=_sub_seed(cfg.seed, f"{role}-sft"),
-            progress=progress,
-        )
+        with activity("training"):  # the trainer's step bar; its dataset bars keep their own names
+            model, log = train_sft(
+                model,
+                tokenizer,
+                conversations,
+                output_dir=out / "trainer",
+                epochs=getattr(cfg, f"{role}_sft_epochs"),
+                learning_rate=getattr(cfg, f"{role}_sft_lr"),
+                batch_size=cfg.sft_batch_size,
+                warmup_ratio=cfg.sft_warmup_ratio,
+                seed=_sub_seed(cfg.seed, f"{role}-sft"),
+                progress=progress,
+            )
         shutil.rmtree(out / "trainer", ignore_errors=True)
         save_model(model, tokenizer, out)
-        metrics = _greedy_eval(model, tokenizer, read_jsonl(data_dir / "test_prompts.jsonl"), cfg, out)
+        test_rows = read_jsonl(data_dir / "test_prompts.jsonl")
+        metrics = _greedy_eval(model, tokenizer, test_rows, cfg, out, progress)
         return {"parameters": models.num_parameters(model), "eval": metrics, "log": log}
 
     return build
@@ -446,19 +484,20 @@ def _pairs_stage(
         model = AutoModelForCausalLM.from_pretrained(str(policy_dir))
         record: dict[str, Any] = {}
         for split in ("train", "test"):
-            rows = sample_pairs(
-                model,
-                tokenizer,
-                read_jsonl(data_dir / f"pair_prompts_{split}.jsonl"),
-                samples_per_prompt=cfg.samples_per_prompt,
-                temperature=cfg.sample_temperature,
-                label_temperature=cfg.label_temperature,
-                max_new_tokens=cfg.max_new_tokens,
-                seed=_sub_seed(cfg.seed, f"{role}-pairs-{split}"),
-                num_symbols=cfg.num_symbols,
-                max_len=cfg.max_len,
-                progress=progress,
-            )
+            with activity(f"sampling {split}"):
+                rows = sample_pairs(
+                    model,
+                    tokenizer,
+                    read_jsonl(data_dir / f"pair_prompts_{split}.jsonl"),
+                    samples_per_prompt=cfg.samples_per_prompt,
+                    temperature=cfg.sample_temperature,
+                    label_temperature=cfg.label_temperature,
+                    max_new_tokens=cfg.max_new_tokens,
+                    seed=_sub_seed(cfg.seed, f"{role}-pairs-{split}"),
+                    num_symbols=cfg.num_symbols,
+                    max_len=cfg.max_len,
+                    progress=progress,
+                )
             write_jsonl(out / f"{prefix}_{split}.jsonl", rows)
             record[split] = pair_stats(rows)
         return record
@@ -478,23 +517,25 @@ def _dpo_stage(
         tokenizer = AutoTokenizer.from_pretrained(str(sft_dir))
         policy = AutoModelForCausalLM.from_pretrained(str(sft_dir))
         reference = AutoModelForCausalLM.from_pretrained(str(sft_dir))
-        model, log = train_dpo(
-            policy,
-            reference,
-            tokenizer,
-            read_jsonl(pairs_file),
-            output_dir=out / "trainer",
-            beta=getattr(cfg, f"{prefix}dpo_beta"),
-            epochs=getattr(cfg, f"{prefix}dpo_epochs"),
-            learning_rate=getattr(cfg, f"{prefix}dpo_lr"),
-            batch_size=cfg.dpo_batch_size,
-            warmup_steps=cfg.dpo_warmup_steps,
-            seed=_sub_seed(cfg.seed, f"{role}-dpo"),
-            progress=progress,
-        )
+        with activity("training"):  # the step bar; TRL's reference pass and dataset bars keep their names
+            model, log = train_dpo(
+                policy,
+                reference,
+                tokenizer,
+                read_jsonl(pairs_file),
+                output_dir=out / "trainer",
+                beta=getattr(cfg, f"{prefix}dpo_beta"),
+                epochs=getattr(cfg, f"{prefix}dpo_epochs"),
+                learning_rate=getattr(cfg, f"{prefix}dpo_lr"),
+                batch_size=cfg.dpo_batch_size,
+                warmup_steps=cfg.dpo_warmup_steps,
+                seed=_sub_seed(cfg.seed, f"{role}-dpo"),
+                progress=progress,
+            )
         shutil.rmtree(out / "trainer", ignore_errors=True)
         save_model(model, tokenizer, out)
-        metrics = _greedy_eval(model, tokenizer, read_jsonl(data_dir / "test_prompts.jsonl"), cfg, out)
+        test_rows = read_jsonl(data_dir / "test_prompts.jsonl")
+        metrics = _greedy_eval(model, tokenizer, test_rows, cfg, out, progress)
         return {"eval": metrics, "log": log}
 
     return build
@@ -528,8 +569,11 @@ def build_testbed(
 ) -> Testbed:
     """Build (or load from the cache) every stage of the testbed and return its paths and report.
 
-    ``cache_dir`` defaults to ``cache_root()/"testbed"``. With ``progress`` a tqdm bar runs on the
-    long stages and one line per stage says what it did or that it was cached.
+    ``cache_dir`` defaults to ``cache_root()/"testbed"``. With ``progress`` (on stderr) a line
+    gives the estimated time of the stages to build, and each stage, named ``testbed stage k/7
+    <name>`` on its lines and on every progress bar it runs, says that it is cached, or that it
+    starts, with an estimate of its time (`tvkd.testbed.progress.estimate_stage`), and when it is
+    built, how long it took. Without ``progress`` nothing is printed.
     """
     root = Path(cache_dir) if cache_dir is not None else cache_root() / "testbed"
     root = root.expanduser().resolve()
@@ -538,16 +582,21 @@ def build_testbed(
 
     def say(message: str) -> None:
         if progress:
-            print(f"testbed: {message}", file=sys.stderr, flush=True)
+            print(message, file=sys.stderr, flush=True)
 
     keys = stage_keys(config)
     dirs: dict[str, Path] = {}
     records: dict[str, dict[str, Any]] = {}
     cached: dict[str, bool] = {}
     start = time.perf_counter()
+    if progress:
+        say(_plan(config, root, keys))
 
     def run(name: str, make: Callable[[], Callable[[Path], dict]]) -> None:
-        dirs[name], records[name], cached[name] = _run_stage(root, name, keys[name], make(), say)
+        with labelled_bars(stage_label(name)) if progress else contextlib.nullcontext():
+            dirs[name], records[name], cached[name] = _run_stage(
+                root, name, keys[name], make(), say, estimate=lambda: estimate_stage(config, name)
+            )
 
     with _build_environment(config.num_threads, progress):
         run("data", lambda: lambda out: _build_data(config, out))
@@ -598,8 +647,17 @@ def build_testbed(
         testbed.root / "testbed.json",
         {"config": asdict(config), "stage_dirs": {k: str(v) for k, v in dirs.items()}},
     )
-    say(f"report         {testbed.report_path}")
+    say(f"testbed: ready in {format_seconds(report['build_wall_s'])}, report {testbed.report_path}")
     return testbed
+
+
+def _plan(config: TestbedConfig, root: Path, keys: dict[str, str]) -> str:
+    """One line before the build: how many stages are to be built and their estimated time in all."""
+    todo = [s for s in STAGES if not (root / f"{s}-{keys[s]}" / STAGE_FILE).is_file()]
+    if not todo:
+        return f"testbed: all {len(STAGES)} stages cached"
+    total = estimate_build(config, todo)
+    return f"testbed: {len(todo)} of {len(STAGES)} stages to build, estimated {format_seconds(total)} in all"
 
 
 def _report(
