@@ -70,3 +70,12 @@ def test_example_run_config_parses():
         assert first.startswith("# tvkd run "), f"{path} must start with the command that runs it"
         cfg = load_config(path)
         build_config(LOSSES.get(cfg.loss.name), cfg.loss.options)
+
+
+def test_data_inspect_takes_an_adapter_and_names_the_valid_ones(capsys):
+    code, out, _ = run(capsys, "data", "inspect", "tests/fixtures/argilla/dpo-mix-7k", "--split", "test",
+                       "--adapter", "dpo_mix_7k", "-n", "1")
+    assert code == 0 and "dpo_mix_7k" in out
+    code, _, err = run(capsys, "data", "inspect", "tests/fixtures/argilla/dpo-mix-7k", "--split", "test",
+                       "--adapter", "dpo_mix7k")
+    assert code == 2 and err.startswith("error: ") and "dpo_mix_7k" in err and "Traceback" not in err

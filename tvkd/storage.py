@@ -181,3 +181,16 @@ def cached_stage(path: str | os.PathLike, build: Callable[[Path], dict[str, Any]
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return Stage(path, record, False)
+
+
+def save_dataset(dataset: Any, path: str | os.PathLike) -> None:
+    """`datasets.Dataset.save_to_disk` without its per-save progress bar (a stage prints its own line)."""
+    import datasets
+
+    enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        dataset.save_to_disk(str(path))
+    finally:
+        if enabled:
+            datasets.enable_progress_bars()

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from tvkd.paths import cache_root, fingerprint
-from tvkd.storage import cached_stage
+from tvkd.storage import cached_stage, save_dataset
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +211,7 @@ def tokenize_preferences(
 
     def build(tmp: Path) -> dict[str, Any]:
         counts, rows = _tokenize_rows(examples, tokenizer, config, eos_id, progress)
-        datasets.Dataset.from_dict(rows, features=_features()).save_to_disk(str(tmp / "data"))
+        save_dataset(datasets.Dataset.from_dict(rows, features=_features()), tmp / "data")
         return {"counts": counts, "config": asdict(config), "eos_token": eos_token}
 
     stage = cached_stage(root / key, build, describe="the tokenized data")

@@ -35,7 +35,7 @@ import torch
 from tvkd.api import AUX_REWARDS, AuxSpec
 from tvkd.paths import cache_root, fingerprint
 from tvkd.scoring import collate_pairs, flat_state_logits, state_logits, token_logps
-from tvkd.storage import cached_stage, file_lock, read_marker
+from tvkd.storage import cached_stage, file_lock, read_marker, save_dataset
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 2
@@ -191,7 +191,7 @@ def build_teacher_cache(
 
 
 def _save(ds: Any, tmp: Path, record: dict[str, Any]) -> dict[str, Any]:
-    ds.save_to_disk(str(tmp / "data"))
+    save_dataset(ds, tmp / "data")
     return record
 
 
@@ -290,8 +290,8 @@ def build_reference_cache(
             for r in range(lp.shape[0]):
                 out[SIDES[r // B]][idx[r % B]] = lp[r, : int(b["resp_lens"][r])]
         feats = datasets.Features({f"{s}/ref_logps": datasets.List(datasets.Value("float32")) for s in SIDES})
-        datasets.Dataset.from_dict({f"{s}/ref_logps": out[s] for s in SIDES}, features=feats).save_to_disk(
-            str(tmp / "data"))
+        save_dataset(datasets.Dataset.from_dict({f"{s}/ref_logps": out[s] for s in SIDES}, features=feats),
+                     tmp / "data")
         return {"reference": reference_key, "seconds": time.perf_counter() - t0}
 
     stage = cached_stage(path, build, describe="the reference cache")
