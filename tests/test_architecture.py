@@ -176,7 +176,8 @@ def test_a_loss_file_dropped_into_baselines_is_found_listed_and_contract_tested(
                                "tests/test_loss_contract.py", "-k", name], capture_output=True, text=True,
                               cwd=copy, timeout=600, env=env)
     assert contract.returncode == 0, contract.stdout[-3000:]
-    assert "6 passed, 1 skipped" in contract.stdout, contract.stdout[-1000:]
+    summary = contract.stdout.strip().splitlines()[-1]
+    assert "failed" not in summary and int(summary.split(" passed")[0].split()[-1]) >= 9, summary
 
 
 def test_a_plugin_that_fails_to_import_is_an_error_naming_its_file(tmp_path):

@@ -1,7 +1,8 @@
 """The contract every registered loss honours (one test set, parametrised over `LOSSES`).
 
 Each loss gets a batch built only from what it declares (`needs`, `batch_columns`, `prepare`),
-so a new loss that forgets to declare an input fails here.
+so a new loss that forgets to declare an input fails here. Batches are assembled from per-pair
+data generated once, so the same pairs can be batched alone, together, or with extra padding.
 """
 
 from __future__ import annotations
@@ -12,7 +13,15 @@ import pytest
 import torch
 from datasets import Dataset
 
-from tvkd.losses import LOSSES, LossOutput, Needs, PreferenceLoss, ScoredBatch, build_config
+from tvkd.api import (
+    LOSSES,
+    TEACHER_REFERENCE_PREFIX,
+    LossOutput,
+    Needs,
+    PreferenceLoss,
+    ScoredBatch,
+    build_config,
+)
 from tvkd.registry import UnknownNameError
 
 B, T, V, K = 3, 6, 23, 5
@@ -25,58 +34,74 @@ def _loss(name: str) -> tuple[PreferenceLoss, object]:
     return cls(), build_config(cls, options)
 
 
-def _dataset(needs: Needs, g: torch.Generator) -> Dataset:
-    """A training set holding the cached teacher columns `needs` asks for."""
-    lengths = torch.randint(1, T + 1, (2 * B,), generator=g).tolist()
-    data: dict[str, list] = {}
-    for spec in needs.aux:
-        extra = 1 if spec.is_state else 0
-        rows = [torch.randn(n + extra, generator=g).tolist() for n in lengths]
-        data[f"chosen/{spec.column}"], data[f"rejected/{spec.column}"] = rows[:B], rows[B:]
-    data.setdefault("id", list(range(B)))
-    return Dataset.from_dict(data)
+class Pairs:
+    """B random pairs: per row (2 per pair) a length, token ids, student/reference/teacher logits and
+    cached columns; `batch(rows_of_pairs, width)` pads any subset of them into a ScoredBatch."""
+
+    def __init__(self, loss: PreferenceLoss, cfg, seed: int = 0, pairs: int = B):
+        g = torch.Generator().manual_seed(seed)
+        self.loss, self.cfg, self.n = loss, cfg, pairs
+        self.needs: Needs = loss.needs(cfg)
+        rows = 2 * pairs
+        self.lengths = torch.randint(1, T + 1, (rows,), generator=g)
+        self.lengths[0] = T
+        self.student = torch.randn(rows, T, V, generator=g) * 2
+        self.ids = torch.randint(0, V, (rows, T), generator=g)
+        self.ref_logps = torch.randn(rows, T, generator=g) - 2
+        self.ref_logits = torch.randn(rows, T, V, generator=g) * 2
+        self.teacher = torch.randn(rows, T, V, generator=g) * 2
+        self.token_cols = {c: torch.randn(rows, T + 1, generator=g) for c, k in loss.batch_columns(cfg).items()
+                           if k in ("token", "state")}
+        data: dict[str, list] = {"id": list(range(pairs))}
+        for spec, prefix in [(s, "") for s in self.needs.aux] + \
+                            [(s, TEACHER_REFERENCE_PREFIX) for s in self.needs.teacher_reference_aux]:
+            extra = 1 if spec.is_state else 0
+            values = [torch.randn(int(n) + extra, generator=g).tolist() for n in self.lengths]
+            data[f"chosen/{prefix}{spec.column}"] = values[:pairs]
+            data[f"rejected/{prefix}{spec.column}"] = values[pairs:]
+        self.dataset = loss.prepare(Dataset.from_dict(data), cfg, seed=0)
+
+    def batch(self, pairs: list[int] | None = None, width: int = T, grad: bool = True) -> ScoredBatch:
+        pairs = list(range(self.n)) if pairs is None else pairs
+        rows = pairs + [p + self.n for p in pairs]
+        lengths = self.lengths[rows]
+        mask = torch.arange(width).unsqueeze(0) < lengths.unsqueeze(1)
+        state_mask = torch.arange(width + 1).unsqueeze(0) <= lengths.unsqueeze(1)
+
+        def pad(t: torch.Tensor, w: int) -> torch.Tensor:  # garbage (not zeros) in the padding
+            out = torch.full((len(rows), w, *t.shape[2:]), 7.5, dtype=t.dtype)
+            out[:, : min(w, t.shape[1])] = t[rows][:, :w]
+            return out
+
+        ids = pad(self.ids, width).long() % V
+        logits = pad(self.student, width).requires_grad_(self.needs.student_logits and grad)
+        logps = torch.log_softmax(logits.detach(), -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+        logps = (logps * mask).requires_grad_(grad)
+        columns: dict[str, torch.Tensor] = {}
+        for c, kind in self.loss.batch_columns(self.cfg).items():
+            if kind == "pair":
+                assert c in self.dataset.column_names, f"prepare must add the pair column {c!r}"
+                columns[c] = torch.tensor(self.dataset[c])[pairs]
+            elif kind == "token":
+                columns[c] = pad(self.token_cols[c][:, :T], width) * mask
+            elif kind == "state":
+                columns[c] = pad(self.token_cols[c], width + 1) * state_mask
+        if self.needs.topk:
+            top = torch.log_softmax(pad(self.teacher, width), -1).topk(self.needs.topk, -1)
+            columns["topk_ids"], columns["topk_logprobs"] = top.indices, top.values
+            columns["topk_rest"] = torch.log1p(-top.values.exp().sum(-1).clamp(max=1 - 1e-6))
+        return ScoredBatch(
+            logps=logps, mask=mask,
+            ref_logps=pad(self.ref_logps, width) * mask if self.needs.reference else None,
+            logits=logits if self.needs.student_logits else None,
+            columns=columns, state_mask=state_mask, pair_index=torch.tensor(pairs), token_ids=ids,
+            ref_logits=pad(self.ref_logits, width) if self.needs.reference_logits else None,
+            teacher_logits=pad(self.teacher, width) if self.needs.teacher_logits else None,
+        )
 
 
 def _batch(loss: PreferenceLoss, cfg, seed: int = 0) -> ScoredBatch:
-    g = torch.Generator().manual_seed(seed)
-    needs = loss.needs(cfg)
-    lengths = torch.randint(1, T + 1, (2 * B,), generator=g)
-    lengths[0] = T
-    mask = torch.arange(T).unsqueeze(0) < lengths.unsqueeze(1)
-    state_mask = torch.arange(T + 1).unsqueeze(0) <= lengths.unsqueeze(1)
-    logits = (torch.randn(2 * B, T, V, generator=g) * 2).requires_grad_(needs.student_logits)
-    token_ids = torch.randint(0, V, (2 * B, T), generator=g)
-    logps = torch.log_softmax(logits.detach(), -1).gather(-1, token_ids.unsqueeze(-1)).squeeze(-1)
-    logps = (logps * mask).requires_grad_(True)
-    ref_logps = (torch.randn(2 * B, T, generator=g) - 2) * mask if needs.reference else None
-
-    columns: dict[str, torch.Tensor] = {}
-    pair_columns = [c for c, kind in loss.batch_columns(cfg).items() if kind == "pair"]
-    if pair_columns:
-        prepared = loss.prepare(_dataset(needs, g), cfg, seed=0)
-        for c in pair_columns:
-            assert c in prepared.column_names, f"prepare must add the pair column {c!r}"
-            columns[c] = torch.tensor(prepared[c])
-    for c, kind in loss.batch_columns(cfg).items():
-        if kind == "token":
-            columns[c] = torch.randn(2 * B, T, generator=g) * mask
-        elif kind == "state":
-            columns[c] = torch.randn(2 * B, T + 1, generator=g) * state_mask
-    if needs.topk:
-        teacher = torch.randn(2 * B, T, V, generator=g)
-        top = torch.log_softmax(teacher, -1).topk(needs.topk, -1)
-        columns["topk_ids"], columns["topk_logprobs"] = top.indices, top.values
-        columns["topk_rest"] = torch.log1p(-top.values.exp().sum(-1).clamp(max=1 - 1e-6))
-    return ScoredBatch(
-        logps=logps,
-        mask=mask,
-        ref_logps=ref_logps,
-        logits=logits if needs.student_logits else None,
-        columns=columns,
-        state_mask=state_mask,
-        pair_index=torch.arange(B),
-        token_ids=token_ids,
-    )
+    return Pairs(loss, cfg, seed).batch()
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -89,7 +114,8 @@ def test_registered_with_metadata(name):
     assert isinstance(meta["reference_free"], bool)
     assert cls.__doc__ and cls.__module__ and __import__(cls.__module__, fromlist=["x"]).__doc__
     loss, cfg = _loss(name)
-    assert (not loss.needs(cfg).reference) == meta["reference_free"]
+    needs = loss.needs(cfg)
+    assert (not (needs.reference or needs.reference_logits)) == meta["reference_free"]
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -128,16 +154,20 @@ def test_finite_scalar_loss_and_metrics(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_deterministic(name):
+    loss, cfg = _loss(name)
+    pairs = Pairs(loss, cfg, seed=3)
+    assert torch.equal(loss(pairs.batch(), cfg).loss, loss(pairs.batch(), cfg).loss)
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_gradient_flows_only_into_the_student(name):
     loss, cfg = _loss(name)
     batch = _batch(loss, cfg)
-    frozen = [batch.ref_logps] + list(batch.columns.values())
+    frozen = [batch.ref_logps, batch.ref_logits, batch.teacher_logits] + list(batch.columns.values())
     assert all(t is None or not t.requires_grad for t in frozen)  # teacher/reference need no grad
     loss(batch, cfg).loss.backward()
-    if loss.needs(cfg).student_logits:
-        grad = batch.logits.grad
-    else:
-        grad = batch.logps.grad
+    grad = batch.logits.grad if loss.needs(cfg).student_logits else batch.logps.grad
     assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
     # padding never receives gradient
     pad = ~batch.mask
@@ -145,23 +175,55 @@ def test_gradient_flows_only_into_the_student(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_reference_free_losses_ignore_the_reference(name):
+def test_padding_does_not_change_the_loss(name):
+    """The same pairs padded to a wider batch (with garbage in the padding) give the same loss and margins."""
     loss, cfg = _loss(name)
-    if loss.needs(cfg).reference:
-        pytest.skip("uses the reference")
+    pairs = Pairs(loss, cfg, seed=1)
+    a, b = loss(pairs.batch(width=T), cfg), loss(pairs.batch(width=T + 3), cfg)
+    torch.testing.assert_close(a.loss, b.loss, rtol=1e-5, atol=1e-6)
+    if a.margins is not None:
+        torch.testing.assert_close(a.margins, b.margins, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_pair_alone_and_in_a_batch_has_the_same_margin(name):
+    loss, cfg = _loss(name)
+    pairs = Pairs(loss, cfg, seed=2)
+    together = loss(pairs.batch(), cfg).margins
+    if together is None:
+        pytest.skip("the loss reports no per-pair margins")
+    for i in range(B):
+        alone = loss(pairs.batch([i]), cfg).margins
+        torch.testing.assert_close(alone, together[i: i + 1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_inputs_a_loss_does_not_declare_do_not_matter(name):
+    """A loss that declares no reference (or no online teacher/reference logits) ignores whatever they hold."""
+    loss, cfg = _loss(name)
+    needs = loss.needs(cfg)
     batch = _batch(loss, cfg)
     base = loss(batch, cfg).loss
-    for ref in (None, torch.randn_like(batch.logps.detach()) * 10):
-        batch.ref_logps = ref
+    g = torch.Generator().manual_seed(9)
+    if not needs.reference:
+        for ref in (None, torch.randn(batch.logps.shape, generator=g) * 10):
+            batch.ref_logps = ref
+            assert torch.equal(loss(batch, cfg).loss, base)
+    if not needs.reference_logits:
+        batch.ref_logits = torch.randn(*batch.mask.shape, V, generator=g)
+        assert torch.equal(loss(batch, cfg).loss, base)
+    if not needs.teacher_logits:
+        batch.teacher_logits = torch.randn(*batch.mask.shape, V, generator=g)
         assert torch.equal(loss(batch, cfg).loss, base)
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_reference_losses_use_the_reference(name):
+def test_declared_inputs_are_required(name):
     loss, cfg = _loss(name)
-    if not loss.needs(cfg).reference:
-        pytest.skip("reference-free")
+    needs = loss.needs(cfg)
+    if not (needs.reference or needs.reference_logits or needs.teacher_logits):
+        pytest.skip("declares no per-step model input")
     batch = _batch(loss, cfg)
-    batch.ref_logps = None
-    with pytest.raises(ValueError, match="reference"):
+    batch.ref_logps = batch.ref_logits = batch.teacher_logits = None
+    with pytest.raises(ValueError, match="reference|teacher"):
         loss(batch, cfg)

@@ -104,16 +104,35 @@ class AuxSpec:
 
 @dataclass(frozen=True)
 class Needs:
-    """What the pipeline must compute (and cache) for a loss; nothing else is computed."""
+    """What the pipeline must compute (and cache) for a loss; nothing else is computed.
 
-    reference: bool = False  # π_ref per-token log-probs of chosen and rejected (cached)
-    aux: tuple[AuxSpec, ...] = ()  # teacher aux rewards (cached; used by `prepare` or the batch)
-    topk: int | None = None  # teacher top-k log-probs + ids + remaining mass (cached)
+    Cached once per (data, model) and reused by every run: `reference`, `aux`, `topk`,
+    `teacher_reference_aux`. Computed online at every step, because a cache would hold T·V floats
+    per response (e.g. 0.5 MB per token for a 128k vocabulary): `reference_logits`, `teacher_logits`.
+    """
+
+    reference: bool = False  # π_ref per-token log-probs of chosen and rejected (cached): batch.ref_logps
+    aux: tuple[AuxSpec, ...] = ()  # teacher aux rewards (cached): columns "{side}/<column>"
+    topk: int | None = None  # teacher top-k log-probs + ids + remaining mass (cached): "topk_ids", ...
     student_logits: bool = False  # response-aligned student logits [2B, T, V] in the batch
+    # The same aux columns from the teacher's SFT model π_Tref (models.teacher_reference), cached:
+    # columns "{side}/tref:<column>", e.g. the teacher's implicit reward β_T·(log π_T − log π_Tref).
+    teacher_reference_aux: tuple[AuxSpec, ...] = ()
+    reference_logits: bool = False  # online: π_ref logits [2B, T, V] at every step (batch.ref_logits)
+    teacher_logits: bool = False  # online: teacher logits [2B, T, V] at every step (batch.teacher_logits)
 
     @property
     def teacher(self) -> bool:
-        return bool(self.aux) or bool(self.topk)
+        """Whether the teacher model is needed at all (cached columns or online logits)."""
+        return bool(self.aux) or bool(self.topk) or self.teacher_logits
+
+    @property
+    def teacher_reference(self) -> bool:
+        return bool(self.teacher_reference_aux)
+
+
+TEACHER_REFERENCE_PREFIX = "tref:"
+"""Prefix of the teacher-reference (π_Tref) columns, e.g. ``chosen/tref:log_prob``."""
 
 
 @dataclass(frozen=True)
@@ -167,6 +186,8 @@ class ScoredBatch:
     # [2B, T] int64 response token ids a_t (any valid id where ~mask); needed by losses that look
     # the taken token up in a distribution other than π_θ's, e.g. the 51-bin projection.
     token_ids: torch.Tensor | None = None
+    ref_logits: torch.Tensor | None = None  # [2B, T, V] π_ref logits at s_0..s_{T-1} (Needs.reference_logits)
+    teacher_logits: torch.Tensor | None = None  # [2B, T, V] teacher logits at s_0..s_{T-1} (Needs.teacher_logits)
 
     @property
     def num_pairs(self) -> int:

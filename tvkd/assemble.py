@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from tvkd.api import AuxSpec, Needs, PreferenceLoss
+from tvkd.api import TEACHER_REFERENCE_PREFIX, AuxSpec, Needs, PreferenceLoss
 from tvkd.cache.teacher import CacheResult, build_reference_cache, build_teacher_cache
 from tvkd.modeling import ModelSource
 from tvkd.tokenize import TokenizedData
@@ -49,6 +49,7 @@ def assemble_training_set(
     reference: ModelSource | None,
     teacher: ModelSource | None,
     pad_id: int,
+    teacher_reference: ModelSource | None = None,
     teacher_vocab: int | None = None,
     cache: CacheOptions = CacheOptions(),
     subsample: float | None = None,
@@ -86,6 +87,18 @@ def assemble_training_set(
         caches["teacher"] = tc
         parts.append(tc.dataset)
         teacher.release()  # free the teacher while the student trains
+    if needs.teacher_reference:
+        if teacher_reference is None:
+            raise ValueError(f"loss {loss.name!r} needs the teacher's SFT model: set models.teacher_reference")
+        tr = build_teacher_cache(tokenized.dataset, tokenized.fingerprint, teacher_reference, teacher_reference.key,
+                                 needs.teacher_reference_aux, vocab_size=teacher_vocab, pad_id=pad_id,
+                                 batch_size=cache.batch_size, cache_dir=_sub(cache, "teacher"), progress=progress)
+        built = f"computed {', '.join(tr.built)}" if tr.built else "cached"
+        say(f"  teacher-reference cache ({built}): {tr.path}")
+        caches["teacher_reference"] = tr
+        parts.append(tr.dataset.rename_columns({c: c.replace("/", "/" + TEACHER_REFERENCE_PREFIX, 1)
+                                                for c in tr.dataset.column_names}))
+        teacher_reference.release()
     full = datasets.concatenate_datasets(parts, axis=1) if len(parts) > 1 else parts[0]
     full = full.add_column("pair_index", list(range(len(full))))
     if subsample:

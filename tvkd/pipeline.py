@@ -96,7 +96,7 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-MODEL_ROLES = ("student", "reference", "teacher")
+MODEL_ROLES = ("student", "reference", "teacher", "teacher_reference")
 
 
 @dataclass
@@ -169,6 +169,7 @@ def identity(cfg: RunConfig, testbed: dict[str, Any] | None = None, progress: bo
     """The store key of a run (`run_identity`) without checking or loading its inputs (study planning)."""
     m = cfg.models
     paths = {"student": resolve(m.student, testbed, progress), "teacher": resolve(m.teacher, testbed, progress),
+             "teacher_reference": resolve(m.teacher_reference, testbed, progress),
              "source": resolve(cfg.data.source, testbed, progress)}
     paths["reference"] = resolve(m.reference, testbed, progress) or paths["student"]
     paths["test_source"] = resolve(cfg.data.test_source, testbed, progress) or paths["source"]
@@ -200,13 +201,18 @@ def plan_run(cfg: RunConfig, *, testbed: dict[str, Any] | None = None, progress:
     paths: dict[str, str | None] = {
         "student": resolve(m.student, testbed, progress),
         "teacher": resolve(m.teacher, testbed, progress),
+        "teacher_reference": resolve(m.teacher_reference, testbed, progress),
         "source": resolve(cfg.data.source, testbed, progress),
     }
     paths["reference"] = resolve(m.reference, testbed, progress) or paths["student"]
     paths["test_source"] = resolve(cfg.data.test_source, testbed, progress) or paths["source"]
     needs = loss.needs(loss_cfg)
     if needs.teacher and not paths["teacher"]:
-        raise InputError(f"loss {cfg.loss.name!r} needs a teacher: set models.teacher")
+        raise InputError(f"loss {cfg.loss.name!r} needs a teacher: set models.teacher (a folder, hub id or "
+                         "testbed:teacher_dpo)")
+    if needs.teacher_reference and not paths["teacher_reference"]:
+        raise InputError(f"loss {cfg.loss.name!r} needs the teacher's SFT model: set models.teacher_reference "
+                         "(a folder, hub id or testbed:teacher_sft)")
     for role in MODEL_ROLES:
         if paths[role]:
             paths[role] = str(_check_model(role, paths[role], m.trust_remote_code))
@@ -214,6 +220,12 @@ def plan_run(cfg: RunConfig, *, testbed: dict[str, Any] | None = None, progress:
     reference_vocab_check(paths["reference"], paths["student"], tokenizer, trust_remote_code=m.trust_remote_code)
     vocab = teacher_vocab_size(paths["teacher"], paths["student"], tokenizer,
                                trust_remote_code=m.trust_remote_code) if paths["teacher"] else None
+    if paths["teacher_reference"]:
+        tref_vocab = teacher_vocab_size(paths["teacher_reference"], paths["student"], tokenizer,
+                                        trust_remote_code=m.trust_remote_code)
+        if paths["teacher"] and tref_vocab != vocab:
+            raise InputError("models.teacher_reference: its vocabulary rows differ from the teacher's; the teacher "
+                             "and its SFT model must share one embedding matrix shape")
     key, inputs = run_identity(cfg, paths, testbed)
     plan = RunPlan(cfg=cfg, loss=loss, loss_cfg=loss_cfg, paths=paths, inputs=inputs, key=key, testbed=testbed,
                    tokenizer=tokenizer, teacher_vocab=vocab)
@@ -331,13 +343,15 @@ def _train_and_evaluate(plan: RunPlan, run_dir: Path, echo: Echo, progress: bool
     ref_source = ModelSource.from_path(plan.paths["reference"], dtype=m.dtype, trust_remote_code=m.trust_remote_code)
     teacher_source = ModelSource.from_path(plan.paths["teacher"], dtype=cfg.cache.dtype or m.dtype,
                                            trust_remote_code=m.trust_remote_code) if plan.paths["teacher"] else None
+    tref_source = ModelSource.from_path(plan.paths["teacher_reference"], dtype=cfg.cache.dtype or m.dtype,
+                                        trust_remote_code=m.trust_remote_code) if plan.paths["teacher_reference"] else None
 
     with echo.stage("caches"):
         cache = CacheOptions(batch_size=cfg.cache.batch_size,
                              also=tuple(aux_specs(cfg.cache.precompute, cfg.cache.value_temperatures,
                                                   cfg.cache.q_sources)))
         ts = assemble_training_set(plan.tokenized_train, loss, loss_cfg, reference=ref_source, teacher=teacher_source,
-                                   pad_id=plan.pad_id, teacher_vocab=plan.teacher_vocab, cache=cache,
+                                   teacher_reference=tref_source, pad_id=plan.pad_id, teacher_vocab=plan.teacher_vocab, cache=cache,
                                    subsample=cfg.data.subsample, seed=cfg.seed, progress=progress, say=echo)
     if "teacher" in ts.caches:
         metrics["cache_bytes_per_token"] = ts.caches["teacher"].stats["bytes_per_token"]
@@ -349,7 +363,8 @@ def _train_and_evaluate(plan: RunPlan, run_dir: Path, echo: Echo, progress: bool
     with echo.stage("train"):
         policy, train_metrics = train_policy(plan.paths["student"], ts.train, loss, loss_cfg, cfg=cfg,
                                              out_dir=run_dir / "checkpoint", pad_id=plan.pad_id, progress=progress,
-                                             say=echo)
+                                             say=echo, reference=ref_source, teacher=teacher_source,
+                                             teacher_vocab=plan.teacher_vocab)
         metrics.update(train_metrics)
         if cfg.train.save_model:
             policy.save_pretrained(str(run_dir / "model"))

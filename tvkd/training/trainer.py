@@ -96,12 +96,32 @@ class PreferenceTrainer(Trainer):
     """
 
     def __init__(self, *args: Any, loss: PreferenceLoss, loss_config: Any, needs_student_logits: bool = False,
+                 reference_model: Any = None, teacher_model: Any = None, teacher_vocab: int | None = None,
                  **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.loss_fn = loss
         self.loss_config = loss_config
         self.needs_student_logits = needs_student_logits
+        # Frozen models run online at every step (Needs.reference_logits / teacher_logits): a cache of
+        # their full distributions would hold T·V floats per response.
+        self.reference_model = self._frozen(reference_model)
+        self.teacher_model = self._frozen(teacher_model)
+        self.teacher_vocab = teacher_vocab
         self._metric_sums: dict[str, list[float]] = defaultdict(list)
+
+    def _frozen(self, model: Any) -> Any:
+        if model is None:
+            return None
+        model = model.to(self.args.device).eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return model
+
+    @torch.no_grad()
+    def _online_logits(self, model: Any, inputs: dict[str, Any], vocab: int | None = None) -> torch.Tensor:
+        z = state_logits(model, inputs["input_ids"], inputs["attention_mask"], inputs["prompt_lens"],
+                         inputs["resp_lens"])
+        return z[..., :vocab] if vocab is not None else z
 
     def scored_batch(self, model: Any, inputs: dict[str, Any]) -> ScoredBatch:
         z = state_logits(model, inputs["input_ids"], inputs["attention_mask"], inputs["prompt_lens"],
@@ -118,6 +138,9 @@ class PreferenceTrainer(Trainer):
             state_mask=state_mask,
             pair_index=inputs.get("pair_index"),
             token_ids=inputs["response_ids"],
+            ref_logits=self._online_logits(self.reference_model, inputs) if self.reference_model is not None else None,
+            teacher_logits=(self._online_logits(self.teacher_model, inputs, self.teacher_vocab)
+                            if self.teacher_model is not None else None),
         )
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
@@ -190,7 +213,8 @@ class _NoArgumentsPickle:
 
 
 def train_policy(student: str, train: Any, loss: PreferenceLoss, loss_cfg: Any, *, cfg: Any, out_dir: Any,
-                 pad_id: int, progress: bool, say: Any = print) -> tuple[Any, dict[str, Any]]:
+                 pad_id: int, progress: bool, say: Any = print, reference: Any = None, teacher: Any = None,
+                 teacher_vocab: int | None = None) -> tuple[Any, dict[str, Any]]:
     """Train the student from `student` (a folder or hub id) on `train`; (trained policy, metrics).
 
     `cfg` is the run's `RunConfig` (models, train and seed sections). Checkpoints go to
@@ -220,9 +244,14 @@ def train_policy(student: str, train: Any, loss: PreferenceLoss, loss_cfg: Any, 
         disable_tqdm=not progress, dataloader_num_workers=0, **t.extra,
     )
     collator = PreferenceCollator(pad_id=pad_id, batch_columns=loss.batch_columns(loss_cfg), reference=needs.reference)
+    online = {}
+    if needs.reference_logits:
+        online["reference_model"] = reference.get()
+    if needs.teacher_logits:
+        online.update(teacher_model=teacher.get(), teacher_vocab=teacher_vocab)
     trainer = PreferenceTrainer(model=policy, args=args, train_dataset=train, data_collator=collator, loss=loss,
                                 loss_config=loss_cfg, needs_student_logits=needs.student_logits,
-                                callbacks=[_NoArgumentsPickle()])
+                                callbacks=[_NoArgumentsPickle()], **online)
     if not progress:
         trainer.remove_callback(PrinterCallback)
     resume = last_checkpoint(out_dir) if t.save_strategy != "no" else None
@@ -240,4 +269,7 @@ def train_policy(student: str, train: Any, loss: PreferenceLoss, loss_cfg: Any, 
     if logged:
         metrics["train_log_last"] = {k: v for k, v in logged[-1].items() if isinstance(v, (int, float))}
     policy.eval()
+    for source in (reference, teacher):
+        if source is not None:
+            source.release()
     return policy, metrics
