@@ -365,8 +365,25 @@ def test_tvkd_released_matches_loop(world, gamma):
         assert torch.all(z.grad[r, n - 1 :] == 0)
 
 
+def test_tvkd_released_rest_bins_differ_only_on_a_peaked_student():
+    """complement (released) and logsumexp agree unless the student's rest mass underflows fp32's 1 − Σ."""
+    from tvkd.losses.tvkd_released import binned_log_probs
+
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(4, 30, generator=g)
+    ids = z.topk(5, -1).indices
+    soft = [binned_log_probs(z, ids, r)[..., -1] for r in ("complement", "logsumexp")]
+    torch.testing.assert_close(soft[0], soft[1], rtol=1e-5, atol=1e-5)
+    peaked = z.clone()
+    peaked[:, 0] += 40.0  # top-k holds all but ~e^-40 of the mass
+    ids = peaked.topk(5, -1).indices
+    comp, exact = (binned_log_probs(peaked, ids, r)[..., -1] for r in ("complement", "logsumexp"))
+    assert torch.all(comp == math.log(1e-8)) and torch.all(exact < -35)
+
+
 def test_tvkd_released_ignores_eos_and_needs():
     cls = LOSSES.get("tvkd_released")
     needs = cls().needs(build_config(cls, {}))
     assert needs.topk == 50 and needs.student_logits and not needs.reference
+    assert build_config(cls, {}).rest_bin == "complement"
     assert LOSSES.meta("tvkd_released")["reference_free"] is True

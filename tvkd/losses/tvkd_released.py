@@ -12,8 +12,10 @@ each bin clamped to [1e-8, 1 − 1e-8] and *not* renormalised:
 bin(a) is the index of a among the teacher's top-k ids at s_t, or k (the rest bin) if absent.
 The entropy at the EOS position (the state s_{T−1} that predicts EOS) is exactly 0 (A.7: the
 released code zeroes the probabilities there before the entropy), so the last content token
-gets r = Q only. The rest bin's log-mass is logsumexp over the non-top-k student logits minus
-logsumexp over all of them (stable; docs/methods.md §B.8), not log(1 − Σ top-k).
+gets r = Q only. The rest bin is the released code's 1 − Σ top-k in fp32, floored at 1e-8
+(`rest_bin="complement"`, the default, so this row reproduces the release); `rest_bin="logsumexp"`
+takes logsumexp over the non-top-k student logits minus logsumexp over all of them (stable;
+docs/methods.md §B.8), which differs when the student's mass outside the top-k is below ~6e-8.
 """
 
 from __future__ import annotations
@@ -30,16 +32,27 @@ CLAMP_MIN = 1e-8
 CLAMP_MAX = 1.0 - 1e-8
 
 
-def binned_log_probs(logits: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+REST_BINS = ("complement", "logsumexp")
+
+
+def binned_log_probs(logits: torch.Tensor, topk_ids: torch.Tensor, rest_bin: str = "logsumexp") -> torch.Tensor:
     """[..., k+1] log q_θ: the student's log-probs of the teacher's top-k ids, then the rest bin.
 
-    fp32 throughout. The rest bin is logsumexp(z with the top-k ids set to −inf) − logsumexp(z).
+    fp32 throughout. `rest_bin="logsumexp"`: the rest bin is logsumexp(z with the top-k ids set to
+    −inf) − logsumexp(z), exact however little mass is left. `rest_bin="complement"`: the released
+    code's log(max(1 − Σ_top q, 1e-8)) in fp32, which rounds a rest mass below ~6e-8 to 0 and then
+    to 1e-8 (up to 1.6 nats off per token on a peaked student).
     """
     z = logits.float()
     ids = topk_ids.long()
     lse = torch.logsumexp(z, dim=-1, keepdim=True)
     top = z.gather(-1, ids) - lse
-    rest = torch.logsumexp(z.scatter(-1, ids, float("-inf")), dim=-1, keepdim=True) - lse
+    if rest_bin == "complement":
+        rest = (1.0 - top.exp().sum(-1, keepdim=True)).clamp(min=CLAMP_MIN).log()
+    elif rest_bin == "logsumexp":
+        rest = torch.logsumexp(z.scatter(-1, ids, float("-inf")), dim=-1, keepdim=True) - lse
+    else:
+        raise ValueError(f"unknown rest_bin {rest_bin!r}; valid: {', '.join(REST_BINS)}")
     return torch.cat([top, rest], dim=-1)
 
 
@@ -71,8 +84,15 @@ class TVKDReleased(PreferenceLoss):
             default=50,
             metadata={"help": "Teacher top-k ids per state that define the bins (k + 1 with the rest)."},
         )
+        rest_bin: str = field(
+            default="complement",
+            metadata={"help": "The 51st bin: complement (released code: 1 − Σ top-k in fp32, floored at 1e-8) | "
+                              "logsumexp (exact: logsumexp over the logits outside the top-k)."},
+        )
 
         def __post_init__(self):
+            if self.rest_bin not in REST_BINS:
+                raise ValueError(f"tvkd_released: rest_bin must be one of {', '.join(REST_BINS)}, got {self.rest_bin!r}")
             if not (isinstance(self.topk, int) and self.topk >= 1):
                 raise ValueError(f"tvkd_released: topk must be a positive int, got {self.topk!r}")
             if not math.isfinite(self.gamma):
@@ -96,7 +116,7 @@ class TVKDReleased(PreferenceLoss):
             raise ValueError(
                 f"top-k ({ids.shape[-1]}) must be smaller than the vocabulary ({batch.logits.shape[-1]})"
             )
-        log_q = binned_log_probs(batch.logits, ids)  # [2B, T, k+1]
+        log_q = binned_log_probs(batch.logits, ids, cfg.rest_bin)  # [2B, T, k+1]
         q, log_q = clamped_bins(log_q)
         k = ids.shape[-1]
 
