@@ -118,17 +118,30 @@ class Needs:
     # The same aux columns from the teacher's SFT model π_Tref (models.teacher_reference), cached:
     # columns "{side}/tref:<column>", e.g. the teacher's implicit reward β_T·(log π_T − log π_Tref).
     teacher_reference_aux: tuple[AuxSpec, ...] = ()
+    teacher_reference_topk: int | None = None  # π_Tref's top-k (cached): columns "tref:topk_ids", ...
     reference_logits: bool = False  # online: π_ref logits [2B, T, V] at every step (batch.ref_logits)
     teacher_logits: bool = False  # online: teacher logits [2B, T, V] at every step (batch.teacher_logits)
+    # Greedy rollouts (cached, `tvkd.rollouts`) that replace one side of every pair before any other
+    # cache is computed: chosen_from="teacher" (SeqKD), rejected_from="student" (ADPA: the student's
+    # initialisation answers); rollout_max_new_tokens is their length budget.
+    chosen_from: str | None = None
+    rejected_from: str | None = None
+    rollout_max_new_tokens: int = 512
 
     @property
     def teacher(self) -> bool:
         """Whether the teacher model is needed at all (cached columns or online logits)."""
-        return bool(self.aux) or bool(self.topk) or self.teacher_logits
+        return bool(self.aux) or bool(self.topk) or self.teacher_logits or self.chosen_from == "teacher"
 
     @property
     def teacher_reference(self) -> bool:
-        return bool(self.teacher_reference_aux)
+        return bool(self.teacher_reference_aux) or bool(self.teacher_reference_topk)
+
+    def __post_init__(self) -> None:
+        if self.chosen_from not in (None, "teacher"):
+            raise ValueError(f"Needs.chosen_from must be None or 'teacher', got {self.chosen_from!r}")
+        if self.rejected_from not in (None, "student"):
+            raise ValueError(f"Needs.rejected_from must be None or 'student', got {self.rejected_from!r}")
 
 
 TEACHER_REFERENCE_PREFIX = "tref:"

@@ -39,6 +39,7 @@ class TrainingSet:
     train: Any  # the columns the collator reads (what the trainer gets)
     needs: Needs
     caches: dict[str, CacheResult] = field(default_factory=dict)
+    tokenized: TokenizedData | None = None  # the pairs trained on (with any rollouts in place)
 
 
 def assemble_training_set(
@@ -50,6 +51,8 @@ def assemble_training_set(
     teacher: ModelSource | None,
     pad_id: int,
     teacher_reference: ModelSource | None = None,
+    student: ModelSource | None = None,
+    eos_id: int | None = None,
     teacher_vocab: int | None = None,
     cache: CacheOptions = CacheOptions(),
     subsample: float | None = None,
@@ -65,6 +68,8 @@ def assemble_training_set(
     import datasets
 
     needs = loss.needs(loss_cfg)
+    tokenized = _with_rollouts(tokenized, needs, teacher=teacher, student=student, pad_id=pad_id, eos_id=eos_id,
+                               cache=cache, progress=progress, say=say)
     parts = [tokenized.dataset]
     caches: dict[str, CacheResult] = {}
     if needs.reference:
@@ -76,9 +81,9 @@ def assemble_training_set(
         say(f"  reference cache ({'cached' if rc.cached else 'built'}): {rc.path}")
         caches["reference"] = rc
         parts.append(rc.dataset)
-    if needs.teacher:
-        if teacher is None:
-            raise ValueError(f"loss {loss.name!r} needs a teacher: set models.teacher")
+    if needs.teacher and teacher is None:
+        raise ValueError(f"loss {loss.name!r} needs a teacher: set models.teacher")
+    if needs.aux or needs.topk:
         tc = build_teacher_cache(tokenized.dataset, tokenized.fingerprint, teacher, teacher.key, needs.aux,
                                  topk=needs.topk, also=cache.also, vocab_size=teacher_vocab, pad_id=pad_id,
                                  batch_size=cache.batch_size, cache_dir=_sub(cache, "teacher"), progress=progress)
@@ -91,7 +96,8 @@ def assemble_training_set(
         if teacher_reference is None:
             raise ValueError(f"loss {loss.name!r} needs the teacher's SFT model: set models.teacher_reference")
         tr = build_teacher_cache(tokenized.dataset, tokenized.fingerprint, teacher_reference, teacher_reference.key,
-                                 needs.teacher_reference_aux, vocab_size=teacher_vocab, pad_id=pad_id,
+                                 needs.teacher_reference_aux, topk=needs.teacher_reference_topk,
+                                 vocab_size=teacher_vocab, pad_id=pad_id,
                                  batch_size=cache.batch_size, cache_dir=_sub(cache, "teacher"), progress=progress)
         built = f"computed {', '.join(tr.built)}" if tr.built else "cached"
         say(f"  teacher-reference cache ({built}): {tr.path}")
@@ -106,7 +112,27 @@ def assemble_training_set(
         say(f"  subsample: {len(full)} of {len(tokenized.dataset)} pairs (seed {seed})")
     full = loss.prepare(full, loss_cfg, seed=seed)
     train = training_columns(full, loss.batch_columns(loss_cfg), needs.reference)
-    return TrainingSet(full=full, train=train, needs=needs, caches=caches)
+    return TrainingSet(full=full, train=train, needs=needs, caches=caches, tokenized=tokenized)
+
+
+def _with_rollouts(tokenized: TokenizedData, needs: Needs, *, teacher: ModelSource | None,
+                   student: ModelSource | None, pad_id: int, eos_id: int | None, cache: CacheOptions,
+                   progress: bool, say: Callable[[str], None]) -> TokenizedData:
+    """The pairs with the sides `needs` asks to be rolled out replaced by greedy rollouts (cached)."""
+    from tvkd.rollouts import greedy_rollouts
+
+    for side, who, model in (("chosen", needs.chosen_from, teacher), ("rejected", needs.rejected_from, student)):
+        if who is None:
+            continue
+        if model is None or eos_id is None:
+            raise ValueError(f"rollouts of the {side} side need the {who} model and the end-of-turn id")
+        tokenized = greedy_rollouts(tokenized, model, side=side, eos_id=eos_id, pad_id=pad_id,
+                                    max_new_tokens=needs.rollout_max_new_tokens, cache_dir=_sub(cache, "rollouts"),
+                                    progress=progress, who=who)
+        say(f"  {side} side = {who} greedy rollouts ({'cached' if tokenized.cached else 'generated'}; "
+            f"{tokenized.counts.get(f'{side}_rollouts_hit_budget', 0)} hit the {needs.rollout_max_new_tokens}-token budget)")
+        model.release()
+    return tokenized
 
 
 def subsample_pairs(dataset: Any, fraction: float, seed: int) -> Any:

@@ -50,20 +50,47 @@ def generate(
     untouched. ``batch_size`` counts prompts, so one forward holds up to
     ``batch_size * num_return_sequences`` sequences.
     """
-    if num_return_sequences > 1 and not do_sample:
-        raise ValueError("num_return_sequences > 1 needs do_sample=True (greedy decoding repeats itself)")
     eos_id = tokenizer.eos_token_id
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
     if eos_id is None:
         raise ValueError("the tokenizer has no eos_token; generation could not tell where a turn ends")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
+    ids = generate_ids(model, [render_prompt_ids(tokenizer, p) for p in prompts], eos_id=eos_id, pad_id=pad_id,
+                       max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                       num_return_sequences=num_return_sequences, seed=seed, batch_size=batch_size,
+                       progress=progress)
+    return [[tokenizer.decode(c[:-1] if c and c[-1] == eos_id else c, skip_special_tokens=True) for c in per]
+            for per in ids]
+
+
+@torch.no_grad()
+def generate_ids(
+    model: PreTrainedModel,
+    prompt_ids: Sequence[Sequence[int]],
+    *,
+    eos_id: int,
+    pad_id: int,
+    max_new_tokens: int,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    num_return_sequences: int = 1,
+    seed: int = 0,
+    batch_size: int = 256,
+    progress: bool = False,
+    desc: str = "generate",
+) -> list[list[list[int]]]:
+    """Completions as token ids for prompts given as token ids: one list per prompt of
+    ``num_return_sequences`` id lists, each cut after its first eos (eos kept; a completion that
+    never emits eos holds its ``max_new_tokens`` ids and no eos). Batching, padding and seeding
+    as in `generate`."""
+    if num_return_sequences > 1 and not do_sample:
+        raise ValueError("num_return_sequences > 1 needs do_sample=True (greedy decoding repeats itself)")
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-
-    encoded = [render_prompt_ids(tokenizer, p) for p in prompts]
+    encoded = [list(p) for p in prompt_ids]
     # Equal-length prompts share a batch, so left padding (and wasted compute) is minimal.
     order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i]), i))
-    results: list[list[str]] = [[] for _ in encoded]
+    results: list[list[list[int]]] = [[] for _ in encoded]
     # Explicit values override whatever top-k/top-p a model's saved generation config carries.
     sampling = (
         {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
@@ -73,7 +100,7 @@ def generate(
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        for batch in tqdm(batches, desc="generate", disable=not progress, leave=False):
+        for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
             width = max(len(encoded[i]) for i in batch)
             input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
             attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -90,11 +117,9 @@ def generate(
                 pad_token_id=pad_id,
                 **sampling,
             )
-            new_tokens = out[:, width:].tolist()
-            for k, ids in enumerate(new_tokens):
+            for k, ids in enumerate(out[:, width:].tolist()):
                 if eos_id in ids:
-                    ids = ids[: ids.index(eos_id)]
-                text = tokenizer.decode(ids, skip_special_tokens=True)
-                results[batch[k // num_return_sequences]].append(text)
+                    ids = ids[: ids.index(eos_id) + 1]
+                results[batch[k // num_return_sequences]].append(ids)
     model.train(was_training)
     return results

@@ -112,6 +112,7 @@ class RunPlan:
     testbed: dict[str, Any] | None = None
     tokenizer: Any = None
     pad_id: int = 0
+    eos_id: int | None = None
     teacher_vocab: int | None = None
     train_data: Any = None  # LoadResult
     test_data: Any = None  # LoadResult | None
@@ -230,6 +231,7 @@ def plan_run(cfg: RunConfig, *, testbed: dict[str, Any] | None = None, progress:
     plan = RunPlan(cfg=cfg, loss=loss, loss_cfg=loss_cfg, paths=paths, inputs=inputs, key=key, testbed=testbed,
                    tokenizer=tokenizer, teacher_vocab=vocab)
     plan.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    plan.eos_id = tokenizer.convert_tokens_to_ids(cfg.tokenize.eos_token or tokenizer.eos_token)
     plan.train_data = _load_pairs(paths["source"], cfg.data.split, cfg.data.limit, cfg.data.adapter, echo)
     if cfg.eval.margin_accuracy or cfg.eval.generate:
         plan.test_data = _load_pairs(paths["test_source"], cfg.data.test_split, cfg.data.test_limit,
@@ -351,7 +353,9 @@ def _train_and_evaluate(plan: RunPlan, run_dir: Path, echo: Echo, progress: bool
                              also=tuple(aux_specs(cfg.cache.precompute, cfg.cache.value_temperatures,
                                                   cfg.cache.q_sources)))
         ts = assemble_training_set(plan.tokenized_train, loss, loss_cfg, reference=ref_source, teacher=teacher_source,
-                                   teacher_reference=tref_source, pad_id=plan.pad_id, teacher_vocab=plan.teacher_vocab, cache=cache,
+                                   teacher_reference=tref_source, pad_id=plan.pad_id, eos_id=plan.eos_id,
+                                   student=ModelSource.from_path(plan.paths["student"], dtype=m.dtype,
+                                                                 trust_remote_code=m.trust_remote_code), teacher_vocab=plan.teacher_vocab, cache=cache,
                                    subsample=cfg.data.subsample, seed=cfg.seed, progress=progress, say=echo)
     if "teacher" in ts.caches:
         metrics["cache_bytes_per_token"] = ts.caches["teacher"].stats["bytes_per_token"]

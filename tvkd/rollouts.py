@@ -1,0 +1,69 @@
+"""Greedy rollouts: responses written by a model, replacing one side of the training pairs.
+
+SeqKD trains the student on the teacher's greedy answers to the training prompts (the chosen
+side becomes the teacher's rollout); ADPA contrasts the data set's chosen answer with the
+student's own greedy answer (the rejected side becomes the student's rollout). A rollout is
+generated once per (tokenized data, model, length budget), cached like every other stage
+(`tvkd.storage.cached_stage`), and reused by every run that asks for it. Each rollout ends with
+the end-of-turn token (appended, and counted, when the budget ran out first), so it has the same
+shape as a tokenized response and the teacher cache can read its states up to s_T.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from tvkd.paths import cache_root, fingerprint
+from tvkd.storage import cached_stage, save_dataset
+from tvkd.tokenize import TokenizedData
+
+ROLLOUT_VERSION = 1
+SIDES = ("chosen", "rejected")
+
+
+def greedy_rollouts(tokenized: TokenizedData, model: Any, *, side: str, eos_id: int, pad_id: int,
+                    max_new_tokens: int, batch_size: int = 64, cache_dir: str | Path | None = None,
+                    progress: bool = True, who: str = "model") -> TokenizedData:
+    """A copy of `tokenized` whose `side` responses are `model`'s greedy continuations of the prompts.
+
+    `model` is a `ModelSource` (loaded only if the rollouts are not cached). The result has its own
+    fingerprint, so caches computed on it (reference, teacher) are keyed by the rollouts.
+    """
+    import datasets
+
+    if side not in SIDES:
+        raise ValueError(f"side must be one of {SIDES}, got {side!r}")
+    key = fingerprint(ROLLOUT_VERSION, "greedy", tokenized.fingerprint, model.key, max_new_tokens, eos_id)
+    path = (Path(cache_dir) if cache_dir else cache_root() / "rollouts") / key
+
+    def build(tmp: Path) -> dict[str, Any]:
+        from tvkd.generation import generate_ids
+
+        prompts = [list(p) for p in tokenized.dataset["prompt_ids"]]
+        unique = list(dict.fromkeys(tuple(p) for p in prompts))  # a prompt shared by pairs is generated once
+        outs = generate_ids(model.get(), [list(p) for p in unique], eos_id=eos_id, pad_id=pad_id,
+                            max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress,
+                            desc=f"{who} greedy rollouts")
+        by_prompt, cut = {}, 0
+        for p, (ids,) in zip(unique, outs):
+            if not ids or ids[-1] != eos_id:
+                ids, cut = ids + [eos_id], cut + 1
+            by_prompt[p] = ids
+        responses = [by_prompt[tuple(p)] for p in prompts]
+        feats = datasets.Features({"response_ids": datasets.Sequence(datasets.Value("int32"))})
+        save_dataset(datasets.Dataset.from_dict({"response_ids": responses}, features=feats), tmp / "data")
+        lengths = [len(r) for r in responses]
+        return {"prompts": len(unique), "pairs": len(responses), "hit_budget": cut,
+                "mean_length": sum(lengths) / max(len(lengths), 1), "model": model.key}
+
+    stage = cached_stage(path, build, describe=f"{who} greedy rollouts")
+    responses = datasets.load_from_disk(str(stage.path / "data"))["response_ids"]
+    column = f"{side}_ids"
+    ds = tokenized.dataset.remove_columns(column).add_column(column, responses,
+                                                              feature=datasets.Sequence(datasets.Value("int32")))
+    ds = ds.select_columns(tokenized.dataset.column_names)  # the original column order
+    counts = {**tokenized.counts, f"{side}_rollouts_hit_budget": stage.record["hit_budget"]}
+    return replace(tokenized, dataset=ds, fingerprint=fingerprint(tokenized.fingerprint, side, key),
+                   counts=counts, cached=stage.cached)
