@@ -60,6 +60,7 @@ class Pairs:
             data[f"chosen/{prefix}{spec.column}"] = values[:pairs]
             data[f"rejected/{prefix}{spec.column}"] = values[pairs:]
         self.dataset = loss.prepare(Dataset.from_dict(data), cfg, seed=0)
+        self.tref = torch.randn(rows, T, V, generator=g) * 2  # the teacher's SFT model
 
     def batch(self, pairs: list[int] | None = None, width: int = T, grad: bool = True) -> ScoredBatch:
         pairs = list(range(self.n)) if pairs is None else pairs
@@ -86,10 +87,12 @@ class Pairs:
                 columns[c] = pad(self.token_cols[c][:, :T], width) * mask
             elif kind == "state":
                 columns[c] = pad(self.token_cols[c], width + 1) * state_mask
-        if self.needs.topk:
-            top = torch.log_softmax(pad(self.teacher, width), -1).topk(self.needs.topk, -1)
-            columns["topk_ids"], columns["topk_logprobs"] = top.indices, top.values
-            columns["topk_rest"] = torch.log1p(-top.values.exp().sum(-1).clamp(max=1 - 1e-6))
+        for prefix, k, source in (("", self.needs.topk, self.teacher),
+                                  ("tref:", self.needs.teacher_reference_topk, self.tref)):
+            if k:
+                top = torch.log_softmax(pad(source, width), -1).topk(k, -1)
+                columns[f"{prefix}topk_ids"], columns[f"{prefix}topk_logprobs"] = top.indices, top.values
+                columns[f"{prefix}topk_rest"] = torch.log1p(-top.values.exp().sum(-1).clamp(max=1 - 1e-6))
         return ScoredBatch(
             logps=logps, mask=mask,
             ref_logps=pad(self.ref_logps, width) * mask if self.needs.reference else None,
