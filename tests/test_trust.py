@@ -437,3 +437,13 @@ def test_gc_removes_failed_interrupted_and_leftover_checkpoints(tmp_path, capsys
     assert [p.name.split("-")[0] for p in left] == ["done", "kept"]
     assert not (left[0] / "checkpoint").exists() and (left[1] / "checkpoint").exists()
     assert (left[0] / "metrics.json").exists()
+
+
+def test_eval_only_evaluates_the_model_as_it_is(tiny_world, tmp_path, capsys):
+    cfg = write_cfg(tmp_path / "run.yaml", tiny_world, eval_only=True,
+                    **{"eval.margin_accuracy": False, "models.student": tiny_world["teacher"]})
+    assert cli(capsys, "run", cfg, "--results", tmp_path / "results", "--quiet")[0] == 0
+    (run,) = run_dirs(tmp_path / "results")
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["eval_only"] is True and "train_loss" not in metrics and "response_words" in metrics
+    assert not (tmp_path / "cache" / "reference_cache").exists()  # no cache was built

@@ -215,6 +215,8 @@ class RunConfig:
     num_threads: int | None = _f(
         None, "CPU threads for torch (default: torch's). Tiny models run fastest on 1: thread hand-offs cost "
               "more than their small matmuls, and oversubscribed OpenMP threads spin-wait.")
+    eval_only: bool = _f(False, "Evaluate models.student as it is (a teacher row of a table): no caches, no "
+                                "training; the loss only sets the evaluators' β.")
     models: ModelsConfig = field(default_factory=ModelsConfig)
     data: DataConfig = field(default_factory=DataConfig)
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from tvkd.api import Needs
 from tvkd.config import RunConfig
 from tvkd.losses import LOSSES, build_config
 from tvkd.paths import content_digest, fingerprint
@@ -207,7 +208,7 @@ def plan_run(cfg: RunConfig, *, testbed: dict[str, Any] | None = None, progress:
     }
     paths["reference"] = resolve(m.reference, testbed, progress) or paths["student"]
     paths["test_source"] = resolve(cfg.data.test_source, testbed, progress) or paths["source"]
-    needs = loss.needs(loss_cfg)
+    needs = loss.needs(loss_cfg) if not cfg.eval_only else Needs()
     if needs.teacher and not paths["teacher"]:
         raise InputError(f"loss {cfg.loss.name!r} needs a teacher: set models.teacher (a folder, hub id or "
                          "testbed:teacher_dpo)")
@@ -312,6 +313,27 @@ def execute(cfg: RunConfig, *, store: Any = None, force: bool = False, progress:
     return rec
 
 
+def _evaluate_only(plan: RunPlan, echo: Echo, progress: bool, ref_source: Any, teacher_source: Any
+                   ) -> tuple[dict[str, Any], list | None]:
+    """Evaluate models.student as it is (`eval_only`): the evaluators of a trained run, no caches, no training."""
+    from tvkd.evaluation import EvalContext, run_evaluators
+    from tvkd.modeling import load_causal_lm
+
+    cfg = plan.cfg
+    with echo.stage("evaluate"):
+        policy = load_causal_lm(plan.paths["student"], dtype=cfg.models.dtype,
+                                trust_remote_code=cfg.models.trust_remote_code)
+        ctx = EvalContext(cfg=cfg, policy=policy, tokenizer=plan.tokenizer, pad_id=plan.pad_id,
+                          settings=plan.loss.eval_settings(plan.loss_cfg), train=plan.tokenized_train,
+                          test=plan.tokenized_test, test_examples=plan.test_data.examples if plan.test_data else None,
+                          reference=ref_source, teacher=teacher_source, teacher_vocab=plan.teacher_vocab,
+                          teacher_signal=False, testbed=uses_testbed(cfg), progress=progress)
+        metrics = run_evaluators(ctx, say=echo)
+    metrics["seconds"] = dict(echo.timings)
+    metrics["eval_only"] = True
+    return metrics, ctx.outputs
+
+
 def _load_pairs(source: str, split: str, limit: int | None, adapter: str | None, echo: Echo) -> Any:
     from tvkd.data import load_preferences
 
@@ -348,6 +370,8 @@ def _train_and_evaluate(plan: RunPlan, run_dir: Path, echo: Echo, progress: bool
     tref_source = ModelSource.from_path(plan.paths["teacher_reference"], dtype=cfg.cache.dtype or m.dtype,
                                         trust_remote_code=m.trust_remote_code) if plan.paths["teacher_reference"] else None
 
+    if cfg.eval_only:
+        return _evaluate_only(plan, echo, progress, ref_source, teacher_source)
     with echo.stage("caches"):
         cache = CacheOptions(batch_size=cfg.cache.batch_size,
                              also=tuple(aux_specs(cfg.cache.precompute, cfg.cache.value_temperatures,
