@@ -103,6 +103,23 @@ class AuxSpec:
 
 
 @dataclass(frozen=True)
+class OnPolicy:
+    """Student samples inside training (GKD): with probability `fraction` a batch's responses are
+    replaced by samples of the current student at `temperature` (at most `max_new_tokens`, cut after
+    the first end-of-turn token), and the loss is computed on those."""
+
+    fraction: float = 0.5
+    temperature: float = 0.9
+    max_new_tokens: int = 128
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.fraction <= 1:
+            raise ValueError(f"on-policy fraction must lie in [0, 1], got {self.fraction}")
+        if not self.temperature > 0 or self.max_new_tokens < 1:
+            raise ValueError("on-policy sampling needs a temperature > 0 and max_new_tokens >= 1")
+
+
+@dataclass(frozen=True)
 class Needs:
     """What the pipeline must compute (and cache) for a loss; nothing else is computed.
 
@@ -127,6 +144,7 @@ class Needs:
     chosen_from: str | None = None
     rejected_from: str | None = None
     rollout_max_new_tokens: int = 512
+    on_policy: OnPolicy | None = None  # student samples inside training (online; see OnPolicy)
 
     @property
     def teacher(self) -> bool:
@@ -142,6 +160,9 @@ class Needs:
             raise ValueError(f"Needs.chosen_from must be None or 'teacher', got {self.chosen_from!r}")
         if self.rejected_from not in (None, "student"):
             raise ValueError(f"Needs.rejected_from must be None or 'student', got {self.rejected_from!r}")
+        if self.on_policy is not None and (self.reference or self.aux or self.topk or self.teacher_reference):
+            raise ValueError("on-policy samples have no cached reference or teacher columns: a loss that samples "
+                             "inside training reads its models online (reference_logits / teacher_logits)")
 
 
 TEACHER_REFERENCE_PREFIX = "tref:"

@@ -392,7 +392,7 @@ def _train_and_evaluate(plan: RunPlan, run_dir: Path, echo: Echo, progress: bool
         policy, train_metrics = train_policy(plan.paths["student"], ts.train, loss, loss_cfg, cfg=cfg,
                                              out_dir=run_dir / "checkpoint", pad_id=plan.pad_id, progress=progress,
                                              say=echo, reference=ref_source, teacher=teacher_source,
-                                             teacher_vocab=plan.teacher_vocab)
+                                             teacher_vocab=plan.teacher_vocab, eos_id=plan.eos_id)
         metrics.update(train_metrics)
         if cfg.train.save_model:
             policy.save_pretrained(str(run_dir / "model"))

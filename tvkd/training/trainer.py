@@ -8,6 +8,7 @@ resume, `report_to`) comes from `transformers.Trainer` unchanged.
 from __future__ import annotations
 
 import math
+import random
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -97,7 +98,7 @@ class PreferenceTrainer(Trainer):
 
     def __init__(self, *args: Any, loss: PreferenceLoss, loss_config: Any, needs_student_logits: bool = False,
                  reference_model: Any = None, teacher_model: Any = None, teacher_vocab: int | None = None,
-                 **kwargs: Any):
+                 on_policy: Any = None, eos_id: int | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.loss_fn = loss
         self.loss_config = loss_config
@@ -107,6 +108,10 @@ class PreferenceTrainer(Trainer):
         self.reference_model = self._frozen(reference_model)
         self.teacher_model = self._frozen(teacher_model)
         self.teacher_vocab = teacher_vocab
+        self.on_policy = on_policy  # api.OnPolicy or None
+        self.eos_id = eos_id
+        if on_policy is not None and eos_id is None:
+            raise ValueError("on-policy sampling needs the end-of-turn id (eos_id)")
         self._metric_sums: dict[str, list[float]] = defaultdict(list)
 
     def _frozen(self, model: Any) -> Any:
@@ -143,8 +148,31 @@ class PreferenceTrainer(Trainer):
                             if self.teacher_model is not None else None),
         )
 
+    def _sample_on_policy(self, model: Any, inputs: dict[str, Any]) -> dict[str, Any]:
+        """The batch with its responses replaced by samples of the current student (GKD's on-policy step).
+
+        The coin and the sampling seed come from Python's `random`, whose state a checkpoint saves,
+        so a resumed run draws the same coins as an uninterrupted one (as TRL's GKDTrainer draws them).
+        """
+        from tvkd.generation import generate_ids
+
+        B = inputs["input_ids"].shape[0] // 2
+        prompts = [inputs["input_ids"][i, : int(inputs["prompt_lens"][i])].tolist() for i in range(B)]
+        pad_id = int(self.data_collator.pad_id)
+        samples = generate_ids(self.accelerator.unwrap_model(model), prompts, eos_id=self.eos_id, pad_id=pad_id,
+                               max_new_tokens=self.on_policy.max_new_tokens, do_sample=True,
+                               temperature=self.on_policy.temperature, seed=random.randrange(2**31),
+                               batch_size=B)
+        feats = [{"prompt_ids": p, "chosen_ids": s[0], "rejected_ids": s[0]} for p, s in zip(prompts, samples)]
+        new = {k: v.to(inputs["input_ids"].device) for k, v in collate_pairs(feats, pad_id).items()}
+        keep = {k: v for k, v in inputs.items() if k == "pair_index" or (k.startswith("col:") and v.dim() == 1)}
+        return {**new, **keep}
+
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
+        sampled = False
+        if self.on_policy is not None and model.training and random.random() < self.on_policy.fraction:
+            inputs, sampled = self._sample_on_policy(model, inputs), True
         batch = self.scored_batch(model, inputs)
         out: LossOutput = self.loss_fn(batch, self.loss_config)
         if not torch.isfinite(out.loss.detach()).all():
@@ -155,6 +183,8 @@ class PreferenceTrainer(Trainer):
                 cw, rj = batch.split(seq)
                 self._metric_sums["logps/chosen"].append(cw.mean().item())
                 self._metric_sums["logps/rejected"].append(rj.mean().item())
+                if self.on_policy is not None:
+                    self._metric_sums["on_policy"].append(float(sampled))
                 for k, v in out.metrics.items():
                     self._metric_sums[k].append(float(v.detach().float().mean().item()) if torch.is_tensor(v) else float(v))
         return (out.loss, {"margins": out.margins}) if return_outputs else out.loss
@@ -214,7 +244,7 @@ class _NoArgumentsPickle:
 
 def train_policy(student: str, train: Any, loss: PreferenceLoss, loss_cfg: Any, *, cfg: Any, out_dir: Any,
                  pad_id: int, progress: bool, say: Any = print, reference: Any = None, teacher: Any = None,
-                 teacher_vocab: int | None = None) -> tuple[Any, dict[str, Any]]:
+                 teacher_vocab: int | None = None, eos_id: int | None = None) -> tuple[Any, dict[str, Any]]:
     """Train the student from `student` (a folder or hub id) on `train`; (trained policy, metrics).
 
     `cfg` is the run's `RunConfig` (models, train and seed sections). Checkpoints go to
@@ -249,6 +279,8 @@ def train_policy(student: str, train: Any, loss: PreferenceLoss, loss_cfg: Any, 
         online["reference_model"] = reference.get()
     if needs.teacher_logits:
         online.update(teacher_model=teacher.get(), teacher_vocab=teacher_vocab)
+    if needs.on_policy is not None:
+        online.update(on_policy=needs.on_policy, eos_id=eos_id)
     trainer = PreferenceTrainer(model=policy, args=args, train_dataset=train, data_collator=collator, loss=loss,
                                 loss_config=loss_cfg, needs_student_logits=needs.student_logits,
                                 callbacks=[_NoArgumentsPickle()], **online)
