@@ -14,6 +14,7 @@ import torch
 from datasets import Dataset
 
 from tvkd.api import (
+    CONTRAST_PREFIX,
     LOSSES,
     TEACHER_REFERENCE_PREFIX,
     LossOutput,
@@ -59,6 +60,11 @@ class Pairs:
             values = [torch.randn(int(n) + extra, generator=g).tolist() for n in self.lengths]
             data[f"chosen/{prefix}{spec.column}"] = values[:pairs]
             data[f"rejected/{prefix}{spec.column}"] = values[pairs:]
+        if self.needs.contrast is not None:
+            for name in ("dpo", "rev"):
+                values = [(torch.randn(int(n), generator=g) - 2).tolist() for n in self.lengths]
+                data[f"chosen/{CONTRAST_PREFIX}{name}_logps"] = values[:pairs]
+                data[f"rejected/{CONTRAST_PREFIX}{name}_logps"] = values[pairs:]
         self.dataset = loss.prepare(Dataset.from_dict(data), cfg, seed=0)
         self.tref = torch.randn(rows, T, V, generator=g) * 2  # the teacher's SFT model
 
@@ -83,6 +89,11 @@ class Pairs:
             if kind == "pair":
                 assert c in self.dataset.column_names, f"prepare must add the pair column {c!r}"
                 columns[c] = torch.tensor(self.dataset[c])[pairs]
+            elif kind == "token" and f"chosen/{c}" in self.dataset.column_names:  # made by prepare
+                prepared = torch.zeros(2 * self.n, T)
+                for r, row in enumerate(list(self.dataset[f"chosen/{c}"]) + list(self.dataset[f"rejected/{c}"])):
+                    prepared[r, : len(row)] = torch.tensor(row)
+                columns[c] = pad(prepared, width) * mask
             elif kind == "token":
                 columns[c] = pad(self.token_cols[c][:, :T], width) * mask
             elif kind == "state":

@@ -120,6 +120,25 @@ class OnPolicy:
 
 
 @dataclass(frozen=True)
+class ContrastModels:
+    """A DPO model and a reverse-DPO model (pairs swapped), trained from the student's initialisation on
+    the training pairs (TIS-DPO's token-weight estimators); cached like every stage. Their per-token
+    log-probs join the training set as ``{side}/contrast:dpo_logps`` and ``{side}/contrast:rev_logps``."""
+
+    beta: float = 0.1
+    learning_rate: float = 3e-5
+    epochs: float = 1.0
+    batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        if not (self.beta > 0 and self.learning_rate > 0 and self.epochs > 0 and self.batch_size >= 1):
+            raise ValueError("contrast models need beta > 0, learning_rate > 0, epochs > 0 and batch_size >= 1")
+
+
+CONTRAST_PREFIX = "contrast:"
+
+
+@dataclass(frozen=True)
 class Needs:
     """What the pipeline must compute (and cache) for a loss; nothing else is computed.
 
@@ -145,6 +164,7 @@ class Needs:
     rejected_from: str | None = None
     rollout_max_new_tokens: int = 512
     on_policy: OnPolicy | None = None  # student samples inside training (online; see OnPolicy)
+    contrast: ContrastModels | None = None  # DPO and reverse-DPO models' per-token log-probs (cached)
 
     @property
     def teacher(self) -> bool:

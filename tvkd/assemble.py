@@ -105,6 +105,14 @@ def assemble_training_set(
         parts.append(tr.dataset.rename_columns({c: c.replace("/", "/" + TEACHER_REFERENCE_PREFIX, 1)
                                                 for c in tr.dataset.column_names}))
         teacher_reference.release()
+    if needs.contrast is not None:
+        from tvkd.contrast import contrast_logps
+
+        if "reference" not in caches or student is None:
+            raise ValueError(f"loss {loss.name!r} needs contrast models: it must also declare the reference")
+        parts.append(contrast_logps(tokenized, caches["reference"].dataset, student, needs.contrast, pad_id=pad_id,
+                                    seed=seed, batch_size=cache.batch_size, cache_dir=_sub(cache, "contrast"),
+                                    progress=progress, say=say))
     full = datasets.concatenate_datasets(parts, axis=1) if len(parts) > 1 else parts[0]
     full = full.add_column("pair_index", list(range(len(full))))
     if subsample:
