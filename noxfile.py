@@ -1,4 +1,5 @@
-"""Sessions: `nox -s tests` (fast suite), `tests-slow`, `lint`, `testbed`, `study-reward-conflict`, `bench`.
+"""Sessions: `nox -s tests` (fast suite), `tests-slow`, `lint`, `testbed`, `study-reward-conflict`,
+`study-main-table`, `bench`.
 
 One environment, ``.nox/tvkd``, serves every session: the first session creates it and each later
 one only adds the extras it lacks (the main job needs none; the tests add `test,sweeps,benchmarks`),
@@ -133,6 +134,12 @@ def testbed(session: nox.Session) -> None:
 def study_reward_conflict(session: nox.Session) -> None:
     """The main job: testbed -> teacher cache -> TVKD x six aux rewards + DPO + control -> tables."""
     run(session, environment(session), "tvkd", "study", "run", "reward-conflict", *session.posargs)
+
+
+@nox.session(name="study-main-table", venv_backend="none")
+def study_main_table(session: nox.Session) -> None:
+    """The paper's Table 1: teachers + SFT, preference and KD baselines, ADPA, TVKD -> tables."""
+    run(session, environment(session), "tvkd", "study", "run", "main-table", *session.posargs)
 
 
 @nox.session(venv_backend="none")

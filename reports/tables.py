@@ -7,9 +7,9 @@ and `format_table`, and registers itself in `TABLES` with the study it reads::
     def write_reward_conflict_tables(df, out_dir) -> dict[str, Path]: ...
 
 Highlighting follows the paper's convention: per metric the best row is bold and the second
-best underlined (LaTeX) or italic (Markdown). Rows are ranked on the values *as displayed*
-(rounded to the metric's digits), so rows that read the same share a mark; a missing value
-("–") is never ranked.
+best underlined (LaTeX) or italic (Markdown; ``second_mark="underline"`` writes ``<u>…</u>``).
+Rows are ranked on the values *as displayed* (rounded to the metric's digits), so rows that read
+the same share a mark; a missing value ("–") is never ranked.
 """
 
 from __future__ import annotations
@@ -134,6 +134,7 @@ def format_table(
     caption: str | None = None,
     label: str | None = None,
     rules_before: Collection[int] = (),
+    second_mark: Literal["italic", "underline"] = "italic",
 ) -> str:
     """Render a `summarize` frame as a Markdown or booktabs LaTeX table; returns the text.
 
@@ -148,9 +149,13 @@ def format_table(
     - ``arrows``: add ↑/↓ to metric headers. ``caption``/``label``: LaTeX wraps the tabular in a
       ``table`` float with them; Markdown puts the caption below the table.
     - ``rules_before``: row positions that get a ``\\midrule`` above them (LaTeX only).
+    - ``second_mark``: how Markdown marks the second best: ``_italic_`` (default) or ``<u>underline</u>``,
+      as the paper does (LaTeX always underlines).
     """
     if fmt not in ("markdown", "latex"):
         raise ValueError(f"fmt must be 'markdown' or 'latex', got {fmt!r}")
+    if second_mark not in ("italic", "underline"):
+        raise ValueError(f"second_mark must be 'italic' or 'underline', got {second_mark!r}")
     labels = dict(row_label_cols) if isinstance(row_label_cols, Mapping) else {c: c for c in row_label_cols}
     needed = list(labels) + [f"{m}.{s}" for m in metrics for s in ("mean", "std", "n")]
     needed += ["n"] if n_col is not None else []
@@ -199,7 +204,8 @@ def format_table(
             if mark == 1:
                 cell = rf"\textbf{{{cell}}}" if latex else f"**{cell}**"
             elif mark == 2:
-                cell = rf"\underline{{{cell}}}" if latex else f"_{cell}_"
+                cell = (rf"\underline{{{cell}}}" if latex else f"<u>{cell}</u>" if second_mark == "underline"
+                        else f"_{cell}_")
             cells.append(cell)
     if n_col is not None:
         for cells, r in zip(body, records):

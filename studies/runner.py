@@ -14,6 +14,10 @@ from tvkd.config import RunConfig, config_from_dict
 from tvkd.paths import results_root
 
 
+# Keys of a variant that are run-config keys (the rest, e.g. `method`, describe the row).
+RUN_KEYS = ("models", "data", "tokenize", "loss", "train", "cache", "eval", "eval_only", "num_threads")
+
+
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(base)
     for k, v in (over or {}).items():
@@ -48,7 +52,7 @@ def expand_study(spec: dict[str, Any], *, seeds: list[int] | None = None, quick:
     out = []
     for seed in seeds:
         for variant in spec["variants"]:
-            over = {k: v for k, v in variant.items() if k in ("models", "data", "tokenize", "loss", "train", "cache", "eval")}
+            over = {k: v for k, v in variant.items() if k in RUN_KEYS}
             cfg_dict = deep_merge(base, over)
             cfg_dict.update(name=variant["label"], seed=seed, study=spec["name"] + ("-quick" if quick else ""))
             info = {k: v for k, v in variant.items() if k not in over}

@@ -98,6 +98,12 @@ def _examples(rows):
             for i, r in enumerate(rows)]
 
 
+# Options that keep the one-time stages of some losses short on the bench model (rollouts, contrast
+# models): the step time, which is what is measured, does not depend on them.
+BENCH_OPTIONS = {"seqkd": {"max_new_tokens": 16}, "adpa": {"max_new_tokens": 16}, "gkd": {"max_new_tokens": 16},
+                 "tis_dpo": {"contrast_epochs": 0.25}, "tvkd": {"aux": "soft_value"}}
+
+
 def _ours(model, tok, rows, loss_name: str, steps: int, batch: int, tmp: Path):
     """Per-step times of PreferenceTrainer with a registered loss, on the pipeline's own training set."""
     from transformers import TrainingArguments
@@ -112,17 +118,28 @@ def _ours(model, tok, rows, loss_name: str, steps: int, batch: int, tmp: Path):
     td = tokenize_preferences(_examples(rows), tok, TokenizeConfig(1024, 512), cache_dir=tmp / "tok", progress=False)
     loss_cls = LOSSES.get(loss_name)
     loss = loss_cls()
-    cfg = build_config(loss_cls, {"aux": "soft_value"} if loss_name == "tvkd" else {})
-    ts = assemble_training_set(td, loss, cfg, reference=ModelSource.in_memory(model, "bench-ref"),
-                               teacher=ModelSource.in_memory(model, "bench-teacher"), pad_id=tok.pad_token_id,
-                               cache=CacheOptions(cache_dir=str(tmp / "caches")), progress=False)
+    cfg = build_config(loss_cls, BENCH_OPTIONS.get(loss_name, {}))
+    teacher = ModelSource.in_memory(model, "bench-teacher")
+    ts = assemble_training_set(td, loss, cfg, reference=ModelSource.in_memory(model, "bench-ref"), teacher=teacher,
+                               teacher_reference=ModelSource.in_memory(copy.deepcopy(model), "bench-tref"),
+                               student=ModelSource.in_memory(model, "bench-student"), pad_id=tok.pad_token_id,
+                               eos_id=tok.eos_token_id, cache=CacheOptions(cache_dir=str(tmp / "caches")),
+                               progress=False)
     args = TrainingArguments(output_dir=str(tmp / f"out-{loss_name}"), max_steps=steps, per_device_train_batch_size=batch,
                              learning_rate=1e-5, use_cpu=True, report_to="none", remove_unused_columns=False,
                              save_strategy="no", logging_steps=10_000, disable_tqdm=True, seed=0, data_seed=0)
     timer = _StepTimer()
     collator = PreferenceCollator(tok.pad_token_id, loss.batch_columns(cfg), ts.needs.reference)
+    online = {}
+    if ts.needs.reference_logits:
+        online["reference_model"] = copy.deepcopy(model)
+    if ts.needs.teacher_logits:
+        online["teacher_model"] = copy.deepcopy(model)
+    if ts.needs.on_policy is not None:
+        online.update(on_policy=ts.needs.on_policy, eos_id=tok.eos_token_id)
     trainer = PreferenceTrainer(model=copy.deepcopy(model).train(), args=args, train_dataset=ts.train,
-                                data_collator=collator, loss=loss, loss_config=cfg, callbacks=[timer])
+                                data_collator=collator, loss=loss, loss_config=cfg, callbacks=[timer],
+                                needs_student_logits=ts.needs.student_logits, **online)
     trainer.remove_callback(PrinterCallback)
     trainer.train()
     return timer.times
@@ -196,7 +213,19 @@ def _cache_vs_forward(model, tok, rows, tmp: Path, repeats: int):
     }
 
 
-def main(quick: bool = False, out: str | Path | None = None) -> int:
+def _per_loss(model, tok, rows, steps: int, batch: int, tmp: Path, warm: int) -> dict[str, float]:
+    """Median step time of every registered loss over the DPO step, on the same batches (one run each)."""
+    from tvkd.api import LOSSES
+
+    names = ["dpo"] + sorted(n for n in LOSSES.names() if n != "dpo")
+    times = {}
+    for name in names:
+        times[name] = _median_after_warmup(_ours(model, tok, rows, name, steps, batch, tmp / f"loss-{name}"), warm)
+        print(f"  {name:<14} {times[name]:.4f} s/step", flush=True)
+    return {name: t / times["dpo"] for name, t in times.items()}
+
+
+def main(quick: bool = False, out: str | Path | None = None, per_loss: bool = True) -> int:
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
     vocab, hidden, layers = 8192, 256, 4
     steps, batch = (12, 8) if quick else (30, 8)
@@ -226,6 +255,9 @@ def main(quick: bool = False, out: str | Path | None = None) -> int:
         results["cache_bytes_per_token"] = c["aux_bytes_per_token"] + c["ref_bytes_per_token"]
         results["cache_bytes_over_top50"] = results["cache_bytes_per_token"] / c["top50_bytes_per_token"]
         results["cache_build_over_bare_forward"] = c["forward_seconds"] / c["cache_seconds"]
+        if per_loss:
+            print("\nper-loss step time (one run each, median after warm-up; the ratio is against dpo):", flush=True)
+            results["step_over_dpo"] = _per_loss(model, tok, rows, 8 if quick else 12, batch, tmp / "losses", 2)
     print()
     print(f"{'measure':<34}{'value':>10}  target   {'':<6}")
     for key, (op, target) in TARGETS.items():
@@ -235,6 +267,11 @@ def main(quick: bool = False, out: str | Path | None = None) -> int:
     print(f"{'(top-50 cache bytes per token)':<34}{results['top50_bytes_per_token']:>10.1f}")
     print(f"{'(step seconds: dpo / tvkd / trl)':<34} {dpo_med:.4f} / {tvkd_med:.4f} / {trl_med:.4f}")
     print(f"{'(cache build / bare forward s)':<34} {c['cache_seconds']:.3f} / {c['forward_seconds']:.3f}")
+    if "step_over_dpo" in results:
+        print("\nstep time over the DPO step, per loss (what each method costs per step; one-time stages "
+              "such as rollouts and contrast models excluded):")
+        for name, ratio in sorted(results["step_over_dpo"].items(), key=lambda kv: kv[1]):
+            print(f"  {name:<14} {ratio:6.2f}")
     out = Path(out) if out else Path("results") / "bench.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))

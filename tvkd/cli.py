@@ -152,7 +152,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from tvkd.bench import main as bench_main
 
-    return bench_main(quick=args.quick)
+    return bench_main(quick=args.quick, per_loss=not args.targets_only)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -241,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     cf.set_defaults(func=cmd_config)
     be = sub.add_parser("bench", help="speed / memory ratios measured in one process")
     be.add_argument("--quick", action="store_true", help="fewer repetitions")
+    be.add_argument("--targets-only", action="store_true",
+                    help="only the four target ratios, not the step time of every registered loss")
     be.set_defaults(func=cmd_bench)
     return p
 

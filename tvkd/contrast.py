@@ -12,6 +12,7 @@ pass over each model.
 
 from __future__ import annotations
 
+import copy
 import shutil
 from pathlib import Path
 from typing import Any
@@ -41,12 +42,11 @@ def _train_dpo(dataset: Any, init: Any, spec: ContrastModels, pad_id: int, out: 
     from transformers import TrainingArguments
     from transformers.trainer_callback import PrinterCallback
 
-    from tvkd.modeling import load_causal_lm
     from tvkd.training.trainer import PreferenceCollator, PreferenceTrainer, training_columns
 
     loss_cls = LOSSES.get("dpo")
     loss, cfg = loss_cls(), build_config(loss_cls, {"beta": spec.beta})
-    policy = load_causal_lm(init.name, eval_mode=False, dtype="float32")
+    policy = copy.deepcopy(init.get()).float().train()  # the initialisation stays untouched for the run
     args = TrainingArguments(output_dir=str(out / "trainer"), seed=seed, data_seed=seed,
                              learning_rate=spec.learning_rate, num_train_epochs=spec.epochs,
                              per_device_train_batch_size=spec.batch_size, lr_scheduler_type="cosine",
@@ -83,6 +83,7 @@ def contrast_logps(tokenized: TokenizedData, reference_logps: Any, init: Any, sp
                              lambda tmp, data=data: _train_dpo(data, init, spec, pad_id, tmp, seed, progress),
                              describe=f"the {name} contrast model")
         say(f"  contrast model {name} ({'cached' if stage.cached else 'trained'}): {stage.path}")
+        init.release()
         model = ModelSource.from_path(stage.path, dtype="float32")
         lp = build_reference_cache(tokenized.dataset, tokenized.fingerprint, model, model.key, pad_id=pad_id,
                                    batch_size=batch_size, progress=progress)

@@ -1,0 +1,193 @@
+"""The main table (the paper's Table 1): the two teachers and the student trained by every method.
+
+Input: one row per finished run (the `main-table` study's frame) with the columns
+
+    label              the study variant: teacher_dpo, teacher_sft, sft, dpo, simpo, wpo, tdpo, vanilla_kd,
+                       seqkd, ddpo, dpkd, gkd, dckd, adpa, tvkd_released, tvkd
+    seed
+    oracle_score       mean oracle reward r*(x, y) of the run's greedy generations on the test prompts
+    win_rate_vs_adpa   fraction of test prompts on which the run's generation beats ADPA's (same seed; ties 1/2)
+    margin_accuracy    fraction in [0, 1] (docs/methods.md §A.6: the student's implicit-reward accuracy)
+
+Other columns (``method`` among them) are ignored: rows are selected by ``label``. Rows follow the
+paper's Table 1: "DPO Teacher" and "SFT Teacher" (evaluated as they are), then SFT, DPO, SimPO, WPO,
+TDPO (the paper's "TDPO [17]" is TIS-DPO, docs/methods.md §A.5), VanillaKD, SeqKD, DDPO, DPKD, GKD,
+DCKD, ADPA, TVKD (released) and TVKD (ours). Each cell is mean ± std over seeds; a row without
+finished runs stays in the table with "–". Only the student methods are ranked for the bold /
+underlined marks: the teachers are references, not methods, and in the win-rate column the ADPA
+row is the opponent itself.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from reports.tables import TABLES, MetricSpec, format_table, summarize
+from tvkd.paths import atomic_write_text
+
+__all__ = ["METRICS", "ROWS", "TableRow", "format_main_table", "main_table_summary", "write_main_table_tables"]
+
+STUDY = "main-table"
+REFERENCE = "adpa"
+METRICS: dict[str, MetricSpec] = {
+    "oracle_score": MetricSpec("Oracle score", higher_is_better=True, digits=3),
+    f"win_rate_vs_{REFERENCE}": MetricSpec("Win rate vs ADPA (%)", higher_is_better=True, digits=1, percent=True),
+    "margin_accuracy": MetricSpec("Margin accuracy (%)", higher_is_better=True, digits=1, percent=True),
+}
+REQUIRED_COLUMNS = ("label", "seed")
+
+
+@dataclass(frozen=True)
+class TableRow:
+    """One row of the table: the study variant it shows (``label``) and its name in the paper."""
+
+    label: str
+    name: str
+    ranked: bool = True
+
+
+#: The rows in the paper's order (its Table 1); teachers first, shown but not ranked.
+ROWS: tuple[TableRow, ...] = (
+    TableRow("teacher_dpo", "DPO Teacher", ranked=False),
+    TableRow("teacher_sft", "SFT Teacher", ranked=False),
+    TableRow("sft", "SFT"),
+    TableRow("dpo", "DPO"),
+    TableRow("simpo", "SimPO"),
+    TableRow("wpo", "WPO"),
+    TableRow("tdpo", "TDPO"),
+    TableRow("vanilla_kd", "VanillaKD"),
+    TableRow("seqkd", "SeqKD"),
+    TableRow("ddpo", "DDPO"),
+    TableRow("dpkd", "DPKD"),
+    TableRow("gkd", "GKD"),
+    TableRow("dckd", "DCKD"),
+    TableRow("adpa", "ADPA"),
+    TableRow("tvkd_released", "TVKD (released)"),
+    TableRow("tvkd", "TVKD (ours)"),
+)
+_LABELS = {r.label for r in ROWS}
+
+
+def _label(value: object) -> str | None:
+    """The row a run's label selects (stripped, lower-case), or None."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    text = str(value).strip().lower()
+    return text if text in _LABELS else None
+
+
+def main_table_summary(df: pd.DataFrame) -> pd.DataFrame:
+    """One summary row per `ROWS` entry, in table order: label, Method, ranked, n and
+    ``<metric>.mean/.std/.n``. Rows without runs get n = 0 and NaN metrics.
+
+    Raises KeyError for missing ``label``/``seed`` columns and ValueError when a row holds two
+    runs of one seed (the frame mixes configurations: filter it to one per seed first). Runs
+    whose label is no table row, and absent metric columns, are reported with a warning.
+    """
+    absent = [c for c in REQUIRED_COLUMNS if c not in df.columns]
+    if absent:
+        raise KeyError(f"main_table: columns {absent} are missing; the frame has {list(df.columns)}")
+    df = df.copy()
+    for metric in METRICS:
+        if metric not in df.columns:
+            warnings.warn(f"main_table: no {metric!r} column; that column of the table shows –", stacklevel=2)
+            df[metric] = math.nan
+    df["_row"] = pd.Series([_label(v) for v in df["label"]], index=df.index, dtype="object")
+    stray = df[df["_row"].isna()]
+    if len(stray):
+        kinds = sorted({repr(v) for v in stray["label"]})
+        warnings.warn(f"main_table: {len(stray)} runs have a label that is no table row and are not shown: "
+                      f"{', '.join(kinds)}", stacklevel=2)
+    df = df[df["_row"].notna()]
+    duplicated = df[df.duplicated(["_row", "seed"], keep=False)]
+    if len(duplicated):
+        where = sorted({(k, s) for k, s in zip(duplicated["_row"], duplicated["seed"])}, key=str)
+        raise ValueError(f"main_table: several runs for one (row, seed): {where}; "
+                         f"filter the frame to one configuration per seed")
+    summary = summarize(df, by=["_row"], metrics=list(METRICS))
+    spec = pd.DataFrame([{"label": r.label, "Method": r.name, "ranked": r.ranked} for r in ROWS])
+    out = spec.merge(summary.rename(columns={"_row": "label"}), on="label", how="left")
+    count_cols = ["n"] + [f"{m}.n" for m in METRICS]
+    out[count_cols] = out[count_cols].fillna(0).astype(int)
+    return out
+
+
+def _seeds(df: pd.DataFrame) -> list[object]:
+    """The distinct seeds of the runs shown in the table, sorted (numbers first)."""
+    if "label" not in df.columns:
+        return []
+    matched = df[pd.Series([_label(v) is not None for v in df["label"]], index=df.index, dtype=bool)]
+    seeds = []
+    for s in pd.unique(matched["seed"]):
+        if isinstance(s, numbers.Real) and not isinstance(s, bool):
+            if math.isnan(s):
+                continue
+            s = int(s) if float(s).is_integer() else float(s)
+        seeds.append(s)
+    return sorted(seeds, key=lambda s: (0, s, "") if isinstance(s, (int, float)) else (1, 0, str(s)))
+
+
+def _caption(df: pd.DataFrame) -> str:
+    seeds = _seeds(df)
+    return (
+        "Main results (the paper's Table 1) on the embedded testbed: the DPO and SFT teachers evaluated as they "
+        "are, and the student trained by each method. Oracle score: mean oracle reward of the model's greedy "
+        "generations on the test prompts. Win rate vs ADPA (%): share of test prompts on which the generation "
+        "beats ADPA's of the same seed (ties count 1/2). Margin accuracy (%): the student's implicit-reward "
+        "accuracy on the test pairs (ties count 1/2; not measured for the teachers). Win rates and oracle "
+        "scores are judged by the testbed's oracle. "
+        f"Mean ± std over seeds {', '.join(map(str, seeds)) or '(none)'}; n = runs per row (std 0 when n = 1). "
+        "Bold: best, underlined: second best among the student methods (not ranked: the two teachers, and "
+        "ADPA in its own win-rate column); – : no finished run."
+    )
+
+
+def _ranked(summary: pd.DataFrame) -> dict[str, list[bool]]:
+    """Rows competing for the marks, per metric: the teachers never; in the win-rate column not
+    the ADPA row either, since it is the opponent every win rate is measured against."""
+    ranked = summary["ranked"].tolist()
+    opponent = [k != REFERENCE for k in summary["label"]]
+    return {m: [r and o for r, o in zip(ranked, opponent)] if m == f"win_rate_vs_{REFERENCE}" else ranked
+            for m in METRICS}
+
+
+def format_main_table(df: pd.DataFrame, fmt: str = "markdown") -> str:
+    """The table as Markdown or LaTeX text (with its caption), from per-run rows."""
+    summary = main_table_summary(df)
+    latex = fmt == "latex"
+    first_student = next(i for i, r in enumerate(ROWS) if r.ranked)
+    first_tvkd = next(i for i, r in enumerate(ROWS) if r.label == "tvkd_released")
+    return format_table(
+        summary,
+        metrics=METRICS,
+        row_label_cols=["Method"],
+        fmt=fmt,
+        ranked=_ranked(summary),
+        caption=_caption(df),
+        label="tab:main_table" if latex else None,
+        rules_before={first_student, first_tvkd},
+        second_mark="underline",
+    )
+
+
+@TABLES.register(
+    "main_table", study=STUDY, paper="Table 1", outputs=("main_table.md", "main_table.tex"),
+    columns=("label", "seed", *METRICS),
+)
+def write_main_table_tables(df: pd.DataFrame, out_dir: str | Path) -> dict[str, Path]:
+    """Write ``main_table.md`` and ``main_table.tex`` into ``out_dir`` (atomically);
+    returns ``{"md": path, "tex": path}``."""
+    out_dir = Path(out_dir)
+    source = "reports/main_table.py"
+    paths = {"md": out_dir / "main_table.md", "tex": out_dir / "main_table.tex"}
+    markdown = f"<!-- Generated by {source} from the results store; do not edit by hand. -->\n\n"
+    latex = f"% Generated by {source} from the results store; do not edit by hand.\n"
+    atomic_write_text(paths["md"], markdown + format_main_table(df, "markdown"))
+    atomic_write_text(paths["tex"], latex + format_main_table(df, "latex"))
+    return paths
