@@ -275,6 +275,10 @@ BAD_CONFIGS = {
     "managed extra": ({"train.extra": {"learning_rate": 0.1}}, "train.learning_rate"),
     "unknown loss": ({"loss": {"name": "tvdk"}}, "Did you mean 'tvkd'"),
     "unknown aux": ({"loss": {"name": "tvkd", "aux": "soft_valu"}}, "Did you mean 'soft_value'"),
+    "kd without a teacher": ({"loss": {"name": "vanilla_kd"}, "models.teacher": None}, "'vanilla_kd' needs a teacher"),
+    "ddpo without the teacher's SFT model": ({"loss": {"name": "ddpo"}}, "'ddpo' needs the teacher's SFT model"),
+    "unknown baseline flag": ({"loss": {"name": "dckd", "kl_weight": 1}}, "'dckd' has no option(s) 'kl_weight'"),
+    "bad baseline value": ({"loss": {"name": "tis_dpo", "transform": "ranked"}}, "tis_dpo: transform"),
     "reference vocabulary": (_bad_reference_tokenizer, "zebra"),
     "reference rows": (_small_reference, "smaller than the tokenizer"),
     "truncated safetensors": (_truncated_teacher, "models.teacher"),
@@ -295,6 +299,7 @@ def test_bad_input_is_one_error_line_and_leaves_nothing(tiny_world, tmp_path, ca
         over = over(tiny_world, tmp_path)
     cfg = write_cfg(tmp_path / "run.yaml", tiny_world, **over)
     results = tmp_path / "results"
+    capsys.readouterr()  # what the setup printed
     code, out, err = cli(capsys, "run", cfg, "--results", results, "--quiet")
     assert code == 2, (out, err)
     assert "Traceback" not in out + err

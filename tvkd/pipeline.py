@@ -195,6 +195,12 @@ def plan_run(cfg: RunConfig, *, testbed: dict[str, Any] | None = None, progress:
     from tvkd.tokenize import tokenize_preferences
 
     echo = echo or Echo(progress)
+    if not progress:
+        import datasets
+        import transformers
+
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
     loss = LOSSES.get(cfg.loss.name)()
     loss_cfg = build_config(type(loss), cfg.loss.options)
     if cfg.num_threads:
@@ -346,7 +352,6 @@ def _load_pairs(source: str, split: str, limit: int | None, adapter: str | None,
 
 def _train_and_evaluate(plan: RunPlan, run_dir: Path, echo: Echo, progress: bool) -> tuple[dict[str, Any], list | None]:
     """caches and prepare (assemble) -> train -> evaluate; (metrics, generations)."""
-    import datasets
 
     from tvkd.assemble import CacheOptions, assemble_training_set
     from tvkd.cache.teacher import aux_specs
@@ -355,11 +360,6 @@ def _train_and_evaluate(plan: RunPlan, run_dir: Path, echo: Echo, progress: bool
     from tvkd.modeling import ModelSource
     from tvkd.training.trainer import train_policy
 
-    if not progress:
-        import transformers
-
-        datasets.disable_progress_bars()
-        transformers.utils.logging.disable_progress_bar()
     cfg, loss, loss_cfg = plan.cfg, plan.loss, plan.loss_cfg
     set_seed(cfg.seed)
     m = cfg.models
