@@ -452,3 +452,10 @@ def test_eval_only_evaluates_the_model_as_it_is(tiny_world, tmp_path, capsys):
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["eval_only"] is True and "train_loss" not in metrics and "response_words" in metrics
     assert not (tmp_path / "cache" / "reference_cache").exists()  # no cache was built
+
+
+def test_a_top_k_as_large_as_the_vocabulary_is_refused_before_work(tiny_world, tmp_path, capsys):
+    cfg = write_cfg(tmp_path / "run.yaml", tiny_world, loss={"name": "vanilla_kd", "topk": 50})
+    code, _, err = cli(capsys, "run", cfg, "--results", tmp_path / "results", "--quiet")
+    assert code == 2 and "top-k 50 must be smaller than the teacher's vocabulary (22 tokens)" in err
+    assert not run_dirs(tmp_path / "results")

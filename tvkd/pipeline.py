@@ -234,6 +234,14 @@ def plan_run(cfg: RunConfig, *, testbed: dict[str, Any] | None = None, progress:
         if paths["teacher"] and tref_vocab != vocab:
             raise InputError("models.teacher_reference: its vocabulary rows differ from the teacher's; the teacher "
                              "and its SFT model must share one embedding matrix shape")
+    k = max(needs.topk or 0, needs.teacher_reference_topk or 0)
+    if k:
+        from transformers import AutoConfig
+
+        rows = vocab or AutoConfig.from_pretrained(paths["teacher"], trust_remote_code=m.trust_remote_code).vocab_size
+        if k >= rows:
+            raise InputError(f"loss {cfg.loss.name!r}: top-k {k} must be smaller than the teacher's vocabulary "
+                             f"({rows} tokens), or the rest bin is empty; set loss.topk below {rows}")
     key, inputs = run_identity(cfg, paths, testbed)
     plan = RunPlan(cfg=cfg, loss=loss, loss_cfg=loss_cfg, paths=paths, inputs=inputs, key=key, testbed=testbed,
                    tokenizer=tokenizer, teacher_vocab=vocab)
