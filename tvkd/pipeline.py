@@ -206,6 +206,13 @@ def plan_run(cfg: RunConfig, *, testbed: dict[str, Any] | None = None, progress:
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     m = cfg.models
+    needs = loss.needs(loss_cfg) if not cfg.eval_only else Needs()
+    if needs.teacher and not m.teacher:
+        raise InputError(f"loss {cfg.loss.name!r} needs a teacher: set models.teacher (a folder, hub id or "
+                         "testbed:teacher_dpo)")
+    if needs.teacher_reference and not m.teacher_reference:
+        raise InputError(f"loss {cfg.loss.name!r} needs the teacher's SFT model: set models.teacher_reference "
+                         "(a folder, hub id or testbed:teacher_sft)")
     paths: dict[str, str | None] = {
         "student": resolve(m.student, testbed, progress),
         "teacher": resolve(m.teacher, testbed, progress),
@@ -214,13 +221,6 @@ def plan_run(cfg: RunConfig, *, testbed: dict[str, Any] | None = None, progress:
     }
     paths["reference"] = resolve(m.reference, testbed, progress) or paths["student"]
     paths["test_source"] = resolve(cfg.data.test_source, testbed, progress) or paths["source"]
-    needs = loss.needs(loss_cfg) if not cfg.eval_only else Needs()
-    if needs.teacher and not paths["teacher"]:
-        raise InputError(f"loss {cfg.loss.name!r} needs a teacher: set models.teacher (a folder, hub id or "
-                         "testbed:teacher_dpo)")
-    if needs.teacher_reference and not paths["teacher_reference"]:
-        raise InputError(f"loss {cfg.loss.name!r} needs the teacher's SFT model: set models.teacher_reference "
-                         "(a folder, hub id or testbed:teacher_sft)")
     for role in MODEL_ROLES:
         if paths[role]:
             paths[role] = str(_check_model(role, paths[role], m.trust_remote_code))
