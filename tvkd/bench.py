@@ -104,6 +104,17 @@ BENCH_OPTIONS = {"seqkd": {"max_new_tokens": 16}, "adpa": {"max_new_tokens": 16}
                  "tis_dpo": {"contrast_epochs": 0.25}, "tvkd": {"aux": "soft_value"}}
 
 
+_TREF: dict[int, Any] = {}
+
+
+def _reference_teacher(model):
+    """Another random model of the same shape, as the teacher's SFT model (so teacher-reward gaps are not 0)."""
+    if id(model) not in _TREF:
+        cfg = model.config
+        _TREF[id(model)] = _model(cfg.vocab_size, cfg.hidden_size, cfg.num_hidden_layers, seed=1).eval()
+    return _TREF[id(model)]
+
+
 def _ours(model, tok, rows, loss_name: str, steps: int, batch: int, tmp: Path):
     """Per-step times of PreferenceTrainer with a registered loss, on the pipeline's own training set."""
     from transformers import TrainingArguments
@@ -121,7 +132,7 @@ def _ours(model, tok, rows, loss_name: str, steps: int, batch: int, tmp: Path):
     cfg = build_config(loss_cls, BENCH_OPTIONS.get(loss_name, {}))
     teacher = ModelSource.in_memory(model, "bench-teacher")
     ts = assemble_training_set(td, loss, cfg, reference=ModelSource.in_memory(model, "bench-ref"), teacher=teacher,
-                               teacher_reference=ModelSource.in_memory(copy.deepcopy(model), "bench-tref"),
+                               teacher_reference=ModelSource.in_memory(_reference_teacher(model), "bench-tref"),
                                student=ModelSource.in_memory(model, "bench-student"), pad_id=tok.pad_token_id,
                                eos_id=tok.eos_token_id, cache=CacheOptions(cache_dir=str(tmp / "caches")),
                                progress=False)
