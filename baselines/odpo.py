@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 import torch.nn.functional as F
 
-from baselines.ddpo import data_keys, replace_column, reward_gaps, source_needs
 from tvkd.api import LOSSES, EvalSettings, LossOutput, Needs, PreferenceLoss, ScoredBatch, reward_metrics
+from tvkd.offsets import data_keys, replace_column, reward_gaps, source_needs
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,9 @@ class ODPO(PreferenceLoss):
             if not self.min_gap >= 0:
                 raise ValueError(f"odpo: min_gap must be >= 0 (0 drops pairs with r_w ≤ r_l), got {self.min_gap}")
             data_keys(self.offset_source, "odpo", "offset_source")
+
+    def meta_keys(self, cfg: Config) -> tuple[str, ...]:
+        return data_keys(cfg.offset_source, "odpo", "offset_source")
 
     def needs(self, cfg: Config) -> Needs:
         return Needs(reference=True, **source_needs(cfg.offset_source))

@@ -328,6 +328,10 @@ class PreferenceLoss:
         """The settings of this configuration that evaluators need (default: none of them)."""
         return EvalSettings()
 
+    def meta_keys(self, cfg: Any) -> tuple[str, ...]:
+        """Keys of the pairs' ``meta`` this configuration reads (checked in the loaded data before any work)."""
+        return ()
+
     def __call__(self, batch: ScoredBatch, cfg: Any) -> LossOutput:  # pragma: no cover - abstract
         raise NotImplementedError
 

@@ -251,6 +251,8 @@ def plan_run(cfg: RunConfig, *, testbed: dict[str, Any] | None = None, progress:
     if cfg.eval.margin_accuracy or cfg.eval.generate:
         plan.test_data = _load_pairs(paths["test_source"], cfg.data.test_split, cfg.data.test_limit,
                                      cfg.data.adapter, echo)
+    for key in (loss.meta_keys(loss_cfg) if not cfg.eval_only else ()):
+        _check_meta_key(plan.train_data.examples, key, paths["source"], cfg.loss.name)
     plan.tokenized_train = tokenize_preferences(plan.train_data.examples, tokenizer, cfg.tokenize, progress=progress)
     echo(f"  tokenized train: {plan.tokenized_train.summary()}")
     if len(plan.tokenized_train.dataset) == 0:
@@ -260,6 +262,17 @@ def plan_run(cfg: RunConfig, *, testbed: dict[str, Any] | None = None, progress:
         plan.tokenized_test = tokenize_preferences(plan.test_data.examples, tokenizer, cfg.tokenize,
                                                    progress=progress)
     return plan
+
+
+def _check_meta_key(examples: list, key: str, source: str, loss: str) -> None:
+    """Every training pair carries a number under `key` in its meta (a `data:` offset source), or a clear error."""
+    for i, ex in enumerate(examples):
+        value = (ex.meta or {}).get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            problem = "has no such key" if value is None else f"holds {value!r}, not a number"
+            keys = sorted(ex.meta or {})
+            raise InputError(f"loss {loss!r} reads the column {key!r} of every pair (a data: offset), but row {i} "
+                             f"(id {ex.id!r}) of {source} {problem}; its meta keys are {keys}")
 
 
 @contextmanager

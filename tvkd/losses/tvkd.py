@@ -54,9 +54,30 @@ from tvkd.api import (
     ShapingSignal,
     reward_metrics,
 )
+from tvkd.offsets import data_keys, reward_gaps
 
 OFFSET_COLUMN = "tvkd_offset"
 CONTROLS = ("none", "shuffled")
+NORMS = ("none", "std")
+
+
+def shuffled_order(n: int, fraction: float, seed: int) -> np.ndarray:
+    """Indices that permute the offsets of a `fraction` of the n pairs among themselves (a random cycle).
+
+    fraction 1 is `cyclic_permutation(n, seed)` itself (the shuffled control); below 1, a seeded
+    random subset of round(fraction·n) pairs is cycled and the others keep their own offsets (the
+    dial: the offsets' distribution is kept, their rank correlation with the truth falls with it).
+    """
+    if fraction >= 1.0:
+        if n < 2:
+            raise ValueError("the shuffled control needs at least 2 pairs")
+        return cyclic_permutation(n, seed)
+    order = np.arange(n)
+    k = int(round(fraction * n))
+    if k >= 2:
+        subset = np.sort(np.random.default_rng(seed).choice(n, size=k, replace=False))
+        order[subset] = subset[cyclic_permutation(k, seed)]
+    return order
 
 
 def cyclic_permutation(n: int, seed: int) -> np.ndarray:
@@ -124,6 +145,23 @@ class TVKD(PreferenceLoss):
             default=0,
             metadata={"help": "Seed of the shuffled control's permutation (fixed across training seeds)."},
         )
+        shuffle_fraction: float = field(
+            default=1.0,
+            metadata={"help": "With control=shuffled: the fraction of pairs whose offsets are permuted among "
+                              "themselves (1: the full negative control; 0: none). The teacher-signal dial: the "
+                              "offsets keep their distribution and lose a fraction of their link to the pair."},
+        )
+        offset_source: str = field(
+            default="teacher",
+            metadata={"help": "teacher: Ψ_w − Ψ_l from the teacher's aux reward (Eq. 3); data:<key> or "
+                              "data:<chosen_key>,<rejected_key>: a gap in the pairs' meta, e.g. the testbed's "
+                              "data:oracle_chosen,oracle_rejected (a perfect teacher: the positive control)."},
+        )
+        offset_norm: str = field(
+            default="none",
+            metadata={"help": "none (the paper's raw offsets) | std: offsets divided by their standard deviation "
+                              "over the training pairs, so α is in units of it and sources compare at one α."},
+        )
         q_source: str = field(
             default="logits",
             metadata={
@@ -135,6 +173,11 @@ class TVKD(PreferenceLoss):
             shaping.check_options(self.kind, self.gamma, self.shaping, self.terminal)
             if self.control not in CONTROLS:
                 raise ValueError(f"tvkd: unknown control {self.control!r}; valid: {', '.join(CONTROLS)}")
+            if not 0 <= self.shuffle_fraction <= 1:
+                raise ValueError(f"tvkd: shuffle_fraction must lie in [0, 1], got {self.shuffle_fraction}")
+            if self.offset_norm not in NORMS:
+                raise ValueError(f"tvkd: offset_norm must be one of {', '.join(NORMS)}, got {self.offset_norm!r}")
+            data_keys(self.offset_source, "tvkd", "offset_source")  # a malformed source names the option
             if self.q_source not in Q_SOURCES:
                 raise ValueError(f"tvkd: unknown q_source {self.q_source!r}; valid: {', '.join(Q_SOURCES)}")
             if not self.beta > 0:
@@ -161,13 +204,19 @@ class TVKD(PreferenceLoss):
             return ShapingSignal(self.spec, gamma=self.gamma, shaping=self.shaping, terminal=self.terminal)
 
     def needs(self, cfg: Config) -> Needs:
+        if cfg.offset_source != "teacher":
+            return Needs(reference=cfg.include_reference)
         return Needs(reference=cfg.include_reference, aux=(cfg.spec,))
+
+    def meta_keys(self, cfg: Config) -> tuple[str, ...]:
+        return data_keys(cfg.offset_source, "tvkd", "offset_source")
 
     def batch_columns(self, cfg: Config) -> dict[str, str]:
         return {OFFSET_COLUMN: "pair"}
 
     def eval_settings(self, cfg: Config) -> EvalSettings:
-        return EvalSettings(implicit_reward_beta=cfg.beta, shaping=cfg.signal,
+        return EvalSettings(implicit_reward_beta=cfg.beta,
+                            shaping=cfg.signal if cfg.offset_source == "teacher" else None,
                             value_temperature=cfg.spec.temperature or cfg.value_temperature,
                             offset_column=OFFSET_COLUMN)
 
@@ -177,6 +226,24 @@ class TVKD(PreferenceLoss):
         `seed` (the training seed) is not used: the shuffled control uses `control_seed`, so every
         training seed sees the same negative control.
         """
+        if OFFSET_COLUMN in dataset.column_names:
+            dataset = dataset.remove_columns(OFFSET_COLUMN)
+        if cfg.offset_source == "teacher":
+            dataset = self._teacher_offsets(dataset, cfg)
+        else:
+            gaps = reward_gaps(dataset, cfg.offset_source, 1.0, "tvkd", "offset_source")
+            dataset = dataset.add_column(OFFSET_COLUMN, gaps.tolist())
+        if cfg.offset_norm == "std" or cfg.control == "shuffled":
+            values = np.asarray(dataset[OFFSET_COLUMN], dtype=np.float64)
+            if cfg.offset_norm == "std":
+                std = values.std()
+                values = values / std if std > 0 else values
+            if cfg.control == "shuffled":
+                values = values[shuffled_order(len(values), cfg.shuffle_fraction, cfg.control_seed)]
+            dataset = dataset.remove_columns(OFFSET_COLUMN).add_column(OFFSET_COLUMN, values.tolist())
+        return dataset
+
+    def _teacher_offsets(self, dataset: Any, cfg: Config) -> Any:
         column = cfg.spec.column
         chosen, rejected = f"chosen/{column}", f"rejected/{column}"
         missing = [c for c in (chosen, rejected) if c not in dataset.column_names]
@@ -190,16 +257,7 @@ class TVKD(PreferenceLoss):
         def offsets(batch: dict[str, list]) -> dict[str, list[float]]:
             return {OFFSET_COLUMN: shaping.pair_offset_rows(batch[chosen], batch[rejected], **options)}
 
-        if OFFSET_COLUMN in dataset.column_names:
-            dataset = dataset.remove_columns(OFFSET_COLUMN)
-        dataset = dataset.map(offsets, batched=True, desc="tvkd pair offsets")
-        if cfg.control == "shuffled":
-            values = np.asarray(dataset[OFFSET_COLUMN], dtype=np.float64)
-            if len(values) < 2:
-                raise ValueError("the shuffled control needs at least 2 pairs")
-            perm = cyclic_permutation(len(values), cfg.control_seed)
-            dataset = dataset.remove_columns(OFFSET_COLUMN).add_column(OFFSET_COLUMN, values[perm].tolist())
-        return dataset
+        return dataset.map(offsets, batched=True, desc="tvkd pair offsets")
 
     def __call__(self, batch: ScoredBatch, cfg: Config) -> LossOutput:
         if OFFSET_COLUMN not in batch.columns:
