@@ -13,7 +13,6 @@ import yaml
 from tvkd.config import RunConfig, config_from_dict
 from tvkd.paths import results_root
 
-
 # Keys of a variant that are run-config keys (the rest, e.g. `method`, describe the row).
 RUN_KEYS = ("models", "data", "tokenize", "loss", "train", "cache", "eval", "eval_only", "num_threads")
 
@@ -84,7 +83,8 @@ def run_study(name: str | Path | dict[str, Any], *, seeds: list[int] | None = No
     frame = study_frame(spec, rows)
     out = Path(out_dir) if out_dir else store.root / (spec["name"] + ("-quick" if quick else "")) / "tables"
     tables = discover().get(spec["table"])(frame, out) if spec.get("table") else {}
-    frame.drop(columns=["record"], errors="ignore").to_csv(out / "runs.csv", index=False) if tables else None
+    items = [c for c in frame.columns if c.startswith("items.")]
+    frame.drop(columns=["record", *items], errors="ignore").to_csv(out / "runs.csv", index=False) if tables else None
     print(f"study {name}: {len(runs)} runs in {time.perf_counter() - t0:.1f}s; tables in {out}", flush=True)
     return {"frame": frame, "tables": tables, "out_dir": out}
 
@@ -108,6 +108,13 @@ def study_frame(spec: dict[str, Any], rows: list[dict[str, Any]]) -> pd.DataFram
         row.setdefault("method", "tvkd" if "aux" in loss_cfg else r["label"])
         row["aux"] = loss_cfg.get("aux")
         row["control"] = loss_cfg.get("control", "none") or "none"
+        row["offset_source"] = loss_cfg.get("offset_source")
+        # per-item results behind oracle_score and margin_accuracy, for paired effect sizes (reports/effects.py)
+        outputs = rec.outputs()
+        row["items.oracle_score"] = ({o["prompt"]: o["oracle"] for o in outputs if o.get("oracle") is not None}
+                                     or None)
+        pairs = rec.outputs("pairs.jsonl")
+        row["items.margin_accuracy"] = [p["margin_accuracy"] for p in pairs] or None
         if ref_label:
             ref = by_seed_label.get((r["seed"], ref_label))
             if ref is not None:

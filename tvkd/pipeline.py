@@ -320,9 +320,11 @@ def execute(cfg: RunConfig, *, store: Any = None, force: bool = False, progress:
     echo(f"[{cfg.name}] running in {handle.run_dir}")
     try:
         with _signals_interrupt():
-            metrics, outputs = _train_and_evaluate(plan, handle.run_dir, echo, progress)
+            metrics, outputs, items = _train_and_evaluate(plan, handle.run_dir, echo, progress)
             if outputs is not None:
                 handle.write_outputs(outputs)
+            for name, rows in items.items():
+                handle.write_outputs(rows, name=f"{name}.jsonl")
             handle.write_metrics(metrics)
             if not cfg.train.keep_checkpoints:
                 shutil.rmtree(handle.run_dir / "checkpoint", ignore_errors=True)
@@ -341,7 +343,7 @@ def execute(cfg: RunConfig, *, store: Any = None, force: bool = False, progress:
 
 
 def _evaluate_only(plan: RunPlan, echo: Echo, progress: bool, ref_source: Any, teacher_source: Any
-                   ) -> tuple[dict[str, Any], list | None]:
+                   ) -> tuple[dict[str, Any], list | None, dict[str, list]]:
     """Evaluate models.student as it is (`eval_only`): the evaluators of a trained run, no caches, no training."""
     from tvkd.evaluation import EvalContext, run_evaluators
     from tvkd.modeling import load_causal_lm
@@ -358,7 +360,7 @@ def _evaluate_only(plan: RunPlan, echo: Echo, progress: bool, ref_source: Any, t
         metrics = run_evaluators(ctx, say=echo)
     metrics["seconds"] = dict(echo.timings)
     metrics["eval_only"] = True
-    return metrics, ctx.outputs
+    return metrics, ctx.outputs, ctx.items
 
 
 def _load_pairs(source: str, split: str, limit: int | None, adapter: str | None, echo: Echo) -> Any:
@@ -371,8 +373,9 @@ def _load_pairs(source: str, split: str, limit: int | None, adapter: str | None,
     return res
 
 
-def _train_and_evaluate(plan: RunPlan, run_dir: Path, echo: Echo, progress: bool) -> tuple[dict[str, Any], list | None]:
-    """caches and prepare (assemble) -> train -> evaluate; (metrics, generations)."""
+def _train_and_evaluate(plan: RunPlan, run_dir: Path, echo: Echo, progress: bool
+                        ) -> tuple[dict[str, Any], list | None, dict[str, list]]:
+    """caches and prepare (assemble) -> train -> evaluate; (metrics, generations, per-item results)."""
 
     from tvkd.assemble import CacheOptions, assemble_training_set
     from tvkd.cache.teacher import aux_specs
@@ -428,4 +431,4 @@ def _train_and_evaluate(plan: RunPlan, run_dir: Path, echo: Echo, progress: bool
         metrics.update(run_evaluators(ctx, say=echo))
     metrics["seconds"] = dict(echo.timings)
     metrics["loss_config"] = asdict(loss_cfg)
-    return metrics, ctx.outputs
+    return metrics, ctx.outputs, ctx.items

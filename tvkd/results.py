@@ -503,9 +503,9 @@ class RunRecord:
     def checkpoint_dir(self) -> Path:
         return self.run_dir / "checkpoint"
 
-    def outputs(self) -> list[dict[str, Any]]:
-        """The rows of outputs.jsonl ([] when the run wrote none)."""
-        path = self.run_dir / "outputs.jsonl"
+    def outputs(self, name: str = "outputs.jsonl") -> list[dict[str, Any]]:
+        """The rows of outputs.jsonl, or of another JSONL file of the run ([] when the run wrote none)."""
+        path = self.run_dir / name
         if not path.exists():
             return []
         with open(path, encoding="utf-8") as f:
@@ -564,11 +564,13 @@ class RunHandle:
         _write_json(path, plain)
         return path
 
-    def write_outputs(self, rows: Iterable[Mapping[str, Any]]) -> Path:
-        """Write outputs.jsonl (one JSON object per row), streamed to a temp file then moved in place."""
+    def write_outputs(self, rows: Iterable[Mapping[str, Any]], name: str = "outputs.jsonl") -> Path:
+        """Write outputs.jsonl (or another JSONL file: one JSON object per row), via a temp file moved in place."""
         self._check_open()
-        path = self.run_dir / "outputs.jsonl"
-        fd, tmp = tempfile.mkstemp(dir=self.run_dir, prefix=".outputs.jsonl.", suffix=".tmp")
+        if "/" in name or not name.endswith(".jsonl"):
+            raise ValueError(f"an outputs file is a plain .jsonl name in the run folder, got {name!r}")
+        path = self.run_dir / name
+        fd, tmp = tempfile.mkstemp(dir=self.run_dir, prefix=f".{name}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 for i, row in enumerate(rows):

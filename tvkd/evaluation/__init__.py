@@ -15,7 +15,7 @@ file. Pure metric functions (margin accuracy, value alignment, ...) live in `met
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from tvkd.api import EvalSettings
@@ -52,6 +52,9 @@ class EvalContext:
     testbed: bool
     progress: bool = True
     outputs: list[dict[str, Any]] | None = None  # generations, written to outputs.jsonl
+    # per-item results behind the metrics, e.g. {"pairs": [{"id": ..., "margin_accuracy": 1.0}, ...]}, written to
+    # <name>.jsonl: studies compute paired effect sizes from them
+    items: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
     def available(self, name: str) -> bool:
         if name not in INPUTS:

@@ -36,6 +36,10 @@ def margin_accuracy(ctx: EvalContext) -> dict[str, Any]:
     s_w, s_l = implicit_rewards(pol, ref, ctx.settings.implicit_reward_beta)
     out = {"margin_accuracy": pairwise_accuracy(s_w, s_l, ctx.cfg.eval.ties),
            "implicit_reward_margin": float(np.mean(s_w - s_l))}
+    tie = 0.5 if ctx.cfg.eval.ties == "half" else 0.0
+    ctx.items["pairs"] = [{"id": i, "margin_accuracy": 1.0 if a > b else tie if a == b else 0.0,
+                           "s_chosen": float(a), "s_rejected": float(b)}
+                          for i, a, b in zip(test.dataset["id"], s_w, s_l)]
     oracle = oracle_scores([json.loads(x) for x in test.dataset["meta"]])
     if oracle is not None:
         out["oracle_margin_accuracy"] = oracle_margin_accuracy(s_w, s_l, *oracle, ctx.cfg.eval.ties)
