@@ -100,7 +100,8 @@ def cmd_results_gc(args: argparse.Namespace) -> int:
 def cmd_study_run(args: argparse.Namespace) -> int:
     from studies import STUDIES, run_study
 
-    STUDIES.get(args.name)  # clear error for an unknown study before any work
+    if not (args.name.endswith((".yaml", ".yml")) and Path(args.name).is_file()):
+        STUDIES.get(args.name)  # clear error for an unknown study before any work
     out = run_study(args.name, seeds=args.seeds, results=args.results, out_dir=args.out, quick=args.quick,
                     progress=not args.quiet)
     for p in out.get("tables", {}).values():
@@ -222,7 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     st = sub.add_parser("study", help="run a paper table / figure").add_subparsers(dest="sub", required=True)
     s = st.add_parser("run", help="run every configuration of a study (resumable), then write its tables")
-    s.add_argument("name", help="a registered study, e.g. reward-conflict (see `tvkd study list`)")
+    s.add_argument("name", help="a registered study, e.g. reward-conflict (see `tvkd study list`), or a study "
+                                "YAML file of your own")
     s.add_argument("--seeds", type=int, nargs="+", default=None, help="override the study's seeds")
     s.add_argument("--results", default=None, help="results store root (default $TVKD_RESULTS or ./results)")
     s.add_argument("--out", default=None, help="where tables go (default <results>/<study>/tables)")

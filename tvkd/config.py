@@ -215,6 +215,8 @@ class RunConfig:
     num_threads: int | None = _f(
         None, "CPU threads for torch (default: torch's). Tiny models run fastest on 1: thread hand-offs cost "
               "more than their small matmuls, and oversubscribed OpenMP threads spin-wait.")
+    testbed: dict = _f({}, "TestbedConfig overrides for every testbed:<part> of this run, e.g. {label_temperature: "
+                           "0.3} (the fields of `tvkd testbed build --set`); each stage is rebuilt only if it reads them.")
     eval_only: bool = _f(False, "Evaluate models.student as it is (a teacher row of a table): no caches, no "
                                 "training; the loss only sets the evaluators' β.")
     models: ModelsConfig = field(default_factory=ModelsConfig)
@@ -228,6 +230,15 @@ class RunConfig:
     def __post_init__(self) -> None:
         if not self.name.strip():
             raise ValueError("name must not be empty")
+        if self.testbed:
+            from tvkd.testbed import TestbedConfig
+
+            fields = {f.name for f in dataclasses.fields(TestbedConfig)}
+            for key in self.testbed:
+                if key not in fields:
+                    close = difflib.get_close_matches(key, sorted(fields), n=1)
+                    raise ValueError(f"testbed.{key}: not a testbed option"
+                                     + (f". Did you mean {close[0]!r}?" if close else f"; valid: {', '.join(sorted(fields))}"))
         _at_least("num_threads", self.num_threads, 1)
 
     def to_dict(self) -> dict[str, Any]:

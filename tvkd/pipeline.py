@@ -169,6 +169,7 @@ def run_identity(cfg: RunConfig, paths: dict[str, str | None], testbed: dict[str
 
 def identity(cfg: RunConfig, testbed: dict[str, Any] | None = None, progress: bool = True) -> dict[str, Any]:
     """The store key of a run (`run_identity`) without checking or loading its inputs (study planning)."""
+    testbed = testbed if testbed is not None else (dict(cfg.testbed) or None)
     m = cfg.models
     paths = {"student": resolve(m.student, testbed, progress), "teacher": resolve(m.teacher, testbed, progress),
              "teacher_reference": resolve(m.teacher_reference, testbed, progress),
@@ -195,6 +196,7 @@ def plan_run(cfg: RunConfig, *, testbed: dict[str, Any] | None = None, progress:
     from tvkd.tokenize import tokenize_preferences
 
     echo = echo or Echo(progress)
+    testbed = testbed if testbed is not None else (dict(cfg.testbed) or None)
     if not progress:
         import datasets
         import transformers
