@@ -87,8 +87,13 @@ class TestbedConfig:
     - teacher DPO for 1 epoch at lr 3e-5 (β = 0.05): greedy r* rose on seeds 0, 1, 2 by +0.046,
       +0.119, +0.055; 2 epochs at 1e-5 or 3e-5 also gained on every seed (+0.033 at least),
       2 epochs at 1e-4 lost on seed 0 (−0.023), the prototype's "lowest learning rate is best";
-    - pairs pair the best and the worst of 4 samples, which gives ~8% label noise (the prototype's
-      random pairs of distinct scores gave 16–17%).
+    - pairs pair the best and the worst of 4 samples, which gives ~8% label noise at T = 0.1 (the
+      prototype's random pairs of distinct scores gave 16–17%);
+    - Bradley–Terry labels at T = 0.5 (docs/testbed.md §7): 32–33% label noise, as in human
+      preference data. At T = 0.1 even a perfect teacher's offsets (the oracle's own score gaps)
+      did not move the student (+0.001 over DPO, 5 seeds): with clean labels there is nothing for a
+      teacher to add. At T = 0.5 the teacher still gains +0.048 from DPO (0.763 -> 0.810) and the
+      student +0.017, and the perfect teacher's offsets help the student on every seed.
     """
 
     __test__ = False  # not a pytest test class, despite its name
@@ -137,7 +142,7 @@ class TestbedConfig:
     )
     sample_temperature: float = _f(1.0, "Sampling temperature of the on-policy samples.", _PAIRS)
     label_temperature: float = _f(
-        0.1,
+        0.5,
         "Bradley–Terry temperature T: P(a ≻ b) = σ((r*_a − r*_b)/T); lower means less label noise.",
         _PAIRS,
     )
