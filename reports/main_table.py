@@ -8,6 +8,8 @@ Input: one row per finished run (the `main-table` study's frame) with the column
     oracle_score       mean oracle reward r*(x, y) of the run's greedy generations on the test prompts
     win_rate_vs_adpa   fraction of test prompts on which the run's generation beats ADPA's (same seed; ties 1/2)
     margin_accuracy    fraction in [0, 1] (docs/methods.md §A.6: the student's implicit-reward accuracy)
+    items.oracle_score      optional: {prompt: oracle score} behind oracle_score (for the Δ columns)
+    items.margin_accuracy   optional: per-test-pair outcomes behind margin_accuracy, same order in every run
 
 Other columns (``method`` among them) are ignored: rows are selected by ``label``. Rows follow the
 paper's Table 1: "DPO Teacher" and "SFT Teacher" (evaluated as they are), then SFT, DPO, SimPO, WPO,
@@ -15,7 +17,9 @@ TDPO (the paper's "TDPO [17]" is TIS-DPO, docs/methods.md §A.5), VanillaKD, Seq
 DCKD, ADPA, TVKD (released) and TVKD (ours). Each cell is mean ± std over seeds; a row without
 finished runs stays in the table with "–". Only the student methods are ranked for the bold /
 underlined marks: the teachers are references, not methods, and in the win-rate column the ADPA
-row is the opponent itself.
+row is the opponent itself. Two more columns give each row's paired difference to DPO (or another
+``reference`` row) in oracle score and margin accuracy with a 95% hierarchical-bootstrap interval,
+and the caption the smallest difference the table can detect (reports/effects.py).
 """
 
 from __future__ import annotations
@@ -28,6 +32,15 @@ from pathlib import Path
 
 import pandas as pd
 
+from reports.effects import (
+    EFFECT_METRICS,
+    detection_limit_sentence,
+    effect_cells,
+    effect_header,
+    effects_by_row,
+    effects_caption,
+    items_column,
+)
 from reports.tables import TABLES, MetricSpec, format_table, summarize
 from tvkd.paths import atomic_write_text
 
@@ -40,6 +53,10 @@ METRICS: dict[str, MetricSpec] = {
     f"win_rate_vs_{REFERENCE}": MetricSpec("Win rate vs ADPA (%)", higher_is_better=True, digits=1, percent=True),
     "margin_accuracy": MetricSpec("Margin accuracy (%)", higher_is_better=True, digits=1, percent=True),
 }
+#: The metrics with a Δ column (per-item results in the frame), in table order.
+_EFFECTS = tuple(m for m in METRICS if m in EFFECT_METRICS)
+#: The default reference row (label) of the Δ columns; the win rates are against `REFERENCE`.
+EFFECT_REFERENCE = "dpo"
 REQUIRED_COLUMNS = ("label", "seed")
 
 
@@ -82,22 +99,36 @@ def _label(value: object) -> str | None:
     return text if text in _LABELS else None
 
 
-def main_table_summary(df: pd.DataFrame) -> pd.DataFrame:
-    """One summary row per `ROWS` entry, in table order: label, Method, ranked, n and
-    ``<metric>.mean/.std/.n``. Rows without runs get n = 0 and NaN metrics.
+def _check_reference(reference: str) -> str:
+    if reference not in _LABELS:
+        raise ValueError(f"main_table: reference {reference!r} is no table row; rows: "
+                         f"{', '.join(r.label for r in ROWS)}")
+    return reference
+
+
+def main_table_summary(df: pd.DataFrame, reference: str = EFFECT_REFERENCE) -> pd.DataFrame:
+    """One summary row per `ROWS` entry, in table order: label, Method, ranked, n,
+    ``<metric>.mean/.std/.n``, and ``effect.<metric>`` (oracle score, margin accuracy): the row's
+    `reports.effects.Effect` against the ``reference`` row (a label; DPO by default), or None.
+    Rows without runs get n = 0 and NaN metrics.
 
     Raises KeyError for missing ``label``/``seed`` columns and ValueError when a row holds two
     runs of one seed (the frame mixes configurations: filter it to one per seed first). Runs
-    whose label is no table row, and absent metric columns, are reported with a warning.
+    whose label is no table row, and absent metric or per-item columns, are reported with a warning.
     """
     absent = [c for c in REQUIRED_COLUMNS if c not in df.columns]
     if absent:
         raise KeyError(f"main_table: columns {absent} are missing; the frame has {list(df.columns)}")
+    _check_reference(reference)
     df = df.copy()
     for metric in METRICS:
         if metric not in df.columns:
             warnings.warn(f"main_table: no {metric!r} column; that column of the table shows –", stacklevel=2)
             df[metric] = math.nan
+    for metric in _EFFECTS:
+        if items_column(metric) not in df.columns:
+            warnings.warn(f"main_table: no {items_column(metric)!r} column (per-item results); the "
+                          f"Δ {EFFECT_METRICS[metric][0]} column shows –", stacklevel=2)
     df["_row"] = pd.Series([_label(v) for v in df["label"]], index=df.index, dtype="object")
     stray = df[df["_row"].isna()]
     if len(stray):
@@ -115,6 +146,9 @@ def main_table_summary(df: pd.DataFrame) -> pd.DataFrame:
     out = spec.merge(summary.rename(columns={"_row": "label"}), on="label", how="left")
     count_cols = ["n"] + [f"{m}.n" for m in METRICS]
     out[count_cols] = out[count_cols].fillna(0).astype(int)
+    effects = effects_by_row(df, "_row", out["label"].tolist(), reference, _EFFECTS, table="main_table")
+    for metric, row_effects in effects.items():
+        out[f"effect.{metric}"] = pd.Series(row_effects, index=out.index, dtype="object")
     return out
 
 
@@ -133,9 +167,9 @@ def _seeds(df: pd.DataFrame) -> list[object]:
     return sorted(seeds, key=lambda s: (0, s, "") if isinstance(s, (int, float)) else (1, 0, str(s)))
 
 
-def _caption(df: pd.DataFrame) -> str:
+def _caption(df: pd.DataFrame, summary: pd.DataFrame, reference_name: str) -> str:
     seeds = _seeds(df)
-    return (
+    caption = (
         "Main results (the paper's Table 1) on the embedded testbed: the DPO and SFT teachers evaluated as they "
         "are, and the student trained by each method. Oracle score: mean oracle reward of the model's greedy "
         "generations on the test prompts. Win rate vs ADPA (%): share of test prompts on which the generation "
@@ -144,8 +178,11 @@ def _caption(df: pd.DataFrame) -> str:
         "scores are judged by the testbed's oracle. "
         f"Mean ± std over seeds {', '.join(map(str, seeds)) or '(none)'}; n = runs per row (std 0 when n = 1). "
         "Bold: best, underlined: second best among the student methods (not ranked: the two teachers, and "
-        "ADPA in its own win-rate column); – : no finished run."
+        "ADPA in its own win-rate column); – : no finished run. " + effects_caption(reference_name)
     )
+    limit = detection_limit_sentence({m: summary[f"effect.{m}"].tolist() for m in _EFFECTS},
+                                     {m: METRICS[m] for m in _EFFECTS})
+    return caption + (f" {limit}" if limit else "")
 
 
 def _ranked(summary: pd.DataFrame) -> dict[str, list[bool]]:
@@ -157,10 +194,17 @@ def _ranked(summary: pd.DataFrame) -> dict[str, list[bool]]:
             for m in METRICS}
 
 
-def format_main_table(df: pd.DataFrame, fmt: str = "markdown") -> str:
-    """The table as Markdown or LaTeX text (with its caption), from per-run rows."""
-    summary = main_table_summary(df)
+def format_main_table(df: pd.DataFrame, fmt: str = "markdown", reference: str = EFFECT_REFERENCE) -> str:
+    """The table as Markdown or LaTeX text (with its caption), from per-run rows; the Δ columns are
+    against the ``reference`` row (a label: DPO by default)."""
+    summary = main_table_summary(df, reference)
     latex = fmt == "latex"
+    reference_name = next(r.name for r in ROWS if r.label == reference)
+    extra = {}
+    for metric in _EFFECTS:
+        column = f"Δ.{metric}"
+        summary[column] = effect_cells(summary[f"effect.{metric}"].tolist(), METRICS[metric], summary["n"].tolist())
+        extra[column] = effect_header(metric, reference_name, METRICS[metric])
     first_student = next(i for i, r in enumerate(ROWS) if r.ranked)
     first_tvkd = next(i for i, r in enumerate(ROWS) if r.label == "tvkd_released")
     return format_table(
@@ -169,25 +213,27 @@ def format_main_table(df: pd.DataFrame, fmt: str = "markdown") -> str:
         row_label_cols=["Method"],
         fmt=fmt,
         ranked=_ranked(summary),
-        caption=_caption(df),
+        caption=_caption(df, summary, reference_name),
         label="tab:main_table" if latex else None,
         rules_before={first_student, first_tvkd},
         second_mark="underline",
+        extra_cols=extra,
     )
 
 
 @TABLES.register(
     "main_table", study=STUDY, paper="Table 1", outputs=("main_table.md", "main_table.tex"),
-    columns=("label", "seed", *METRICS),
+    columns=("label", "seed", *METRICS, *map(items_column, _EFFECTS)),
 )
-def write_main_table_tables(df: pd.DataFrame, out_dir: str | Path) -> dict[str, Path]:
+def write_main_table_tables(df: pd.DataFrame, out_dir: str | Path,
+                            reference: str = EFFECT_REFERENCE) -> dict[str, Path]:
     """Write ``main_table.md`` and ``main_table.tex`` into ``out_dir`` (atomically);
-    returns ``{"md": path, "tex": path}``."""
+    returns ``{"md": path, "tex": path}``. ``reference``: the row the Δ columns compare against."""
     out_dir = Path(out_dir)
     source = "reports/main_table.py"
     paths = {"md": out_dir / "main_table.md", "tex": out_dir / "main_table.tex"}
     markdown = f"<!-- Generated by {source} from the results store; do not edit by hand. -->\n\n"
     latex = f"% Generated by {source} from the results store; do not edit by hand.\n"
-    atomic_write_text(paths["md"], markdown + format_main_table(df, "markdown"))
-    atomic_write_text(paths["tex"], latex + format_main_table(df, "latex"))
+    atomic_write_text(paths["md"], markdown + format_main_table(df, "markdown", reference))
+    atomic_write_text(paths["tex"], latex + format_main_table(df, "latex", reference))
     return paths

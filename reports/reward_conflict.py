@@ -1,22 +1,30 @@
-"""The reward-conflict table (the paper's Table 5): TVKD with each auxiliary reward, against DPO
-and the shuffled negative control.
+"""The reward-conflict table (the paper's Table 5): TVKD with each auxiliary reward, against DPO,
+a positive control (a perfect teacher) and the shuffled negative control.
 
 Input: one row per finished run with the columns
 
     method                  "tvkd" or "dpo"
     aux                     the aux reward of a TVKD run (None for DPO)
     control                 "none" | "shuffled" (missing/None reads as "none")
+    offset_source           where a TVKD run's offsets come from: "teacher" (missing/None reads as that)
+                            or "data:…" (e.g. "data:oracle_chosen,oracle_rejected": the oracle's score gaps)
     seed
     margin_accuracy         fraction in [0, 1] (docs/methods.md §A.6: the student's implicit-reward accuracy)
     oracle_score            mean oracle reward r*(x, y) of the student's generations
     win_rate_vs_soft_value  fraction of prompts the run's generations beat TVKD(soft_value)'s
+    items.oracle_score      optional: {prompt: oracle score} behind oracle_score (for the Δ columns)
+    items.margin_accuracy   optional: per-test-pair outcomes behind margin_accuracy, same order in every run
 
 Other columns are ignored. Rows: the six aux rewards of docs/methods.md §A.2 in the paper's order, then
-"DPO" (no teacher) and "soft_value (shuffled Ψ)" (the teacher offsets permuted across pairs; a
-gain it also shows is not teacher knowledge). Each cell is mean ± std over seeds; a row without
-finished runs stays in the table with "–". Only the aux rewards and DPO are ranked for the
-bold/second marks: the control is a diagnostic, not a method, and in the win-rate column the
-soft_value row is the opponent itself.
+"oracle gap (positive control)" (a TVKD run whose offsets are the oracle's own score gaps, whatever
+its aux: what a perfect teacher would give), "DPO" (no teacher) and "soft_value (shuffled Ψ)" (the
+teacher offsets permuted across pairs; a gain it also shows is not teacher knowledge). The teacher
+rows match only runs with teacher offsets. Each cell is mean ± std over seeds; a row without finished
+runs stays in the table with "–". Only the aux rewards and DPO are ranked for the bold/second marks:
+the controls are diagnostics, not methods, and in the win-rate column the soft_value row is the
+opponent itself. Two more columns give each row's paired difference to DPO (or another ``reference``
+row) in oracle score and margin accuracy with a 95% hierarchical-bootstrap interval, and the caption
+the smallest difference the table can detect (reports/effects.py).
 """
 
 from __future__ import annotations
@@ -29,6 +37,15 @@ from pathlib import Path
 
 import pandas as pd
 
+from reports.effects import (
+    EFFECT_METRICS,
+    detection_limit_sentence,
+    effect_cells,
+    effect_header,
+    effects_by_row,
+    effects_caption,
+    items_column,
+)
 from reports.tables import TABLES, MetricSpec, format_table, summarize
 from tvkd.paths import atomic_write_text
 
@@ -36,20 +53,28 @@ __all__ = ["METRICS", "ROWS", "TableRow", "format_reward_conflict", "reward_conf
            "write_reward_conflict_tables"]
 
 STUDY = "reward-conflict"
+#: The default reference row of the Δ columns.
+EFFECT_REFERENCE = "dpo"
 METRICS: dict[str, MetricSpec] = {
     "margin_accuracy": MetricSpec("Margin accuracy (%)", higher_is_better=True, digits=1, percent=True),
     "oracle_score": MetricSpec("Oracle score", higher_is_better=True, digits=3),
     "win_rate_vs_soft_value": MetricSpec("Win rate vs soft_value (%)", higher_is_better=True, digits=1, percent=True),
 }
+#: The metrics with a Δ column (per-item results in the frame), in table order.
+_EFFECTS = tuple(m for m in METRICS if m in EFFECT_METRICS)
 REQUIRED_COLUMNS = ("method", "seed")
 
 
 @dataclass(frozen=True)
 class TableRow:
-    """One row of the table and the runs it selects (method, aux, control)."""
+    """One row of the table and the runs it selects (method, aux, control, offset source).
+
+    ``offset_source``: "teacher" selects runs with teacher offsets (or none recorded); another value
+    is a prefix ("data:") that selects runs whose offsets come from the data, whatever their aux.
+    """
 
     key: str
-    type: str  # "action" | "state" | "–" | "control"
+    type: str  # "action" | "state" | "–" | "control" | "control+"
     name: str
     formula_tex: str | None  # LaTeX math, or None for "–"
     formula_text: str | None  # the same, readable as plain text
@@ -57,6 +82,7 @@ class TableRow:
     aux: str | None
     control: str
     ranked: bool = True
+    offset_source: str = "teacher"
 
 
 _SOFT_VALUE_TEX = r"$\beta_V \log \sum_a \exp(z(a)/\beta_V)$"
@@ -71,6 +97,8 @@ ROWS: tuple[TableRow, ...] = (
     TableRow("expectation", "state", "expectation", r"$\sum_a \pi(a)\, z(a)$", "Σ_a π(a) z(a)",
              "tvkd", "expectation", "none"),
     TableRow("soft_value", "state", "soft_value", _SOFT_VALUE_TEX, _SOFT_VALUE_TEXT, "tvkd", "soft_value", "none"),
+    TableRow("oracle_gap", "control+", "oracle gap (positive control)", r"$r^*(x, y_w) - r^*(x, y_l)$",
+             "r*(x, y_w) − r*(x, y_l)", "tvkd", None, "none", ranked=False, offset_source="data:"),
     TableRow("dpo", "–", "DPO", None, None, "dpo", None, "none"),
     TableRow("soft_value_shuffled", "control", "soft_value (shuffled Ψ)", _SOFT_VALUE_TEX, _SOFT_VALUE_TEXT,
              "tvkd", "soft_value", "shuffled", ranked=False),
@@ -85,44 +113,64 @@ def _normalized(value: object, default: str | None) -> str | None:
     return default if text in ("", "none", "null", "nan") else text
 
 
+def _column(df: pd.DataFrame, name: str, default: str | None) -> list[str | None]:
+    return [_normalized(v, default) for v in df[name]] if name in df.columns else [default] * len(df)
+
+
+def _selects(row: TableRow, method: str | None, aux: str | None, control: str | None, source: str) -> bool:
+    if method != row.method or control != row.control:
+        return False
+    if row.offset_source != "teacher":  # offsets from the data: the aux reward plays no part
+        return source.startswith(row.offset_source)
+    # DPO has no teacher, so its aux (if any was recorded) does not select anything.
+    return source == "teacher" and (row.method == "dpo" or aux == row.aux)
+
+
 def _assign_rows(df: pd.DataFrame) -> pd.Series:
     """The table row key of each run (None for runs that belong to no row)."""
-    method = [_normalized(v, None) for v in df["method"]]
-    aux = [_normalized(v, None) for v in df["aux"]] if "aux" in df.columns else [None] * len(df)
-    control = [_normalized(v, "none") for v in df["control"]] if "control" in df.columns else ["none"] * len(df)
-    keys = []
-    for m, a, c in zip(method, aux, control):
-        key = None
-        for row in ROWS:
-            # DPO has no teacher, so its aux (if any was recorded) does not select anything.
-            if m == row.method and c == row.control and (row.method == "dpo" or a == row.aux):
-                key = row.key
-                break
-        keys.append(key)
+    runs = zip(_column(df, "method", None), _column(df, "aux", None), _column(df, "control", "none"),
+               _column(df, "offset_source", "teacher"))
+    keys = [next((row.key for row in ROWS if _selects(row, *run)), None) for run in runs]
     return pd.Series(keys, index=df.index, dtype="object")
 
 
-def reward_conflict_summary(df: pd.DataFrame) -> pd.DataFrame:
-    """One summary row per `ROWS` entry, in table order: key, Type, Name, formulas, ranked, n and
-    ``<metric>.mean/.std/.n``. Rows without runs get n = 0 and NaN metrics.
+def _check_reference(reference: str) -> str:
+    keys = [r.key for r in ROWS]
+    if reference not in keys:
+        raise ValueError(f"reward_conflict: reference {reference!r} is no table row; rows: {', '.join(keys)}")
+    return reference
+
+
+def reward_conflict_summary(df: pd.DataFrame, reference: str = EFFECT_REFERENCE) -> pd.DataFrame:
+    """One summary row per `ROWS` entry, in table order: key, Type, Name, formulas, ranked, n,
+    ``<metric>.mean/.std/.n``, and ``effect.<metric>`` (oracle score, margin accuracy): the row's
+    `reports.effects.Effect` against the ``reference`` row (a row key; DPO by default), or None.
+    Rows without runs get n = 0 and NaN metrics.
 
     Raises KeyError for missing ``method``/``seed`` columns and ValueError when a row holds two
     runs of one seed (the frame mixes configurations: filter it to one per seed first). Runs
-    that match no row, and absent metric columns, are reported with a warning.
+    that match no row, and absent metric or per-item columns, are reported with a warning.
     """
     absent = [c for c in REQUIRED_COLUMNS if c not in df.columns]
     if absent:
         raise KeyError(f"reward_conflict: columns {absent} are missing; the frame has {list(df.columns)}")
+    _check_reference(reference)
     df = df.copy()
     for metric in METRICS:
         if metric not in df.columns:
             warnings.warn(f"reward_conflict: no {metric!r} column; that column of the table shows –", stacklevel=2)
             df[metric] = math.nan
+    for metric in _EFFECTS:
+        if items_column(metric) not in df.columns:
+            warnings.warn(f"reward_conflict: no {items_column(metric)!r} column (per-item results); the "
+                          f"Δ {EFFECT_METRICS[metric][0]} column shows –", stacklevel=2)
     df["_row"] = _assign_rows(df)
     stray = df[df["_row"].isna()]
     if len(stray):
-        kinds = sorted({f"method={m!r} aux={a!r} control={c!r}" for m, a, c in zip(
-            stray["method"], stray.get("aux", [None] * len(stray)), stray.get("control", ["none"] * len(stray)))})
+        kinds = sorted({f"method={m!r} aux={a!r} control={c!r}" + (f" offset_source={o!r}" if o != "teacher" else "")
+                        for m, a, c, o in zip(stray["method"], stray.get("aux", [None] * len(stray)),
+                                              stray.get("control", ["none"] * len(stray)),
+                                              _column(stray, "offset_source", "teacher"))})
         warnings.warn(f"reward_conflict: {len(stray)} runs match no table row and are not shown: {'; '.join(kinds)}",
                       stacklevel=2)
     df = df[df["_row"].notna()]
@@ -139,6 +187,9 @@ def reward_conflict_summary(df: pd.DataFrame) -> pd.DataFrame:
     out = spec.merge(summary.rename(columns={"_row": "key"}), on="key", how="left")
     count_cols = ["n"] + [f"{m}.n" for m in METRICS]
     out[count_cols] = out[count_cols].fillna(0).astype(int)
+    effects = effects_by_row(df, "_row", out["key"].tolist(), reference, _EFFECTS, table="reward_conflict")
+    for metric, row_effects in effects.items():
+        out[f"effect.{metric}"] = pd.Series(row_effects, index=out.index, dtype="object")
     return out
 
 
@@ -155,17 +206,21 @@ def _seeds(df: pd.DataFrame) -> list[object]:
     return sorted(seeds, key=lambda s: (0, s, "") if isinstance(s, (int, float)) else (1, 0, str(s)))
 
 
-def _caption(df: pd.DataFrame, fmt: str) -> str:
+def _caption(df: pd.DataFrame, fmt: str, summary: pd.DataFrame, reference_name: str) -> str:
     seeds = _seeds(df)
     second = "underlined" if fmt == "latex" else "italic"
-    return (
-        "Reward conflict (the paper's Table 5): TVKD with each auxiliary reward, DPO, and the shuffled "
+    caption = (
+        "Reward conflict (the paper's Table 5): TVKD with each auxiliary reward, the positive control (TVKD "
+        "with the oracle's own score gaps as offsets: a perfect teacher), DPO, and the shuffled "
         f"control. Mean ± std over seeds {', '.join(map(str, seeds)) or '(none)'}; n = runs per row "
         "(std 0 when n = 1). Margin accuracy and win rate in %. "
-        f"Bold: best, {second}: second best among the aux rewards and DPO (not ranked: the control, and "
+        f"Bold: best, {second}: second best among the aux rewards and DPO (not ranked: the controls, and "
         "soft_value in its own win-rate column); "
-        "– : no finished run."
+        "– : no finished run. " + effects_caption(reference_name)
     )
+    limit = detection_limit_sentence({m: summary[f"effect.{m}"].tolist() for m in _EFFECTS},
+                                     {m: METRICS[m] for m in _EFFECTS})
+    return caption + (f" {limit}" if limit else "")
 
 
 def _ranked(summary: pd.DataFrame) -> dict[str, list[bool]]:
@@ -177,12 +232,20 @@ def _ranked(summary: pd.DataFrame) -> dict[str, list[bool]]:
             for m in METRICS}
 
 
-def format_reward_conflict(df: pd.DataFrame, fmt: str = "markdown") -> str:
-    """The table as Markdown or LaTeX text (with its caption), from per-run rows."""
-    summary = reward_conflict_summary(df)
+def format_reward_conflict(df: pd.DataFrame, fmt: str = "markdown", reference: str = EFFECT_REFERENCE) -> str:
+    """The table as Markdown or LaTeX text (with its caption), from per-run rows; the Δ columns are
+    against the ``reference`` row (a row key: DPO by default)."""
+    summary = reward_conflict_summary(df, reference)
     latex = fmt == "latex"
     summary["Formula"] = summary["formula_tex" if latex else "formula_text"]
-    first_reference = next(i for i, r in enumerate(ROWS) if r.key == "dpo")
+    reference_name = next(r.name for r in ROWS if r.key == reference)
+    extra = {}
+    for metric in _EFFECTS:
+        column = f"Δ.{metric}"
+        summary[column] = effect_cells(summary[f"effect.{metric}"].tolist(), METRICS[metric], summary["n"].tolist())
+        extra[column] = effect_header(metric, reference_name, METRICS[metric])
+    # rules above the positive control, DPO and the shuffled control: the groups of the table
+    rules = {i for i, r in enumerate(ROWS) if r.key in ("oracle_gap", "dpo", "soft_value_shuffled")}
     return format_table(
         summary,
         metrics=METRICS,
@@ -190,24 +253,26 @@ def format_reward_conflict(df: pd.DataFrame, fmt: str = "markdown") -> str:
         fmt=fmt,
         ranked=_ranked(summary),
         latex_cols={"Formula"},
-        caption=_caption(df, fmt),
+        caption=_caption(df, fmt, summary, reference_name),
         label="tab:reward_conflict" if latex else None,
-        rules_before={first_reference, len(ROWS) - 1},
+        rules_before=rules,
+        extra_cols=extra,
     )
 
 
 @TABLES.register(
     "reward_conflict", study=STUDY, paper="Table 5", outputs=("reward_conflict.md", "reward_conflict.tex"),
-    columns=("method", "aux", "control", "seed", *METRICS),
+    columns=("method", "aux", "control", "offset_source", "seed", *METRICS, *map(items_column, _EFFECTS)),
 )
-def write_reward_conflict_tables(df: pd.DataFrame, out_dir: str | Path) -> dict[str, Path]:
+def write_reward_conflict_tables(df: pd.DataFrame, out_dir: str | Path,
+                                 reference: str = EFFECT_REFERENCE) -> dict[str, Path]:
     """Write ``reward_conflict.md`` and ``reward_conflict.tex`` into ``out_dir`` (atomically);
-    returns ``{"md": path, "tex": path}``."""
+    returns ``{"md": path, "tex": path}``. ``reference``: the row the Δ columns compare against."""
     out_dir = Path(out_dir)
     source = "reports/reward_conflict.py"
     paths = {"md": out_dir / "reward_conflict.md", "tex": out_dir / "reward_conflict.tex"}
     markdown = f"<!-- Generated by {source} from the results store; do not edit by hand. -->\n\n"
     latex = f"% Generated by {source} from the results store; do not edit by hand.\n"
-    atomic_write_text(paths["md"], markdown + format_reward_conflict(df, "markdown"))
-    atomic_write_text(paths["tex"], latex + format_reward_conflict(df, "latex"))
+    atomic_write_text(paths["md"], markdown + format_reward_conflict(df, "markdown", reference))
+    atomic_write_text(paths["tex"], latex + format_reward_conflict(df, "latex", reference))
     return paths

@@ -135,6 +135,7 @@ def format_table(
     label: str | None = None,
     rules_before: Collection[int] = (),
     second_mark: Literal["italic", "underline"] = "italic",
+    extra_cols: Sequence[str] | Mapping[str, str] = (),
 ) -> str:
     """Render a `summarize` frame as a Markdown or booktabs LaTeX table; returns the text.
 
@@ -151,13 +152,17 @@ def format_table(
     - ``rules_before``: row positions that get a ``\\midrule`` above them (LaTeX only).
     - ``second_mark``: how Markdown marks the second best: ``_italic_`` (default) or ``<u>underline</u>``,
       as the paper does (LaTeX always underlines).
+    - ``extra_cols``: columns of ``summary`` holding pre-formatted text (e.g. effect sizes), shown after
+      the metrics and before ``n`` (a mapping gives their headers); never ranked or marked, missing
+      values read "–", escaped unless named in ``latex_cols``.
     """
     if fmt not in ("markdown", "latex"):
         raise ValueError(f"fmt must be 'markdown' or 'latex', got {fmt!r}")
     if second_mark not in ("italic", "underline"):
         raise ValueError(f"second_mark must be 'italic' or 'underline', got {second_mark!r}")
     labels = dict(row_label_cols) if isinstance(row_label_cols, Mapping) else {c: c for c in row_label_cols}
-    needed = list(labels) + [f"{m}.{s}" for m in metrics for s in ("mean", "std", "n")]
+    extras = dict(extra_cols) if isinstance(extra_cols, Mapping) else {c: c for c in extra_cols}
+    needed = list(labels) + list(extras) + [f"{m}.{s}" for m in metrics for s in ("mean", "std", "n")]
     needed += ["n"] if n_col is not None else []
     absent = [c for c in needed if c not in summary.columns]
     if absent:
@@ -185,6 +190,7 @@ def format_table(
     for spec in metrics.values():
         arrow = (" ↑" if spec.higher_is_better else " ↓") if arrows else ""
         header.append(text(spec.label + arrow))
+    header += [text(h) for h in extras.values()]
     if n_col is not None:
         header.append(f"${n_col}$" if latex and n_col == "n" else text(n_col))
 
@@ -207,6 +213,9 @@ def format_table(
                 cell = (rf"\underline{{{cell}}}" if latex else f"<u>{cell}</u>" if second_mark == "underline"
                         else f"_{cell}_")
             cells.append(cell)
+    for c in extras:
+        for cells, r in zip(body, records):
+            cells.append(text(r[c], raw=c in latex_cols))
     if n_col is not None:
         for cells, r in zip(body, records):
             cells.append(str(int(r["n"])))

@@ -12,6 +12,7 @@ import os
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -44,9 +45,43 @@ VALUES: dict[str, tuple[float, float, float | None]] = {
 }
 
 
+PROMPTS = [f"prompt {i}" for i in range(40)]
+N_PAIRS = 500
+
+
+def with_items(frame: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
+    """Add the per-item columns behind oracle_score and margin_accuracy, consistent with them: per
+    prompt the run's score plus a shared prompt difficulty and the run's own noise (both mean 0);
+    per test pair an outcome in {0, 0.5, 1}, the easier pairs (shared, plus the run's noise) right,
+    summing to margin_accuracy × pairs. A NaN metric gives NaN items."""
+    rng = np.random.default_rng(seed)
+    difficulty = rng.normal(0, 0.05, len(PROMPTS))
+    difficulty -= difficulty.mean()
+    easiness = rng.normal(0, 1, N_PAIRS)
+    oracle_items, margin_items = [], []
+    for oracle, accuracy in zip(frame["oracle_score"], frame["margin_accuracy"]):
+        if math.isnan(oracle):
+            oracle_items.append(math.nan)
+        else:
+            noise = rng.normal(0, 0.02, len(PROMPTS))
+            oracle_items.append(dict(zip(PROMPTS, (oracle + difficulty + noise - noise.mean()).tolist())))
+        if math.isnan(accuracy):
+            margin_items.append(math.nan)
+            continue
+        right = round(accuracy * N_PAIRS * 2) / 2
+        order = np.argsort(-(easiness + rng.normal(0, 1, N_PAIRS)))
+        outcome = np.zeros(N_PAIRS)
+        outcome[order[:int(right)]] = 1.0
+        if right % 1:
+            outcome[order[int(right)]] = 0.5  # a tie
+        margin_items.append(outcome.tolist())
+    return frame.assign(**{"items.oracle_score": oracle_items, "items.margin_accuracy": margin_items})
+
+
 def main_table_runs() -> pd.DataFrame:
     """A fixed study frame: three seeds per row, GKD missing, displayed ties, teachers without margin
-    accuracy, one NaN oracle score (DPKD seed 2), and extra columns that must be ignored."""
+    accuracy, one NaN oracle score (DPKD seed 2), per-item results (none for DCKD), and extra columns
+    that must be ignored."""
     rows = []
     for seed in (0, 1, 2):
         for label, (oracle, win, acc) in VALUES.items():
@@ -59,11 +94,16 @@ def main_table_runs() -> pd.DataFrame:
             })
     frame = pd.DataFrame(rows)
     frame.loc[(frame["label"] == "dpkd") & (frame["seed"] == 2), "oracle_score"] = math.nan
+    frame = with_items(frame)
+    dckd = frame["label"] == "dckd"  # evaluated before per-item results were kept
+    frame.loc[dckd, "items.oracle_score"] = math.nan
+    frame.loc[dckd, "items.margin_accuracy"] = math.nan
     return frame
 
 
 def _cells(table: str) -> dict[str, list[str]]:
-    """Method name -> its cells (oracle, win rate, margin accuracy, n) in a Markdown table."""
+    """Method name -> its cells (oracle, win rate, margin accuracy, Δ oracle, Δ margin accuracy, n) in a
+    Markdown table."""
     out = {}
     for line in table.split("\n\n")[-2].splitlines()[2:]:
         parts = [p.strip() for p in line.strip("|").split("|")]
@@ -96,7 +136,7 @@ def test_rows_follow_the_paper_and_missing_ones_stay():
     assert by.loc["dpkd", "n"] == 3 and by.loc["dpkd", "oracle_score.n"] == 2
     assert by.loc["teacher_dpo", "margin_accuracy.n"] == 0 and by.loc["teacher_dpo", "n"] == 3
     cells = _cells(format_main_table(main_table_runs(), "markdown"))
-    assert cells["GKD"] == ["–", "–", "–", "0"]
+    assert cells["GKD"] == ["–", "–", "–", "–", "–", "0"]
     assert cells["DPO Teacher"][2] == "–" and cells["DPKD"][0].endswith("(n=2)")
 
 
@@ -155,6 +195,35 @@ def test_label_and_seed_are_required():
     for column in ("label", "seed"):
         with pytest.raises(KeyError, match=column):
             main_table_summary(main_table_runs().drop(columns=[column]))
+
+
+def test_effect_columns_against_dpo():
+    md = format_main_table(main_table_runs(), "markdown")
+    header = md.splitlines()[0]
+    assert (header.index("Margin accuracy") < header.index("Δ oracle vs DPO [95% CI]")
+            < header.index("Δ margin acc. vs DPO (pts) [95% CI]") < header.rindex("| n"))
+    cells = _cells(md)
+    assert cells["DPO"][3:5] == ["–", "–"]  # the reference itself
+    assert cells["DCKD"][3:5] == ["–", "–"]  # runs without per-item results
+    assert cells["DPO Teacher"][4] == "–" and cells["DPO Teacher"][3].startswith("+0.350 [")  # no margin accuracy
+    assert cells["DPKD"][3].startswith("-0.010 [") and cells["DPKD"][3].endswith("(n=2)")  # seed 2 unscored
+    assert cells["TVKD (ours)"][3].startswith("+0.070 [") and cells["TVKD (ours)"][4].startswith("+4.0 [")
+    assert not any(c.startswith(("**", "<u>")) for row in cells.values() for c in row[3:5])  # marks: mean ± std only
+    caption = md.split("\n\n")[-1]
+    assert "Δ vs DPO: the paired difference to DPO's run of the same seed" in caption
+    assert "With 2–3 seeds, differences smaller than ±" in caption and "pts in margin accuracy" in caption
+    assert caption.rstrip().endswith("are below the detection limit (80% power, 5% level).")
+    tex = format_main_table(main_table_runs(), "latex")
+    assert r"$\Delta$ margin acc. vs DPO (pts) [95\% CI]" in tex and r"(80\% power, 5\% level).}" in tex
+
+
+def test_effect_columns_against_another_reference():
+    md = format_main_table(main_table_runs(), "markdown", reference="adpa")
+    assert "Δ oracle vs ADPA [95% CI]" in md and "vs DPO" not in md
+    cells = _cells(md)
+    assert cells["ADPA"][3:5] == ["–", "–"] and cells["DPO"][3].startswith("-0.050 [")
+    with pytest.raises(ValueError, match="no table row"):
+        format_main_table(main_table_runs(), "markdown", reference="ipo")
 
 
 def test_main_table_is_registered():

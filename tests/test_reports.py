@@ -11,6 +11,7 @@ import os
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -24,11 +25,43 @@ from reports.tables import TABLES, MetricSpec, discover, format_table, latex_esc
 
 GOLDEN = Path(__file__).parent / "golden"
 UPDATE = os.environ.get("TVKD_UPDATE_GOLDEN") == "1"
+PROMPTS = [f"prompt {i}" for i in range(40)]
+N_PAIRS = 500
+
+
+def with_items(frame: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
+    """Add the per-item columns behind oracle_score and margin_accuracy, consistent with them: per
+    prompt the run's score plus a shared prompt difficulty and the run's own noise (both mean 0);
+    per test pair an outcome in {0, 0.5, 1}, the easier pairs (shared, plus the run's noise) right,
+    summing to margin_accuracy × pairs. A NaN metric gives NaN items."""
+    rng = np.random.default_rng(seed)
+    difficulty = rng.normal(0, 0.05, len(PROMPTS))
+    difficulty -= difficulty.mean()
+    easiness = rng.normal(0, 1, N_PAIRS)
+    oracle_items, margin_items = [], []
+    for oracle, accuracy in zip(frame["oracle_score"], frame["margin_accuracy"]):
+        if math.isnan(oracle):
+            oracle_items.append(math.nan)
+        else:
+            noise = rng.normal(0, 0.02, len(PROMPTS))
+            oracle_items.append(dict(zip(PROMPTS, (oracle + difficulty + noise - noise.mean()).tolist())))
+        if math.isnan(accuracy):
+            margin_items.append(math.nan)
+            continue
+        right = round(accuracy * N_PAIRS * 2) / 2
+        order = np.argsort(-(easiness + rng.normal(0, 1, N_PAIRS)))
+        outcome = np.zeros(N_PAIRS)
+        outcome[order[:int(right)]] = 1.0
+        if right % 1:
+            outcome[order[int(right)]] = 0.5  # a tie
+        margin_items.append(outcome.tolist())
+    return frame.assign(**{"items.oracle_score": oracle_items, "items.margin_accuracy": margin_items})
 
 
 def reward_conflict_runs() -> pd.DataFrame:
     """A small fixed study: three seeds for most rows, `max` missing entirely, one DPO seed, a NaN
-    metric, a displayed tie for the best oracle score, and extra columns that must be ignored."""
+    metric, a displayed tie for the best oracle score, the positive control, per-item results (none
+    for the shuffled control), and extra columns that must be ignored."""
     values = {  # aux: (margin accuracy, oracle score, win rate) at seed 0; seeds 1, 2 add offsets
         "logits": (0.612, 0.481, 0.402),
         "log_prob": (0.634, 0.512, 0.455),
@@ -39,18 +72,27 @@ def reward_conflict_runs() -> pd.DataFrame:
     rows = []
     for aux, (acc, oracle, win) in values.items():
         for seed in (0, 1, 2):
-            rows.append({"method": "tvkd", "aux": aux, "control": "none", "seed": seed,
+            rows.append({"method": "tvkd", "aux": aux, "control": "none", "offset_source": "teacher", "seed": seed,
                          "margin_accuracy": acc + 0.01 * seed, "oracle_score": oracle + 0.001 * (seed - 1),
                          "win_rate_vs_soft_value": win + 0.02 * (seed - 1), "run_dir": f"/r/{aux}-{seed}",
                          "config.training.alpha": 0.7})
     rows[3]["oracle_score"] = math.nan  # log_prob seed 0: the oracle evaluation was not run
-    rows.append({"method": "dpo", "aux": None, "control": "none", "seed": 0, "margin_accuracy": 0.605,
-                 "oracle_score": 0.47, "win_rate_vs_soft_value": 0.38, "run_dir": "/r/dpo-0"})
+    for seed in (0, 1, 2):  # the positive control: offsets = the oracle's score gaps
+        rows.append({"method": "tvkd", "aux": "soft_value", "control": "none",
+                     "offset_source": "data:oracle_chosen,oracle_rejected", "seed": seed,
+                     "margin_accuracy": 0.74 + 0.01 * seed, "oracle_score": 0.561 + 0.002 * (seed - 1),
+                     "win_rate_vs_soft_value": 0.58 + 0.01 * (seed - 1), "run_dir": f"/r/oracle-gap-{seed}"})
+    rows.append({"method": "dpo", "aux": None, "control": "none", "offset_source": None, "seed": 0,
+                 "margin_accuracy": 0.605, "oracle_score": 0.47, "win_rate_vs_soft_value": 0.38, "run_dir": "/r/dpo-0"})
     for seed in (0, 1):
         rows.append({"method": "tvkd", "aux": "soft_value", "control": "shuffled", "seed": seed,
                      "margin_accuracy": 0.70 + 0.02 * seed, "oracle_score": 0.49, "win_rate_vs_soft_value": 0.44,
-                     "run_dir": f"/r/shuffled-{seed}"})
-    return pd.DataFrame(rows)
+                     "run_dir": f"/r/shuffled-{seed}"})  # no offset_source recorded: read as "teacher"
+    frame = with_items(pd.DataFrame(rows))
+    shuffled = frame["control"] == "shuffled"  # evaluated before per-item results were kept
+    frame.loc[shuffled, "items.oracle_score"] = math.nan
+    frame.loc[shuffled, "items.margin_accuracy"] = math.nan
+    return frame
 
 
 @pytest.mark.parametrize("suffix", ["md", "tex"])
@@ -77,7 +119,7 @@ def test_reward_conflict_keeps_every_row_and_marks_missing_ones():
     assert by_key.loc["log_prob", "oracle_score.n"] == 2 and by_key.loc["log_prob", "n"] == 3
     md = format_reward_conflict(reward_conflict_runs(), "markdown")
     max_line = next(line for line in md.splitlines() if "| max " in line)
-    assert max_line.count("–") == 3 and max_line.rstrip(" |").endswith("0")
+    assert max_line.count("–") == 5 and max_line.rstrip(" |").endswith("0")  # 3 metrics, 2 Δ columns
     assert "(n=2)" in md  # log_prob's oracle score rests on two seeds, not three
     assert "seeds 0, 1, 2" in md
 
@@ -109,6 +151,93 @@ def test_reward_conflict_warns_about_runs_it_cannot_place_and_absent_metrics():
 def test_reward_conflict_requires_method_and_seed():
     with pytest.raises(KeyError, match="seed"):
         reward_conflict_summary(reward_conflict_runs().drop(columns=["seed"]))
+
+
+def _rows(table: str) -> dict[str, list[str]]:
+    """Row name -> its cells after Type and Name in a reward-conflict Markdown table."""
+    out = {}
+    for line in table.split("\n\n")[0].splitlines()[2:]:
+        parts = [p.strip() for p in line.strip("|").split("|")]
+        out[parts[1]] = parts[2:]
+    return out
+
+
+POSITIVE = "oracle gap (positive control)"
+
+
+def test_the_positive_control_is_its_own_row_and_not_ranked():
+    df = reward_conflict_runs()
+    keys = [r.key for r in ROWS]
+    assert keys.index("oracle_gap") == keys.index("soft_value") + 1 and keys.index("dpo") == keys.index("oracle_gap") + 1
+    by_key = reward_conflict_summary(df).set_index("key")
+    assert by_key.loc["oracle_gap", "Type"] == "control+" and by_key.loc["oracle_gap", "Name"] == POSITIVE
+    assert by_key.loc["oracle_gap", "n"] == 3
+    assert by_key.loc["oracle_gap", "margin_accuracy.mean"] == pytest.approx(0.75)
+    # the teacher rows keep only teacher-offset runs (a missing offset_source reads as "teacher")
+    assert by_key.loc["soft_value", "n"] == 3
+    assert by_key.loc["soft_value", "margin_accuracy.mean"] == pytest.approx(0.682)
+    assert by_key.loc["soft_value_shuffled", "n"] == 2
+    # the highest values of the table, yet never marked: a control, not a method
+    cells = _rows(format_reward_conflict(df, "markdown"))
+    assert cells[POSITIVE][1:4] == ["75.0 ± 1.0", "0.561 ± 0.002", "58.0 ± 1.0"]
+    lines = format_reward_conflict(df, "latex").splitlines()
+    line = next(x for x in lines if x.startswith("control+"))
+    assert r"\textbf" not in line and r"\underline" not in line
+    assert lines[lines.index(line) - 1] == r"\midrule"
+
+
+def test_a_data_offset_run_of_another_kind_is_no_row():
+    odd = {"method": "tvkd", "aux": "soft_value", "control": "shuffled", "seed": 0,
+           "offset_source": "data:oracle_chosen,oracle_rejected", "margin_accuracy": 0.9, "oracle_score": 0.9}
+    df = pd.concat([reward_conflict_runs(), pd.DataFrame([odd])], ignore_index=True)
+    with pytest.warns(UserWarning, match="offset_source='data:oracle_chosen,oracle_rejected'"):
+        summary = reward_conflict_summary(df)
+    assert summary.set_index("key").loc["soft_value_shuffled", "n"] == 2
+
+
+def test_effect_columns_against_dpo():
+    md = format_reward_conflict(reward_conflict_runs(), "markdown")
+    header = md.splitlines()[0]
+    assert (header.index("Win rate") < header.index("Δ margin acc. vs DPO (pts) [95% CI]")
+            < header.index("Δ oracle vs DPO [95% CI]") < header.rindex("| n"))
+    cells = _rows(md)
+    # DPO has one seed: every effect rests on seed 0 alone, and says so
+    assert cells["logits"][4].startswith("+0.7 [") and cells["logits"][4].endswith("(n=1)")
+    assert cells["logits"][5].startswith("+0.010 [")  # 0.480 − 0.470 at seed 0
+    assert cells["DPO"][4:6] == ["–", "–"]  # the reference itself
+    assert cells["log_prob"][5] == "–"  # its seed-0 oracle score is missing: nothing pairs with DPO
+    assert cells["soft_value (shuffled Ψ)"][4:6] == ["–", "–"]  # no per-item results
+    assert cells["max"][4:6] == ["–", "–"]  # no runs
+    assert not any(c.startswith(("**", "_")) for row in cells.values() for c in row[4:6])  # marks: mean ± std only
+    caption = md.split("\n\n")[-1]
+    assert "Δ vs DPO: the paired difference" in caption
+    assert "With 1 seed (evaluation noise only), differences smaller than ±" in caption
+    assert caption.rstrip().endswith("are below the detection limit (80% power, 5% level).")
+    tex = format_reward_conflict(reward_conflict_runs(), "latex")
+    assert r"$\Delta$ oracle vs DPO [95\% CI]" in tex and r"detection limit (80\% power, 5\% level)" in tex
+
+
+def test_effect_columns_against_another_reference():
+    md = format_reward_conflict(reward_conflict_runs(), "markdown", reference="soft_value")
+    assert "Δ oracle vs soft_value [95% CI]" in md and "vs DPO" not in md
+    cells = _rows(md)
+    assert cells["soft_value"][4:6] == ["–", "–"]
+    assert not cells["logits"][5].endswith(")")  # three paired seeds, as many as the row's runs
+    assert cells["log_prob"][5].endswith("(n=2)")
+    assert "(n=" not in cells["DPO"][5]  # one paired seed, DPO's only run
+    assert "With 1–3 seeds, differences smaller than" in md
+    with pytest.raises(ValueError, match="no table row"):
+        format_reward_conflict(reward_conflict_runs(), "markdown", reference="ipo")
+
+
+def test_without_per_item_results_the_effect_columns_are_empty():
+    df = reward_conflict_runs().drop(columns=["items.oracle_score", "items.margin_accuracy"])
+    with pytest.warns(UserWarning, match=r"no 'items\.\w+' column") as caught:
+        md = format_reward_conflict(df, "markdown")
+    messages = " ".join(str(w.message) for w in caught)
+    assert "'items.oracle_score'" in messages and "'items.margin_accuracy'" in messages
+    assert all(row[4:6] == ["–", "–"] for row in _rows(md).values())
+    assert "detection limit" not in md
 
 
 def test_reward_conflict_is_registered():
@@ -233,3 +362,22 @@ def test_markdown_escapes_pipes_and_notes_partial_counts():
         format_table(s, metrics=SCORE, row_label_cols=["name"], fmt="html")
     with pytest.raises(KeyError, match="missing"):
         format_table(s, metrics={"absent": MetricSpec("A")}, row_label_cols=["name"])
+
+
+def test_extra_columns_hold_preformatted_text():
+    s = _summary({"a": [0.5], "b|x": [0.9], "c": [0.7]})
+    s["delta"] = ["+0.1 [0, 0.2]", None, "50% & up"]
+    plain = format_table(s, metrics=SCORE, row_label_cols=["name"])
+    assert format_table(s, metrics=SCORE, row_label_cols=["name"], extra_cols=()) == plain
+    table = format_table(s, metrics=SCORE, row_label_cols=["name"], extra_cols={"delta": "Δ | vs a"})
+    header, rule, *rows = table.splitlines()
+    assert r"| Δ \| vs a " in header and header.index("Score") < header.index("Δ") < header.rindex("| n")
+    assert rule.endswith(": |") and rule.count(":") == 4  # the extra column is right-aligned like a metric
+    assert "| +0.1 [0, 0.2] " in rows[0] and "| – " in rows[1] and "| 50% & up " in rows[2]
+    assert "**" not in rows[0] and rows[1].count("**") == 2  # the marks stay on the metric
+    tex = format_table(s, metrics=SCORE, row_label_cols=["name"], extra_cols=["delta"], fmt="latex")
+    assert r"name & Score $\uparrow$ & delta & $n$ \\" in tex
+    assert r"c & \underline{0.70 $\pm$ 0.00} & 50\% \& up & 1 \\" in tex
+    assert r"b|x & \textbf{0.90 $\pm$ 0.00} & -- & 1 \\" in tex
+    with pytest.raises(KeyError, match="absent"):
+        format_table(s, metrics=SCORE, row_label_cols=["name"], extra_cols=["absent"])
