@@ -142,6 +142,12 @@ def study_main_table(session: nox.Session) -> None:
     run(session, environment(session), "tvkd", "study", "run", "main-table", *session.posargs)
 
 
+@nox.session(name="study-teacher-signal-dial", venv_backend="none")
+def study_teacher_signal_dial(session: nox.Session) -> None:
+    """The positive control and the teacher-signal dial: table and figure of the gain over DPO against ρ."""
+    run(session, environment(session), "tvkd", "study", "run", "teacher-signal-dial", *session.posargs)
+
+
 @nox.session(venv_backend="none")
 def bench(session: nox.Session) -> None:
     """Speed and memory ratios measured in one process (each printed with its target)."""

@@ -1,0 +1,158 @@
+"""The teacher-signal dial: how good must a teacher's signal be before it helps a student?
+
+Input: the study frame of `studies/teacher_signal_dial.yaml`, one row per run with `label` (``dpo``,
+``rho=<ρ>``, or an aux reward's name), `seed`, the metrics `oracle_score`, `margin_accuracy` and
+`teacher_signal/oracle_gap_correlation` (the measured Spearman correlation of the run's pair offsets with
+the oracle gap), and the per-item columns `items.oracle_score` / `items.margin_accuracy`.
+
+Output: `teacher_signal_dial.md` / `.tex` (per row: the offsets' measured correlation with the oracle gap,
+and the paired gains over DPO with 95% hierarchical-bootstrap intervals, `reports.effects`) and the figure
+`teacher_signal_dial.png` / `.pdf`: the oracle-score gain over DPO against the measured correlation, the
+dial's points joined by a line, each of the six aux rewards placed on the same axes at its own measured
+correlation.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from reports.effects import (
+    detection_limit_sentence,
+    effect_cells,
+    effect_header,
+    effects_by_row,
+    effects_caption,
+    items_column,
+)
+from reports.tables import TABLES, MetricSpec, format_table, summarize
+from tvkd.aux_rewards import TABLE5
+from tvkd.paths import atomic_write_text
+
+STUDY = "teacher-signal-dial"
+REFERENCE = "dpo"
+CORRELATION = "teacher_signal/oracle_gap_correlation"
+EFFECTS = {
+    "oracle_score": MetricSpec("Oracle score", higher_is_better=True, digits=3),
+    "margin_accuracy": MetricSpec("Margin accuracy (%)", higher_is_better=True, digits=1, percent=True),
+}
+METRICS = {
+    CORRELATION: MetricSpec("ρ(offset, oracle gap)", higher_is_better=True, digits=2),
+    "oracle_score": EFFECTS["oracle_score"],
+}
+_RHO = re.compile(r"^rho=([0-9.]+)$")
+
+
+def _rows(df: pd.DataFrame) -> tuple[list[str], list[str], list[str]]:
+    """(row keys in order, their display names, their kinds: reference | dial | aux)."""
+    labels = list(dict.fromkeys(df["label"]))
+    dial = sorted((lab for lab in labels if _RHO.match(lab)), key=lambda lab: -float(_RHO.match(lab).group(1)))
+    aux = [a for a in TABLE5 if a in labels]
+    keys = ([REFERENCE] if REFERENCE in labels else []) + dial + aux
+    names = ["DPO" if k == REFERENCE else f"dial ρ = {float(_RHO.match(k).group(1)):.2f}" if _RHO.match(k)
+             else f"aux {k}" for k in keys]
+    kinds = ["reference" if k == REFERENCE else "dial" if _RHO.match(k) else "aux" for k in keys]
+    return keys, names, kinds
+
+
+def dial_summary(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per table row: key, Name, kind, n, the mean ± std metrics, and per effect metric the
+    paired effect against DPO (`<metric>.effect`: a `reports.effects.Effect` or None)."""
+    keys, names, kinds = _rows(df)
+    df = df[df["label"].isin(keys)].copy()
+    for metric in METRICS:
+        if metric not in df.columns:
+            df[metric] = math.nan
+    summary = summarize(df, by=["label"], metrics=list(METRICS)).set_index("label").reindex(keys).reset_index()
+    summary["Name"] = names
+    summary["kind"] = kinds
+    summary["n"] = summary["n"].fillna(0).astype(int)
+    effects = effects_by_row(df, "label", keys, REFERENCE, EFFECTS, table="teacher_signal_dial")
+    for metric in EFFECTS:
+        summary[f"{metric}.effect"] = effects[metric]
+    return summary
+
+
+def format_dial(df: pd.DataFrame, fmt: str = "markdown") -> str:
+    summary = dial_summary(df)
+    effects = {m: list(summary[f"{m}.effect"]) for m in EFFECTS}
+    extra = {}
+    for metric, spec in EFFECTS.items():
+        header = effect_header(metric, "DPO", spec)
+        summary[header] = effect_cells(effects[metric], spec, summary["n"])
+        extra[header] = header
+    seeds = sorted(set(df["seed"])) if "seed" in df.columns else []
+    caption = (
+        "The teacher-signal dial: TVKD trained with the oracle's own score gaps as pair offsets (ρ = 1: a perfect "
+        "teacher, the positive control), with a fraction 1 − ρ of the pairs' offsets permuted among themselves "
+        "(ρ = 0: the shuffled negative control), and with each of the six aux rewards of Table 5; offsets scaled to "
+        "unit spread (offset_norm std), α 0.7, β 0.1. ρ(offset, oracle gap): the measured Spearman correlation of "
+        "the run's offsets with the oracle gap. "
+        + effects_caption("DPO")
+        + f" Seeds {', '.join(map(str, seeds))}."
+    )
+    limit = detection_limit_sentence(effects, EFFECTS)
+    if limit:
+        caption += " " + limit
+    return format_table(summary, metrics=METRICS, row_label_cols={"Name": "Row"}, fmt=fmt, highlight=False,
+                        extra_cols=extra, caption=caption, label="tab:teacher-signal-dial")
+
+
+def plot_dial(df: pd.DataFrame, out_dir: Path) -> dict[str, Path]:
+    """The figure: oracle-score gain over DPO (95% CI) against the offsets' measured correlation."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    summary = dial_summary(df)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    ax.axhline(0.0, color="0.6", lw=0.8, zorder=0)
+    for kind, style in (("dial", dict(color="C0", marker="o", ls="-", label="dial: oracle offsets, (1−ρ) shuffled")),
+                        ("aux", dict(color="C3", marker="s", ls="none", label="aux rewards of Table 5"))):
+        part = summary[(summary["kind"] == kind) & summary["oracle_score.effect"].notna()]
+        if part.empty:
+            continue
+        x = part[f"{CORRELATION}.mean"].to_numpy(dtype=float)
+        effects = list(part["oracle_score.effect"])
+        y = np.array([e.estimate for e in effects])
+        err = np.array([[e.estimate - e.low for e in effects], [e.high - e.estimate for e in effects]])
+        order = np.argsort(x)
+        ax.errorbar(x[order], y[order], yerr=err[:, order], capsize=3, **style)
+        if kind == "aux":
+            for xi, yi, name in zip(x, y, part["label"]):
+                ax.annotate(name, (xi, yi), textcoords="offset points", xytext=(5, 4), fontsize=8, color="C3")
+    ax.set_xlabel("rank correlation of the offsets with the oracle gap (Spearman ρ)")
+    ax.set_ylabel("oracle-score gain over DPO (95% CI)")
+    ax.set_title("How good must a teacher's signal be before it helps the student?", fontsize=10)
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"png": out_dir / "teacher_signal_dial.png", "pdf": out_dir / "teacher_signal_dial.pdf"}
+    fig.savefig(paths["png"], dpi=150)
+    fig.savefig(paths["pdf"])
+    plt.close(fig)
+    return paths
+
+
+@TABLES.register(
+    "teacher_signal_dial", study=STUDY, paper="(no table: the positive control and the dial)",
+    outputs=("teacher_signal_dial.md", "teacher_signal_dial.tex", "teacher_signal_dial.png",
+             "teacher_signal_dial.pdf"),
+    columns=("label", "seed", *METRICS, *map(items_column, EFFECTS)),
+)
+def write_teacher_signal_dial(df: pd.DataFrame, out_dir: str | Path) -> dict[str, Path]:
+    """Write the dial's table (Markdown, LaTeX) and figure (PNG, PDF) into `out_dir`."""
+    out_dir = Path(out_dir)
+    source = "reports/teacher_signal_dial.py"
+    paths = {"md": out_dir / "teacher_signal_dial.md", "tex": out_dir / "teacher_signal_dial.tex"}
+    atomic_write_text(paths["md"], f"<!-- Generated by {source} from the results store; do not edit by hand. -->\n\n"
+                      + format_dial(df, "markdown"))
+    atomic_write_text(paths["tex"], f"% Generated by {source} from the results store; do not edit by hand.\n"
+                      + format_dial(df, "latex"))
+    paths.update(plot_dial(df, out_dir))
+    return paths
