@@ -123,13 +123,15 @@ def plot_dial(df: pd.DataFrame, out_dir: Path) -> dict[str, Path]:
         err = np.array([[e.estimate - e.low for e in effects], [e.high - e.estimate for e in effects]])
         order = np.argsort(x)
         ax.errorbar(x[order], y[order], yerr=err[:, order], capsize=3, **style)
-        if kind == "aux":
-            for xi, yi, name in zip(x, y, part["label"]):
-                ax.annotate(name, (xi, yi), textcoords="offset points", xytext=(5, 4), fontsize=8, color="C3")
+        if kind == "aux":  # labels alternate above and below, so neighbours at one ρ stay readable
+            names = list(part["label"])
+            for i, j in enumerate(order):
+                ax.annotate(names[j], (x[j], y[j]), textcoords="offset points", fontsize=8, color="C3",
+                            xytext=(6, 6 if i % 2 == 0 else -12))
     ax.set_xlabel("rank correlation of the offsets with the oracle gap (Spearman ρ)")
     ax.set_ylabel("oracle-score gain over DPO (95% CI)")
     ax.set_title("How good must a teacher's signal be before it helps the student?", fontsize=10)
-    ax.legend(fontsize=8, loc="upper left")
+    ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"png": out_dir / "teacher_signal_dial.png", "pdf": out_dir / "teacher_signal_dial.pdf"}
