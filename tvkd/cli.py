@@ -85,6 +85,28 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from tvkd.benchmarks import BENCHMARKS
+    from tvkd.benchmarks._run import evaluate, parse_options
+
+    if args.list or not args.target:
+        for name in sorted(BENCHMARKS.names()):
+            meta = BENCHMARKS.meta(name)
+            print(f"{name:<16} {meta.get('description', '')}")
+            for opt, text in (meta.get("options") or {}).items():
+                print(f"    --option {opt}=...: {text}")
+        return 0 if args.list else 2
+    benches = [b.strip() for b in args.bench.split(",") if b.strip()]
+    run_dir, metrics = evaluate(args.target, benches, parse_options(args.option), results=args.results,
+                                progress=not args.quiet)
+    for key in sorted(metrics):
+        if any(key.startswith(b.replace("-", "_") + "/") or key.startswith(b + "/") for b in benches):
+            value = metrics[key]
+            print(f"  {key}: {value:.4f}" if isinstance(value, float) else f"  {key}: {value}")
+    print(f"metrics merged into {run_dir / 'metrics.json'}")
+    return 0
+
+
 def cmd_results_gc(args: argparse.Namespace) -> int:
     from tvkd.results import ResultsStore
 
@@ -210,6 +232,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="check every input and print the run's folder, state and input fingerprints; train nothing")
     r.add_argument("--quiet", action="store_true")
     r.set_defaults(func=cmd_run)
+
+    ev = sub.add_parser("eval", help="run benchmarks on a finished run (RM score, AlpacaEval, MT-Bench, the Open LLM "
+                                     "Leaderboard, margin accuracy, value KL, the shaping figure)",
+                        description="Evaluates a run folder of the results store (it must keep its weights: train "
+                                    "with train.save_model: true) or a run config (run first, keeping the weights), "
+                                    "and merges the metrics into the run's metrics.json. `tvkd eval --list` lists "
+                                    "the benchmarks and their options.")
+    ev.add_argument("target", nargs="?", help="a run folder (results/<study>/<run>) or a run config file")
+    ev.add_argument("--bench", default="margin", help="comma-separated benchmarks, e.g. rm,alpaca-eval,mt-bench,oll")
+    ev.add_argument("--option", action="append", metavar="KEY=VALUE",
+                    help="a benchmark option, e.g. judge_model=gpt-4o-mini (values parsed as YAML)")
+    ev.add_argument("--results", default=None, help="results store root (default $TVKD_RESULTS or ./results)")
+    ev.add_argument("--list", action="store_true", help="list the benchmarks and their options")
+    ev.add_argument("--quiet", action="store_true")
+    ev.set_defaults(func=cmd_eval)
 
     res = sub.add_parser("results", help="the results store").add_subparsers(dest="sub", required=True)
     g = res.add_parser("gc", help="remove failed, interrupted and stale run folders and leftover checkpoints",

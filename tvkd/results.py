@@ -768,6 +768,21 @@ class ResultsStore:
             )
         return runs
 
+    def merge_metrics(self, run_dir: str | os.PathLike, metrics: Mapping[str, Any]) -> dict[str, Any]:
+        """Add metrics to a finished run's metrics.json (atomically, under the run's lock); returns the merged
+        metrics. What was there is kept unless a key is measured again; an interrupted merge leaves the old file."""
+        run_dir = Path(run_dir)
+        record = RunRecord.read(run_dir)
+        if not record.complete:
+            raise ValueError(f"{run_dir} is not a finished run (state {record.state!r}); run it first")
+        lock = _RunLock(run_dir)
+        try:
+            merged = {**(_read_json(run_dir / "metrics.json") or {}), **_plain(metrics, "metrics")}
+            _write_json(run_dir / "metrics.json", merged)
+        finally:
+            lock.release()
+        return merged
+
     def garbage(self, study: str | None = None) -> list[tuple[Path, str]]:
         """What `gc` would remove: (path, reason) for every run folder that is failed, interrupted,
         left "running" by a dead process, or unreadable, and for the checkpoints of finished runs that

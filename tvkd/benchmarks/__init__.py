@@ -37,6 +37,7 @@ class BenchContext:
     testbed: bool = False  # the run's data are the testbed's: the oracle can score answers
     progress: bool = True
     say: Callable[[str], None] = print
+    config: Any = None  # the run's RunConfig (None for a bare model folder)
     _model: Any = None
     _tokenizer: Any = None
 
