@@ -107,6 +107,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_judge_server(args: argparse.Namespace) -> int:
+    import time
+
+    from tvkd.benchmarks.judge_server import JudgeServer
+
+    server = JudgeServer(port=args.port, delay=args.delay, fail_first=args.fail_first).start()
+    print(f"judge server (the testbed oracle) at {server.base_url}; e.g. "
+          f"tvkd eval <run> --bench mt-bench,alpaca-eval --option judge_base_url={server.base_url} "
+          f"--option judge_model=tvkd-oracle-judge   (Ctrl-C stops it)", flush=True)
+    try:
+        while True:
+            time.sleep(1)
+    finally:
+        server.stop()
+
+
 def cmd_results_gc(args: argparse.Namespace) -> int:
     from tvkd.results import ResultsStore
 
@@ -247,6 +263,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--list", action="store_true", help="list the benchmarks and their options")
     ev.add_argument("--quiet", action="store_true")
     ev.set_defaults(func=cmd_eval)
+
+    js = sub.add_parser("judge-server", help="an OpenAI-compatible judge on loopback backed by the testbed oracle",
+                        description="Serves /v1/chat/completions on 127.0.0.1, answering MT-Bench and AlpacaEval "
+                                    "judge prompts with the testbed oracle's verdicts, so those benchmarks run "
+                                    "their real client paths on the testbed.")
+    js.add_argument("--port", type=int, default=8765, help="port on 127.0.0.1 (default 8765; 0 picks a free one)")
+    js.add_argument("--delay", type=float, default=0.0, help="seconds to wait before each answer (test timeouts)")
+    js.add_argument("--fail-first", type=int, default=0, help="answer HTTP 500 to the first N requests")
+    js.set_defaults(func=cmd_judge_server)
 
     res = sub.add_parser("results", help="the results store").add_subparsers(dest="sub", required=True)
     g = res.add_parser("gc", help="remove failed, interrupted and stale run folders and leftover checkpoints",
