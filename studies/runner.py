@@ -14,7 +14,7 @@ from tvkd.config import RunConfig, config_from_dict
 from tvkd.paths import results_root
 
 # Keys of a variant that are run-config keys (the rest, e.g. `method`, describe the row).
-RUN_KEYS = ("models", "data", "tokenize", "loss", "train", "cache", "eval", "eval_only", "num_threads")
+RUN_KEYS = ("models", "data", "tokenize", "loss", "train", "cache", "eval", "eval_only", "num_threads", "testbed")
 
 
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:

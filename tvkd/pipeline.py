@@ -302,11 +302,12 @@ class RunInterrupted(KeyboardInterrupt):
 
 
 def execute(cfg: RunConfig, *, store: Any = None, force: bool = False, progress: bool = True,
-            echo: Echo | None = None, testbed: dict[str, Any] | None = None) -> Any:
+            echo: Echo | None = None, testbed: dict[str, Any] | None = None, callbacks: list | None = None) -> Any:
     """Train and evaluate one configuration, or return its stored record if it already finished.
 
     Every input is checked first (`plan_run`): a mistake costs no store entry. A run killed after
     a checkpoint (``train.save_strategy: steps``) resumes from it; `force` redoes a finished run.
+    `callbacks`: extra `transformers.TrainerCallback`s for the training (e.g. a search's pruning hook).
     """
     from tvkd.results import ResultsStore
 
@@ -322,7 +323,7 @@ def execute(cfg: RunConfig, *, store: Any = None, force: bool = False, progress:
     echo(f"[{cfg.name}] running in {handle.run_dir}")
     try:
         with _signals_interrupt():
-            metrics, outputs, items = _train_and_evaluate(plan, handle.run_dir, echo, progress)
+            metrics, outputs, items = _train_and_evaluate(plan, handle.run_dir, echo, progress, callbacks)
             if outputs is not None:
                 handle.write_outputs(outputs)
             for name, rows in items.items():
@@ -375,7 +376,7 @@ def _load_pairs(source: str, split: str, limit: int | None, adapter: str | None,
     return res
 
 
-def _train_and_evaluate(plan: RunPlan, run_dir: Path, echo: Echo, progress: bool
+def _train_and_evaluate(plan: RunPlan, run_dir: Path, echo: Echo, progress: bool, callbacks: list | None = None
                         ) -> tuple[dict[str, Any], list | None, dict[str, list]]:
     """caches and prepare (assemble) -> train -> evaluate; (metrics, generations, per-item results)."""
 
@@ -418,7 +419,8 @@ def _train_and_evaluate(plan: RunPlan, run_dir: Path, echo: Echo, progress: bool
         policy, train_metrics = train_policy(plan.paths["student"], ts.train, loss, loss_cfg, cfg=cfg,
                                              out_dir=run_dir / "checkpoint", pad_id=plan.pad_id, progress=progress,
                                              say=echo, reference=ref_source, teacher=teacher_source,
-                                             teacher_vocab=plan.teacher_vocab, eos_id=plan.eos_id)
+                                             teacher_vocab=plan.teacher_vocab, eos_id=plan.eos_id,
+                                             callbacks=callbacks)
         metrics.update(train_metrics)
         if cfg.train.save_model:
             policy.save_pretrained(str(run_dir / "model"))

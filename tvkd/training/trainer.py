@@ -244,7 +244,8 @@ class _NoArgumentsPickle:
 
 def train_policy(student: str, train: Any, loss: PreferenceLoss, loss_cfg: Any, *, cfg: Any, out_dir: Any,
                  pad_id: int, progress: bool, say: Any = print, reference: Any = None, teacher: Any = None,
-                 teacher_vocab: int | None = None, eos_id: int | None = None) -> tuple[Any, dict[str, Any]]:
+                 teacher_vocab: int | None = None, eos_id: int | None = None,
+                 callbacks: list | None = None) -> tuple[Any, dict[str, Any]]:
     """Train the student from `student` (a folder or hub id) on `train`; (trained policy, metrics).
 
     `cfg` is the run's `RunConfig` (models, train and seed sections). Checkpoints go to
@@ -283,7 +284,7 @@ def train_policy(student: str, train: Any, loss: PreferenceLoss, loss_cfg: Any, 
         online.update(on_policy=needs.on_policy, eos_id=eos_id)
     trainer = PreferenceTrainer(model=policy, args=args, train_dataset=train, data_collator=collator, loss=loss,
                                 loss_config=loss_cfg, needs_student_logits=needs.student_logits,
-                                callbacks=[_NoArgumentsPickle()], **online)
+                                callbacks=[_NoArgumentsPickle(), *(callbacks or [])], **online)
     if not progress:
         trainer.remove_callback(PrinterCallback)
     resume = last_checkpoint(out_dir) if t.save_strategy != "no" else None
