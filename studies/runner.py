@@ -1,8 +1,7 @@
-"""Sequential study driver: expand (variant x seed) into run configs, run what is missing, tabulate."""
+"""Sequential study driver: expand (variant x axes x seed) into run configs, run what is missing, tabulate."""
 
 from __future__ import annotations
 
-import copy
 import time
 from pathlib import Path
 from typing import Any
@@ -10,25 +9,15 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from tvkd.config import RunConfig, config_from_dict
+from studies.spec import RUN_KEYS, StudySpec, deep_merge, load_spec, parse_spec
+from tvkd.config import RunConfig
 from tvkd.paths import results_root
 
-# Keys of a variant that are run-config keys (the rest, e.g. `method`, describe the row).
-RUN_KEYS = ("models", "data", "tokenize", "loss", "train", "cache", "eval", "eval_only", "num_threads", "testbed")
-
-
-def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for k, v in (over or {}).items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "loss":
-            out[k] = deep_merge(out[k], v)
-        else:
-            out[k] = copy.deepcopy(v)
-    return out
+__all__ = ["RUN_KEYS", "deep_merge", "expand_study", "load_study", "run_study", "study_frame"]
 
 
 def load_study(name: str | Path | dict[str, Any]) -> dict[str, Any]:
-    """A study spec from a registered name, a YAML path, or a dict (returned as is)."""
+    """A study spec (the parsed YAML, not yet validated) from a registered name, a YAML path, or a dict (as is)."""
     from studies import STUDIES
 
     if isinstance(name, dict):
@@ -39,25 +28,15 @@ def load_study(name: str | Path | dict[str, Any]) -> dict[str, Any]:
     return yaml.safe_load(STUDIES.get(str(name)).read_text())
 
 
-def expand_study(spec: dict[str, Any], *, seeds: list[int] | None = None, quick: bool = False) -> list[tuple[dict, RunConfig]]:
-    """[(variant info, run config)] for every variant and seed, in run order (seed-major)."""
-    base = spec.get("base", {})
-    seeds_given = seeds is not None
-    seeds = list(seeds if seeds_given else spec.get("seeds", [0]))
-    if quick and spec.get("quick"):
-        base = deep_merge(base, spec["quick"].get("base", {}))
-        if not seeds_given:
-            seeds = list(spec["quick"].get("seeds", seeds))
-    out = []
-    for seed in seeds:
-        for variant in spec["variants"]:
-            over = {k: v for k, v in variant.items() if k in RUN_KEYS}
-            cfg_dict = deep_merge(base, over)
-            cfg_dict.update(name=variant["label"], seed=seed, study=spec["name"] + ("-quick" if quick else ""))
-            info = {k: v for k, v in variant.items() if k not in over}
-            info["seed"] = seed
-            out.append((info, config_from_dict(cfg_dict, where=f"study {spec['name']} variant {variant['label']}")))
-    return out
+def expand_study(spec: dict[str, Any] | StudySpec, *, seeds: list[int] | None = None, quick: bool = False
+                 ) -> list[tuple[dict, RunConfig]]:
+    """[(run info, run config)] for every run and seed, in run order (seed-major).
+
+    The spec is validated first (`studies.spec.parse_spec`): a problem anywhere in it is a
+    `StudySpecError` naming the field, before any run is built.
+    """
+    spec = spec if isinstance(spec, StudySpec) else parse_spec(spec)
+    return [(r.info, r.config) for r in spec.runs(seeds=seeds, quick=quick)]
 
 
 def run_study(name: str | Path | dict[str, Any], *, seeds: list[int] | None = None, results: str | Path | None = None,
@@ -67,10 +46,11 @@ def run_study(name: str | Path | dict[str, Any], *, seeds: list[int] | None = No
     from tvkd.pipeline import execute, identity
     from tvkd.results import ResultsStore
 
-    spec = load_study(name)
-    name = spec["name"]
+    parsed = load_spec(name)  # validated: a bad spec stops here, before any run
+    spec = parsed.raw
+    name = parsed.name
     store = ResultsStore(Path(results) if results else results_root())
-    runs = expand_study(spec, seeds=seeds, quick=quick)
+    runs = expand_study(parsed, seeds=seeds, quick=quick)
     t0 = time.perf_counter()
     done_before = sum(store.is_complete(identity(cfg, progress=progress), study=cfg.study, name=cfg.name)
                       for _, cfg in runs)
@@ -81,10 +61,11 @@ def run_study(name: str | Path | dict[str, Any], *, seeds: list[int] | None = No
         rec = execute(cfg, store=store, progress=progress)
         rows.append({**info, "label": cfg.name, "run_dir": str(rec.run_dir), "record": rec})
     frame = study_frame(spec, rows)
-    out = Path(out_dir) if out_dir else store.root / (spec["name"] + ("-quick" if quick else "")) / "tables"
+    out = Path(out_dir) if out_dir else store.root / parsed.study_name(quick) / "tables"
     tables = discover().get(spec["table"])(frame, out) if spec.get("table") else {}
     items = [c for c in frame.columns if c.startswith("items.")]
-    frame.drop(columns=["record", *items], errors="ignore").to_csv(out / "runs.csv", index=False) if tables else None
+    out.mkdir(parents=True, exist_ok=True)  # a grid without a table still gets its runs.csv
+    frame.drop(columns=["record", *items], errors="ignore").to_csv(out / "runs.csv", index=False)
     print(f"study {name}: {len(runs)} runs in {time.perf_counter() - t0:.1f}s; tables in {out}", flush=True)
     return {"frame": frame, "tables": tables, "out_dir": out}
 

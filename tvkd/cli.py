@@ -147,6 +147,16 @@ def cmd_study_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_study_plan(args: argparse.Namespace) -> int:
+    import json
+
+    from studies import format_plan, plan_study
+
+    plan = plan_study(args.spec, args.results, quick=args.quick, seeds=args.seeds, progress=not args.quiet)
+    print(json.dumps(plan.to_dict(), indent=1) if args.json else format_plan(plan))
+    return 0
+
+
 def cmd_study_list(args: argparse.Namespace) -> int:
     from studies import STUDIES
 
@@ -293,6 +303,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quick", action="store_true", help="a much smaller grid for a smoke test")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_study_run)
+    sp = st.add_parser("plan", help="which runs of a study are done, what is left, and how long it should take",
+                       description="Expands a study (variants and axes), checks every run config, and says which "
+                                   "runs the results store already holds and an estimate of the remaining time from "
+                                   "the store's measured run times.")
+    sp.add_argument("spec", help="a registered study or a study YAML file")
+    sp.add_argument("--results", default=None, help="results store root (default $TVKD_RESULTS or ./results)")
+    sp.add_argument("--seeds", type=int, nargs="+", default=None, help="override the study's seeds")
+    sp.add_argument("--quick", action="store_true", help="the study's quick grid")
+    sp.add_argument("--json", action="store_true", help="print the plan as JSON")
+    sp.add_argument("--quiet", action="store_true")
+    sp.set_defaults(func=cmd_study_plan)
     sl = st.add_parser("list", help="list the studies")
     sl.set_defaults(func=cmd_study_list)
 

@@ -1,0 +1,1072 @@
+"""Study specs: a study YAML checked before anything runs, and expanded into its runs.
+
+A spec holds the keys below; only ``name`` and one of ``variants`` / ``axes`` are required.
+
+    name: alpha-beta-grid                  # results go to <results>/<name>/
+    description: "..."                     # shown by `tvkd study list`
+    table: reward_conflict                 # optional: the table generator (reports/) run on the results
+    reference_variant: dpo                 # optional: win rates are against this run label, same seed
+    seeds: [0, 1]                          # default [0]
+    base: {models: ..., data: ..., loss: ..., train: ...}   # a run config every run starts from
+    variants:                              # hand-written rows: a label, descriptive keys, run-config keys
+      - {label: dpo, method: dpo, loss: {name: dpo, beta: 0.1}}
+    axes:                                  # expanded as a product (x the variants, when both are given)
+      loss.alpha: [0.1, 0.5, 1.0]          # a dotted run-config key and its values
+      method:                              # a named axis: labelled mappings of run-config keys
+        - {label: dpo, loss: {name: dpo}}
+        - {label: tvkd, loss: {name: tvkd, aux: soft_value}}
+    exclude:                               # combinations dropped from the product (DPO has no α ...)
+      - {method: dpo}
+    include:                               # combinations added (an axis not named keeps the base's value)
+      - {method: dpo}                      # (... so it runs once, as `method=dpo`)
+    quick: {seeds: [0], base: {...}, axes: {loss.alpha: [0.5]}}   # --quick: fewer seeds, cheaper base, fewer values
+
+`parse_spec` / `load_spec` check all of it before anything runs (each problem names its field,
+e.g. ``study grid.yaml: axes.loss.alpha[2]: expected a number, got 'abc'``); `StudySpec.runs`
+expands it; `plan_study` / `format_plan` say which runs the results store already holds and how
+long the rest should take (``tvkd study plan``).
+
+Expansion. Each run starts from ``base`` (``quick.base`` merged in with --quick); a variant's
+run-config keys are merged in, then each named axis's value, then each dotted key is set, so
+``loss.alpha`` lands in whichever loss the variant or a named axis chose. Mappings merge key by
+key, except ``loss``, which a variant or named value replaces whole. Runs come seed-major: for each
+seed, for each variant, the product of the axes in declared order (minus ``exclude``), then the
+``include`` combinations.
+
+Rules. An ``exclude`` or ``include`` rule maps axis names (and ``variant``, the variant labels,
+when the spec has variants) to a value or a list of values: a named axis's values by label, a
+dotted key's by value. An exclude rule drops every product combination whose value on each named
+axis is one of the listed ones. An include rule adds the product of its listed values; axes it does
+not name are left out of the run (the base's value holds, the label omits them, their column is
+empty), and a rule that does not name ``variant`` is added for every variant. Includes are not
+subject to excludes, and a combination that is already there is not added twice.
+
+Labels and columns. A run's label is its variant's label followed by ``axis=value`` for each axis
+it sets, joined by commas (``soft_value,loss.alpha=0.5``, ``method=tvkd,loss.alpha=0.5``), and it
+names the run in the results store. The run's info (the descriptive columns of the study's
+tables) holds ``label``, ``variant`` (when there are both variants and axes), one column per axis
+(a named axis's value label, a dotted key's value), the descriptive keys of its variant and named
+values, and ``seed``. A study with variants only expands exactly as it always did.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import itertools
+import json
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tvkd.api import ConfigError, check_value
+from tvkd.config import LossConfig, RunConfig, config_from_dict
+
+__all__ = [
+    "RUN_KEYS", "Axis", "PlannedRun", "StudyPlan", "StudyRun", "StudySpec", "StudySpecError", "deep_merge",
+    "format_plan", "format_value", "load_spec", "parse_spec", "plan_study",
+]
+
+#: Run-config keys the study sets itself (a variant, axis or base may not).
+SET_BY_STUDY = ("name", "seed", "study")
+#: Keys of a variant (or a named axis value) that are run-config keys; the rest describe the row.
+RUN_KEYS = tuple(f.name for f in dataclasses.fields(RunConfig) if f.name not in SET_BY_STUDY)
+TOP_KEYS = ("name", "description", "table", "seeds", "reference_variant", "base", "variants", "axes", "exclude",
+            "include", "quick")
+QUICK_KEYS = ("seeds", "base", "axes")
+#: Columns every run's info may hold; no axis or descriptive key may take these names.
+RESERVED_COLUMNS = ("label", "seed", "variant", "run_dir", "record")
+VARIANT = "variant"  # the pseudo-axis a rule uses to name variant labels
+MAX_LISTED_PROBLEMS = 12
+
+
+class StudySpecError(ConfigError):
+    """A study spec that cannot be run; every line names the file and the field."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = list(problems)
+        shown = [f"study {source}: {p}" for p in problems[:MAX_LISTED_PROBLEMS]]
+        if len(problems) > MAX_LISTED_PROBLEMS:
+            shown.append(f"study {source}: ... and {len(problems) - MAX_LISTED_PROBLEMS} more problem(s)")
+        super().__init__("\n".join(shown))
+
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable (e.g. across processes) despite its own arguments
+        return (type(self), (self.source, self.problems))
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `over` merged in, key by key; ``loss`` (a method choice) is replaced whole."""
+    out = copy.deepcopy(base)
+    for k, v in (over or {}).items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "loss":
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def format_value(value: Any) -> str:
+    """A value as it reads in a run label: 0.5, 1.0, true, null, testbed:teacher_dpo, [a,b]."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, (int, str)):
+        return str(value)
+    return json.dumps(value, separators=(",", ":"), sort_keys=True, default=str)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal as config values: 1 and 1.0 are the same, true and 1 are not."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    return a == b
+
+
+def _given(value: Any) -> str:
+    return f"{value!r:.80}"
+
+
+def _close(word: str, options: list[str]) -> str:
+    found = difflib.get_close_matches(str(word), options, n=1)
+    return f" (did you mean {found[0]!r}?)" if found else ""
+
+
+# --------------------------------------------------------------------------------------------
+# Run-config keys (for dotted axes)
+# --------------------------------------------------------------------------------------------
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _is_dict_hint(hint: Any) -> bool:
+    return (typing.get_origin(hint) or hint) is dict
+
+
+def _loss_options() -> dict[str, list[type]]:
+    """Option name -> the Config classes of the registered losses that have it."""
+    from tvkd.api import LOSSES
+
+    out: dict[str, list[type]] = {}
+    for name in LOSSES.names():
+        cfg_cls = LOSSES.get(name).Config
+        for f in dataclasses.fields(cfg_cls):
+            out.setdefault(f.name, []).append(cfg_cls)
+    return out
+
+
+def _config_paths() -> list[str]:
+    """Every dotted run-config key an axis may sweep (for "did you mean")."""
+    paths = []
+
+    def walk(cls: type, prefix: str) -> None:
+        for f in dataclasses.fields(cls):
+            if cls is RunConfig and f.name in SET_BY_STUDY:
+                continue
+            hint = _hints(cls)[f.name]
+            if dataclasses.is_dataclass(hint):
+                walk(hint, f"{prefix}{f.name}.")
+            elif not (cls is LossConfig and f.name == "options"):
+                paths.append(f"{prefix}{f.name}")
+
+    walk(RunConfig, "")
+    paths.extend(f"loss.{o}" for o in _loss_options())
+    return paths
+
+
+@dataclass(frozen=True)
+class _Key:
+    kind: str  # "field" (a typed leaf), "loss_option", "free" (a key under a mapping field), "section"
+    owner: type | None = None
+    attr: str | None = None
+    hint: Any = None
+
+
+def _resolve_key(name: str) -> _Key:
+    """What a dotted axis name sets in a run config; ValueError (the reason) when it sets nothing."""
+    parts = name.split(".")
+    if not all(parts):
+        raise ValueError("not a dotted run-config key (an empty part)")
+    if parts[0] in SET_BY_STUDY:
+        raise ValueError(f"{parts[0]} is set by the study" + ("; list the seeds under `seeds`" if parts[0] == "seed"
+                                                              else ""))
+    cls: type = RunConfig
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        here = ".".join(parts[: i + 1])
+        if cls is LossConfig and part != "name":
+            if part == "options":
+                raise ValueError("write a loss option as loss.<option> (e.g. loss.alpha), not loss.options.<option>")
+            if not last:
+                raise ValueError(f"{here} is a loss option, not a section")
+            options = _loss_options()
+            if part not in options:
+                raise ValueError(f"not an option of any registered loss{_close(here, _config_paths())}")
+            return _Key("loss_option", attr=part)
+        fields = [f.name for f in dataclasses.fields(cls)]
+        if part not in fields:
+            raise ValueError(f"not a run-config key{_close(name, _config_paths())}")
+        hint = _hints(cls)[part]
+        if cls is RunConfig and part == "testbed" and not last:  # testbed overrides: TestbedConfig's fields
+            from tvkd.testbed import TestbedConfig
+
+            options = [f.name for f in dataclasses.fields(TestbedConfig)]
+            if len(parts) != 2 or parts[1] not in options:
+                raise ValueError(f"not a testbed option{_close(parts[1], options)}")
+            return _Key("field", owner=TestbedConfig, attr=parts[1], hint=_hints(TestbedConfig)[parts[1]])
+        if dataclasses.is_dataclass(hint):
+            if last:
+                return _Key("section", owner=hint, attr=part)
+            cls = hint
+            continue
+        if last:
+            return _Key("field", owner=cls, attr=part, hint=hint)
+        if _is_dict_hint(hint):
+            return _Key("free")
+        raise ValueError(f"{here} is a value, not a section")
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _check_field_value(key: _Key, value: Any, where: str) -> str | None:
+    """The problem with one value of a dotted axis (its type, then its range), or None."""
+    try:
+        if key.kind == "field":
+            checked = check_value(value, key.hint, where)
+            if key.owner is LossConfig and key.attr == "name":
+                from tvkd.api import LOSSES
+
+                if checked not in LOSSES:
+                    return f"{where}: {LOSSES.unknown_message(checked)}"
+                return None
+            try:
+                key.owner(**{key.attr: checked})
+            except ConfigError as e:
+                return f"{where}: {e}"
+            except ValueError as e:
+                return f"{where}: {e}"
+            except TypeError:  # the section needs other keys too: the run configs check it
+                return None
+        elif key.kind == "loss_option":
+            first = None
+            for cfg_cls in _loss_options()[key.attr]:
+                try:
+                    checked = check_value(value, _hints(cfg_cls)[key.attr], where)
+                    cfg_cls(**{key.attr: checked})
+                    return None
+                except ConfigError as e:
+                    first = first or str(e)
+                except ValueError as e:
+                    first = first or f"{where}: {e}"
+                except TypeError:
+                    return None
+            return first
+    except ConfigError as e:
+        return str(e)
+    return None
+
+
+def _set_path(cfg: dict[str, Any], parts: list[str], value: Any) -> None:
+    """Set a dotted key in a run-config mapping (sections created as needed)."""
+    node = cfg
+    if parts[0] == "loss" and len(parts) == 2 and parts[1] not in ("name", "options"):
+        loss = cfg.get("loss")
+        if isinstance(loss, dict) and isinstance(loss.get("options"), dict):  # `loss: {name, options: {...}}` form
+            node, parts = loss, ["options", parts[1]]
+    for p in parts[:-1]:
+        child = node.get(p)
+        if not isinstance(child, dict):
+            child = {}
+            node[p] = child
+        node = child
+    node[parts[-1]] = copy.deepcopy(value)
+
+
+# --------------------------------------------------------------------------------------------
+# The spec
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Axis:
+    """One axis of a study's product.
+
+    kind "key": ``name`` is a dotted run-config key and each value is set there; kind "named":
+    each value is a mapping with a ``label``, run-config keys (merged into the run) and
+    descriptive keys (columns of the tables).
+    """
+
+    name: str
+    kind: str
+    values: tuple[Any, ...]
+    labels: tuple[str, ...]
+
+    def column(self, index: int | None) -> Any:
+        """The run's value in this axis's column: a named value's label, a dotted key's value."""
+        if index is None:
+            return None
+        return self.labels[index] if self.kind == "named" else self.values[index]
+
+    def find(self, value: Any) -> int | None:
+        """The index of a value as a rule names it (a label for a named axis), or None."""
+        for i, (v, label) in enumerate(zip(self.values, self.labels, strict=True)):
+            if (self.kind == "named" and isinstance(value, str) and value == label) or (
+                    self.kind == "key" and _same(value, v)):
+                return i
+        return None
+
+    def run_keys(self, index: int) -> dict[str, Any]:
+        return {k: v for k, v in self.values[index].items() if k in RUN_KEYS}
+
+    def descriptive(self, index: int) -> dict[str, Any]:
+        return {k: v for k, v in self.values[index].items() if k not in RUN_KEYS and k != "label"}
+
+
+@dataclass(frozen=True)
+class StudyRun:
+    """One expanded run: its label, seed, variant and axis values, table columns and run config."""
+
+    label: str
+    seed: int
+    variant: str | None
+    axes: dict[str, Any]
+    info: dict[str, Any]
+    config: RunConfig
+
+
+@dataclass(frozen=True)
+class _Combo:
+    variant: int | None
+    values: tuple[int | None, ...]  # one value index per axis; None: not set (an include leaving it out)
+
+
+@dataclass
+class StudySpec:
+    """A validated study spec (`parse_spec`); `runs` expands it."""
+
+    name: str
+    source: str
+    raw: dict[str, Any]
+    description: str = ""
+    table: str | None = None
+    reference_variant: str | None = None
+    seeds: list[int] = field(default_factory=lambda: [0])
+    base: dict[str, Any] = field(default_factory=dict)
+    variants: list[dict[str, Any]] = field(default_factory=list)
+    axes: list[Axis] = field(default_factory=list)
+    exclude: list[dict[str, set[int]]] = field(default_factory=list)  # axis name (or "variant") -> value indexes
+    include: list[dict[str, list[int]]] = field(default_factory=list)
+    quick_seeds: list[int] | None = None
+    quick_base: dict[str, Any] = field(default_factory=dict)
+    quick_axes: dict[str, set[int]] = field(default_factory=dict)
+    has_quick: bool = False
+
+    # -- expansion -----------------------------------------------------------------------------
+
+    def combinations(self, quick: bool = False) -> list[_Combo]:
+        """(variant, axis values) in run order, excludes dropped, includes added (no repeats)."""
+        allowed = [sorted(self.quick_axes[a.name]) if quick and a.name in self.quick_axes else range(len(a.values))
+                   for a in self.axes]
+        variants: list[int | None] = list(range(len(self.variants))) if self.variants else [None]
+        out: list[_Combo] = []
+        seen: set[_Combo] = set()
+
+        def add(combo: _Combo) -> None:
+            if combo not in seen:
+                seen.add(combo)
+                out.append(combo)
+
+        for v in variants:
+            for values in itertools.product(*allowed):
+                combo = _Combo(v, tuple(values))
+                if not any(self._matches(rule, combo) for rule in self.exclude):
+                    add(combo)
+            for rule in self.include:
+                if v is not None and VARIANT in rule and v not in rule[VARIANT]:
+                    continue
+                lists = []
+                for a, ok in zip(self.axes, allowed, strict=True):
+                    picked = rule.get(a.name)
+                    lists.append([None] if picked is None else [i for i in picked if i in ok])
+                for values in itertools.product(*lists):
+                    add(_Combo(v, tuple(values)))
+        return out
+
+    def _matches(self, rule: dict[str, set[int]], combo: _Combo) -> bool:
+        for name, indexes in rule.items():
+            if name == VARIANT:
+                if combo.variant not in indexes:
+                    return False
+                continue
+            pos = next(i for i, a in enumerate(self.axes) if a.name == name)
+            if combo.values[pos] not in indexes:
+                return False
+        return True
+
+    def label_of(self, combo: _Combo) -> str:
+        parts = [self.variants[combo.variant]["label"]] if combo.variant is not None else []
+        parts += [f"{a.name}={a.labels[i]}" for a, i in zip(self.axes, combo.values, strict=True) if i is not None]
+        return ",".join(parts)
+
+    def _run(self, combo: _Combo, base: dict[str, Any], seed: int, study: str, where: str) -> StudyRun:
+        variant = self.variants[combo.variant] if combo.variant is not None else None
+        label = self.label_of(combo)
+        cfg = copy.deepcopy(base)
+        if variant is not None:
+            cfg = deep_merge(cfg, {k: v for k, v in variant.items() if k in RUN_KEYS})
+        set_axes = [(a, i) for a, i in zip(self.axes, combo.values, strict=True) if i is not None]
+        for a, i in set_axes:
+            if a.kind == "named":
+                cfg = deep_merge(cfg, a.run_keys(i))
+        for a, i in set_axes:
+            if a.kind == "key":
+                _set_path(cfg, a.name.split("."), a.values[i])
+        cfg.update(name=label, seed=seed, study=study)
+        if not self.axes:  # variants only: the info a study has always had
+            info = {k: v for k, v in variant.items() if k not in RUN_KEYS}
+        else:
+            info = {"label": label}
+            if variant is not None:
+                info[VARIANT] = variant["label"]
+                info.update({k: v for k, v in variant.items() if k not in RUN_KEYS and k != "label"})
+            for a, i in zip(self.axes, combo.values, strict=True):
+                info[a.name] = a.column(i)
+            for a, i in set_axes:
+                if a.kind == "named":
+                    for k, v in a.descriptive(i).items():
+                        if k in info and not _same(info[k], v):
+                            raise StudySpecError(self.source, [
+                                f"run {label}: the descriptive key {k!r} is {info[k]!r} and, from axes.{a.name} "
+                                f"value {a.labels[i]!r}, {v!r}; give one of them another name"])
+                        info[k] = v
+        info["seed"] = seed
+        return StudyRun(label=label, seed=seed, variant=variant["label"] if variant is not None else None,
+                        axes={a.name: a.column(i) for a, i in zip(self.axes, combo.values, strict=True)},
+                        info=info, config=config_from_dict(cfg, where=where.replace("{label}", label)))
+
+    def _base(self, quick: bool) -> dict[str, Any]:
+        return deep_merge(self.base, self.quick_base) if quick and self.has_quick else copy.deepcopy(self.base)
+
+    def study_name(self, quick: bool = False) -> str:
+        """The study folder of the results store (``-quick`` for --quick runs)."""
+        return self.name + ("-quick" if quick else "")
+
+    def runs(self, seeds: list[int] | None = None, quick: bool = False) -> list[StudyRun]:
+        """Every run in run order: seed-major, then variant, then the axes' product."""
+        if seeds is not None:
+            problems = _check_seeds(seeds, "seeds (given)")
+            if problems:
+                raise StudySpecError(self.source, problems)
+            seeds = list(seeds)
+        else:
+            seeds = list(self.quick_seeds if quick and self.quick_seeds is not None else self.seeds)
+        base = self._base(quick)
+        combos = self.combinations(quick)
+        where = f"study {self.source}: " + ("variant {label}" if not self.axes else "run {label}")
+        return [self._run(c, base, seed, self.study_name(quick), where) for seed in seeds for c in combos]
+
+    def labels(self, quick: bool = False) -> list[str]:
+        return [self.label_of(c) for c in self.combinations(quick)]
+
+    # -- checks that need the expansion ---------------------------------------------------------
+
+    def _check_runs(self) -> list[str]:
+        """Build every combination's run config (full grid, and --quick's): what config_from_dict refuses."""
+        problems: list[str] = []
+        reported: set[str] = set()  # messages of the full grid, not repeated for --quick
+        for quick in (False, True) if self.has_quick else (False,):
+            combos = self.combinations(quick)
+            if not combos:
+                problems.append("exclude: drops every combination; no run is left"
+                                + (" (with --quick)" if quick else ""))
+                continue
+            seen: set[str] = set()
+            for c in combos:
+                label = self.label_of(c)
+                if label in seen:
+                    problems.append(f"run label {label!r} comes from two different combinations: give the axis "
+                                    "values distinct labels")
+                seen.add(label)
+            base = self._base(quick)
+            seed = (self.quick_seeds if quick and self.quick_seeds else self.seeds)[0]
+            failed: dict[str, list[str]] = {}  # message -> the labels of the runs it stops
+            for c in combos:
+                label = self.label_of(c)
+                try:
+                    self._run(c, base, seed, self.study_name(quick), "{label}")
+                except StudySpecError as e:
+                    problems.extend(p for p in e.problems if p not in problems)
+                except ConfigError as e:
+                    text = str(e)
+                    failed.setdefault(text[len(label) + 2:] if text.startswith(f"{label}: ") else text, []).append(label)
+            what = "variant" if not self.axes else "run"
+            flag = " (--quick)" if quick else ""
+            for text, stopped in failed.items():
+                if quick and text in reported:
+                    continue
+                reported.add(text)
+                if len(stopped) == len(combos) > 1:  # the base (or the quick base) itself
+                    problems.append(f"every {what}{flag}: {text}")
+                    continue
+                shown = ", ".join(stopped[:3]) + (f" and {len(stopped) - 3} more" if len(stopped) > 3 else "")
+                hint = ("" if not self.axes else " (drop such combinations with an `exclude` rule, or add them with "
+                        "`include`, leaving that axis out)")
+                problems.append(f"{what}{'s' if len(stopped) > 1 else ''} {shown}{flag}: {text}{hint}")
+        return problems
+
+
+# --------------------------------------------------------------------------------------------
+# Parsing and validation
+# --------------------------------------------------------------------------------------------
+
+
+def _check_seeds(seeds: Any, where: str) -> list[str]:
+    if not isinstance(seeds, (list, tuple)) or not seeds:
+        return [f"{where}: expected a non-empty list of integers, got {_given(seeds)}"]
+    problems = []
+    for i, s in enumerate(seeds):
+        if isinstance(s, bool) or not isinstance(s, int):
+            problems.append(f"{where}[{i}]: expected an integer, got {_given(s)}")
+        elif s in seeds[:i]:
+            problems.append(f"{where}[{i}]: seed {s} is listed twice")
+    return problems
+
+
+def _check_run_mapping(data: Any, where: str, problems: list[str]) -> bool:
+    """A base / quick.base mapping: run-config keys only."""
+    if not isinstance(data, dict):
+        problems.append(f"{where}: expected a mapping of run-config keys, got {_given(data)}")
+        return False
+    for k in data:
+        if k in SET_BY_STUDY:
+            problems.append(f"{where}.{k}: set by the study (name: the run label, seed: `seeds`, study: `name`)")
+        elif k not in RUN_KEYS:
+            problems.append(f"{where}.{k}: not a run-config key{_close(k, list(RUN_KEYS))}")
+    return True
+
+
+def _check_row(row: Any, where: str, problems: list[str]) -> str | None:
+    """A variant or a named axis value: a mapping with a label, run-config keys and plain descriptive keys."""
+    if not isinstance(row, dict):
+        problems.append(f"{where}: expected a mapping with a label, got {_given(row)}")
+        return None
+    label = row.get("label")
+    if "label" not in row:
+        problems.append(f"{where}: no label (every {'variant' if 'variants' in where else 'value'} needs one)")
+        label = None
+    elif not isinstance(label, str) or not label.strip():
+        problems.append(f"{where}.label: expected a non-empty string, got {_given(label)}")
+        label = None
+    for k, v in row.items():
+        if k == "label":
+            continue
+        if not isinstance(k, str):
+            problems.append(f"{where}: key {k!r} is not a string")
+        elif k in SET_BY_STUDY:
+            problems.append(f"{where}.{k}: set by the study (name: the label, seed: `seeds`, study: `name`)")
+        elif k in RUN_KEYS:
+            continue
+        elif isinstance(v, (dict, list, tuple)):
+            problems.append(f"{where}.{k}: not a run-config key{_close(k, list(RUN_KEYS))}; descriptive keys hold "
+                            "plain values (a string, number, boolean or null)")
+        elif k in RESERVED_COLUMNS:
+            problems.append(f"{where}.{k}: {k!r} is a column the study sets itself; rename this key")
+    return label
+
+
+def _parse_axis(name: Any, values: Any, problems: list[str]) -> Axis | None:
+    where = f"axes.{name}"
+    if not isinstance(name, str) or not name.strip():
+        problems.append(f"axes: axis name {name!r} must be a non-empty string")
+        return None
+    if name in SET_BY_STUDY:
+        problems.append(f"{where}: {name} is set by the study" + ("; list the seeds under `seeds`" if name == "seed"
+                                                                   else ""))
+        return None
+    if name in RESERVED_COLUMNS:
+        problems.append(f"{where}: {name!r} is a column the study sets itself; call the axis something else")
+        return None
+    if any(c in name for c in ",="):
+        problems.append(f"{where}: an axis name may not contain ',' or '=' (they separate a run label's parts)")
+        return None
+    if not isinstance(values, (list, tuple)):
+        problems.append(f"{where}: expected a list of values, got {_given(values)}")
+        return None
+    if not values:
+        problems.append(f"{where}: empty; an axis needs at least one value")
+        return None
+    labelled = [isinstance(v, dict) and "label" in v for v in values]
+    if all(labelled):
+        labels = []
+        for i, v in enumerate(values):
+            label = _check_row(v, f"{where}[{i}]", problems)
+            if label is not None and label in labels:
+                problems.append(f"{where}[{i}].label: {label!r} repeats {where}[{labels.index(label)}].label")
+            labels.append(label or f"?{i}")
+        return Axis(name, "named", tuple(values), tuple(labels))
+    try:
+        key = _resolve_key(name)
+    except ValueError as e:
+        if any(labelled):
+            bad = labelled.index(False)
+            problems.append(f"{where}[{bad}]: a named axis's values are mappings with a label, got "
+                            f"{_given(values[bad])}")
+        else:
+            problems.append(f"{where}: {e}; a named axis would need a list of mappings, each with a label, e.g. "
+                            f"[{{label: a, loss: {{...}}}}, ...]")
+        return None
+    if key.kind == "section":
+        problems.append(f"{where}: a whole section of the run config; sweep one of its keys ({name}.<key>) or give "
+                        f"each value a label (a named axis)")
+        return None
+    ok = True
+    for i, v in enumerate(values):
+        if isinstance(v, dict) and "label" in v:
+            problems.append(f"{where}[{i}]: a labelled mapping among the plain values of the run-config key {name}")
+            ok = False
+            continue
+        problem = _check_field_value(key, v, f"{where}[{i}]")
+        if problem:
+            problems.append(problem)
+            ok = False
+        for j in range(i):
+            if _same(values[j], v):
+                problems.append(f"{where}[{i}]: {_given(v)} repeats {where}[{j}]")
+                ok = False
+                break
+    labels = [format_value(v) for v in values]
+    if ok and len(set(labels)) != len(labels):
+        problems.append(f"{where}: two values read the same in a run label ({', '.join(labels)})")
+    return Axis(name, "key", tuple(values), tuple(labels))
+
+
+def _parse_rule(rule: Any, where: str, axes: list[Axis], variant_labels: list[str], problems: list[str],
+                broken: set[str] = frozenset()) -> dict[str, list[int]] | None:
+    if not isinstance(rule, dict) or not rule:
+        problems.append(f"{where}: expected a mapping from axis names to a value or a list of values, got "
+                        f"{_given(rule)}")
+        return None
+    names = [a.name for a in axes] + ([VARIANT] if variant_labels else [])
+    out: dict[str, list[int]] = {}
+    for name, given in rule.items():
+        if name in broken:  # an axis already reported: its values cannot be checked
+            continue
+        if name not in names:
+            valid = ", ".join(names) if names else "none"
+            problems.append(f"{where}.{name}: not an axis of this study{_close(str(name), names)}; axes: {valid}")
+            continue
+        if name == VARIANT:
+            axis = Axis(VARIANT, "named", tuple({"label": v} for v in variant_labels), tuple(variant_labels))
+        else:
+            axis = next(a for a in axes if a.name == name)
+        # a list is a list of values, unless it is itself one of the axis's values
+        items = [given] if not isinstance(given, (list, tuple)) or axis.find(given) is not None else list(given)
+        if not items:
+            problems.append(f"{where}.{name}: empty list of values")
+            continue
+        indexes = []
+        for j, item in enumerate(items):
+            i = axis.find(item)
+            at = f"{where}.{name}" + (f"[{j}]" if isinstance(given, (list, tuple)) and len(items) > 1 else "")
+            if i is None:
+                shown = ", ".join(axis.labels)
+                what = "label" if axis.kind == "named" else "value"
+                close = _close(format_value(item), list(axis.labels))
+                problems.append(f"{at}: {_given(item)} is not a {what} of "
+                                f"{'variants' if name == VARIANT else 'axes.' + name} ({shown}){close}")
+            elif i not in indexes:
+                indexes.append(i)
+        out[name] = indexes
+    return out
+
+
+def parse_spec(spec: Any, source: str | None = None) -> StudySpec:
+    """A validated `StudySpec` from a parsed study YAML; every problem found is named in one `StudySpecError`.
+
+    Checked before anything runs: unknown top-level keys, the seeds, the base, each variant (a
+    label, no repeats), each axis (a dotted run-config key with values of its type, or labelled
+    mappings), the exclude / include rules (known axes and values), the quick block, and the run
+    config of every combination (`config_from_dict`), with and without --quick.
+    """
+    if source is None:
+        named = isinstance(spec, dict) and isinstance(spec.get("name"), str)
+        source = spec["name"] if named else "spec"
+    if not isinstance(spec, dict):
+        raise StudySpecError(source, [f"the top level must be a mapping of keys ({', '.join(TOP_KEYS)}), "
+                                      f"got {_given(spec)}"])
+    problems: list[str] = []
+    for k in spec:
+        if k not in TOP_KEYS:
+            problems.append(f"{k}: unknown key{_close(str(k), list(TOP_KEYS))}; valid keys: {', '.join(TOP_KEYS)}")
+    name = spec.get("name")
+    if name is None:
+        stem = Path(source).stem if source.endswith((".yaml", ".yml")) else None
+        if stem:
+            name = stem
+        else:
+            problems.append("name: missing (the study's name: its folder in the results store)")
+    elif not isinstance(name, str) or not name.strip():
+        problems.append(f"name: expected a non-empty string, got {_given(name)}")
+    for key in ("description", "table", "reference_variant"):
+        if spec.get(key) is not None and not isinstance(spec[key], str):
+            problems.append(f"{key}: expected a string, got {_given(spec[key])}")
+    table = spec.get("table")
+    if isinstance(table, str):
+        try:
+            from reports.tables import discover
+
+            tables = discover()
+        except ImportError:  # pragma: no cover - reports not importable: run_study names the table later
+            tables = None
+        if tables is not None and table not in tables:
+            problems.append(f"table: {tables.unknown_message(table)}")
+    seeds = spec.get("seeds", [0])
+    problems.extend(_check_seeds(seeds, "seeds"))
+    base = spec.get("base") if spec.get("base") is not None else {}
+    _check_run_mapping(base, "base", problems)
+
+    variants = spec.get("variants")
+    variant_labels: list[str] = []
+    if variants is not None:
+        if not isinstance(variants, list) or not variants:
+            problems.append(f"variants: expected a non-empty list of mappings, each with a label, got "
+                            f"{_given(variants)}")
+            variants = []
+        for i, v in enumerate(variants):
+            label = _check_row(v, f"variants[{i}]", problems)
+            if label is not None and label in variant_labels:
+                problems.append(f"variants[{i}].label: {label!r} repeats variants[{variant_labels.index(label)}].label")
+            variant_labels.append(label or f"?{i}")
+    axes: list[Axis] = []
+    broken: set[str] = set()  # axes that did not parse (reported once, not again in every rule)
+    raw_axes = spec.get("axes")
+    if raw_axes is not None:
+        if not isinstance(raw_axes, dict) or not raw_axes:
+            problems.append(f"axes: expected a non-empty mapping of axis name -> list of values, got {_given(raw_axes)}")
+        else:
+            for axis_name, values in raw_axes.items():
+                axis = _parse_axis(axis_name, values, problems)
+                if axis is not None:
+                    axes.append(axis)
+                else:
+                    broken.add(axis_name)
+    if variants is None and raw_axes is None:
+        problems.append("variants / axes: a study needs variants, axes or both")
+    # descriptive keys must not take an axis's column
+    axis_names = {a.name for a in axes}
+    for i, v in enumerate(variants or []):
+        if isinstance(v, dict) and axes:
+            for k in v:
+                if k in axis_names and k not in RUN_KEYS:
+                    problems.append(f"variants[{i}].{k}: a descriptive key named like the axis {k!r}; rename one")
+                elif k == VARIANT:
+                    problems.append(f"variants[{i}].{k}: 'variant' is the column of the variant label; rename it")
+    for a in axes:
+        if a.kind == "named":
+            for i, v in enumerate(a.values):
+                for k in v:
+                    if k in axis_names and k not in RUN_KEYS:
+                        problems.append(f"axes.{a.name}[{i}].{k}: a descriptive key named like the axis {k!r}; "
+                                        "rename one")
+        if a.name == VARIANT and variants is not None:
+            problems.append(f"axes.{VARIANT}: the name rules use for the variant labels; call the axis something else")
+
+    rules: dict[str, list[dict[str, list[int]]]] = {"exclude": [], "include": []}
+    axes_unreadable = raw_axes is not None and not (isinstance(raw_axes, dict) and raw_axes)
+    for key in ("exclude", "include"):
+        given = spec.get(key)
+        if given is None or axes_unreadable:  # rules name axes: nothing to check them against
+            continue
+        if not isinstance(given, list):
+            problems.append(f"{key}: expected a list of rules (mappings from axis names to values), got {_given(given)}")
+            continue
+        for i, rule in enumerate(given):
+            parsed = _parse_rule(rule, f"{key}[{i}]", axes, variant_labels if variants is not None else [], problems,
+                                 broken)
+            if parsed is not None:
+                rules[key].append(parsed)
+
+    quick = spec.get("quick")
+    quick_seeds = None
+    quick_base: dict[str, Any] = {}
+    quick_axes: dict[str, set[int]] = {}
+    if quick is not None:
+        if not isinstance(quick, dict):
+            problems.append(f"quick: expected a mapping ({', '.join(QUICK_KEYS)}), got {_given(quick)}")
+            quick = {}
+        for k in quick:
+            if k not in QUICK_KEYS:
+                problems.append(f"quick.{k}: unknown key{_close(str(k), list(QUICK_KEYS))}; "
+                                f"valid keys: {', '.join(QUICK_KEYS)}")
+        if "seeds" in quick:
+            quick_seeds = quick["seeds"]
+            problems.extend(_check_seeds(quick_seeds, "quick.seeds"))
+        if quick.get("base") is not None and _check_run_mapping(quick["base"], "quick.base", problems):
+            quick_base = quick["base"]
+        if quick.get("axes") is not None and not axes_unreadable:
+            if not isinstance(quick["axes"], dict):
+                problems.append(f"quick.axes: expected a mapping of axis name -> a subset of its values, got "
+                                f"{_given(quick['axes'])}")
+            else:
+                for axis_name, subset in quick["axes"].items():
+                    parsed = _parse_rule({axis_name: subset}, "quick.axes", axes, [], problems, broken)
+                    if parsed and axis_name in parsed:
+                        quick_axes[axis_name] = set(parsed[axis_name])
+
+    if problems:
+        raise StudySpecError(source, problems)
+    out = StudySpec(
+        name=name, source=source, raw=spec, description=spec.get("description") or "", table=spec.get("table"),
+        reference_variant=spec.get("reference_variant"), seeds=list(seeds), base=base,
+        variants=list(variants or []), axes=axes,
+        exclude=[{k: set(v) for k, v in r.items()} for r in rules["exclude"]], include=rules["include"],
+        quick_seeds=list(quick_seeds) if quick_seeds is not None else None, quick_base=quick_base,
+        quick_axes=quick_axes, has_quick=bool(quick),
+    )
+    problems = out._check_runs()
+    if problems:
+        raise StudySpecError(source, problems)
+    return out
+
+
+def load_spec(name: str | Path | dict[str, Any] | StudySpec) -> StudySpec:
+    """A validated spec from a registered study name, a study YAML file, a parsed mapping or a spec."""
+    import yaml
+
+    from studies import STUDIES
+
+    if isinstance(name, StudySpec):
+        return name
+    if isinstance(name, dict):
+        return parse_spec(name)
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml") and path.exists():
+        source = str(name)
+    else:
+        path = STUDIES.get(str(name))
+        source = path.name
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise StudySpecError(source, [f"not valid YAML{at}: {getattr(e, 'problem', None) or e}"]) from None
+    return parse_spec(raw, source=source)
+
+
+# --------------------------------------------------------------------------------------------
+# Planning: what is done, what is left, how long it should take
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PlannedRun:
+    """One run of a plan: where it stands in the results store and, if it is still to run, its estimate."""
+
+    label: str
+    seed: int
+    variant: str | None
+    axes: dict[str, Any]
+    info: dict[str, Any]
+    config: RunConfig
+    state: str  # complete | missing | running | failed | interrupted | error (its key could not be computed)
+    run_dir: Path | None = None
+    duration_s: float | None = None  # measured (complete runs)
+    estimate_s: float | None = None  # expected (runs to do); None: unknown
+    basis: str | None = None  # "label" | "study" | None
+    error: str | None = None
+
+    @property
+    def complete(self) -> bool:
+        return self.state == "complete"
+
+
+@dataclass
+class StudyPlan:
+    """What `tvkd study plan` shows: every run, which are complete, and the time the rest should take."""
+
+    study: str
+    source: str
+    quick: bool
+    results_root: Path
+    axes: list[str]
+    has_variants: bool
+    runs: list[PlannedRun]
+    seeds: list[int]
+    warnings: list[str] = field(default_factory=list)
+    label_counts: dict[str, int] = field(default_factory=dict)  # label -> complete runs measured (any seed)
+    study_count: int = 0  # complete runs of the study measured
+
+    @property
+    def complete(self) -> list[PlannedRun]:
+        return [r for r in self.runs if r.complete]
+
+    @property
+    def to_run(self) -> list[PlannedRun]:
+        return [r for r in self.runs if not r.complete]
+
+    @property
+    def remaining_s(self) -> float:
+        """The sum of the known estimates (runs without one are counted by `unknown`)."""
+        return sum(r.estimate_s for r in self.to_run if r.estimate_s is not None)
+
+    @property
+    def unknown(self) -> int:
+        return sum(1 for r in self.to_run if r.estimate_s is None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "study": self.study, "source": self.source, "quick": self.quick, "results_root": str(self.results_root),
+            "axes": self.axes, "seeds": self.seeds, "warnings": self.warnings,
+            "complete": len(self.complete), "to_run": len(self.to_run), "remaining_s": self.remaining_s,
+            "unknown": self.unknown,
+            "runs": [{"label": r.label, "seed": r.seed, "variant": r.variant, "axes": r.axes, "state": r.state,
+                      "run_dir": str(r.run_dir) if r.run_dir else None, "duration_s": r.duration_s,
+                      "estimate_s": r.estimate_s, "basis": r.basis, "error": r.error} for r in self.runs],
+        }
+
+
+def _durations(store: Any, study: str) -> dict[str, list[float]]:
+    """Measured ``duration_s`` of the study's complete runs, by run label ("" holds all of them)."""
+    out: dict[str, list[float]] = {"": []}
+    for rec in store.records(study):
+        d = rec.status.get("duration_s")
+        if not rec.complete or isinstance(d, bool) or not isinstance(d, (int, float)) or not math.isfinite(d) or d < 0:
+            continue
+        out.setdefault(rec.name, []).append(float(d))
+        out[""].append(float(d))
+    return out
+
+
+def plan_study(spec: str | Path | dict[str, Any] | StudySpec, results_root: str | Path | None = None,
+               quick: bool = False, *, seeds: list[int] | None = None, progress: bool = False) -> StudyPlan:
+    """The runs of a study, which are already complete in the results store, and the time the rest should take.
+
+    A run is complete when the store holds a finished run of its key (`tvkd.pipeline.identity`:
+    the config plus the content of its inputs; a ``testbed:`` input is built first if it is not in
+    the cache, as `run_study` would). A run still to do is estimated by the mean measured
+    ``duration_s`` of the complete runs of the same study and label (any seed), else of the same
+    study (any label), else it is unknown; runs are counted one after another, as `run_study` runs them.
+    """
+    from tvkd.paths import results_root as default_results_root
+    from tvkd.pipeline import identity
+    from tvkd.results import ResultsStore
+
+    spec = load_spec(spec)
+    store = ResultsStore(Path(results_root) if results_root is not None else default_results_root())
+    runs = spec.runs(seeds=seeds, quick=quick)
+    study = spec.study_name(quick)
+    durations = _durations(store, study)
+    mean = {k: sum(v) / len(v) for k, v in durations.items() if v}
+    planned = []
+    for r in runs:
+        cfg = r.config
+        p = PlannedRun(label=r.label, seed=r.seed, variant=r.variant, axes=r.axes, info=r.info, config=cfg,
+                       state="missing")
+        try:
+            key = identity(cfg, progress=progress)
+            p.run_dir = store.run_dir(key, study=cfg.study, name=cfg.name)
+            record = store.load(key, study=cfg.study, name=cfg.name, complete_only=False)
+        except (ValueError, OSError, RuntimeError) as e:  # an unknown testbed part, an unreadable input, a collision
+            p.state, p.error = "error", " ".join(str(e).split())
+            record = None
+        if record is not None:
+            p.state = "complete" if record.complete else record.state
+            d = record.status.get("duration_s")
+            if record.complete and isinstance(d, (int, float)) and not isinstance(d, bool):
+                p.duration_s = float(d)
+        if not p.complete:
+            dir_label = p.run_dir.name.rsplit("-", 1)[0] if p.run_dir is not None else None
+            if dir_label in mean:
+                p.estimate_s, p.basis = mean[dir_label], "label"
+            elif "" in mean:
+                p.estimate_s, p.basis = mean[""], "study"
+        planned.append(p)
+    labels = {r.label for r in runs}
+    warnings = []
+    if spec.reference_variant and spec.reference_variant not in labels:
+        warnings.append(f"reference_variant {spec.reference_variant!r} is not a run label of this study: the win-rate "
+                        "column will be empty")
+    return StudyPlan(
+        study=study, source=spec.source, quick=quick, results_root=store.root, axes=[a.name for a in spec.axes],
+        has_variants=bool(spec.variants), runs=planned, seeds=sorted({r.seed for r in runs}, key=runs and
+                                                                     [r.seed for r in runs].index),
+        warnings=warnings, label_counts={k: len(v) for k, v in durations.items() if k},
+        study_count=len(durations[""]),
+    )
+
+
+def _duration(seconds: float) -> str:
+    seconds = float(seconds)
+    if seconds < 60:
+        return f"{seconds:.1f}s" if seconds < 10 else f"{seconds:.0f}s"
+    minutes, s = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m {s:02d}s"
+    hours, m = divmod(minutes, 60)
+    return f"{hours}h {m:02d}m"
+
+
+def format_plan(plan: StudyPlan) -> str:
+    """The plan as text: one line per run (seed, variant, axis values, state, time), then the totals."""
+    n = len(plan.runs)
+    configs = n // max(1, len(plan.seeds))
+    source = f" ({plan.source})" if plan.source not in (plan.study, plan.study.removesuffix("-quick")) else ""
+    lines = [f"study {plan.study}{source}{' --quick' if plan.quick else ''}; results store {plan.results_root}",
+             f"{n} runs: {configs} configuration(s) x {len(plan.seeds)} seed(s) ({', '.join(map(str, plan.seeds))}), "
+             "in this order"]
+    header = ["seed"]
+    if plan.has_variants:
+        header.append("variant" if plan.axes else "label")
+    header += plan.axes
+    header += ["state", "time"]
+    rows = []
+    for r in plan.runs:
+        row = [str(r.seed)]
+        if plan.has_variants:
+            row.append(r.variant or "")
+        row += ["-" if r.axes.get(a) is None else format_value(r.axes[a]) for a in plan.axes]
+        if r.complete:
+            state, time = "complete", _duration(r.duration_s) if r.duration_s is not None else "?"
+        else:
+            state = {"missing": "to run", "running": "to run (left running, or running now)",
+                     "failed": "to run (failed before)", "interrupted": "to run (interrupted before)",
+                     "error": "error"}.get(r.state, f"to run ({r.state})")
+            time = (f"~{_duration(r.estimate_s)} ({r.basis} mean)" if r.estimate_s is not None else "unknown")
+            if r.error:
+                time = r.error
+        row += [state, time]
+        rows.append(row)
+    widths = [max(len(x) for x in col) for col in zip(header, *rows, strict=True)]
+    for row in [header, *rows]:
+        lines.append("  " + "  ".join(x.ljust(w) for x, w in zip(row, widths, strict=True)).rstrip())
+    done, todo = len(plan.complete), len(plan.to_run)
+    lines.append(f"{done} complete, {todo} to run")
+    if todo:
+        by_label = sum(1 for r in plan.to_run if r.basis == "label")
+        by_study = sum(1 for r in plan.to_run if r.basis == "study")
+        if plan.unknown == todo:
+            lines.append(f"remaining time: unknown (no complete run of study {plan.study} in the store has a measured "
+                         "duration_s yet; plan again after the first run finishes)")
+        else:
+            known = todo - plan.unknown
+            how = []
+            if by_label:
+                how.append(f"{by_label} from the mean of their own label's complete runs (any seed)")
+            if by_study:
+                how.append(f"{by_study} from the mean of all {plan.study_count} complete run(s) of the study")
+            text = f"remaining time: ~{_duration(plan.remaining_s)} for {known} run(s), one after another"
+            if plan.unknown:
+                text += f", plus {plan.unknown} run(s) of unknown time"
+            lines.append(text)
+            lines.append(f"  estimated from the measured duration_s of complete runs in the store: {'; '.join(how)}")
+    for w in plan.warnings:
+        lines.append(f"warning: {w}")
+    return "\n".join(lines)
