@@ -147,6 +147,12 @@ def cmd_study_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_study_search(args: argparse.Namespace) -> int:
+    from studies.search import cli_search
+
+    return cli_search(args)
+
+
 def cmd_study_plan(args: argparse.Namespace) -> int:
     import json
 
@@ -303,6 +309,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quick", action="store_true", help="a much smaller grid for a smoke test")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_study_run)
+    se = st.add_parser("search", help="hyperparameter search over one run config (Optuna TPE + median pruning; "
+                                      "resumable from its storage)",
+                       description="Searches the params of a search spec (dotted run-config keys with ranges) "
+                                   "for the best value of a run metric; a killed search resumes from its storage "
+                                   "without repeating finished trials; writes <results>/<study>/best.yaml.")
+    se.add_argument("spec", help="a search spec YAML, e.g. studies/examples/alpha_search.yaml")
+    se.add_argument("--storage", default=None, help="Optuna storage URL (default sqlite:///<results>/.optuna/<study>.db)")
+    se.add_argument("--n-trials", type=int, default=None, help="complete + pruned trials wanted (default: the spec's)")
+    se.add_argument("--study-name", default=None)
+    se.add_argument("--results", default=None, help="results store root (default $TVKD_RESULTS or ./results)")
+    se.add_argument("--ray", action="store_true", help="run the trials through Ray Tune (OptunaSearch)")
+    se.add_argument("--max-concurrent", type=int, default=1)
+    se.add_argument("--quiet", action="store_true")
+    se.set_defaults(func=cmd_study_search)
     sp = st.add_parser("plan", help="which runs of a study are done, what is left, and how long it should take",
                        description="Expands a study (variants and axes), checks every run config, and says which "
                                    "runs the results store already holds and an estimate of the remaining time from "
