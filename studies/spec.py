@@ -75,7 +75,7 @@ SET_BY_STUDY = ("name", "seed", "study")
 #: Keys of a variant (or a named axis value) that are run-config keys; the rest describe the row.
 RUN_KEYS = tuple(f.name for f in dataclasses.fields(RunConfig) if f.name not in SET_BY_STUDY)
 TOP_KEYS = ("name", "description", "table", "seeds", "reference_variant", "base", "variants", "axes", "exclude",
-            "include", "quick")
+            "include", "quick", "resources")  # resources: CPUs/GPUs per trial for the Ray backend
 QUICK_KEYS = ("seeds", "base", "axes")
 #: Columns every run's info may hold; no axis or descriptive key may take these names.
 RESERVED_COLUMNS = ("label", "seed", "variant", "run_dir", "record")

@@ -140,11 +140,17 @@ def cmd_study_run(args: argparse.Namespace) -> int:
 
     if not (args.name.endswith((".yaml", ".yml")) and Path(args.name).is_file()):
         STUDIES.get(args.name)  # clear error for an unknown study before any work
-    out = run_study(args.name, seeds=args.seeds, results=args.results, out_dir=args.out, quick=args.quick,
-                    progress=not args.quiet)
+    if args.backend == "ray":
+        from studies.ray_driver import run_study_ray
+
+        out = run_study_ray(args.name, seeds=args.seeds, results=args.results, out_dir=args.out, quick=args.quick,
+                            address=args.address, max_concurrent=args.max_concurrent, progress=not args.quiet)
+    else:
+        out = run_study(args.name, seeds=args.seeds, results=args.results, out_dir=args.out, quick=args.quick,
+                        progress=not args.quiet)
     for p in out.get("tables", {}).values():
         print(f"table: {p}")
-    return 0
+    return 1 if out.get("failed") else 0
 
 
 def cmd_study_search(args: argparse.Namespace) -> int:
@@ -307,6 +313,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--results", default=None, help="results store root (default $TVKD_RESULTS or ./results)")
     s.add_argument("--out", default=None, help="where tables go (default <results>/<study>/tables)")
     s.add_argument("--quick", action="store_true", help="a much smaller grid for a smoke test")
+    s.add_argument("--backend", choices=["sequential", "ray"], default="sequential",
+                   help="sequential (one run after another, here) or ray (Ray Tune trials: in parallel on this "
+                        "machine, or on a cluster with --address); finished runs are never trained again either way")
+    s.add_argument("--address", default=None, help="with --backend ray: an existing Ray cluster, HOST:PORT")
+    s.add_argument("--max-concurrent", type=int, default=None, help="with --backend ray: trials at once")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_study_run)
     se = st.add_parser("search", help="hyperparameter search over one run config (Optuna TPE + median pruning; "

@@ -1,0 +1,161 @@
+"""The Ray Tune study backend (studies/ray_driver.py): a 4-run grid at 2 concurrent trials, a failed trial,
+and a driver SIGKILLed mid-study then restored, on the tiny models of `tiny_world` and a local Ray."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.test_study import tiny_spec
+
+pytest.importorskip("ray.tune")
+
+from studies.ray_driver import load_ray_study, run_study_ray, trial_resources  # noqa: E402
+from tvkd.results import RunRecord  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _ray_env(monkeypatch):
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    monkeypatch.setenv("RAY_DEDUP_LOGS", "0")
+
+
+def ray_spec(world, name: str, **train) -> dict:
+    """dpo and soft_value x seeds 0, 1 on the tiny models: 4 runs."""
+    spec = tiny_spec(world)
+    spec["name"] = name
+    spec["variants"] = spec["variants"][:2]
+    spec["base"]["train"].update(train)
+    return spec
+
+
+def run_dirs(results: Path, study: str) -> list[Path]:
+    return sorted(p for p in (results / study).iterdir() if p.is_dir() and p.name != "tables")
+
+
+def session_pids(sid: int) -> list[int]:
+    """Live (not zombie) processes of session `sid`: what one `start_new_session` subprocess started."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if os.getsid(int(entry.name)) == sid and (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                pids.append(int(entry.name))
+        except (OSError, IndexError):
+            continue
+    return pids
+
+
+def end_session(sid: int) -> None:
+    """SIGKILL every process of the session we started (Ray daemons and workers a killed driver left)."""
+    for pid in session_pids(sid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def test_trial_resources_come_from_the_spec():
+    assert trial_resources({"name": "s"}) == {"cpu": 1, "gpu": 0}
+    assert trial_resources({"name": "s", "resources": {"cpu": 2, "gpu": 0.5}}) == {"cpu": 2, "gpu": 0.5}
+    assert trial_resources({"name": "s", "resources": {"cpu": 2}}, {"gpu": 1}) == {"cpu": 2, "gpu": 1}
+    with pytest.raises(ValueError, match="Did you mean 'gpu'"):
+        trial_resources({"name": "s", "resources": {"gpus": 1}})
+    with pytest.raises(ValueError, match="> 0"):
+        trial_resources({"name": "s", "resources": {"cpu": 0}})
+    spec = {**tiny_spec({"student": "s", "teacher": "t", "data": "d.jsonl"}), "resources": {"cpu": 2}}
+    parsed, res = load_ray_study(spec)  # `resources:` is the Ray driver's key, the rest of the spec is validated
+    assert parsed.name == "tiny-study" and res == {"cpu": 2, "gpu": 0}
+
+
+def test_four_runs_at_two_concurrent_trials_then_nothing_to_train(tiny_world, tmp_path):
+    spec = ray_spec(tiny_world, "ray-grid")
+    results = tmp_path / "results"
+    out = run_study_ray(spec, results=results, max_concurrent=2, progress=False)
+    assert out["failed"] == [] and len(out["frame"]) == 4
+    assert {(t["label"], t["seed"]) for t in out["trials"]} == {(v, s) for v in ("dpo", "soft_value") for s in (0, 1)}
+    assert all(t["status"] == "TERMINATED" and t["trained"] and t["node_id"] for t in out["trials"])
+    dirs = run_dirs(results, "ray-grid")
+    records = [RunRecord.read(d) for d in dirs]
+    assert len(dirs) == 4 and all(r.complete and r.status["attempt"] == 1 for r in records)  # each trained once
+    assert out["tables"]["md"].exists() and (out["out_dir"] / "runs.csv").exists()
+    assert Path(out["experiment"]).parent == results / ".ray" / "ray-grid"
+    mtimes = {d: (d / "metrics.json").stat().st_mtime_ns for d in dirs}
+
+    again = run_study_ray(spec, results=results, max_concurrent=2, progress=False)
+    assert again["experiment"] is None and again["trials"] == []  # nothing to run: no Ray at all
+    assert {d: (d / "metrics.json").stat().st_mtime_ns for d in run_dirs(results, "ray-grid")} == mtimes
+    assert len(again["frame"]) == 4 and again["tables"]["md"].exists()
+
+
+def test_a_failed_trial_is_recorded_and_the_study_goes_on(tiny_world, tmp_path):
+    spec = ray_spec(tiny_world, "ray-fail")
+    spec.update(table=None, seeds=[0])
+    # fails inside training, after the run folder is started: the Trainer wants an eval set for it
+    spec["variants"] = [{"label": "broken", "loss": {"name": "dpo"},
+                         "train": {"extra": {"eval_strategy": "steps", "eval_steps": 1}}}, spec["variants"][0]]
+    out = run_study_ray(spec, results=tmp_path / "results", max_concurrent=1, progress=False)
+    assert [f["label"] for f in out["failed"]] == ["broken"]
+    failure = out["failed"][0]
+    assert "eval_dataset" in failure["store_error"] and "Traceback" in failure["traceback"]
+    record = RunRecord.read(Path(failure["run_dir"]))
+    assert record.state == "failed" and "eval_dataset" in record.status["traceback"]
+    assert list(out["frame"]["label"]) == ["dpo"]  # the run after the failure still ran
+    assert {t["label"]: t["status"] for t in out["trials"]} == {"broken": "ERROR", "dpo": "TERMINATED"}
+
+
+DRIVER = """
+import json, sys
+from studies.ray_driver import run_study_ray
+run_study_ray(json.loads(open(sys.argv[1]).read()), results=sys.argv[2], max_concurrent=1)
+"""
+
+
+def test_driver_killed_mid_study_is_restored_without_retraining(tiny_world, tmp_path):
+    spec = ray_spec(tiny_world, "ray-kill", num_train_epochs=20)  # trials of a few seconds
+    spec["base"]["data"]["subsample"] = 1.0
+    results = tmp_path / "results"
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    log = open(tmp_path / "driver.log", "w")
+    driver = subprocess.Popen([sys.executable, "-c", DRIVER, str(tmp_path / "spec.json"), str(results)], cwd=ROOT,
+                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=dict(os.environ))
+    try:
+        deadline = time.monotonic() + 240
+        done: list[Path] = []
+        while not done:
+            assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no run finished in time"
+            time.sleep(0.1)
+            done = [d for d in (results / "ray-kill").glob("*-*") if RunRecord.read(d).complete]
+        os.kill(driver.pid, signal.SIGKILL)  # the driver only: its Ray processes are left as a crash leaves them
+        driver.wait()
+        done = [d for d in (results / "ray-kill").glob("*-*") if RunRecord.read(d).complete]
+        assert 1 <= len(done) < 4
+        mtimes = {d.name: (d / "metrics.json").stat().st_mtime_ns for d in done}
+        pointer = json.loads((results / ".ray" / "ray-kill" / "tvkd-experiment.json").read_text())
+        assert pointer["state"] == "running"
+
+        out = run_study_ray(spec, results=results, max_concurrent=2, progress=False)
+        assert Path(out["experiment"]).name == pointer["experiment"]  # Tuner.restore, not a fresh experiment
+        assert out["failed"] == [] and len(out["frame"]) == 4
+        dirs = run_dirs(results, "ray-kill")
+        assert len(dirs) == 4  # one folder per run, no duplicates
+        assert all(RunRecord.read(d).complete for d in dirs)
+        assert {d.name: (d / "metrics.json").stat().st_mtime_ns for d in dirs if d.name in mtimes} == mtimes
+        assert all(RunRecord.read(results / "ray-kill" / name).status["attempt"] == 1 for name in mtimes)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
+        end_session(driver.pid)  # what the killed driver's local Ray left (raylet agents, workers)
+        log.close()
