@@ -157,5 +157,6 @@ def study_teacher_signal_dial(session: nox.Session) -> None:
 
 @nox.session(venv_backend="none")
 def bench(session: nox.Session) -> None:
-    """Speed and memory ratios measured in one process (each printed with its target)."""
-    run(session, environment(session), "tvkd", "bench", *session.posargs)
+    """Speed and memory ratios measured in one process (each printed with its target), then a 2-process
+    DDP step against a 1-process step and the Ray grid speed-up at 2 concurrent trials."""
+    run(session, environment(session, ALL_EXTRAS), "tvkd", "bench", *(session.posargs or ["--ddp", "--sweeps"]))

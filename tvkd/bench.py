@@ -6,6 +6,9 @@
    log-probs, fp32) against a top-50 cache of the same data (target <= 32 bytes; top-50 ~300+);
 4. cache build throughput / a bare no-grad teacher forward over the same batches (>= 0.85).
 
+With ``ddp=True`` (`ddp_step_ratio`), also: a 2-process CPU DDP step (gloo) against a 1-process
+step at the same global batch and the same number of threads in all (no target; reported).
+
 Both sides of a ratio run in this process on the same synthetic data, interleaved where that
 matters, so machine noise hits both alike. Timings are medians over steps after a warm-up.
 The model is a small random Llama with a realistic vocabulary (the cache's cost grows with V).
@@ -138,7 +141,8 @@ def _ours(model, tok, rows, loss_name: str, steps: int, batch: int, tmp: Path):
                                progress=False)
     args = TrainingArguments(output_dir=str(tmp / f"out-{loss_name}"), max_steps=steps, per_device_train_batch_size=batch,
                              learning_rate=1e-5, use_cpu=True, report_to="none", remove_unused_columns=False,
-                             save_strategy="no", logging_steps=10_000, disable_tqdm=True, seed=0, data_seed=0)
+                             save_strategy="no", logging_steps=10_000, disable_tqdm=True, seed=0, data_seed=0,
+                             ddp_find_unused_parameters=False)  # as `train_policy` (matters only under DDP)
     timer = _StepTimer()
     collator = PreferenceCollator(tok.pad_token_id, loss.batch_columns(cfg), ts.needs.reference)
     online = {}
@@ -236,7 +240,117 @@ def _per_loss(model, tok, rows, steps: int, batch: int, tmp: Path, warm: int) ->
     return {name: t / times["dpo"] for name, t in times.items()}
 
 
-def main(quick: bool = False, out: str | Path | None = None, per_loss: bool = True) -> int:
+def _ddp_worker(spec_json: str) -> None:
+    """One process of `ddp_step_ratio`: this trainer's steps on the bench model; writes its step times.
+
+    Started with the launch variables (RANK, WORLD_SIZE, MASTER_ADDR/PORT) set, so the Trainer joins
+    DDP (gloo) exactly as a `tvkd run` under `accelerate launch` / torchrun does; or without them.
+    """
+    import os
+
+    spec = json.loads(spec_json)
+    torch.set_num_threads(int(spec["threads"]))
+    vocab, hidden, layers = spec["model"]
+    tok = _tokenizer(vocab)
+    model = _model(vocab, hidden, layers)
+    rows = _rows(spec["steps"] * spec["global_batch"] + 16, vocab, prompt_len=48, resp_len=96)
+    times = _ours(model, tok, rows, spec["loss"], spec["steps"], spec["per_device"], Path(spec["tmp"]))
+    rank = int(os.environ.get("RANK", "0"))
+    Path(spec["out"]).joinpath(f"times-rank{rank}.json").write_text(json.dumps(times))
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _spawn(spec: dict[str, Any], processes: int, timeout: float) -> list[float]:
+    """Run `_ddp_worker` in `processes` fresh CPU processes; the per-step times (the slowest process's)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = Path(spec["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    base = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "CUDA_VISIBLE_DEVICES": "",
+            "ACCELERATE_USE_CPU": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1"}
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        base.pop(var, None)
+    procs = []
+    for rank in range(processes):
+        env = dict(base)
+        if processes > 1:
+            env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(processes),
+                       LOCAL_WORLD_SIZE=str(processes), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        code = "import sys; from tvkd.bench import _ddp_worker; _ddp_worker(sys.argv[1])"
+        with open(out / f"log-rank{rank}.txt", "w") as log_file:
+            procs.append(subprocess.Popen([sys.executable, "-c", code, json.dumps(spec)], env=env,
+                                          stdout=log_file, stderr=subprocess.STDOUT))
+    deadline = time.monotonic() + timeout
+    try:
+        while any(p.poll() is None for p in procs) or any(p.returncode for p in procs):
+            failed = [r for r, p in enumerate(procs) if p.poll() not in (None, 0)]
+            if failed or time.monotonic() > deadline:
+                rank = failed[0] if failed else 0
+                tail = (out / f"log-rank{rank}.txt").read_text()[-2000:]
+                raise RuntimeError(f"bench process {rank} {'failed' if failed else 'timed out'}:\n{tail}")
+            time.sleep(0.2)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    per_rank = [json.loads((out / f"times-rank{r}.json").read_text()) for r in range(processes)]
+    return [max(ts) for ts in zip(*per_rank)]
+
+
+def ddp_step_ratio(quick: bool = False, processes: int = 2, threads: int | None = None, loss: str = "dpo",
+                   global_batch: int = 8) -> dict[str, Any]:
+    """Median optimizer-step time of `processes` CPU processes (DDP, gloo) at ``global_batch / processes``
+    pairs each, over one process at `global_batch` pairs: the same global batch, model and data.
+
+    Both sides use `threads` CPU threads in all (default: 2, as `main`): the DDP processes
+    ``threads // processes`` each, the single process all of them. Each side runs in fresh
+    processes started like a launcher starts them; the sides alternate (two rounds, one if `quick`).
+    A ratio below 1 means the split step is faster. Returns the medians and the ratio.
+    """
+    import os
+
+    if global_batch % processes:
+        raise ValueError(f"global_batch {global_batch} must divide among {processes} processes")
+    try:
+        available = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        available = os.cpu_count() or 1
+    threads = threads or min(2, available)
+    per_proc = max(1, threads // processes)
+    steps, rounds, warm = (10, 1, 2) if quick else (20, 2, 3)
+    model = (8192, 256, 4)  # the bench model of `main`
+    ddp_t: list[float] = []
+    one_t: list[float] = []
+    with tempfile.TemporaryDirectory() as d:
+        for r in range(rounds):
+            common = {"model": model, "steps": steps, "global_batch": global_batch, "loss": loss,
+                      "tmp": str(Path(d) / "work")}
+            ddp_t += _spawn({**common, "threads": per_proc, "per_device": global_batch // processes,
+                             "out": str(Path(d) / f"ddp{r}")}, processes, timeout=1800)[warm:]
+            one_t += _spawn({**common, "threads": per_proc * processes, "per_device": global_batch,
+                             "out": str(Path(d) / f"one{r}")}, 1, timeout=1800)[warm:]
+    res = {"processes": processes, "global_batch_pairs": global_batch, "threads_total": per_proc * processes,
+           "loss": loss, "steps": steps, "rounds": rounds,
+           "ddp_step_s": statistics.median(ddp_t), "single_step_s": statistics.median(one_t)}
+    res["ddp_step_over_single"] = res["ddp_step_s"] / res["single_step_s"]
+    print(f"DDP step ({processes} CPU processes x {global_batch // processes} pairs, {per_proc} thread(s) each) / "
+          f"1-process step ({global_batch} pairs, {per_proc * processes} threads), {loss}: "
+          f"{res['ddp_step_s']:.4f} / {res['single_step_s']:.4f} s = {res['ddp_step_over_single']:.3f}", flush=True)
+    return res
+
+
+def main(quick: bool = False, out: str | Path | None = None, per_loss: bool = True, ddp: bool = False) -> int:
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
     vocab, hidden, layers = 8192, 256, 4
     steps, batch = (12, 8) if quick else (30, 8)
@@ -283,6 +397,9 @@ def main(quick: bool = False, out: str | Path | None = None, per_loss: bool = Tr
               "such as rollouts and contrast models excluded):")
         for name, ratio in sorted(results["step_over_dpo"].items(), key=lambda kv: kv[1]):
             print(f"  {name:<14} {ratio:6.2f}")
+    if ddp:
+        print("\nmulti-process training (DDP on CPU, gloo) against one process at the same global batch:", flush=True)
+        results["ddp"] = ddp_step_ratio(quick=quick)
     out = Path(out) if out else Path("results") / "bench.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))

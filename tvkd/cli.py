@@ -81,7 +81,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"    {role:<20} {digest}  {plan.paths[role.split('.')[1]]}")
         return 0
     rec = execute(cfg, store=store, force=args.force, progress=not args.quiet)
-    print(f"results: {rec.run_dir}")
+    from tvkd.distributed import is_main_process
+
+    if is_main_process():  # under a multi-process launch, one line, from the process that wrote the run
+        print(f"results: {rec.run_dir}")
     return 0
 
 
@@ -213,7 +216,18 @@ def cmd_config(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from tvkd.bench import main as bench_main
 
-    return bench_main(quick=args.quick, per_loss=not args.targets_only)
+    rc = bench_main(quick=args.quick, per_loss=not args.targets_only, ddp=args.ddp)
+    if args.sweeps:
+        import json
+
+        from studies.ray_driver import bench_ray_speedup
+
+        print("\nsweeps: the same 4-run testbed grid through Ray Tune at 1 and at 2 trials at once:", flush=True)
+        res = bench_ray_speedup(concurrency=(1, 2), quick=True)
+        out = Path("results") / "bench.json"
+        saved = json.loads(out.read_text()) if out.exists() else {}
+        out.write_text(json.dumps({**saved, "ray": res}, indent=2))
+    return rc
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -261,7 +275,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="train and evaluate one YAML configuration (does nothing if already done)",
                        description="Runs data -> tokenize -> caches -> train -> evaluate and writes one run "
-                                   "directory keyed by the config's hash. See `tvkd config` for the keys.")
+                                   "directory keyed by the config and the content of its inputs. See `tvkd config` "
+                                   "for the keys. Several processes (DDP): `accelerate launch --multi_gpu "
+                                   "--num_processes 2 -m tvkd run cfg.yaml` (on a CPU box too: gloo) or `torchrun "
+                                   "--nproc_per_node 2 -m tvkd run cfg.yaml`; per_device_train_batch_size is per "
+                                   "process, caches are built once, only the main process writes the store.")
     r.add_argument("config", help="a YAML run config")
     r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a dotted key, e.g. loss.alpha=0.5")
     r.add_argument("--results", default=None, help="results store root (default $TVKD_RESULTS or ./results)")
@@ -357,6 +375,11 @@ def build_parser() -> argparse.ArgumentParser:
     cf.set_defaults(func=cmd_config)
     be = sub.add_parser("bench", help="speed / memory ratios measured in one process")
     be.add_argument("--quick", action="store_true", help="fewer repetitions")
+    be.add_argument("--ddp", action="store_true",
+                    help="also a 2-process CPU DDP step against a 1-process step at the same global batch")
+    be.add_argument("--sweeps", action="store_true",
+                    help="also the 4-run testbed grid through Ray Tune at 1 and at 2 concurrent trials (the "
+                         "speed-up, beside this machine's own headroom for 2 busy processes)")
     be.add_argument("--targets-only", action="store_true",
                     help="only the four target ratios, not the step time of every registered loss")
     be.set_defaults(func=cmd_bench)

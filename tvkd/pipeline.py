@@ -8,6 +8,10 @@
 
 Every stage is keyed by a content hash of its inputs (tokenized data, caches, the run itself),
 so a rerun skips what is done, and a changed input is a new run.
+
+Started by a multi-process launcher (``accelerate launch --multi_gpu --num_processes N -m tvkd run``
+or ``torchrun``), one run is split over the processes (DDP); see `tvkd.distributed`: the main
+process alone writes the run folder, builds the caches first and evaluates.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import torch
 
 from tvkd.api import Needs
 from tvkd.config import RunConfig
+from tvkd.distributed import launched_world_size
 from tvkd.losses import LOSSES, build_config
 from tvkd.paths import content_digest, fingerprint
 
@@ -164,6 +169,9 @@ def run_identity(cfg: RunConfig, paths: dict[str, str | None], testbed: dict[str
     key = {**cfg.to_dict(), "inputs": inputs}
     if testbed:
         key["testbed"] = testbed
+    processes = launched_world_size()
+    if processes > 1:  # per_device_train_batch_size is per process: N processes train on N x the batch
+        key["processes"] = processes
     return key, inputs
 
 
@@ -308,40 +316,76 @@ def execute(cfg: RunConfig, *, store: Any = None, force: bool = False, progress:
     Every input is checked first (`plan_run`): a mistake costs no store entry. A run killed after
     a checkpoint (``train.save_strategy: steps``) resumes from it; `force` redoes a finished run.
     `callbacks`: extra `transformers.TrainerCallback`s for the training (e.g. a search's pruning hook).
-    """
-    from tvkd.results import ResultsStore
 
+    In a multi-process launch every process calls this with the same arguments (`tvkd.distributed`):
+    the main process plans first, decides (complete / start / resume), writes the run folder, builds
+    the caches first and evaluates; the others train their share and return the finished record
+    once the main process is done (or raise its error).
+    """
+    from tvkd.distributed import setup
+    from tvkd.results import ResultsStore
+    from tvkd.training.trainer import last_checkpoint
+
+    dist = setup(ddp_timeout_s=(cfg.train.extra or {}).get("ddp_timeout"))
+    if not dist.is_main:
+        progress, echo = False, Echo(False)
     echo = echo or Echo(progress)
     store = store or ResultsStore()
-    plan = plan_run(cfg, testbed=testbed, progress=progress, echo=echo)
-    if not force and store.is_complete(plan.key, study=cfg.study, name=cfg.name):
-        rec = store.load(plan.key, study=cfg.study, name=cfg.name)
-        echo(f"[{cfg.name}] already complete: {rec.run_dir} (nothing to do; --force reruns it)")
-        return rec
+    with dist.main_first("plan"), dist.alone():  # the main process builds a testbed / tokenized data first
+        plan = plan_run(cfg, testbed=testbed, progress=progress, echo=echo)
     resumable = cfg.train.save_strategy != "no" and not force
-    handle = store.start(plan.key, study=cfg.study, name=cfg.name, overwrite=force, keep_checkpoint=resumable)
-    echo(f"[{cfg.name}] running in {handle.run_dir}")
+    handle = None
+
+    def begin() -> dict[str, Any]:  # the main process only
+        nonlocal handle
+        if not force and store.is_complete(plan.key, study=cfg.study, name=cfg.name):
+            return {"complete": True}
+        handle = store.start(plan.key, study=cfg.study, name=cfg.name, overwrite=force, keep_checkpoint=resumable)
+        resume = last_checkpoint(handle.run_dir / "checkpoint") if resumable else None
+        return {"complete": False, "run_dir": str(handle.run_dir), "resume": str(resume) if resume else None}
+
     try:
+        decision = dist.from_main(begin)
+        if decision["complete"]:
+            rec = store.load(plan.key, study=cfg.study, name=cfg.name)
+            echo(f"[{cfg.name}] already complete: {rec.run_dir} (nothing to do; --force reruns it)")
+            return rec
+        run_dir = Path(decision["run_dir"])
+        echo(f"[{cfg.name}] running in {run_dir}" + (f" ({dist.world_size} processes)" if dist.enabled else ""))
         with _signals_interrupt():
-            metrics, outputs, items = _train_and_evaluate(plan, handle.run_dir, echo, progress, callbacks)
-            if outputs is not None:
-                handle.write_outputs(outputs)
-            for name, rows in items.items():
-                handle.write_outputs(rows, name=f"{name}.jsonl")
-            handle.write_metrics(metrics)
-            if not cfg.train.keep_checkpoints:
-                shutil.rmtree(handle.run_dir / "checkpoint", ignore_errors=True)
-            handle.complete()
+            # every process trains; then the main process evaluates and writes while the others wait for
+            # it (a failure there reaches them as an exception; one in training ends their collectives)
+            evaluate = _train(plan, run_dir, echo, progress, callbacks, dist=dist, resume=decision["resume"])
+
+            done: dict[str, Any] = {}
+
+            def finish() -> None:  # the main process only
+                done["metrics"], outputs, items = evaluate()
+                metrics = done["metrics"]
+                if outputs is not None:
+                    handle.write_outputs(outputs)
+                for name, rows in items.items():
+                    handle.write_outputs(rows, name=f"{name}.jsonl")
+                handle.write_metrics(metrics)
+                if not cfg.train.keep_checkpoints:
+                    shutil.rmtree(handle.run_dir / "checkpoint", ignore_errors=True)
+                handle.complete()
+
+            dist.from_main(finish)  # the others wait here for the main process's evaluation
     except KeyboardInterrupt as e:
-        handle.interrupt(e)
+        if handle is not None:
+            handle.interrupt(e)
         raise
     except BaseException as e:
-        handle.fail(e)
+        if handle is not None:
+            handle.fail(e)
         raise
+    dist.remove_scratch(run_dir)
     rec = store.load(plan.key, study=cfg.study, name=cfg.name)
-    echo(f"[{cfg.name}] done in {sum(echo.timings.values()):.1f}s: " + ", ".join(
-        f"{k}={v:.4f}" for k, v in metrics.items() if k in ("margin_accuracy", "oracle_score", "train_loss")
-    ))
+    if dist.is_main:
+        echo(f"[{cfg.name}] done in {sum(echo.timings.values()):.1f}s: " + ", ".join(
+            f"{k}={v:.4f}" for k, v in done["metrics"].items() if k in ("margin_accuracy", "oracle_score", "train_loss")
+        ))
     return rec
 
 
@@ -379,9 +423,21 @@ def _load_pairs(source: str, split: str, limit: int | None, adapter: str | None,
 def _train_and_evaluate(plan: RunPlan, run_dir: Path, echo: Echo, progress: bool, callbacks: list | None = None
                         ) -> tuple[dict[str, Any], list | None, dict[str, list]]:
     """caches and prepare (assemble) -> train -> evaluate; (metrics, generations, per-item results)."""
+    return _train(plan, run_dir, echo, progress, callbacks)()
+
+
+def _train(plan: RunPlan, run_dir: Path, echo: Echo, progress: bool, callbacks: list | None = None,
+           dist: Any = None, resume: Any = "auto") -> Any:
+    """caches and prepare (assemble) -> train; returns the evaluation step: () -> (metrics, generations, items).
+
+    `dist` (`tvkd.distributed.Distributed`): in a multi-process run the main process builds the
+    caches first, every process trains (DDP), and only the main process evaluates: the others
+    get None. `resume`: the checkpoint to resume from, as `train_policy` takes it.
+    """
 
     from tvkd.assemble import CacheOptions, assemble_training_set
     from tvkd.cache.teacher import aux_specs
+    from tvkd.distributed import current
     from tvkd.evaluation import EvalContext, run_evaluators
     from tvkd.evaluation.metrics import teacher_signal
     from tvkd.modeling import ModelSource
@@ -397,9 +453,10 @@ def _train_and_evaluate(plan: RunPlan, run_dir: Path, echo: Echo, progress: bool
     tref_source = ModelSource.from_path(plan.paths["teacher_reference"], dtype=cfg.cache.dtype or m.dtype,
                                         trust_remote_code=m.trust_remote_code) if plan.paths["teacher_reference"] else None
 
+    dist = dist or current()
     if cfg.eval_only:
-        return _evaluate_only(plan, echo, progress, ref_source, teacher_source)
-    with echo.stage("caches"):
+        return (lambda: _evaluate_only(plan, echo, progress, ref_source, teacher_source)) if dist.is_main else None
+    with echo.stage("caches"), dist.main_first("caches"), dist.alone():  # the main process builds, the others read
         cache = CacheOptions(batch_size=cfg.cache.batch_size,
                              also=tuple(aux_specs(cfg.cache.precompute, cfg.cache.value_temperatures,
                                                   cfg.cache.q_sources)))
@@ -408,6 +465,10 @@ def _train_and_evaluate(plan: RunPlan, run_dir: Path, echo: Echo, progress: bool
                                    student=ModelSource.from_path(plan.paths["student"], dtype=m.dtype,
                                                                  trust_remote_code=m.trust_remote_code), teacher_vocab=plan.teacher_vocab, cache=cache,
                                    subsample=cfg.data.subsample, seed=cfg.seed, progress=progress, say=echo)
+    if dist.enabled:
+        built = dist.gather({name: list(c.built) for name, c in ts.caches.items()})
+        metrics["distributed"] = {"processes": dist.world_size, "backend": dist.backend,
+                                  "caches_built_by_rank": built}
     if "teacher" in ts.caches:
         metrics["cache_bytes_per_token"] = ts.caches["teacher"].stats["bytes_per_token"]
     settings = loss.eval_settings(loss_cfg)
@@ -415,24 +476,34 @@ def _train_and_evaluate(plan: RunPlan, run_dir: Path, echo: Echo, progress: bool
         metas = [json.loads(x) for x in ts.full["meta"]] if "meta" in ts.full.column_names else None
         metrics.update(teacher_signal(ts.full[settings.offset_column], metas))
 
+    # The main process checkpoints into the run folder; the others keep their share of a checkpoint
+    # (their RNG state) in a scratch folder of their own and resume from the main process's checkpoint.
+    out_dir = run_dir / "checkpoint" if dist.is_main else dist.scratch_dir(run_dir)
+    if not dist.is_main and resume is None:
+        shutil.rmtree(out_dir, ignore_errors=True)  # an older attempt's RNG states
     with echo.stage("train"):
         policy, train_metrics = train_policy(plan.paths["student"], ts.train, loss, loss_cfg, cfg=cfg,
-                                             out_dir=run_dir / "checkpoint", pad_id=plan.pad_id, progress=progress,
+                                             out_dir=out_dir, pad_id=plan.pad_id, progress=progress,
                                              say=echo, reference=ref_source, teacher=teacher_source,
                                              teacher_vocab=plan.teacher_vocab, eos_id=plan.eos_id,
-                                             callbacks=callbacks)
+                                             callbacks=callbacks, resume=resume)
         metrics.update(train_metrics)
+    if not dist.is_main:
+        return None  # evaluation and the run folder are the main process's
+
+    def evaluate() -> tuple[dict[str, Any], list | None, dict[str, list]]:
         if cfg.train.save_model:
             policy.save_pretrained(str(run_dir / "model"))
             plan.tokenizer.save_pretrained(str(run_dir / "model"))
+        with echo.stage("evaluate"):
+            ctx = EvalContext(cfg=cfg, policy=policy, tokenizer=plan.tokenizer, pad_id=plan.pad_id, settings=settings,
+                              train=plan.tokenized_train, test=plan.tokenized_test,
+                              test_examples=plan.test_data.examples if plan.test_data else None,
+                              reference=ref_source, teacher=teacher_source, teacher_vocab=plan.teacher_vocab,
+                              teacher_signal=ts.needs.teacher, testbed=uses_testbed(cfg), progress=progress)
+            metrics.update(run_evaluators(ctx, say=echo))
+        metrics["seconds"] = dict(echo.timings)
+        metrics["loss_config"] = asdict(loss_cfg)
+        return metrics, ctx.outputs, ctx.items
 
-    with echo.stage("evaluate"):
-        ctx = EvalContext(cfg=cfg, policy=policy, tokenizer=plan.tokenizer, pad_id=plan.pad_id, settings=settings,
-                          train=plan.tokenized_train, test=plan.tokenized_test,
-                          test_examples=plan.test_data.examples if plan.test_data else None,
-                          reference=ref_source, teacher=teacher_source, teacher_vocab=plan.teacher_vocab,
-                          teacher_signal=ts.needs.teacher, testbed=uses_testbed(cfg), progress=progress)
-        metrics.update(run_evaluators(ctx, say=echo))
-    metrics["seconds"] = dict(echo.timings)
-    metrics["loss_config"] = asdict(loss_cfg)
-    return metrics, ctx.outputs, ctx.items
+    return evaluate

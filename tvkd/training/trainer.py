@@ -204,13 +204,43 @@ class PreferenceTrainer(Trainer):
         )
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        if self._metric_sums and "loss" in logs:
+        if "loss" in logs:  # a training log (every process logs together): add the loss's own metrics
+            sums: dict[str, tuple[float, int]] = {}
             for k, vals in self._metric_sums.items():
                 finite = [v for v in vals if math.isfinite(v)]
-                if finite:
-                    logs[k] = sum(finite) / len(finite)
+                sums[k] = (sum(finite), len(finite))
+            if self.args.world_size > 1:  # DDP: the means over every process's pairs, as the loss is
+                sums = _merge_across_processes(sums, self.args.world_size)
+            for k, (total, n) in sums.items():
+                if n:
+                    logs[k] = total / n
             self._metric_sums.clear()
         super().log(logs, *args, **kwargs)
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        # A non-main DDP process resumes from the main process's checkpoint but keeps its RNG state in
+        # its own output dir (it writes nothing in the run folder): read it from there.
+        if checkpoint is not None and self.args.world_size > 1 and self.args.process_index > 0:
+            from pathlib import Path
+
+            own = Path(self.args.output_dir) / Path(checkpoint).name
+            if (own / f"rng_state_{self.args.process_index}.pth").is_file():
+                checkpoint = str(own)
+        super()._load_rng_state(checkpoint)
+
+
+def _merge_across_processes(sums: dict[str, tuple[float, int]], world_size: int) -> dict[str, tuple[float, int]]:
+    """{metric: (sum, count)} summed over every process (a collective on the default group)."""
+    import torch.distributed as dist
+
+    gathered: list[Any] = [None] * world_size
+    dist.all_gather_object(gathered, sums)
+    out: dict[str, tuple[float, int]] = {}
+    for part in gathered:
+        for k, (total, n) in (part or {}).items():
+            t, c = out.get(k, (0.0, 0))
+            out[k] = (t + total, c + n)
+    return out
 
 
 def last_checkpoint(out_dir: Any) -> Any:
@@ -245,12 +275,19 @@ class _NoArgumentsPickle:
 def train_policy(student: str, train: Any, loss: PreferenceLoss, loss_cfg: Any, *, cfg: Any, out_dir: Any,
                  pad_id: int, progress: bool, say: Any = print, reference: Any = None, teacher: Any = None,
                  teacher_vocab: int | None = None, eos_id: int | None = None,
-                 callbacks: list | None = None) -> tuple[Any, dict[str, Any]]:
+                 callbacks: list | None = None, resume: Any = "auto") -> tuple[Any, dict[str, Any]]:
     """Train the student from `student` (a folder or hub id) on `train`; (trained policy, metrics).
 
     `cfg` is the run's `RunConfig` (models, train and seed sections). Checkpoints go to
     `out_dir`; a run restarted with a checkpoint there resumes from the last one (optimizer,
     scheduler, RNG states and data order included, so it ends where an uninterrupted run would).
+    `resume`: "auto" (that last checkpoint), or the checkpoint folder to resume from, or None.
+
+    Under a multi-process launch (see `tvkd.distributed`) the Trainer trains with DDP:
+    ``per_device_train_batch_size`` pairs per process per step, so the global batch is that x
+    processes x gradient accumulation, and each process reads its own share of the same seeded
+    order (`data_seed`). Every process must call this with the same `resume`; the losses and the
+    loss's metrics logged, and ``train_loss``, are means over every process's pairs.
     """
     from pathlib import Path
 
@@ -272,7 +309,10 @@ def train_policy(student: str, train: Any, loss: PreferenceLoss, loss_cfg: Any, 
         logging_steps=t.logging_steps, save_strategy=t.save_strategy, save_steps=t.save_steps,
         report_to=list(t.report_to) or "none", remove_unused_columns=False, use_cpu=device.type == "cpu",
         bf16=device.type == "cuda" and m.dtype in ("auto", "bf16", "bfloat16") and torch.cuda.is_bf16_supported(),
-        disable_tqdm=not progress, dataloader_num_workers=0, **t.extra,
+        disable_tqdm=not progress, dataloader_num_workers=0,
+        # DDP: every weight of the student gets a gradient each step, so DDP need not search the graph
+        # for unused ones (transformers' default for a model without gradient checkpointing is to)
+        **{"ddp_find_unused_parameters": False, **t.extra},
     )
     collator = PreferenceCollator(pad_id=pad_id, batch_columns=loss.batch_columns(loss_cfg), reference=needs.reference)
     online = {}
@@ -287,19 +327,34 @@ def train_policy(student: str, train: Any, loss: PreferenceLoss, loss_cfg: Any, 
                                 callbacks=[_NoArgumentsPickle(), *(callbacks or [])], **online)
     if not progress:
         trainer.remove_callback(PrinterCallback)
-    resume = last_checkpoint(out_dir) if t.save_strategy != "no" else None
+    if isinstance(resume, str) and resume == "auto":
+        resume = last_checkpoint(out_dir) if t.save_strategy != "no" else None
+    resume = Path(resume) if resume is not None else None
     if resume is not None:
         say(f"  resuming from {resume.name} (step {resume.name.split('-')[-1]} of an interrupted attempt)")
     result = trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+    world = max(1, int(args.world_size))
+    train_loss = float(result.training_loss)
+    if world > 1:
+        # The Trainer's train_loss adds each process's own loss of the steps after the last log; the
+        # logged part is already the all-process mean, so the mean over processes is the global value.
+        import torch.distributed as dist
+
+        total = torch.tensor([train_loss], dtype=torch.float64, device=args.device)
+        dist.all_reduce(total)
+        train_loss = float(total.item()) / world
     metrics: dict[str, Any] = {
         "resumed_from_step": int(resume.name.split("-")[-1]) if resume is not None else 0,
-        "train_loss": float(result.training_loss),
+        "train_loss": train_loss,
         "train_steps": int(result.global_step),
         "train_pairs": len(train),
         "train_seconds": float(result.metrics.get("train_runtime", 0.0)),
+        "train_processes": world,
+        "train_global_batch": t.per_device_train_batch_size * world * t.gradient_accumulation_steps,
     }
     logged = [h for h in trainer.state.log_history if "loss" in h]
     if logged:
+        metrics["train_log_first"] = {k: v for k, v in logged[0].items() if isinstance(v, (int, float))}
         metrics["train_log_last"] = {k: v for k, v in logged[-1].items() if isinstance(v, (int, float))}
     policy.eval()
     for source in (reference, teacher):
