@@ -39,7 +39,8 @@ MANAGED_TRAINING_ARGUMENTS = {
     "logging_steps": "train.logging_steps", "save_strategy": "train.save_strategy", "save_steps": "train.save_steps",
     "report_to": "train.report_to", "remove_unused_columns": "the trainer (it must be false)",
     "use_cpu": "the device found", "bf16": "models.dtype", "disable_tqdm": "--quiet",
-    "dataloader_num_workers": "the trainer",
+    "dataloader_num_workers": "the trainer", "gradient_checkpointing": "train.gradient_checkpointing",
+    "torch_compile": "train.compile",
 }
 
 
@@ -67,6 +68,36 @@ def check_training_arguments(extra: dict[str, Any]) -> None:
             close = difflib.get_close_matches(key, sorted(valid), n=1)
             raise ValueError(f"extra.{key}: not a transformers.TrainingArguments field"
                              + (f". Did you mean {close[0]!r}?" if close else ""))
+
+
+LORA_DEFAULTS = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-linear"}
+
+
+def check_lora(options: dict[str, Any]) -> dict[str, Any]:
+    """`train.lora` against `peft.LoraConfig` (the defaults above filled in); the peft keyword arguments."""
+    try:
+        from peft import LoraConfig
+    except ImportError:
+        raise ValueError("lora: needs peft, which is not installed; pip install 'tvkd[scale]' (or peft)") from None
+    valid = {f.name for f in dataclasses.fields(LoraConfig) if f.init}
+    for key in options:
+        if key in ("task_type", "inference_mode"):
+            raise ValueError(f"lora.{key}: set by the trainer (a causal LM adapter in training mode)")
+        if key not in valid:
+            close = difflib.get_close_matches(key, sorted(valid), n=1)
+            raise ValueError(f"lora.{key}: not a peft.LoraConfig field" + (f". Did you mean {close[0]!r}?" if close else ""))
+    kwargs = {**LORA_DEFAULTS, **options}
+    try:
+        LoraConfig(task_type="CAUSAL_LM", **kwargs)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"lora: {e}") from None
+    return kwargs
+
+
+# New options whose default computes exactly what runs did before they existed: left out of a config's
+# dict (and so of its identity) while at that default, so adding them did not make every finished run new.
+IDENTITY_NEUTRAL_DEFAULTS = {"train": {"logprob_chunk": None, "padding_free": False, "gradient_checkpointing": False,
+                                       "lora": {}, "compile": False}}
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -140,8 +171,30 @@ class TrainConfig:
     keep_checkpoints: bool = _f(False, "Keep the trainer's checkpoints in the run folder after the run finishes "
                                        "(by default they exist only while it runs, for resume).")
     extra: dict = _f({}, "Any other transformers.TrainingArguments field, passed through.")
+    # At scale (docs/scale.md). Each is off by default and, while off, leaves a run's identity unchanged.
+    logprob_chunk: int | None = _f(
+        None, "Student log-probs through the LM head this many positions at a time (e.g. 1024), never forming the "
+              "[2B, T, V] logits: memory grows with T*d, not T*V (tvkd.chunked; one more head matmul). Losses that "
+              "read the student's whole distribution (student logits: wpo, tdpo, gkd, dpkd, dckd, adpa, vanilla_kd, "
+              "tvkd_released) still form them. null: off.")
+    padding_free: bool = _f(
+        False, "Run the 2B sequences of a batch packed into one row, position ids restarting per sequence "
+               "(flash-attention varlen on a GPU, a block-diagonal mask on CPU): no compute on padding.")
+    gradient_checkpointing: bool = _f(
+        False, "Recompute each decoder layer's activations in the backward pass (less memory, ~30% more compute).")
+    lora: dict = _f(
+        {}, "Train a LoRA adapter instead of every weight (peft.LoraConfig fields, e.g. {r: 16, lora_alpha: 32, "
+            "target_modules: all-linear}); reference log-probs then come from the base weights with the adapter "
+            "disabled (no second model). Needs the `scale` extra (peft). {}: full fine-tuning.")
+    compile: bool = _f(
+        False, "torch.compile the student's decoder layers (opt-in: pays off on a GPU for long runs; the first "
+               "steps compile).")
 
     def __post_init__(self) -> None:
+        if self.logprob_chunk is not None and (isinstance(self.logprob_chunk, bool) or self.logprob_chunk < 1):
+            raise ValueError(f"logprob_chunk must be a number of positions >= 1 or null, got {self.logprob_chunk!r}")
+        if self.lora:
+            check_lora(self.lora)
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
         if not self.num_train_epochs > 0:
@@ -242,7 +295,12 @@ class RunConfig:
         _at_least("num_threads", self.num_threads, 1)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        for section, defaults in IDENTITY_NEUTRAL_DEFAULTS.items():
+            for key, default in defaults.items():
+                if d[section].get(key, default) == default:
+                    d[section].pop(key, None)
+        return d
 
 
 def _build(cls: type, data: Any, file: str, path: str) -> Any:

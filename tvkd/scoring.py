@@ -131,3 +131,105 @@ def flat_state_logits(
     finally:
         handle.remove()
     return out.logits[0]
+
+
+def output_head(model: Any) -> Any:
+    """The model's LM head when the logits are exactly ``head(hidden)`` (a plain linear layer with no
+    soft-capping or scaling after it), else None: then only the full-logits path is exact."""
+    inner = getattr(model, "module", model)  # DDP / accelerate wrappers
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    if type(head) is not torch.nn.Linear:  # e.g. a LoRA-wrapped head: its logits are not weight @ h
+        return None
+    cfg = getattr(inner, "config", None)
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
+        if getattr(cfg, attr, None) not in (None, 1, 1.0):
+            return None
+    return head
+
+
+def pack_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded rows [R, L] as one packed row [1, S] (S = real tokens), padding-free.
+
+    Returns (input_ids [1, S], position_ids [1, S] restarting at 0 for every sequence, row starts [R]).
+    transformers' Llama/Qwen attention reads the restarts: with no attention mask it builds a
+    block-diagonal causal mask from the position ids (`masking_utils.find_packed_sequence_indices`;
+    flash-attention varlen on a GPU), so each sequence sees only itself, as in the padded batch.
+    """
+    real = attention_mask.bool()
+    lengths = real.sum(1)
+    positions = (real.long().cumsum(1) - 1)[real]
+    starts = torch.cumsum(lengths, 0) - lengths
+    return input_ids[real][None], positions[None], starts
+
+
+def student_states(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_lens: torch.Tensor,
+    resp_lens: torch.Tensor, *, packed: bool = False,
+) -> tuple[torch.Tensor, Any]:
+    """The last hidden states [rows, T, d] at states s_0..s_{T−1} (the LM head's inputs), and the head.
+
+    The model runs as usual (through any DDP / PEFT wrapper, gradient checkpointing included); a
+    pre-hook on its LM head takes the head's input and hands the head an empty slice, so no logits
+    are formed. Padded states hold the hidden state of the row's last real position, as in
+    `state_logits`. ``packed``: the rows run as one padding-free sequence (`pack_rows`).
+    Returns (None, None) when the head is not a plain linear layer (`output_head`).
+    """
+    head = output_head(model)
+    if head is None:
+        return None, None
+    if int(prompt_lens.min()) < 1:
+        raise ValueError("a row has an empty prompt: state s_0 needs at least one prompt token (e.g. BOS)")
+    dev = input_ids.device
+    captured: list[torch.Tensor] = []
+
+    def take(module: Any, args: tuple) -> tuple:
+        captured.append(args[0])
+        return (args[0][:, :0], *args[1:])
+
+    handle = head.register_forward_pre_hook(take)
+    try:
+        if packed:
+            ids, position_ids, starts = pack_rows(input_ids, attention_mask)
+            model(input_ids=ids, position_ids=position_ids, use_cache=False)
+        else:
+            starts = torch.arange(input_ids.shape[0], device=dev) * input_ids.shape[1]
+            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    finally:
+        handle.remove()
+    if len(captured) != 1:
+        raise RuntimeError(f"the LM head ran {len(captured)} times in one forward; expected once")
+    h = captured[0]
+    flat = h.reshape(-1, h.shape[-1])
+    if flat.shape[0] != (int(attention_mask.sum()) if packed else input_ids.numel()):
+        raise RuntimeError("the LM head did not see every position (a model that slices before its head?)")
+    t = torch.arange(int(resp_lens.max()), device=dev)
+    pos = prompt_lens.to(dev)[:, None] - 1 + t[None, :]
+    pos = torch.minimum(pos, (prompt_lens + resp_lens).to(dev)[:, None] - 1)
+    return flat[starts.to(dev)[:, None] + pos], head
+
+
+def student_scores(
+    model: Any, inputs: dict[str, torch.Tensor], *, chunk: int | None = None, packed: bool = False,
+    logits: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(log π_θ(a_t|s_t) [rows, T] fp32, 0 where ~mask; logits [rows, T, V] or None) from the hidden states.
+
+    ``chunk``: positions per LM-head chunk (`tvkd.chunked`), so no [rows, T, V] tensor is formed;
+    only when ``logits`` is False (a loss that reads the student's whole distribution needs them).
+    ``packed``: the padding-free forward. None when the model's head does not allow it (`output_head`).
+    """
+    mask = inputs["response_mask"]
+    h, head = student_states(model, inputs["input_ids"], inputs["attention_mask"], inputs["prompt_lens"],
+                             inputs["resp_lens"], packed=packed)
+    if h is None:
+        return None
+    ids = inputs["response_ids"]
+    if chunk and not logits:
+        from tvkd.chunked import chunked_token_logps
+
+        logps = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+        logps[mask] = chunked_token_logps(h[mask], head.weight, head.bias, ids[mask], chunk)
+        return logps, None
+    z = head(h)
+    return token_logps(z, ids, mask), (z if logits else None)

@@ -18,7 +18,7 @@ import torch
 from transformers import Trainer
 
 from tvkd.api import LossOutput, PreferenceLoss, ScoredBatch
-from tvkd.scoring import collate_pairs, state_logits, token_logps
+from tvkd.scoring import collate_pairs, state_logits, student_scores, token_logps
 
 SIDES = ("chosen", "rejected")
 
@@ -98,9 +98,16 @@ class PreferenceTrainer(Trainer):
 
     def __init__(self, *args: Any, loss: PreferenceLoss, loss_config: Any, needs_student_logits: bool = False,
                  reference_model: Any = None, teacher_model: Any = None, teacher_vocab: int | None = None,
-                 on_policy: Any = None, eos_id: int | None = None, **kwargs: Any):
+                 on_policy: Any = None, eos_id: int | None = None, logprob_chunk: int | None = None,
+                 padding_free: bool = False, reference_from_base: bool = False, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.loss_fn = loss
+        # At scale (tvkd.chunked, scoring.student_states): both read the student's hidden states, never
+        # its [2B, T, V] logits; a loss that reads the whole distribution still gets them (unchunked).
+        self.logprob_chunk = logprob_chunk
+        self.padding_free = padding_free
+        self.logprob_path = "full logits"
+        self.reference_from_base = reference_from_base
         self.loss_config = loss_config
         self.needs_student_logits = needs_student_logits
         # Frozen models run online at every step (Needs.reference_logits / teacher_logits): a cache of
@@ -128,22 +135,53 @@ class PreferenceTrainer(Trainer):
                          inputs["resp_lens"])
         return z[..., :vocab] if vocab is not None else z
 
-    def scored_batch(self, model: Any, inputs: dict[str, Any]) -> ScoredBatch:
+    def _student_scores(self, model: Any, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(per-token log-probs [2B, T], logits [2B, T, V] if the loss reads them), by the configured path."""
+        if self.logprob_chunk or self.padding_free:
+            got = student_scores(model, inputs, chunk=self.logprob_chunk, packed=self.padding_free,
+                                 logits=self.needs_student_logits)
+            if got is not None:
+                parts = ["padding-free" if self.padding_free else "padded"]
+                if self.logprob_chunk and not self.needs_student_logits:
+                    parts.append(f"chunked({self.logprob_chunk})")
+                else:
+                    parts.append("full logits" + (" (the loss reads the student's logits)"
+                                                  if self.logprob_chunk else ""))
+                self.logprob_path = ", ".join(parts)
+                return got
+            self.logprob_path = "full logits (the model's LM head is not a plain linear layer)"
         z = state_logits(model, inputs["input_ids"], inputs["attention_mask"], inputs["prompt_lens"],
                          inputs["resp_lens"])
+        return token_logps(z, inputs["response_ids"], inputs["response_mask"]), (z if self.needs_student_logits else None)
+
+    def _reference_logits(self, model: Any, inputs: dict[str, Any]) -> torch.Tensor | None:
+        """π_ref logits online (Needs.reference_logits): from the frozen reference model, or, when the student
+        trains a LoRA adapter (`train.lora`), from the student itself with the adapter disabled (its base
+        weights are the reference), so no second model is held in memory."""
+        if self.reference_model is not None:
+            return self._online_logits(self.reference_model, inputs)
+        if not self.reference_from_base:
+            return None
+        inner = self.accelerator.unwrap_model(model)
+        with torch.no_grad(), inner.disable_adapter():
+            return state_logits(model, inputs["input_ids"], inputs["attention_mask"], inputs["prompt_lens"],
+                                inputs["resp_lens"])
+
+    def scored_batch(self, model: Any, inputs: dict[str, Any]) -> ScoredBatch:
+        logps, z = self._student_scores(model, inputs)
         mask = inputs["response_mask"]
         T1 = mask.shape[1] + 1
         state_mask = torch.arange(T1, device=mask.device)[None, :] <= inputs["resp_lens"][:, None]
         return ScoredBatch(
-            logps=token_logps(z, inputs["response_ids"], mask),
+            logps=logps,
             mask=mask,
             ref_logps=inputs.get("ref_logps"),
-            logits=z if self.needs_student_logits else None,
+            logits=z,
             columns={k[4:]: v for k, v in inputs.items() if k.startswith("col:")},
             state_mask=state_mask,
             pair_index=inputs.get("pair_index"),
             token_ids=inputs["response_ids"],
-            ref_logits=self._online_logits(self.reference_model, inputs) if self.reference_model is not None else None,
+            ref_logits=self._reference_logits(model, inputs),
             teacher_logits=(self._online_logits(self.teacher_model, inputs, self.teacher_vocab)
                             if self.teacher_model is not None else None),
         )
@@ -272,6 +310,35 @@ class _NoArgumentsPickle:
         return Callback()
 
 
+def prepare_policy(policy: Any, train_cfg: Any) -> tuple[Any, dict[str, Any]]:
+    """The student as `train_cfg` (a `TrainConfig`) trains it: a LoRA adapter (`train.lora`, peft) and
+    compiled decoder layers (`train.compile`); and the options as recorded in the run's metrics."""
+    options: dict[str, Any] = {
+        "dtype": str(next(policy.parameters()).dtype).replace("torch.", ""),
+        "logprob_chunk": train_cfg.logprob_chunk, "padding_free": train_cfg.padding_free,
+        "gradient_checkpointing": train_cfg.gradient_checkpointing, "compile": train_cfg.compile,
+    }
+    if train_cfg.lora:
+        from peft import LoraConfig, get_peft_model
+
+        from tvkd.config import check_lora
+
+        kwargs = check_lora(train_cfg.lora)
+        policy = get_peft_model(policy, LoraConfig(task_type="CAUSAL_LM", **kwargs))
+        trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in policy.parameters())
+        options["lora"] = {**{k: (list(v) if isinstance(v, (set, tuple)) else v) for k, v in kwargs.items()},
+                           "trainable_parameters": trainable, "all_parameters": total}
+    if train_cfg.compile:
+        decoder = policy.get_decoder() if hasattr(policy, "get_decoder") else None
+        layers = getattr(decoder, "layers", None)
+        if layers is None:
+            raise ValueError("train.compile: the model has no decoder layers to compile (get_decoder().layers)")
+        for layer in layers:  # the layers, not the whole model: the LM head's pre-hook stays outside the graph
+            layer.compile()
+    return policy, options
+
+
 def train_policy(student: str, train: Any, loss: PreferenceLoss, loss_cfg: Any, *, cfg: Any, out_dir: Any,
                  pad_id: int, progress: bool, say: Any = print, reference: Any = None, teacher: Any = None,
                  teacher_vocab: int | None = None, eos_id: int | None = None,
@@ -300,6 +367,7 @@ def train_policy(student: str, train: Any, loss: PreferenceLoss, loss_cfg: Any, 
     device = resolve_device("auto")
     needs = loss.needs(loss_cfg)
     policy = load_causal_lm(student, dtype=m.dtype, trust_remote_code=m.trust_remote_code, eval_mode=False)
+    policy, options = prepare_policy(policy, t)
     out_dir = Path(out_dir)
     args = TrainingArguments(
         output_dir=str(out_dir), seed=cfg.seed, data_seed=cfg.seed, learning_rate=t.learning_rate,
@@ -309,14 +377,17 @@ def train_policy(student: str, train: Any, loss: PreferenceLoss, loss_cfg: Any, 
         logging_steps=t.logging_steps, save_strategy=t.save_strategy, save_steps=t.save_steps,
         report_to=list(t.report_to) or "none", remove_unused_columns=False, use_cpu=device.type == "cpu",
         bf16=device.type == "cuda" and m.dtype in ("auto", "bf16", "bfloat16") and torch.cuda.is_bf16_supported(),
-        disable_tqdm=not progress, dataloader_num_workers=0,
+        disable_tqdm=not progress, dataloader_num_workers=0, gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
         # DDP: every weight of the student gets a gradient each step, so DDP need not search the graph
         # for unused ones (transformers' default for a model without gradient checkpointing is to)
         **{"ddp_find_unused_parameters": False, **t.extra},
     )
     collator = PreferenceCollator(pad_id=pad_id, batch_columns=loss.batch_columns(loss_cfg), reference=needs.reference)
     online = {}
-    if needs.reference_logits:
+    if needs.reference_logits and t.lora:
+        online["reference_from_base"] = True  # the adapter disabled gives the initial weights: no second model
+    elif needs.reference_logits:
         online["reference_model"] = reference.get()
     if needs.teacher_logits:
         online.update(teacher_model=teacher.get(), teacher_vocab=teacher_vocab)
@@ -324,7 +395,8 @@ def train_policy(student: str, train: Any, loss: PreferenceLoss, loss_cfg: Any, 
         online.update(on_policy=needs.on_policy, eos_id=eos_id)
     trainer = PreferenceTrainer(model=policy, args=args, train_dataset=train, data_collator=collator, loss=loss,
                                 loss_config=loss_cfg, needs_student_logits=needs.student_logits,
-                                callbacks=[_NoArgumentsPickle(), *(callbacks or [])], **online)
+                                callbacks=[_NoArgumentsPickle(), *(callbacks or [])], logprob_chunk=t.logprob_chunk,
+                                padding_free=t.padding_free, **online)
     if not progress:
         trainer.remove_callback(PrinterCallback)
     if isinstance(resume, str) and resume == "auto":
@@ -352,10 +424,13 @@ def train_policy(student: str, train: Any, loss: PreferenceLoss, loss_cfg: Any, 
         "train_processes": world,
         "train_global_batch": t.per_device_train_batch_size * world * t.gradient_accumulation_steps,
     }
+    metrics["train_options"] = {**options, "bf16_autocast": bool(args.bf16), "logprob_path": trainer.logprob_path}
     logged = [h for h in trainer.state.log_history if "loss" in h]
     if logged:
         metrics["train_log_first"] = {k: v for k, v in logged[0].items() if isinstance(v, (int, float))}
         metrics["train_log_last"] = {k: v for k, v in logged[-1].items() if isinstance(v, (int, float))}
+    if t.lora:  # evaluation and saving see a plain model: the adapter folded into the base weights
+        policy = trainer.accelerator.unwrap_model(policy).merge_and_unload()
     policy.eval()
     for source in (reference, teacher):
         if source is not None:
