@@ -20,6 +20,8 @@ A spec holds the keys below; only ``name`` and one of ``variants`` / ``axes`` ar
     include:                               # combinations added (an axis not named keeps the base's value)
       - {method: dpo}                      # (... so it runs once, as `method=dpo`)
     quick: {seeds: [0], base: {...}, axes: {loss.alpha: [0.5]}}   # --quick: fewer seeds, cheaper base, fewer values
+    profiles:                              # --profile <name>: the same study in another setting (below)
+      paper: {base: {models: {student: meta-llama/Llama-3.2-1B, ...}}, seeds: [0]}
 
 `parse_spec` / `load_spec` check all of it before anything runs (each problem names its field,
 e.g. ``study grid.yaml: axes.loss.alpha[2]: expected a number, got 'abc'``); `StudySpec.runs`
@@ -40,6 +42,29 @@ axis is one of the listed ones. An include rule adds the product of its listed v
 not name are left out of the run (the base's value holds, the label omits them, their column is
 empty), and a rule that does not name ``variant`` is added for every variant. Includes are not
 subject to excludes, and a combination that is already there is not added twice.
+
+Profiles. ``profiles`` maps a profile name to a block that ``--profile <name>`` (``tvkd study
+run|plan``, ``tvkd report``) merges over the spec before anything else happens; ``paper`` is the
+profile of the paper's own models, data sets and hyper-parameters (hub ids), the default being the
+embedded testbed. A block may hold ``description``, ``seeds``, ``base``, ``variants``, ``axes``,
+``exclude``, ``include``, ``reference_variant``, ``resources`` and ``quick``, and merges thus:
+
+    base, quick        deep-merged over the spec's (as `deep_merge`: ``loss`` is replaced whole)
+    variants           a list replaces the variants; a mapping {label: {keys}} deep-merges the keys
+                       into the variant of that label (an unknown label is an error)
+    axes               a mapping {axis: values} replaces (or adds) those axes, the others stay
+    seeds, exclude, include, reference_variant, resources, description   replaced
+
+The result is a spec of its own, named ``<name>-<profile>`` (so its runs go to their own folder of
+the results store, ``<name>-<profile>-quick`` with --quick), checked like any spec; every profile of
+a spec is checked whenever the spec is, each problem named ``profiles.<name>: <field>: ...``. E.g.::
+
+    profiles:
+      paper:
+        seeds: [0]
+        base: {models: {student: meta-llama/Llama-3.2-1B, teacher: my-org/llama-3.1-8b-dpo},
+               data: {source: argilla/dpo-mix-7k}, train: {learning_rate: 5.0e-7}}
+        variants: {adpa: {loss: {name: adpa, topk: 50}}}      # one variant's keys changed
 
 Labels and columns. A run's label is its variant's label followed by ``axis=value`` for each axis
 it sets, joined by commas (``soft_value,loss.alpha=0.5``, ``method=tvkd,loss.alpha=0.5``), and it
@@ -75,8 +100,11 @@ SET_BY_STUDY = ("name", "seed", "study")
 #: Keys of a variant (or a named axis value) that are run-config keys; the rest describe the row.
 RUN_KEYS = tuple(f.name for f in dataclasses.fields(RunConfig) if f.name not in SET_BY_STUDY)
 TOP_KEYS = ("name", "description", "table", "seeds", "reference_variant", "base", "variants", "axes", "exclude",
-            "include", "quick", "resources")  # resources: CPUs/GPUs per trial for the Ray backend
+            "include", "quick", "resources", "profiles")  # resources: CPUs/GPUs per trial for the Ray backend
 QUICK_KEYS = ("seeds", "base", "axes")
+#: What a ``profiles.<name>`` block may set (see "Profiles" above).
+PROFILE_KEYS = ("description", "seeds", "base", "variants", "axes", "exclude", "include", "reference_variant",
+                "resources", "quick")
 #: Columns every run's info may hold; no axis or descriptive key may take these names.
 RESERVED_COLUMNS = ("label", "seed", "variant", "run_dir", "record")
 VARIANT = "variant"  # the pseudo-axis a rule uses to name variant labels
@@ -367,6 +395,13 @@ class StudySpec:
     quick_base: dict[str, Any] = field(default_factory=dict)
     quick_axes: dict[str, set[int]] = field(default_factory=dict)
     has_quick: bool = False
+    profile: str | None = None  # the profile merged in (`apply_profile`); ``name`` then ends in -<profile>
+    profiles: tuple[str, ...] = ()  # the profiles the spec declares
+
+    @property
+    def base_name(self) -> str:
+        """The study's own name, without the profile suffix (its table generators are registered under it)."""
+        return self.name.removesuffix(f"-{self.profile}") if self.profile else self.name
 
     # -- expansion -----------------------------------------------------------------------------
 
@@ -687,14 +722,100 @@ def _parse_rule(rule: Any, where: str, axes: list[Axis], variant_labels: list[st
     return out
 
 
-def parse_spec(spec: Any, source: str | None = None) -> StudySpec:
+def _check_profiles(spec: dict[str, Any], problems: list[str]) -> list[str]:
+    """The shape of the ``profiles`` block; returns the names of the profiles that can be merged."""
+    profiles = spec.get("profiles")
+    if profiles is None:
+        return []
+    if not isinstance(profiles, dict) or not profiles:
+        problems.append(f"profiles: expected a mapping of profile name -> block ({', '.join(PROFILE_KEYS)}), "
+                        f"got {_given(profiles)}")
+        return []
+    ok = []
+    for name, block in profiles.items():
+        where = f"profiles.{name}"
+        if not isinstance(name, str) or not name.strip() or any(c in name for c in "/\\ "):
+            problems.append(f"profiles: profile name {name!r} must be a word (it names a results folder)")
+            continue
+        if not isinstance(block, dict):
+            problems.append(f"{where}: expected a mapping ({', '.join(PROFILE_KEYS)}), got {_given(block)}")
+            continue
+        bad = [k for k in block if k not in PROFILE_KEYS]
+        for k in bad:
+            problems.append(f"{where}.{k}: not a key a profile may set{_close(str(k), list(PROFILE_KEYS))}; "
+                            f"valid keys: {', '.join(PROFILE_KEYS)}")
+        for k in ("base", "quick"):
+            if block.get(k) is not None and not isinstance(block[k], dict):
+                problems.append(f"{where}.{k}: expected a mapping (merged over the spec's {k}), got {_given(block[k])}")
+                bad.append(k)
+        if block.get("axes") is not None and not isinstance(block["axes"], dict):
+            problems.append(f"{where}.axes: expected a mapping of axis name -> values (replacing those axes), got "
+                            f"{_given(block['axes'])}")
+            bad.append("axes")
+        variants = block.get("variants")
+        if isinstance(variants, dict):
+            labels = [v.get("label") for v in spec.get("variants") or [] if isinstance(v, dict)]
+            for label, keys in variants.items():
+                if label not in labels:
+                    problems.append(f"{where}.variants.{label}: not a variant label of the spec"
+                                    f"{_close(str(label), [str(x) for x in labels])}; labels: "
+                                    f"{', '.join(map(str, labels)) or 'none'} (give a list to replace the variants)")
+                    bad.append("variants")
+                elif not isinstance(keys, dict):
+                    problems.append(f"{where}.variants.{label}: expected a mapping of keys merged into that variant, "
+                                    f"got {_given(keys)}")
+                    bad.append("variants")
+        elif variants is not None and not isinstance(variants, list):
+            problems.append(f"{where}.variants: expected a list (replacing the variants) or a mapping "
+                            f"{{label: keys}} (merged into those variants), got {_given(variants)}")
+            bad.append("variants")
+        if not bad:
+            ok.append(name)
+    return ok
+
+
+def apply_profile(spec: dict[str, Any], profile: str) -> dict[str, Any]:
+    """The spec with ``profiles.<profile>`` merged in (see "Profiles" in the module docstring): a spec of its
+    own, named ``<name>-<profile>``, without ``profiles``. KeyError names the profiles there are."""
+    profiles = spec.get("profiles") or {}
+    if not isinstance(profiles, dict) or profile not in profiles:
+        names = list(profiles) if isinstance(profiles, dict) else []
+        raise KeyError(f"study {spec.get('name', '?')}: no profile {profile!r}{_close(profile, names)}; it has "
+                       f"{', '.join(names) if names else 'none'} (profiles are declared under `profiles:` in its YAML)")
+    block = profiles[profile] or {}
+    out = {k: copy.deepcopy(v) for k, v in spec.items() if k != "profiles"}
+    for key, value in block.items():
+        if key in ("base", "quick"):
+            out[key] = deep_merge(out.get(key) or {}, value or {})
+        elif key == "variants" and isinstance(value, dict):
+            out["variants"] = [deep_merge(v, value[v["label"]]) if isinstance(v, dict) and v.get("label") in value
+                               else v for v in out.get("variants") or []]
+        elif key == "axes" and isinstance(value, dict):
+            out["axes"] = {**(out.get("axes") or {}), **copy.deepcopy(value)}
+        else:
+            out[key] = copy.deepcopy(value)
+    if isinstance(out.get("name"), str):
+        out["name"] = f"{out['name']}-{profile}"
+    return out
+
+
+def parse_spec(spec: Any, source: str | None = None, profile: str | None = None) -> StudySpec:
     """A validated `StudySpec` from a parsed study YAML; every problem found is named in one `StudySpecError`.
 
     Checked before anything runs: unknown top-level keys, the seeds, the base, each variant (a
     label, no repeats), each axis (a dotted run-config key with values of its type, or labelled
     mappings), the exclude / include rules (known axes and values), the quick block, and the run
-    config of every combination (`config_from_dict`), with and without --quick.
+    config of every combination (`config_from_dict`), with and without --quick, and every profile's
+    merged spec the same way. ``profile``: the spec with that profile merged in (`apply_profile`).
     """
+    if profile is not None:
+        if not isinstance(spec, dict):
+            return parse_spec(spec, source)  # the shape error, as without a profile
+        parse_spec(spec, source)  # the spec itself and all its profiles first: problems named where they are
+        merged = apply_profile(spec, profile)
+        out = parse_spec(merged, source)
+        out.profile, out.profiles = profile, tuple(spec.get("profiles") or ())
+        return out
     if source is None:
         named = isinstance(spec, dict) and isinstance(spec.get("name"), str)
         source = spec["name"] if named else "spec"
@@ -831,21 +952,30 @@ def parse_spec(spec: Any, source: str | None = None) -> StudySpec:
         quick_axes=quick_axes, has_quick=bool(quick),
     )
     problems = out._check_runs()
+    for p in _check_profiles(spec, problems):  # each profile's merged spec, checked like the spec
+        try:
+            parse_spec(apply_profile(spec, p), source)
+        except StudySpecError as e:
+            problems.extend(f"profiles.{p}: {x}" for x in e.problems)
     if problems:
         raise StudySpecError(source, problems)
+    out.profiles = tuple(spec.get("profiles") or ())
     return out
 
 
-def load_spec(name: str | Path | dict[str, Any] | StudySpec) -> StudySpec:
-    """A validated spec from a registered study name, a study YAML file, a parsed mapping or a spec."""
+def load_spec(name: str | Path | dict[str, Any] | StudySpec, profile: str | None = None) -> StudySpec:
+    """A validated spec from a registered study name, a study YAML file, a parsed mapping or a spec;
+    ``profile``: with that profile merged in (a spec given as a `StudySpec` must already have it)."""
     import yaml
 
     from studies import STUDIES
 
     if isinstance(name, StudySpec):
+        if profile is not None and name.profile != profile:
+            raise ValueError(f"study {name.source}: loaded with profile {name.profile!r}, asked for {profile!r}")
         return name
     if isinstance(name, dict):
-        return parse_spec(name)
+        return parse_spec(name, profile=profile)
     path = Path(name)
     if path.suffix in (".yaml", ".yml") and path.exists():
         source = str(name)
@@ -858,7 +988,7 @@ def load_spec(name: str | Path | dict[str, Any] | StudySpec) -> StudySpec:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         raise StudySpecError(source, [f"not valid YAML{at}: {getattr(e, 'problem', None) or e}"]) from None
-    return parse_spec(raw, source=source)
+    return parse_spec(raw, source=source, profile=profile)
 
 
 # --------------------------------------------------------------------------------------------
@@ -903,6 +1033,8 @@ class StudyPlan:
     warnings: list[str] = field(default_factory=list)
     label_counts: dict[str, int] = field(default_factory=dict)  # label -> complete runs measured (any seed)
     study_count: int = 0  # complete runs of the study measured
+    profile: str | None = None
+    compute: list[Any] | None = None  # with a profile: `reports.paper_compute.RunEstimate` per run (GPU-hours)
 
     @property
     def complete(self) -> list[PlannedRun]:
@@ -926,7 +1058,10 @@ class StudyPlan:
             "study": self.study, "source": self.source, "quick": self.quick, "results_root": str(self.results_root),
             "axes": self.axes, "seeds": self.seeds, "warnings": self.warnings,
             "complete": len(self.complete), "to_run": len(self.to_run), "remaining_s": self.remaining_s,
-            "unknown": self.unknown,
+            "unknown": self.unknown, "profile": self.profile,
+            "gpu_hours": None if self.compute is None else [
+                {"label": e.label, "seed": e.seed, "gpu_hours": e.gpu_hours, "flops": e.flops, "unknown": e.unknown}
+                for e in self.compute],
             "runs": [{"label": r.label, "seed": r.seed, "variant": r.variant, "axes": r.axes, "state": r.state,
                       "run_dir": str(r.run_dir) if r.run_dir else None, "duration_s": r.duration_s,
                       "estimate_s": r.estimate_s, "basis": r.basis, "error": r.error} for r in self.runs],
@@ -946,7 +1081,8 @@ def _durations(store: Any, study: str) -> dict[str, list[float]]:
 
 
 def plan_study(spec: str | Path | dict[str, Any] | StudySpec, results_root: str | Path | None = None,
-               quick: bool = False, *, seeds: list[int] | None = None, progress: bool = False) -> StudyPlan:
+               quick: bool = False, *, seeds: list[int] | None = None, progress: bool = False,
+               profile: str | None = None) -> StudyPlan:
     """The runs of a study, which are already complete in the results store, and the time the rest should take.
 
     A run is complete when the store holds a finished run of its key (`tvkd.pipeline.identity`:
@@ -954,12 +1090,16 @@ def plan_study(spec: str | Path | dict[str, Any] | StudySpec, results_root: str 
     the cache, as `run_study` would). A run still to do is estimated by the mean measured
     ``duration_s`` of the complete runs of the same study and label (any seed), else of the same
     study (any label), else it is unknown; runs are counted one after another, as `run_study` runs them.
+
+    With a ``profile`` (e.g. ``paper``: hub models and data sets), the plan also holds an estimate of
+    each run's GPU-hours from model sizes and token counts (`reports.paper_compute`), computed offline:
+    no model or data set is loaded.
     """
     from tvkd.paths import results_root as default_results_root
     from tvkd.pipeline import identity
     from tvkd.results import ResultsStore
 
-    spec = load_spec(spec)
+    spec = load_spec(spec, profile)
     store = ResultsStore(Path(results_root) if results_root is not None else default_results_root())
     runs = spec.runs(seeds=seeds, quick=quick)
     study = spec.study_name(quick)
@@ -999,8 +1139,14 @@ def plan_study(spec: str | Path | dict[str, Any] | StudySpec, results_root: str 
         has_variants=bool(spec.variants), runs=planned, seeds=sorted({r.seed for r in runs}, key=runs and
                                                                      [r.seed for r in runs].index),
         warnings=warnings, label_counts={k: len(v) for k, v in durations.items() if k},
-        study_count=len(durations[""]),
+        study_count=len(durations[""]), profile=spec.profile, compute=_compute(runs) if spec.profile else None,
     )
+
+
+def _compute(runs: list[StudyRun]) -> list[Any]:
+    from reports.paper_compute import estimate_runs
+
+    return estimate_runs([(r.label, r.seed, r.config) for r in runs])
 
 
 def _duration(seconds: float) -> str:
@@ -1019,7 +1165,8 @@ def format_plan(plan: StudyPlan) -> str:
     n = len(plan.runs)
     configs = n // max(1, len(plan.seeds))
     source = f" ({plan.source})" if plan.source not in (plan.study, plan.study.removesuffix("-quick")) else ""
-    lines = [f"study {plan.study}{source}{' --quick' if plan.quick else ''}; results store {plan.results_root}",
+    flags = (f" --profile {plan.profile}" if plan.profile else "") + (" --quick" if plan.quick else "")
+    lines = [f"study {plan.study}{source}{flags}; results store {plan.results_root}",
              f"{n} runs: {configs} configuration(s) x {len(plan.seeds)} seed(s) ({', '.join(map(str, plan.seeds))}), "
              "in this order"]
     header = ["seed"]
@@ -1067,6 +1214,11 @@ def format_plan(plan: StudyPlan) -> str:
                 text += f", plus {plan.unknown} run(s) of unknown time"
             lines.append(text)
             lines.append(f"  estimated from the measured duration_s of complete runs in the store: {'; '.join(how)}")
+    if plan.compute is not None:
+        from reports.paper_compute import format_estimate
+
+        lines.append("")
+        lines.append(format_estimate(plan.compute, [r.config.data.source for r in plan.runs]))
     for w in plan.warnings:
         lines.append(f"warning: {w}")
     return "\n".join(lines)

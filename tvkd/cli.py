@@ -4,6 +4,7 @@
     tvkd data inspect argilla/dpo-mix-7k    counts, skipped rows and rendered examples of a source
     tvkd run configs/my-run.yaml            train + evaluate one configuration (idempotent)
     tvkd study run reward-conflict          the paper's Table 5 on the testbed, with controls
+    tvkd report --study reward-conflict     its tables rebuilt from the results store (--compare-paper)
     tvkd losses | tvkd aux-rewards          what is registered, with what each needs
     tvkd bench                              speed/memory ratios against the targets
 """
@@ -144,15 +145,18 @@ def cmd_study_run(args: argparse.Namespace) -> int:
     if not (args.name.endswith((".yaml", ".yml")) and Path(args.name).is_file()):
         STUDIES.get(args.name)  # clear error for an unknown study before any work
     if args.backend == "ray":
+        from studies import load_spec
         from studies.ray_driver import run_study_ray
 
-        out = run_study_ray(args.name, seeds=args.seeds, results=args.results, out_dir=args.out, quick=args.quick,
+        study = load_spec(args.name, args.profile) if args.profile else args.name
+        out = run_study_ray(study, seeds=args.seeds, results=args.results, out_dir=args.out, quick=args.quick,
                             address=args.address, max_concurrent=args.max_concurrent, progress=not args.quiet)
     else:
         out = run_study(args.name, seeds=args.seeds, results=args.results, out_dir=args.out, quick=args.quick,
-                        progress=not args.quiet)
-    for p in out.get("tables", {}).values():
-        print(f"table: {p}")
+                        progress=not args.quiet, profile=args.profile)
+    for paths in (out.get("outputs") or {"table": out.get("tables", {})}).values():
+        for p in paths.values():
+            print(f"table: {p}")
     return 1 if out.get("failed") else 0
 
 
@@ -167,7 +171,8 @@ def cmd_study_plan(args: argparse.Namespace) -> int:
 
     from studies import format_plan, plan_study
 
-    plan = plan_study(args.spec, args.results, quick=args.quick, seeds=args.seeds, progress=not args.quiet)
+    plan = plan_study(args.spec, args.results, quick=args.quick, seeds=args.seeds, progress=not args.quiet,
+                      profile=args.profile)
     print(json.dumps(plan.to_dict(), indent=1) if args.json else format_plan(plan))
     return 0
 
@@ -178,6 +183,47 @@ def cmd_study_list(args: argparse.Namespace) -> int:
     for name in STUDIES.names():
         print(f"{name:<20} {STUDIES.meta(name).get('description', '')}")
     return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from reports.store import NoCompleteRuns, report_study
+    from studies import STUDIES
+
+    if bool(args.study) == bool(args.all):
+        print("error: give --study <name> (a registered study or a study YAML) or --all", file=sys.stderr)
+        return 2
+    names = STUDIES.names() if args.all else [args.study]
+    if args.study and not (args.study.endswith((".yaml", ".yml")) and Path(args.study).is_file()):
+        STUDIES.get(args.study)  # an unknown name: the registry's error, with the valid names
+    built, empty = [], []
+    for name in names:
+        out = args.out if not args.all or not args.out else Path(args.out) / name
+        try:
+            rep = report_study(name, args.results, out, quick=args.quick, profile=args.profile,
+                               compare_paper=args.compare_paper)
+        except NoCompleteRuns as e:
+            if not args.all:
+                print(f"error: {e}", file=sys.stderr)
+                return 1
+            empty.append(f"{name} (no complete runs)")
+            continue
+        except (ValueError, KeyError) as e:  # --all: a study whose spec or runs cannot be read is named, not fatal
+            if not args.all:
+                raise
+            empty.append(f"{name} ({_one_line(e)})")
+            continue
+        built.append(name)
+        for note in rep.notices:
+            print(f"notice: {note}")
+        for generator, paths in rep.files.items():
+            for path in paths.values():
+                print(f"{generator}: {path}")
+        if args.compare_paper:
+            print(rep.comparison_text, end="")
+    if args.all:
+        print(f"built: {', '.join(built) if built else 'none'}")
+        print(f"nothing built: {', '.join(empty) if empty else 'none'}")
+    return 0 if built else 1
 
 
 def cmd_losses(args: argparse.Namespace) -> int:
@@ -245,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
               tvkd config                              # every run-config key with its help
               tvkd run my-run.yaml --set loss.alpha=0.5
               tvkd study run reward-conflict           # Table 5 on the testbed (resumable)
+              tvkd report --study reward-conflict --compare-paper   # its tables again, beside the paper's
             Caches live in $TVKD_CACHE (default ~/.cache/tvkd); results in $TVKD_RESULTS (./results)."""),
     )
     p.add_argument("-v", "--verbose", action="store_true", help="log what each stage does")
@@ -331,6 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--results", default=None, help="results store root (default $TVKD_RESULTS or ./results)")
     s.add_argument("--out", default=None, help="where tables go (default <results>/<study>/tables)")
     s.add_argument("--quick", action="store_true", help="a much smaller grid for a smoke test")
+    s.add_argument("--profile", default=None, help="a profile of the study, e.g. paper: the paper's models, data "
+                                                   "sets and hyper-parameters by hub id (results in <study>-paper)")
     s.add_argument("--backend", choices=["sequential", "ray"], default="sequential",
                    help="sequential (one run after another, here) or ray (Ray Tune trials: in parallel on this "
                         "machine, or on a cluster with --address); finished runs are never trained again either way")
@@ -360,11 +409,30 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--results", default=None, help="results store root (default $TVKD_RESULTS or ./results)")
     sp.add_argument("--seeds", type=int, nargs="+", default=None, help="override the study's seeds")
     sp.add_argument("--quick", action="store_true", help="the study's quick grid")
+    sp.add_argument("--profile", default=None, help="a profile of the study, e.g. paper; adds an estimate of "
+                                                    "GPU-hours from model sizes and token counts (offline)")
     sp.add_argument("--json", action="store_true", help="print the plan as JSON")
     sp.add_argument("--quiet", action="store_true")
     sp.set_defaults(func=cmd_study_plan)
     sl = st.add_parser("list", help="list the studies")
     sl.set_defaults(func=cmd_study_list)
+
+    rp = sub.add_parser("report", help="rebuild a study's tables and figures from the results store (and compare "
+                                       "them with the paper's)",
+                        description="Reads only the results store: every table generator of the study (reports/) "
+                                    "is run on its complete runs; outputs are byte-identical from run to run. "
+                                    "--compare-paper prints each cell the paper has beside ours: ranks, Kendall's "
+                                    "τ and signs on the testbed, values (ours − paper) with --profile paper.")
+    rp.add_argument("--study", default=None, help="a registered study (see `tvkd study list`) or a study YAML")
+    rp.add_argument("--all", action="store_true", help="every registered study; says which had no complete runs")
+    rp.add_argument("--results", default=None, help="results store root (default $TVKD_RESULTS or ./results)")
+    rp.add_argument("--out", default=None, help="where outputs go (default <results>/<study>/tables; with --all, "
+                                                "one folder per study under it)")
+    rp.add_argument("--quick", action="store_true", help="the study's --quick runs (<study>-quick)")
+    rp.add_argument("--profile", default=None, help="the runs of a profile, e.g. paper (<study>-paper)")
+    rp.add_argument("--compare-paper", action="store_true",
+                    help="print (and write paper_<table>.md/.png/.pdf) the paper's published cells beside ours")
+    rp.set_defaults(func=cmd_report)
 
     lo = sub.add_parser("losses", help="list registered losses (-v: with their options)")
     lo.add_argument("-v", "--verbose", action="store_true")

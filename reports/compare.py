@@ -1,0 +1,404 @@
+"""The paper beside ours: each cell the paper has, its published value, ours, and how they compare.
+
+``tvkd report --study <name> --compare-paper`` runs this after the tables. On the testbed (no
+profile) the scales differ from the paper's, so it compares ranks and signs: per metric, the rank
+of each row among the rows both tables have, Kendall's τ_b between the two orderings
+(`scipy.stats.kendalltau`, with its p-value and n), and whether each row's difference to the
+paper's baseline row has the same sign in both; a sentence says whether the paper's ordering
+reproduces (τ > 0 and p < 0.05). With a profile (``--profile paper``: the paper's own setting) it
+compares values: ours − paper.
+
+The mapping contract. A table generator says how its rows and columns correspond to a paper
+table with one or more `PaperMap`, found (first hit wins) in its registry metadata
+(``@TABLES.register(..., paper_maps=(PaperMap(...),))``), in a ``PAPER_MAPS`` tuple of its module,
+or registered here with `register_paper_maps` (how the reward-conflict and main tables declare
+theirs, below)::
+
+    PaperMap(
+        name="table5",                       # names the output files (paper_table5.md / .png / .pdf)
+        table="table5",                      # the paper CSV (reports/paper.py)
+        row_column="name",                   # the CSV column naming the paper's rows
+        column_column="metric",              # the CSV column naming its metrics
+        where={},                            # fixed coordinates, e.g. {"dataset": "DPOMIX"}
+        rows={"logits": "Logits", ...},      # our row key -> the paper's row name, in display order
+        columns={"Margin Acc.": ("margin_accuracy",), "MT-bench": ("mt_bench/score", "oracle_score")},
+                                             # paper metric -> our frame columns, the first one present used
+        scale={"margin_accuracy": 100.0},    # ours x scale is in the paper's units (fractions -> %)
+        row_key="label",                     # the frame column holding our row key (a run's study label)
+        baseline="dpo",                      # our row key of the baseline for the sign comparison
+        borrow={"dpo": {"MT-bench": ("table1", {"dataset": "DPOMIX", "method": "DPO", "metric": "MT"})}},
+                                             # cells of a row taken from another paper table
+        unranked=("teacher_dpo",),           # rows shown but left out of ranks and τ (references)
+        lower_is_better=("KL",),             # paper metrics where lower is better
+        profiles=(None, "paper"),            # where it applies: None is the testbed; omitted: everywhere
+        subject="aux rewards",               # for the sentence: "the paper's ordering of the six aux rewards"
+    )
+
+Our value of a cell is the mean over the study's runs (seeds) of that row and column; a row or
+column that the store does not have is left out, and a map with no column of ours says so.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from reports.paper import load_table
+
+__all__ = ["Comparison", "MetricComparison", "PaperMap", "compare_study", "compare_to_paper", "format_comparison",
+           "paper_maps_for", "register_paper_maps", "write_comparison"]
+
+#: The p-value under which a positive τ counts as the paper's ordering reproduced.
+ALPHA = 0.05
+_NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve")
+
+
+@dataclass(frozen=True)
+class PaperMap:
+    """How one of our tables maps onto a paper table (see the module docstring)."""
+
+    name: str
+    table: str
+    row_column: str
+    column_column: str
+    rows: Mapping[str, str]
+    columns: Mapping[str, tuple[str, ...]]
+    where: Mapping[str, str] = field(default_factory=dict)
+    scale: Mapping[str, float] = field(default_factory=dict)
+    row_key: str = "label"
+    rows_of: Callable[[pd.DataFrame], pd.Series] | None = None  # our row key per run, instead of `row_key`
+    baseline: str | None = None
+    borrow: Mapping[str, Mapping[str, tuple[str, Mapping[str, str]]]] = field(default_factory=dict)
+    unranked: tuple[str, ...] = ()
+    lower_is_better: tuple[str, ...] = ()
+    profiles: tuple[str | None, ...] | None = None
+    subject: str = "rows"
+
+    def applies(self, profile: str | None) -> bool:
+        return self.profiles is None or profile in self.profiles
+
+
+_REGISTERED: dict[str, tuple[PaperMap, ...]] = {}
+
+
+def register_paper_maps(generator: str, *maps: PaperMap) -> None:
+    """Declare the paper maps of a table generator (by its `reports.tables.TABLES` name)."""
+    _REGISTERED[generator] = tuple(maps)
+
+
+def paper_maps_for(generator: str) -> tuple[PaperMap, ...]:
+    """A generator's paper maps: its registry metadata ``paper_maps``, its module's ``PAPER_MAPS``, or
+    those registered here; () when it declares none."""
+    import sys
+
+    from reports.tables import discover
+
+    tables = discover()
+    meta = tables.meta(generator)
+    if meta.get("paper_maps"):
+        return tuple(meta["paper_maps"])
+    module = sys.modules.get(getattr(tables.get(generator), "__module__", ""), None)
+    if module is not None and getattr(module, "PAPER_MAPS", None):
+        return tuple(module.PAPER_MAPS)
+    return _REGISTERED.get(generator, ())
+
+
+@dataclass
+class MetricComparison:
+    """One paper metric: the cells, the ranks, τ and the sign agreement."""
+
+    paper_metric: str
+    ours_column: str
+    higher_is_better: bool
+    cells: pd.DataFrame  # row, paper_row, paper, ours, uncertain, borrowed, paper_rank, ours_rank
+    tau: float | None = None
+    p_value: float | None = None
+    n: int = 0
+    signs_agree: int = 0
+    signs_total: int = 0
+
+
+@dataclass
+class Comparison:
+    """A `PaperMap` applied to a study's frame."""
+
+    map: PaperMap
+    study: str
+    profile: str | None
+    seeds: int
+    metrics: list[MetricComparison]
+    absent: list[str]  # paper metrics with no column of ours
+
+
+def _paper_cells(pmap: PaperMap) -> pd.DataFrame:
+    """paper_row, metric, value, uncertain, source ('' or the table a borrowed cell comes from)."""
+    t = load_table(pmap.table)
+    for col, val in pmap.where.items():
+        t = t[t[col] == val]
+    out = pd.DataFrame({"paper_row": t[pmap.row_column], "metric": t[pmap.column_column], "value": t["value"],
+                        "uncertain": t["uncertain"], "source": ""})
+    extra = []
+    for row, cells in pmap.borrow.items():
+        for metric, (table, coords) in cells.items():
+            other = load_table(table)
+            for col, val in coords.items():
+                other = other[other[col] == val]
+            if len(other) != 1:
+                raise ValueError(f"paper map {pmap.name}: {table} {dict(coords)} selects {len(other)} cells, not one")
+            extra.append({"paper_row": pmap.rows[row], "metric": metric, "value": float(other["value"].item()),
+                          "uncertain": bool(other["uncertain"].item()), "source": table})
+    if extra:
+        out = pd.concat([out, pd.DataFrame(extra)], ignore_index=True)
+    return out
+
+
+def _ours(frame: pd.DataFrame, pmap: PaperMap) -> pd.Series:
+    keys = pmap.rows_of(frame) if pmap.rows_of is not None else frame.get(pmap.row_key)
+    if keys is None:
+        raise KeyError(f"paper map {pmap.name}: the frame has no {pmap.row_key!r} column to name its rows")
+    return pd.Series([None if k is None or (isinstance(k, float) and math.isnan(k)) else str(k) for k in keys],
+                     index=frame.index, dtype="object")
+
+
+def _rank(values: pd.Series, higher_is_better: bool) -> pd.Series:
+    return values.rank(method="min", ascending=not higher_is_better).astype("Int64")
+
+
+def compare_to_paper(frame: pd.DataFrame, pmap: PaperMap, *, study: str = "", profile: str | None = None
+                     ) -> Comparison:
+    """Our frame beside the paper's table as `pmap` says; τ and signs over the rows both have."""
+    from scipy.stats import kendalltau
+
+    paper = _paper_cells(pmap)
+    keys = _ours(frame, pmap)
+    seeds = int(frame["seed"].nunique()) if "seed" in frame.columns and len(frame) else 0
+    metrics, absent = [], []
+    for paper_metric, candidates in pmap.columns.items():
+        column = next((c for c in candidates if c in frame.columns and frame[c].notna().any()), None)
+        if column is None:
+            absent.append(f"{paper_metric} ({' or '.join(candidates)})")
+            continue
+        values = pd.to_numeric(frame[column], errors="coerce") * float(pmap.scale.get(column, 1.0))
+        mean = values.groupby(keys).mean()
+        rows = []
+        for row, paper_row in pmap.rows.items():
+            cell = paper[(paper["paper_row"] == paper_row) & (paper["metric"] == paper_metric)]
+            ours = mean.get(row)
+            if len(cell) != 1 or ours is None or math.isnan(ours) or math.isnan(float(cell["value"].iloc[0])):
+                continue
+            rows.append({"row": row, "paper_row": paper_row, "paper": float(cell["value"].iloc[0]),
+                         "ours": float(ours), "uncertain": bool(cell["uncertain"].iloc[0]),
+                         "borrowed": str(cell["source"].iloc[0])})
+        cells = pd.DataFrame(rows, columns=["row", "paper_row", "paper", "ours", "uncertain", "borrowed"])
+        higher = paper_metric not in pmap.lower_is_better
+        ranked = ~cells["row"].isin(pmap.unranked)
+        cells["paper_rank"] = pd.Series(pd.NA, index=cells.index, dtype="Int64")
+        cells["ours_rank"] = pd.Series(pd.NA, index=cells.index, dtype="Int64")
+        cells.loc[ranked, "paper_rank"] = _rank(cells.loc[ranked, "paper"], higher)
+        cells.loc[ranked, "ours_rank"] = _rank(cells.loc[ranked, "ours"], higher)
+        mc = MetricComparison(paper_metric, column, higher, cells)
+        sub = cells[ranked]
+        mc.n = len(sub)
+        if mc.n >= 2:
+            result = kendalltau(sub["paper"].to_numpy(), sub["ours"].to_numpy())
+            tau, p = float(result.statistic), float(result.pvalue)
+            mc.tau, mc.p_value = (None, None) if math.isnan(tau) else (tau, p)
+        if pmap.baseline is not None and (cells["row"] == pmap.baseline).any():
+            base = cells[cells["row"] == pmap.baseline].iloc[0]
+            for _, r in cells[(cells["row"] != pmap.baseline) & ranked].iterrows():
+                mc.signs_total += 1
+                mc.signs_agree += int(math.copysign(1, r["paper"] - base["paper"]) * (r["paper"] != base["paper"])
+                                      == math.copysign(1, r["ours"] - base["ours"]) * (r["ours"] != base["ours"]))
+        metrics.append(mc)
+    return Comparison(pmap, study, profile, seeds, metrics, absent)
+
+
+def _count_words(n: int) -> str:
+    return _NUMBERS[n] if 0 <= n < len(_NUMBERS) else str(n)
+
+
+def _num(value: float) -> str:
+    return f"{value:.3f}" if abs(value) < 10 else f"{value:.2f}"
+
+
+def verdict(mc: MetricComparison, subject: str, where: str, baseline: str | None = None) -> str:
+    """The plain sentence: does the paper's ordering reproduce? ``baseline``: the name of a ranked row that
+    is not one of the ``subject`` (e.g. DPO among the aux rewards)."""
+    if mc.tau is None:
+        return (f"τ undefined (n = {mc.n}{', a tie in every row' if mc.n >= 2 else ''}): too few ranked rows to "
+                f"compare the paper's ordering of the {subject} {where}")
+    head = f"τ = {mc.tau:.2f} (n = {mc.n}, p = {mc.p_value:.2f})"
+    others = mc.n - (baseline is not None)
+    what = f"the paper's ordering of the {_count_words(others)} {subject}" + (f" and {baseline}" if baseline else "")
+    if mc.tau > 0 and mc.p_value < ALPHA:
+        return f"{head}: {what} reproduces {where}"
+    if mc.tau > 0:
+        return f"{head}: {what} does not reproduce {where} (same direction, not significant at p < {ALPHA})"
+    return f"{head}: {what} does not reproduce {where}"
+
+
+def format_comparison(c: Comparison) -> str:
+    """The comparison as Markdown: one table per metric, then τ, the sentence and the sign agreement."""
+    from reports.paper import PAPER_TABLES
+
+    pmap = c.map
+    paper_name = PAPER_TABLES[pmap.table].paper
+    where = "on the testbed" if c.profile is None else f"in the {c.profile} profile"
+    fixed = ", ".join(f"{v}" for v in pmap.where.values())
+    lines = [f"## {paper_name}{f' ({fixed})' if fixed else ''} beside {c.study} "
+             f"({'testbed' if c.profile is None else 'profile ' + c.profile}, mean over {c.seeds} seed(s))", ""]
+    lines.append("Ranks and signs are compared (the testbed's scales are not the paper's)." if c.profile is None
+                 else "Values are compared: Δ = ours − paper.")
+    notes = []
+    for mc in c.metrics:
+        cells = mc.cells
+        scale = pmap.scale.get(mc.ours_column, 1.0)
+        ours_label = mc.ours_column + (f" ×{scale:g}" if scale != 1 else "")
+        arrow = "↑" if mc.higher_is_better else "↓"
+        lines += ["", f"### {mc.paper_metric} {arrow} (paper) / {ours_label} (ours)", ""]
+        if c.profile is None:
+            header = ["row", "paper", "ours", "paper rank", "our rank", "Δ rank"]
+        else:
+            header = ["row", "paper", "ours", "Δ (ours − paper)", "paper rank", "our rank"]
+        body = []
+        for _, r in cells.iterrows():
+            mark = ""
+            if r["uncertain"]:
+                mark += "*"
+            if r["borrowed"]:
+                mark += "†"
+                notes.append(f"† {r['paper_row']}'s {mc.paper_metric} is from the paper's "
+                             f"{PAPER_TABLES[r['borrowed']].paper}.")
+            pr = "–" if pd.isna(r["paper_rank"]) else str(int(r["paper_rank"]))
+            orank = "–" if pd.isna(r["ours_rank"]) else str(int(r["ours_rank"]))
+            name = f"{r['paper_row']}{mark}"
+            if c.profile is None:
+                drank = "–" if pr == "–" else f"{int(r['ours_rank']) - int(r['paper_rank']):+d}"
+                body.append([name, _num(r["paper"]), _num(r["ours"]), pr, orank, drank])
+            else:
+                body.append([name, _num(r["paper"]), _num(r["ours"]), f"{r['ours'] - r['paper']:+.3f}", pr, orank])
+            if r["uncertain"]:
+                notes.append(f"* {r['paper_row']} {mc.paper_metric}: uncertain in the transcription "
+                             "(reports/paper_data/NOTES.md).")
+        widths = [max(len(x) for x in col) for col in zip(header, *body)] if body else [len(h) for h in header]
+        lines.append("| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |")
+        rules = [":" + "-" * (w - 1) if i == 0 else "-" * (w - 1) + ":" for i, w in enumerate(widths)]
+        lines.append("|" + "|".join(f" {r} " for r in rules) + "|")
+        lines += ["| " + " | ".join(x.ljust(w) for x, w in zip(row, widths)) + " |" for row in body]
+        ranked_rows = set(cells.loc[cells["paper_rank"].notna(), "row"])
+        base_name = pmap.rows[pmap.baseline] if pmap.baseline in ranked_rows else None
+        lines += ["", verdict(mc, pmap.subject, where, base_name) + "."]
+        if mc.signs_total:
+            base = pmap.rows[pmap.baseline]
+            lines.append(f"Signs against {base}: {mc.signs_agree} of {mc.signs_total} rows differ from {base} in the "
+                         f"same direction in both tables.")
+    for text in c.absent:
+        lines += ["", f"{text}: no column of ours in the store (run the benchmark, e.g. `tvkd eval`)."]
+    if notes:
+        lines += [""] + list(dict.fromkeys(notes))
+    return "\n".join(lines) + "\n"
+
+
+def comparison_figure(c: Comparison) -> Any:
+    """Per metric: paper value (x) against ours (y), each row labelled; None when nothing was compared."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [m for m in c.metrics if len(m.cells)]
+    if not shown:
+        return None
+    fig, axes = plt.subplots(1, len(shown), figsize=(4.2 * len(shown), 3.8), squeeze=False)
+    for ax, mc in zip(axes[0], shown):
+        ax.scatter(mc.cells["paper"], mc.cells["ours"], s=18, color="tab:blue")
+        for _, r in mc.cells.iterrows():
+            ax.annotate(str(r["paper_row"]), (r["paper"], r["ours"]), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+        tau = "" if mc.tau is None else f"\nτ = {mc.tau:.2f} (n = {mc.n}, p = {mc.p_value:.2f})"
+        ax.set_title(f"{mc.paper_metric}{tau}", fontsize=9)
+        ax.set_xlabel("paper", fontsize=8)
+        ax.set_ylabel(f"ours: {mc.ours_column}", fontsize=8)
+        ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def write_comparison(c: Comparison, out_dir: str | Path) -> dict[str, Path]:
+    """``paper_<name>.md`` (the text) and, when anything was compared, ``paper_<name>.png/.pdf``."""
+    import matplotlib.pyplot as plt
+
+    from reports.store import save_figure
+    from tvkd.paths import atomic_write_text
+
+    out_dir = Path(out_dir)
+    stem = out_dir / f"paper_{c.map.name}"
+    paths = {"md": stem.with_suffix(".md")}
+    atomic_write_text(paths["md"], format_comparison(c))
+    fig = comparison_figure(c)
+    if fig is not None:
+        paths.update(save_figure(fig, stem))
+        plt.close(fig)
+    return paths
+
+
+def compare_study(frame: pd.DataFrame, spec: Any, generators: list[str], *, study: str = "",
+                  profile: str | None = None) -> list[Comparison]:
+    """Every paper map of the study's generators that applies to ``profile``, applied to ``frame``."""
+    out = []
+    for name in generators:
+        for pmap in paper_maps_for(name):
+            if pmap.applies(profile):
+                out.append(compare_to_paper(frame, pmap, study=study or spec.name, profile=profile))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The maps of the reward-conflict table (Table 5) and the main table (Tables 1, 6, 7)
+# --------------------------------------------------------------------------------------------
+
+register_paper_maps(
+    "reward_conflict",
+    PaperMap(
+        name="table5", table="table5", row_column="name", column_column="metric",
+        rows={"logits": "Logits", "log_prob": "Log Probability", "max": "Max", "margin": "Margin",
+              "expectation": "Expectation", "soft_value": "Ours", "dpo": "DPO"},
+        # the testbed's oracle is its judge: oracle score stands in for MT-Bench, the win rate against the
+        # soft_value run for AlpacaEval "with our method as a baseline"
+        columns={"Margin Acc.": ("margin_accuracy",), "MT-bench": ("mt_bench/score", "oracle_score"),
+                 "AE": ("alpaca_eval/win_rate", "win_rate_vs_soft_value")},
+        scale={"margin_accuracy": 100.0, "win_rate_vs_soft_value": 100.0},
+        row_key="label", baseline="dpo",
+        borrow={"dpo": {"MT-bench": ("table1", {"dataset": "DPOMIX", "method": "DPO", "metric": "MT"})}},
+        subject="aux rewards",
+    ),
+)
+
+_MAIN_ROWS = {"teacher_dpo": "DPO Teacher", "teacher_sft": "SFT Teacher", "sft": "SFT", "dpo": "DPO",
+              "simpo": "SimPO", "wpo": "WPO", "tdpo": "TDPO", "vanilla_kd": "VanillaKD", "seqkd": "SeqKD",
+              "ddpo": "DDPO", "dpkd": "DPKD", "gkd": "GKD", "dckd": "DCKD", "adpa": "ADPA"}
+_MAIN_COLUMNS = {"RM": ("rm/score", "oracle_score"), "MT": ("mt_bench/score",),
+                 "AE": ("alpaca_eval/win_rate", "win_rate_vs_adpa"), "OLL": ("oll/average",)}
+_MAIN_SCALE = {"win_rate_vs_adpa": 100.0, "oll/average": 100.0}
+# Tables 6-7's ARC column is ARC-easy; the oll benchmark runs the leaderboard's ARC-challenge, so it is not mapped.
+_OLL_COLUMNS = {"Average": ("oll/average",), "GSM8K": ("oll/gsm8k",), "Hellaswag": ("oll/hellaswag",),
+                "MMLU": ("oll/mmlu",), "TruthfulQA": ("oll/truthfulqa",), "Winogrande": ("oll/winogrande",)}
+_OLL_ROWS = {**_MAIN_ROWS, "teacher_dpo": "DPO teacher", "teacher_sft": "SFT teacher", "tvkd": "TVKD (Ours)"}
+
+register_paper_maps(
+    "main_table",
+    *(PaperMap(name=f"table1_{dataset.lower()}", table="table1", row_column="method", column_column="metric",
+               where={"dataset": dataset}, rows={**_MAIN_ROWS, "tvkd": "TVKD(Ours)"}, columns=_MAIN_COLUMNS,
+               scale=_MAIN_SCALE, row_key="label", baseline="dpo", unranked=("teacher_dpo", "teacher_sft"),
+               profiles=profiles, subject="student methods")
+      for dataset, profiles in (("DPOMIX", (None, "paper")), ("Helpsteer2", ("paper-helpsteer2",)))),
+    *(PaperMap(name=table, table=table, row_column="method", column_column="task", rows=_OLL_ROWS,
+               columns=_OLL_COLUMNS, scale={c[0]: 100.0 for c in _OLL_COLUMNS.values()}, row_key="label",
+               baseline="dpo", unranked=("teacher_dpo", "teacher_sft"), profiles=profiles, subject="student methods")
+      for table, profiles in (("table6", (None, "paper")), ("table7", ("paper-helpsteer2",)))),
+)
