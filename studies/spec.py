@@ -722,8 +722,11 @@ def _parse_rule(rule: Any, where: str, axes: list[Axis], variant_labels: list[st
     return out
 
 
-def _check_profiles(spec: dict[str, Any], problems: list[str]) -> list[str]:
-    """The shape of the ``profiles`` block; returns the names of the profiles that can be merged."""
+def _check_profiles(spec: dict[str, Any], problems: list[str], requested: str | None = None) -> list[str]:
+    """The shape of the ``profiles`` block; returns the names of the profiles that can be merged.
+
+    A variant label that the spec does not have is an error only in the ``requested`` profile: a spec
+    derived from another by dropping variants keeps the other profiles usable."""
     profiles = spec.get("profiles")
     if profiles is None:
         return []
@@ -756,6 +759,8 @@ def _check_profiles(spec: dict[str, Any], problems: list[str]) -> list[str]:
         if isinstance(variants, dict):
             labels = [v.get("label") for v in spec.get("variants") or [] if isinstance(v, dict)]
             for label, keys in variants.items():
+                if label not in labels and name != requested:
+                    continue
                 if label not in labels:
                     problems.append(f"{where}.variants.{label}: not a variant label of the spec"
                                     f"{_close(str(label), [str(x) for x in labels])}; labels: "
@@ -813,6 +818,10 @@ def parse_spec(spec: Any, source: str | None = None, profile: str | None = None)
             return parse_spec(spec, source)  # the shape error, as without a profile
         parse_spec(spec, source)  # the spec itself and all its profiles first: problems named where they are
         merged = apply_profile(spec, profile)
+        problems: list[str] = []
+        _check_profiles(spec, problems, requested=profile)
+        if problems:
+            raise StudySpecError(source or str(spec.get("name", "spec")), problems)
         out = parse_spec(merged, source)
         out.profile, out.profiles = profile, tuple(spec.get("profiles") or ())
         return out

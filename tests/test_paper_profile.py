@@ -87,7 +87,18 @@ def test_a_bad_profile_is_named_before_anything_runs(block, message):
     spec = raw("reward_conflict")
     spec["profiles"] = {"paper": block}
     with pytest.raises(StudySpecError, match=message):
-        parse_spec(spec, source="reward_conflict.yaml")
+        parse_spec(spec, source="reward_conflict.yaml", profile="paper")
+    if "variants" not in block:  # checked with the spec itself too, before any profile is asked for
+        with pytest.raises(StudySpecError, match=message):
+            parse_spec(spec, source="reward_conflict.yaml")
+
+
+def test_a_spec_with_fewer_variants_keeps_its_other_profiles_usable():
+    spec = raw("main_table")
+    spec["variants"] = [v for v in spec["variants"] if v["label"] in ("dpo", "tvkd")]
+    assert [r.label for r in parse_spec(spec).runs()] == ["dpo", "tvkd"] * 3
+    with pytest.raises(StudySpecError, match=r"profiles\.paper\.variants\.teacher_dpo: not a variant label"):
+        parse_spec(spec, profile="paper")  # asked for, its overrides of the dropped variants are named
 
 
 def test_published_parameter_counts():
