@@ -135,7 +135,8 @@ def store_frame(study: Any, results: str | Path | None = None, *, quick: bool = 
                 seeds: list[int] | None = None) -> StoreFrame:
     """The results frame of a study (a name, a YAML path or a `StudySpec`) from the results store only.
 
-    Raises `NoCompleteRuns` when the store has no complete run of the study.
+    ``seeds``: the seeds to show; by default the spec's and any other seed the store holds complete runs
+    of (``tvkd study run --seeds ...``). Raises `NoCompleteRuns` when the store has no complete run of the study.
     """
     from studies.spec import load_spec
     from tvkd.paths import results_root
@@ -144,12 +145,16 @@ def store_frame(study: Any, results: str | Path | None = None, *, quick: bool = 
     spec = load_spec(study, profile)
     store = ResultsStore(Path(results) if results is not None else results_root())
     name = spec.study_name(quick)
-    runs = spec.runs(seeds=seeds, quick=quick)
     by_run: dict[tuple[str, int], list[Any]] = {}
     for record in store.records(name):
         cfg = record.config if isinstance(record.config, dict) else {}
-        if record.complete and isinstance(cfg.get("seed"), int):
+        if record.complete and isinstance(cfg.get("seed"), int) and not isinstance(cfg.get("seed"), bool):
             by_run.setdefault((str(cfg.get("name")), cfg["seed"]), []).append(record)
+    if seeds is None:
+        own = [r.seed for r in spec.runs(quick=quick)]
+        labels = set(spec.labels(quick))
+        seeds = list(dict.fromkeys(own + sorted({s for label, s in by_run if label in labels} - set(own))))
+    runs = spec.runs(seeds=seeds, quick=quick)
     result = StoreFrame(study=name, spec=spec, frame=pd.DataFrame(), root=store.root, expected=len(runs))
     rows = []
     for run in runs:

@@ -173,3 +173,16 @@ def test_a_missing_and_a_stale_run_are_noticed_and_the_table_still_built(tmp_pat
     assert rc == 0 and "notice: 1 of 27 runs of reward-conflict have no complete run" in out
     assert "notice: 1 rows come from runs whose config differs" in out and "max (seed" in out
     assert (tmp_path / "out" / "reward_conflict.md").exists()
+
+
+def test_seeds_run_beyond_the_spec_are_shown(tmp_path):
+    store = tmp_path / "store"
+    shutil.copytree(STORE, store)
+    source = next(p for p in (store / "reward-conflict").glob("dpo-*") if "seed: 1\n" in (p / "config.yaml").read_text())
+    extra = store / "reward-conflict" / "dpo-extra"
+    shutil.copytree(source, extra)
+    (extra / "config.yaml").write_text((source / "config.yaml").read_text().replace("seed: 1\n", "seed: 5\n", 1))
+    sf = store_frame("reward-conflict", store)
+    assert sorted(set(sf.frame["seed"])) == [0, 1, 2, 5] and len(sf.frame) == 28 and not sf.stale
+    assert len(sf.missing) == 8 and {s for _, s in sf.missing} == {5}  # the other variants of seed 5
+    assert len(store_frame("reward-conflict", store, seeds=[0, 1, 2]).frame) == 27
