@@ -32,6 +32,7 @@ theirs, below)::
         lower_is_better=("KL",),             # paper metrics where lower is better
         profiles=(None, "paper"),            # where it applies: None is the testbed; omitted: everywhere
         subject="aux rewards",               # for the sentence: "the paper's ordering of the six aux rewards"
+        baseline_is_subject=False,           # the baseline is not one of them: "... and DPO"
     )
 
 Our value of a cell is the mean over the study's runs (seeds) of that row and column; a row or
@@ -78,6 +79,7 @@ class PaperMap:
     lower_is_better: tuple[str, ...] = ()
     profiles: tuple[str | None, ...] | None = None
     subject: str = "rows"
+    baseline_is_subject: bool = False  # the baseline is one of the `subject` (DPO among the student methods)
 
     def applies(self, profile: str | None) -> bool:
         return self.profiles is None or profile in self.profiles
@@ -291,14 +293,16 @@ def format_comparison(c: Comparison) -> str:
         lines.append("|" + "|".join(f" {r} " for r in rules) + "|")
         lines += ["| " + " | ".join(x.ljust(w) for x, w in zip(row, widths)) + " |" for row in body]
         ranked_rows = set(cells.loc[cells["paper_rank"].notna(), "row"])
-        base_name = pmap.rows[pmap.baseline] if pmap.baseline in ranked_rows else None
+        base_name = (pmap.rows[pmap.baseline] if pmap.baseline in ranked_rows and not pmap.baseline_is_subject
+                     else None)
         lines += ["", verdict(mc, pmap.subject, where, base_name) + "."]
         if mc.signs_total:
             base = pmap.rows[pmap.baseline]
             lines.append(f"Signs against {base}: {mc.signs_agree} of {mc.signs_total} rows differ from {base} in the "
                          f"same direction in both tables.")
-    for text in c.absent:
-        lines += ["", f"{text}: no column of ours in the store (run the benchmark, e.g. `tvkd eval`)."]
+    if c.absent:
+        lines += ["", f"{'None of its columns' if not c.metrics else 'Not compared'}: {'; '.join(c.absent)}: no "
+                      "column of ours in the store (the benchmark has not run: `tvkd eval <run> --bench ...`)."]
     if notes:
         lines += [""] + list(dict.fromkeys(notes))
     return "\n".join(lines) + "\n"
@@ -395,10 +399,11 @@ register_paper_maps(
     *(PaperMap(name=f"table1_{dataset.lower()}", table="table1", row_column="method", column_column="metric",
                where={"dataset": dataset}, rows={**_MAIN_ROWS, "tvkd": "TVKD(Ours)"}, columns=_MAIN_COLUMNS,
                scale=_MAIN_SCALE, row_key="label", baseline="dpo", unranked=("teacher_dpo", "teacher_sft"),
-               profiles=profiles, subject="student methods")
+               profiles=profiles, subject="student methods", baseline_is_subject=True)
       for dataset, profiles in (("DPOMIX", (None, "paper")), ("Helpsteer2", ("paper-helpsteer2",)))),
     *(PaperMap(name=table, table=table, row_column="method", column_column="task", rows=_OLL_ROWS,
                columns=_OLL_COLUMNS, scale={c[0]: 100.0 for c in _OLL_COLUMNS.values()}, row_key="label",
-               baseline="dpo", unranked=("teacher_dpo", "teacher_sft"), profiles=profiles, subject="student methods")
+               baseline="dpo", unranked=("teacher_dpo", "teacher_sft"), profiles=profiles, subject="student methods",
+               baseline_is_subject=True)
       for table, profiles in (("table6", (None, "paper")), ("table7", ("paper-helpsteer2",)))),
 )
