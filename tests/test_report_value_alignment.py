@@ -1,0 +1,128 @@
+"""The value-alignment table (the paper's Table 4): golden files from a committed frame fixture, every cell
+against an independent mean / std, the seed-paired Δ value KL, and the `value-alignment` study spec.
+
+Regenerate the golden files after an intended change with
+``TVKD_UPDATE_GOLDEN=1 pytest tests/test_report_value_alignment.py`` and review the diff.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from reports.tables import TABLES, discover
+from reports.value_alignment import (
+    ROWS,
+    format_value_alignment,
+    value_alignment_summary,
+    write_value_alignment,
+)
+from studies import expand_study, load_study
+
+GOLDEN = Path(__file__).parent / "golden"
+FIXTURE = Path(__file__).parent / "fixtures" / "frames" / "value_alignment.json"
+UPDATE = os.environ.get("TVKD_UPDATE_GOLDEN") == "1"
+
+
+def records() -> list[dict]:
+    return json.loads(FIXTURE.read_text())
+
+
+def frame() -> pd.DataFrame:
+    return pd.DataFrame.from_records(records())
+
+
+def markdown_rows(text: str) -> list[list[str]]:
+    lines = [line for line in text.splitlines() if line.startswith("|")][2:]
+    return [[c.strip().strip("*").strip("_") for c in line.strip("|").split(" | ")] for line in lines]
+
+
+@pytest.mark.parametrize("suffix", ["md", "tex"])
+def test_golden(tmp_path, suffix):
+    paths = write_value_alignment(frame(), tmp_path)
+    golden = GOLDEN / f"value_alignment.{suffix}"
+    if UPDATE:
+        golden.write_bytes(paths[suffix].read_bytes())
+    assert paths[suffix].read_bytes() == golden.read_bytes()
+    again = write_value_alignment(frame(), tmp_path / "again")
+    assert again[suffix].read_bytes() == paths[suffix].read_bytes()
+
+
+def test_cells_equal_an_independent_mean_and_std():
+    by_label: dict[str, list[dict]] = {}
+    for r in records():
+        by_label.setdefault(r["label"], []).append(r)
+    table = markdown_rows(format_value_alignment(frame()))
+    assert [cells[0] for cells in table] == [r.name for r in ROWS]
+    for row, cells in zip(ROWS, table):
+        runs = by_label[row.label]
+        for column, (metric, digits, scale) in enumerate(
+                [("value_kl", 4, 1), ("policy_kl", 3, 1), ("oracle_score", 3, 1), ("margin_accuracy", 1, 100)], 1):
+            values = [r[metric] * scale for r in runs if r[metric] is not None]
+            expected = (f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+                        if values else "–")
+            assert cells[column] == expected, (row.label, metric)
+        assert cells[-1] == str(len(runs))
+
+
+def test_value_kl_effect_is_the_mean_per_seed_difference():
+    runs = records()
+    dpo = {r["seed"]: r["value_kl"] for r in runs if r["label"] == "dpo"}
+    expected = np.mean([r["value_kl"] - dpo[r["seed"]] for r in runs if r["label"] == "tvkd"])
+    summary = value_alignment_summary(frame()).set_index("label")
+    effect = summary.loc["tvkd", "effect.value_kl"]
+    assert effect.estimate == pytest.approx(expected, abs=1e-12) and effect.n_seeds == 3
+    assert effect.low <= effect.estimate <= effect.high
+    # the untrained rows and the reference itself get no Δ
+    for label in ("teacher_dpo", "student_sft", "dpo"):
+        assert summary.loc[label, "effect.value_kl"] is None and summary.loc[label, "effect.oracle_score"] is None
+    assert summary.loc["tvkd-shuffled", "effect.oracle_score"] is not None
+
+
+def test_only_the_trained_students_are_ranked():
+    text = format_value_alignment(frame())
+    table = dict((cells[0], cells) for cells in markdown_rows(text))
+    raw = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
+    assert "**" not in raw["DPO Teacher"] and "**" not in raw["TVKD, shuffled Ψ (control)"]
+    assert table["DPO Teacher"][1] == "0.0000 ± 0.0000"
+
+
+def test_problems_are_named():
+    df = frame()
+    with pytest.raises(ValueError, match="several runs for one"):
+        value_alignment_summary(pd.concat([df, df.iloc[[2]]]))
+    with pytest.warns(UserWarning, match="match no table row"):
+        value_alignment_summary(pd.concat([df, pd.DataFrame([{"label": "simpo", "seed": 0}])], ignore_index=True))
+    with pytest.raises(KeyError, match="label"):
+        value_alignment_summary(df.drop(columns=["label"]))
+
+
+def test_registered_and_the_spec_expands():
+    discover()
+    assert TABLES.meta("value_alignment")["study"] == "value-alignment"
+    spec = load_study("value-alignment")
+    runs = expand_study(spec)
+    assert len(spec["seeds"]) >= 3 and len(runs) == 5 * len(spec["seeds"])
+    labels = {info["label"]: cfg for info, cfg in runs if cfg.seed == 0}
+    assert set(labels) == {r.label for r in ROWS}
+    assert labels["teacher_dpo"].eval_only and labels["student_sft"].eval_only
+    assert all(cfg.eval.value_alignment > 0 for cfg in labels.values())
+    assert labels["tvkd-shuffled"].loss.options["control"] == "shuffled"
+    assert len(expand_study(spec, quick=True)) == 5
+
+
+@pytest.mark.parametrize("study", ["value-alignment"])
+def test_plan_with_the_paper_profile_runs_offline(capsys, tmp_path, study):
+    """`tvkd study plan --profile paper` validates the spec and its profile and lists the paper's runs with a
+    GPU-hour estimate, without a model, a data set or the testbed."""
+    from tests.test_trust import cli
+
+    code, out, err = cli(capsys, "study", "plan", study, "--profile", "paper", "--results", tmp_path)
+    assert code == 0, err
+    assert f"{study}-paper" in out and "GPU-hours for 5 run(s)" in out
