@@ -260,6 +260,10 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.shapes == "paper":
+        from tvkd.bench_paper import main as paper_main
+
+        return paper_main(device=args.device, quick=args.quick)
     from tvkd.bench import main as bench_main
 
     rc = bench_main(quick=args.quick, per_loss=not args.targets_only, ddp=args.ddp)
@@ -450,6 +454,12 @@ def build_parser() -> argparse.ArgumentParser:
                          "speed-up, beside this machine's own headroom for 2 busy processes)")
     be.add_argument("--targets-only", action="store_true",
                     help="only the four target ratios, not the step time of every registered loss")
+    be.add_argument("--shapes", choices=("testbed", "paper"), default="testbed",
+                    help="paper: teacher-cache and TVKD-step throughput, MFU and peak memory on Llama-3.1-8B / "
+                         "Llama-3.2-1B shapes (random weights; scaled down, same vocabulary, on a CPU), with and "
+                         "without chunked log-probs and padding-free batches")
+    be.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                    help="with --shapes paper: where to run (auto: CUDA when present)")
     be.set_defaults(func=cmd_bench)
     return p
 

@@ -171,7 +171,7 @@ class TrainConfig:
     keep_checkpoints: bool = _f(False, "Keep the trainer's checkpoints in the run folder after the run finishes "
                                        "(by default they exist only while it runs, for resume).")
     extra: dict = _f({}, "Any other transformers.TrainingArguments field, passed through.")
-    # At scale (docs/scale.md). Each is off by default and, while off, leaves a run's identity unchanged.
+    # At scale (README: "At scale"). Each is off by default and, while off, leaves a run's identity unchanged.
     logprob_chunk: int | None = _f(
         None, "Student log-probs through the LM head this many positions at a time (e.g. 1024), never forming the "
               "[2B, T, V] logits: memory grows with T*d, not T*V (tvkd.chunked; one more head matmul). Losses that "

@@ -224,11 +224,13 @@ class ModelSource:
     because bf16 and fp32 logits differ.
     """
 
-    def __init__(self, name: str, key: str, loader: Any):
+    def __init__(self, name: str, key: str, loader: Any, path: str | None = None, dtype: str | None = None):
         self.name = name
         self.key = key
         self._loader = loader
         self._model: Any = None
+        self.path = path  # the folder or hub id it loads from (None: in memory), for loaders of their own (vLLM)
+        self.dtype = dtype
 
     @classmethod
     def from_path(cls, path: str | Path, *, dtype: str | None = "auto", trust_remote_code: bool = False,
@@ -236,7 +238,7 @@ class ModelSource:
         def load() -> Any:
             return load_causal_lm(path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
 
-        return cls(str(path), f"{model_digest(path)}:{dtype}", load)
+        return cls(str(path), f"{model_digest(path)}:{dtype}", load, path=str(path), dtype=dtype)
 
     @classmethod
     def in_memory(cls, model: Any, key: str) -> ModelSource:

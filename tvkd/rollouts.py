@@ -7,6 +7,11 @@ generated once per (tokenized data, model, length budget), cached like every oth
 (`tvkd.storage.cached_stage`), and reused by every run that asks for it. Each rollout ends with
 the end-of-turn token (appended, and counted, when the budget ran out first), so it has the same
 shape as a tokenized response and the teacher cache can read its states up to s_T.
+
+Rollouts of a model loaded from a folder run through vLLM when it is installed and a GPU is
+present (`tvkd.generation.generation_backend`), through batched ``model.generate`` otherwise; the
+stage records which. Both give greedy continuations in the same format, so the cache key does not
+depend on the backend.
 """
 
 from __future__ import annotations
@@ -39,13 +44,20 @@ def greedy_rollouts(tokenized: TokenizedData, model: Any, *, side: str, eos_id: 
     path = (Path(cache_dir) if cache_dir else cache_root() / "rollouts") / key
 
     def build(tmp: Path) -> dict[str, Any]:
-        from tvkd.generation import generate_ids
+        from tvkd.generation import generate_ids, generation_backend, vllm_generate_ids
 
         prompts = [list(p) for p in tokenized.dataset["prompt_ids"]]
         unique = list(dict.fromkeys(tuple(p) for p in prompts))  # a prompt shared by pairs is generated once
-        outs = generate_ids(model.get(), [list(p) for p in unique], eos_id=eos_id, pad_id=pad_id,
-                            max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress,
-                            desc=f"{who} greedy rollouts")
+        path = getattr(model, "path", None)
+        backend = generation_backend(path)
+        if backend == "vllm":  # vLLM loads the folder itself: the transformers model is never loaded
+            dtype = getattr(model, "dtype", None)
+            outs = vllm_generate_ids(path, [list(p) for p in unique], eos_id=eos_id, max_new_tokens=max_new_tokens,
+                                     dtype="auto" if dtype in (None, "auto") else dtype)
+        else:
+            outs = generate_ids(model.get(), [list(p) for p in unique], eos_id=eos_id, pad_id=pad_id,
+                                max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress,
+                                desc=f"{who} greedy rollouts", backend="hf")
         by_prompt, cut = {}, 0
         for p, (ids,) in zip(unique, outs):
             if not ids or ids[-1] != eos_id:
@@ -56,7 +68,7 @@ def greedy_rollouts(tokenized: TokenizedData, model: Any, *, side: str, eos_id: 
         save_dataset(datasets.Dataset.from_dict({"response_ids": responses}, features=feats), tmp / "data")
         lengths = [len(r) for r in responses]
         return {"prompts": len(unique), "pairs": len(responses), "hit_budget": cut,
-                "mean_length": sum(lengths) / max(len(lengths), 1), "model": model.key}
+                "mean_length": sum(lengths) / max(len(lengths), 1), "model": model.key, "backend": backend}
 
     stage = cached_stage(path, build, describe=f"{who} greedy rollouts")
     responses = datasets.load_from_disk(str(stage.path / "data"))["response_ids"]

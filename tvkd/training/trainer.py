@@ -200,7 +200,7 @@ class PreferenceTrainer(Trainer):
         samples = generate_ids(self.accelerator.unwrap_model(model), prompts, eos_id=self.eos_id, pad_id=pad_id,
                                max_new_tokens=self.on_policy.max_new_tokens, do_sample=True,
                                temperature=self.on_policy.temperature, seed=random.randrange(2**31),
-                               batch_size=B)
+                               batch_size=B, backend="hf")  # the live student: its weights change every step
         feats = [{"prompt_ids": p, "chosen_ids": s[0], "rejected_ids": s[0]} for p, s in zip(prompts, samples)]
         new = {k: v.to(inputs["input_ids"].device) for k, v in collate_pairs(feats, pad_id).items()}
         keep = {k: v for k, v in inputs.items() if k == "pair_index" or (k.startswith("col:") and v.dim() == 1)}
