@@ -33,6 +33,14 @@ def frame() -> pd.DataFrame:
     return pd.DataFrame.from_records(records())
 
 
+def assert_cell(cell: str, values: list[float], digits: int) -> None:
+    """A "mean ± std" cell equals the sample mean and std of ``values``, to the cell's rounding."""
+    mean, std = (float(x) for x in cell.split(" ± "))
+    tolerance = 0.5 * 10 ** -digits + 1e-9
+    assert abs(mean - statistics.mean(values)) <= tolerance and abs(std - statistics.stdev(values)) <= tolerance, \
+        (cell, statistics.mean(values), statistics.stdev(values))
+
+
 def markdown_rows(text: str) -> list[list[str]]:
     lines = [line for line in text.splitlines() if line.startswith("|")][2:]
     return [[c.strip().strip("*").strip("_") for c in line.strip("|").split(" | ")] for line in lines]
@@ -70,8 +78,7 @@ def test_cells_equal_an_independent_mean_and_std():
         for column, (teacher, truth) in enumerate([("dpo", "label"), ("dpo", "oracle"), ("sft", "label"),
                                                     ("sft", "oracle")], 2):
             values = expected[(row, teacher, truth)]
-            mean, std = 100 * statistics.mean(values), 100 * statistics.stdev(values)
-            assert cells[column] == f"{mean:.1f} ± {std:.1f}"
+            assert_cell(cells[column], [100 * v for v in values], 1)
         diff = 100 * np.mean(np.array(expected[(row, "dpo", "label")]) - np.array(expected[(row, "sft", "label")]))
         assert cells[6].startswith(f"{diff:+.1f} [")
         assert cells[-1] == "3"

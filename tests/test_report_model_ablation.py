@@ -1,0 +1,119 @@
+"""The model ablation (the paper's Table 2): golden files from a committed frame fixture, every cell against an
+independent mean / std, Δ against DPO of the same pair, and the `model-ablation` study spec.
+
+Regenerate the golden files after an intended change with
+``TVKD_UPDATE_GOLDEN=1 pytest tests/test_report_model_ablation.py`` and review the diff.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from reports.model_ablation import (
+    METHODS,
+    PAIRS,
+    format_model_ablation,
+    grouped_summary,
+    write_model_ablation,
+)
+from reports.tables import TABLES, discover
+from studies import expand_study, load_study
+
+GOLDEN = Path(__file__).parent / "golden"
+FIXTURE = Path(__file__).parent / "fixtures" / "frames" / "model_ablation.json"
+UPDATE = os.environ.get("TVKD_UPDATE_GOLDEN") == "1"
+
+
+def records() -> list[dict]:
+    return json.loads(FIXTURE.read_text())
+
+
+def frame() -> pd.DataFrame:
+    return pd.DataFrame.from_records(records())
+
+
+def assert_cell(cell: str, values: list[float], digits: int) -> None:
+    """A "mean ± std" cell equals the sample mean and std of ``values``, to the cell's rounding."""
+    mean, std = (float(x) for x in cell.split(" ± "))
+    tolerance = 0.5 * 10 ** -digits + 1e-9
+    assert abs(mean - statistics.mean(values)) <= tolerance and abs(std - statistics.stdev(values)) <= tolerance, \
+        (cell, statistics.mean(values), statistics.stdev(values))
+
+
+def markdown_rows(text: str) -> list[list[str]]:
+    lines = [line for line in text.splitlines() if line.startswith("|")][2:]
+    return [[c.strip().strip("*").strip("_") for c in line.strip("|").split(" | ")] for line in lines]
+
+
+@pytest.mark.parametrize("suffix", ["md", "tex"])
+def test_golden(tmp_path, suffix):
+    paths = write_model_ablation(frame(), tmp_path)
+    golden = GOLDEN / f"model_ablation.{suffix}"
+    if UPDATE:
+        golden.write_bytes(paths[suffix].read_bytes())
+    assert paths[suffix].read_bytes() == golden.read_bytes()
+
+
+def test_cells_equal_an_independent_mean_and_std():
+    runs = records()
+    table = markdown_rows(format_model_ablation(frame()))
+    assert [cells[0] for cells in table] == [m.name for m in METHODS]
+    for method, cells in zip(METHODS, table):
+        for g, pair in enumerate(PAIRS):
+            mine = [r for r in runs if r["variant"] == method.variant and r["pair"] == pair.key]
+            oracle = [r["oracle_score"] for r in mine]
+            margin = [r["margin_accuracy"] * 100 for r in mine]
+            assert_cell(cells[1 + 2 * g], oracle, 3)
+            assert_cell(cells[2 + 2 * g], margin, 1)
+        assert cells[-1] == "3"
+
+
+def test_effect_is_against_dpo_of_the_same_pair():
+    runs = records()
+    for pair in PAIRS:
+        dpo = {r["seed"]: r["items.oracle_score"] for r in runs if r["variant"] == "dpo" and r["pair"] == pair.key}
+        tvkd = [r for r in runs if r["variant"] == "tvkd" and r["pair"] == pair.key]
+        expected = np.mean([np.mean([r["items.oracle_score"][p] - dpo[r["seed"]][p] for p in dpo[r["seed"]]])
+                            for r in tvkd])
+        summary = grouped_summary(frame(), "pair", PAIRS, METHODS).set_index("variant")
+        assert summary.loc["tvkd", f"{pair.key}.effect"].estimate == pytest.approx(expected, abs=1e-12)
+        assert summary.loc["dpo", f"{pair.key}.effect"] is None
+
+
+def test_problems_are_named():
+    df = frame()
+    with pytest.raises(ValueError, match="several runs"):
+        grouped_summary(pd.concat([df, df.iloc[[0]]]), "pair", PAIRS, METHODS)
+    with pytest.warns(UserWarning, match="match no table row"):
+        grouped_summary(pd.concat([df, pd.DataFrame([{"variant": "ipo", "pair": "base", "seed": 0}])],
+                                  ignore_index=True), "pair", PAIRS, METHODS)
+    with pytest.raises(KeyError, match="pair"):
+        grouped_summary(df.drop(columns=["pair"]), "pair", PAIRS, METHODS)
+
+
+def test_registered_and_the_spec_expands():
+    discover()
+    assert TABLES.meta("model_ablation")["study"] == "model-ablation"
+    spec = load_study("model-ablation")
+    runs = expand_study(spec)
+    assert len(spec["seeds"]) >= 3 and len(runs) == len(spec["seeds"]) * 4 * 3
+    sizes = {info["pair"]: cfg.testbed for info, cfg in runs}
+    assert set(sizes) == {p.key for p in PAIRS}
+    assert sizes["base"] == {} and sizes["small-student"]["student_hidden"] == 32
+    assert sizes["large"]["teacher_layers"] > 4 and sizes["large"]["student_layers"] > 2
+    assert len(expand_study(spec, quick=True)) == 4
+
+
+def test_plan_with_the_paper_profile_runs_offline(capsys, tmp_path):
+    from tests.test_trust import cli
+
+    code, out, err = cli(capsys, "study", "plan", "model-ablation", "--profile", "paper", "--results", tmp_path)
+    assert code == 0, err
+    assert "model-ablation-paper" in out and "GPU-hours for 12 run(s)" in out

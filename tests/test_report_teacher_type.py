@@ -1,0 +1,97 @@
+"""The teacher-type tables (the paper's Tables 8, 9): golden files from a committed frame fixture, every cell
+against an independent mean / std, one DPO control shared by every teacher, and the `teacher-type` spec.
+
+Regenerate the golden files after an intended change with
+``TVKD_UPDATE_GOLDEN=1 pytest tests/test_report_teacher_type.py`` and review the diff.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from reports.tables import TABLES, discover
+from reports.teacher_type import METHODS, TEACHERS, format_teacher_type, write_teacher_type
+from studies import expand_study, load_study
+
+GOLDEN = Path(__file__).parent / "golden"
+FIXTURE = Path(__file__).parent / "fixtures" / "frames" / "teacher_type.json"
+UPDATE = os.environ.get("TVKD_UPDATE_GOLDEN") == "1"
+
+
+def records() -> list[dict]:
+    return json.loads(FIXTURE.read_text())
+
+
+def frame() -> pd.DataFrame:
+    return pd.DataFrame.from_records(records())
+
+
+def assert_cell(cell: str, values: list[float], digits: int) -> None:
+    """A "mean ± std" cell equals the sample mean and std of ``values``, to the cell's rounding."""
+    mean, std = (float(x) for x in cell.split(" ± "))
+    tolerance = 0.5 * 10 ** -digits + 1e-9
+    assert abs(mean - statistics.mean(values)) <= tolerance and abs(std - statistics.stdev(values)) <= tolerance, \
+        (cell, statistics.mean(values), statistics.stdev(values))
+
+
+def markdown_rows(text: str) -> list[list[str]]:
+    lines = [line for line in text.splitlines() if line.startswith("|")][2:]
+    return [[c.strip().strip("*").strip("_") for c in line.strip("|").split(" | ")] for line in lines]
+
+
+@pytest.mark.parametrize("suffix", ["md", "tex"])
+def test_golden(tmp_path, suffix):
+    paths = write_teacher_type(frame(), tmp_path)
+    golden = GOLDEN / f"teacher_type.{suffix}"
+    if UPDATE:
+        golden.write_bytes(paths[suffix].read_bytes())
+    assert paths[suffix].read_bytes() == golden.read_bytes()
+
+
+def test_cells_equal_an_independent_mean_and_std_and_dpo_is_shared():
+    runs = records()
+    table = markdown_rows(format_teacher_type(frame()))
+    assert [cells[0] for cells in table] == [m.name for m in METHODS]
+    for method, cells in zip(METHODS, table):
+        for g, teacher in enumerate(TEACHERS):
+            mine = [r for r in runs if r["variant"] == method.variant
+                    and (r["teacher"] == teacher.key or method.variant == "dpo")]
+            oracle = [r["oracle_score"] for r in mine]
+            assert len(oracle) == 3
+            assert_cell(cells[1 + 2 * g], oracle, 3)
+        assert cells[-1] == "3"
+    dpo_cells = table[-1]
+    assert dpo_cells[1] == dpo_cells[3] == dpo_cells[5]  # the same DPO runs in every teacher's column
+    tvkd = [r for r in runs if r["variant"] == "tvkd" and r["teacher"] == "instruct"]
+    dpo = {r["seed"]: r["items.oracle_score"] for r in runs if r["variant"] == "dpo"}
+    expected = np.mean([np.mean([r["items.oracle_score"][p] - dpo[r["seed"]][p] for p in dpo[r["seed"]]])
+                        for r in tvkd])
+    assert table[1][-2].startswith(f"{expected:+.3f} [")
+
+
+def test_registered_and_the_spec_expands():
+    discover()
+    assert TABLES.meta("teacher_type")["study"] == "teacher-type"
+    spec = load_study("teacher-type")
+    runs = expand_study(spec)
+    assert len(spec["seeds"]) >= 3 and len(runs) == len(spec["seeds"]) * (1 + 2 * 3)
+    teachers = {info.get("teacher"): cfg for info, cfg in runs if cfg.seed == 0 and info["variant"] == "tvkd"}
+    assert teachers["sft"].models.teacher == "testbed:teacher_sft"
+    assert teachers["instruct"].testbed and teachers["dpo"].testbed == {}
+    assert [cfg.loss.name for info, cfg in runs if info["label"] == "dpo"] == ["dpo"] * len(spec["seeds"])
+    assert len(expand_study(spec, quick=True)) == 5
+
+
+def test_plan_with_the_paper_profile_runs_offline(capsys, tmp_path):
+    from tests.test_trust import cli
+
+    code, out, err = cli(capsys, "study", "plan", "teacher-type", "--profile", "paper", "--results", tmp_path)
+    assert code == 0, err
+    assert "teacher-type-paper" in out and "GPU-hours for 7 run(s)" in out
