@@ -54,8 +54,10 @@ if [ "$MODE" = gpu ]; then
   if ls .whl/*.whl >/dev/null 2>&1; then
     $PY -m pip install -q --no-index --no-deps --no-compile .whl/*.whl -c "$CONSTRAINTS" || echo "wheels: some failed"
   fi
-  timeout 240 $PY -m pip install -q -e . -c "$CONSTRAINTS" \
-    || timeout 120 $PY -m pip install -q --no-deps --no-build-isolation -e . \
+  # offline first (every dependency already there), then from an index, then the package alone
+  timeout 120 $PY -m pip install -q --no-index --no-build-isolation -e . -c "$CONSTRAINTS" 2>/dev/null \
+    || timeout 240 $PY -m pip install -q --retries 0 --timeout 10 -e . -c "$CONSTRAINTS" \
+    || timeout 120 $PY -m pip install -q --no-index --no-deps --no-build-isolation -e . \
     || echo "install failed: running from the source tree"
   export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true

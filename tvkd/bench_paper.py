@@ -24,6 +24,11 @@ QK^T and AV, halved) + 2·d·V·R (the LM head on the scored states); a training
 forward. The chunked path's extra head matmul in its backward is work done, not model FLOPs.
 The peak is the GPU's dense bf16 rate (H100/H200 989 TFLOP/s; `TVKD_PEAK_TFLOPS` overrides);
 on a CPU no MFU is reported (achieved TFLOP/s are).
+
+Attention is sdpa everywhere. A padding-free batch under sdpa gets transformers' block-diagonal
+mask over the whole pack (correct, but attention then costs (Σ S)² instead of Σ S²); with
+flash-attn installed on a GPU, the padding-free configurations are also measured with its varlen
+kernels (``flash_attention_2``), the setting padding-free is meant for.
 """
 
 from __future__ import annotations
@@ -63,15 +68,17 @@ CPU_TEACHER = {**LLAMA_3_1_8B, "hidden_size": 512, "intermediate_size": 2048, "n
 # [resp/2, resp] per row, so a batch has the padding real data has.
 SHAPES = {
     "cuda": {"student": LLAMA_3_2_1B, "teacher": LLAMA_3_1_8B, "dtype": "bfloat16", "chunk": 1024,
-             "train": [(4, 256, 768), (4, 512, 1536)], "cache": (16, 256, 768),
+             "train": [(4, 256, 768), (4, 512, 1536)], "cache": (8, 256, 768),
              "steps": 6, "warmup": 2, "cache_batches": 6},
     "cpu": {"student": CPU_STUDENT, "teacher": CPU_TEACHER, "dtype": "float32", "chunk": 256,
             "train": [(4, 64, 448)], "cache": (4, 64, 448), "steps": 2, "warmup": 1, "cache_batches": 2},
     # a smoke test of this benchmark's own logic (tests, `tests/gpu_paper_shapes.sh --dry-run`)
     "tiny": {"student": {**CPU_STUDENT, "vocab_size": 1024, "hidden_size": 64, "intermediate_size": 128,
-                         "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32},
+                         "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32, "bos_token_id": 1,
+                         "eos_token_id": 2},
              "teacher": {**CPU_TEACHER, "vocab_size": 1024, "hidden_size": 64, "intermediate_size": 128,
-                         "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32},
+                         "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32, "bos_token_id": 1,
+                         "eos_token_id": 2},
              "dtype": "float32", "chunk": 16, "train": [(2, 8, 24)], "cache": (2, 8, 24), "steps": 1, "warmup": 1,
              "cache_batches": 1},
 }
@@ -80,15 +87,15 @@ OPTIONS = {"plain": {}, "chunked": {"logprob_chunk": True}, "padding_free": {"pa
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "L40S": 362.0}
 
 
-def llama_config(spec: dict[str, Any]) -> Any:
+def llama_config(spec: dict[str, Any], attention: str = "sdpa") -> Any:
     from transformers import LlamaConfig
 
     cfg = LlamaConfig(**spec)
-    cfg._attn_implementation = "sdpa"
+    cfg._attn_implementation = attention
     return cfg
 
 
-def random_model(spec: dict[str, Any], device: str, dtype: torch.dtype, seed: int = 0) -> Any:
+def random_model(spec: dict[str, Any], device: str, dtype: torch.dtype, seed: int = 0, attention: str = "sdpa") -> Any:
     """A Llama with `spec`'s architecture and random weights, built directly on `device` in `dtype`."""
     from transformers import LlamaForCausalLM
 
@@ -97,13 +104,14 @@ def random_model(spec: dict[str, Any], device: str, dtype: torch.dtype, seed: in
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = LlamaForCausalLM(llama_config(spec))
+            model = LlamaForCausalLM(llama_config(spec, attention))
     finally:
         torch.set_default_dtype(default)
     return model
 
 
-def synthetic_pairs(pairs: int, prompt: int, response: int, vocab: int, seed: int = 0) -> list[dict[str, list[int]]]:
+def synthetic_pairs(pairs: int, prompt: int, response: int, vocab: int, seed: int = 0, bos: int = 128000,
+                    eos: int = 128001) -> list[dict[str, list[int]]]:
     g = torch.Generator().manual_seed(seed)
 
     def ids(k: int) -> list[int]:
@@ -112,8 +120,8 @@ def synthetic_pairs(pairs: int, prompt: int, response: int, vocab: int, seed: in
     def length() -> int:
         return int(torch.randint(response // 2, response + 1, (1,), generator=g))
 
-    return [{"prompt_ids": [128000] + ids(prompt - 1), "chosen_ids": ids(length() - 1) + [128001],
-             "rejected_ids": ids(length() - 1) + [128001]} for _ in range(pairs)]
+    return [{"prompt_ids": [bos] + ids(prompt - 1), "chosen_ids": ids(length() - 1) + [eos],
+             "rejected_ids": ids(length() - 1) + [eos]} for _ in range(pairs)]
 
 
 def model_flops(spec: dict[str, Any], seq_lens: list[int], scored: int, train: bool) -> float:
@@ -165,9 +173,11 @@ def train_step_run(spec: dict[str, Any], shape: tuple[int, int, int], options: d
     from tvkd.training.trainer import PreferenceCollator, PreferenceTrainer
 
     torch_dtype = getattr(torch, dtype)
-    model = random_model(spec, device, torch_dtype).train()
+    attention = options.get("attention", "sdpa")
+    model = random_model(spec, device, torch_dtype, attention=attention).train()
     pairs, prompt, response = shape
-    batch = collate_pairs(synthetic_pairs(pairs, prompt, response, spec["vocab_size"]), pad_id=0)
+    batch = collate_pairs(synthetic_pairs(pairs, prompt, response, spec["vocab_size"], bos=spec["bos_token_id"],
+                                                eos=spec["eos_token_id"]), pad_id=0)
     g = torch.Generator().manual_seed(1)
     batch["ref_logps"] = -torch.rand(batch["response_ids"].shape, generator=g) * batch["response_mask"] * 10
     batch["col:tvkd_offset"] = torch.randn(pairs, generator=g)
@@ -202,6 +212,7 @@ def train_step_run(spec: dict[str, Any], shape: tuple[int, int, int], options: d
     out = {"pairs": pairs, "prompt": prompt, "response_max": response, "tokens": int(sum(seq_lens)),
            "padded_tokens": int(batch["attention_mask"].numel()), "step_s": step_s, "tokens_per_s": sum(seq_lens) / step_s,
            "achieved_tflops": flops / step_s / 1e12, "loss": float(loss.detach()), "path": trainer.logprob_path,
+           "attention": attention,
            **_peak_memory(device)}
     peak = peak_tflops(device)
     if peak:
@@ -225,10 +236,13 @@ def cache_pass_run(spec: dict[str, Any], shape: tuple[int, int, int], *, device:
 
     model = random_model(spec, device, getattr(torch, dtype)).eval()
     specs = aux_specs(TABLE5, (2.0,))
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     pairs, prompt, response = shape
     times, tokens, flops = [], 0, 0.0
     for i in range(batches + 1):  # the first batch warms up
-        b = collate_pairs(synthetic_pairs(pairs, prompt, response, spec["vocab_size"], seed=10 + i), pad_id=0)
+        b = collate_pairs(synthetic_pairs(pairs, prompt, response, spec["vocab_size"], seed=10 + i,
+                                           bos=spec["bos_token_id"], eos=spec["eos_token_id"]), pad_id=0)
         b = {k: v.to(device) for k, v in b.items()}
         _sync(device)
         t0 = time.perf_counter()
@@ -292,14 +306,22 @@ def main(device: str = "auto", quick: bool = False, out: str | Path | None = Non
     `shapes_name`: "cuda" (the real shapes), "cpu" (scaled down, same vocabulary) or "tiny" (a smoke
     test); default: the one for `device`.
     """
+    import importlib.util
+
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA GPU is visible to torch")
     shapes = SHAPES[shapes_name or device]
-    names = configs or list(OPTIONS)
-    unknown = [n for n in names if n not in OPTIONS]
+    options = dict(OPTIONS)
+    if device == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        # padding-free pays on a GPU with flash-attention's varlen kernels; sdpa attends the whole pack
+        options["padding_free+fa2"] = {"padding_free": True, "attention": "flash_attention_2"}
+        options["chunked+padding_free+fa2"] = {"logprob_chunk": True, "padding_free": True,
+                                               "attention": "flash_attention_2"}
+    names = configs or list(options)
+    unknown = [n for n in names if n not in options]
     if unknown:
-        raise ValueError(f"unknown bench configuration(s) {unknown}; valid: {', '.join(OPTIONS)}")
+        raise ValueError(f"unknown bench configuration(s) {unknown}; valid: {', '.join(options)}")
     threads = threads or (min(2, os.cpu_count() or 1) if device == "cpu" else None)
     rounds = rounds or (1 if quick or device == "cuda" else 2)
     steps = 1 if quick and device == "cpu" else shapes["steps"]
@@ -328,7 +350,7 @@ def main(device: str = "auto", quick: bool = False, out: str | Path | None = Non
             for r in range(rounds):  # rounds interleave the configurations, so drift hits each alike
                 for name in names:
                     job = {"kind": "train", "name": name, "spec": shapes["student"], "shape": shape,
-                           "options": OPTIONS[name], "device": device, "dtype": shapes["dtype"],
+                           "options": options[name], "device": device, "dtype": shapes["dtype"],
                            "chunk": shapes["chunk"], "steps": steps, "warmup": shapes["warmup"], "threads": threads,
                            "out": str(tmp / f"{name}-{r}.json")}
                     if device == "cpu" and r == 0:
