@@ -147,3 +147,18 @@ def test_a_head_that_is_not_linear_falls_back_to_full_logits(tmp_path):
     batch = _batch("dpo")
     _, _, path = _loss_and_grads(model, "dpo", batch, tmp_path, logprob_chunk=4)
     assert path.startswith("full logits (the model's LM head")
+
+
+def test_bf16_model_keeps_fp32_log_probs_on_every_path(tmp_path):
+    model = make_tiny_llama(VOCAB, seed=6).to(torch.bfloat16).train()
+    batch = _batch("dpo", seed=3)
+    base_loss, base_grads, _ = _loss_and_grads(copy.deepcopy(model), "dpo", batch, tmp_path)
+    for options in ({"logprob_chunk": 4}, {"logprob_chunk": 4, "padding_free": True}):
+        m = copy.deepcopy(model)
+        loss, grads, _ = _loss_and_grads(m, "dpo", batch, tmp_path, **options)
+        assert loss.dtype == torch.float32
+        # the same bf16 matmuls, fp32 softmax math: equal up to bf16 rounding of the weight gradients
+        assert abs(float(loss - base_loss)) <= 1e-3
+        for name, gr in base_grads.items():
+            assert grads[name].dtype == torch.bfloat16
+            assert (grads[name].float() - gr.float()).abs().max() <= 2e-2 * max(1.0, float(gr.float().abs().max()))

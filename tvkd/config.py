@@ -40,6 +40,7 @@ MANAGED_TRAINING_ARGUMENTS = {
     "report_to": "train.report_to", "remove_unused_columns": "the trainer (it must be false)",
     "use_cpu": "the device found", "bf16": "models.dtype", "disable_tqdm": "--quiet",
     "dataloader_num_workers": "the trainer", "gradient_checkpointing": "train.gradient_checkpointing",
+    "activation_checkpointing": "train.gradient_checkpointing",
     "torch_compile": "train.compile",
 }
 

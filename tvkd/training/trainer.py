@@ -310,6 +310,18 @@ class _NoArgumentsPickle:
         return Callback()
 
 
+def _checkpointing_arguments(on: bool) -> dict[str, Any]:
+    """TrainingArguments for activation (gradient) checkpointing, under the name this transformers uses;
+    non-reentrant, which needs no input gradients (LoRA) and gives the same gradients as without it."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+    name = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    return {name: on, f"{name}_kwargs": {"use_reentrant": False} if on else None}
+
+
 def prepare_policy(policy: Any, train_cfg: Any) -> tuple[Any, dict[str, Any]]:
     """The student as `train_cfg` (a `TrainConfig`) trains it: a LoRA adapter (`train.lora`, peft) and
     compiled decoder layers (`train.compile`); and the options as recorded in the run's metrics."""
@@ -377,8 +389,7 @@ def train_policy(student: str, train: Any, loss: PreferenceLoss, loss_cfg: Any, 
         logging_steps=t.logging_steps, save_strategy=t.save_strategy, save_steps=t.save_steps,
         report_to=list(t.report_to) or "none", remove_unused_columns=False, use_cpu=device.type == "cpu",
         bf16=device.type == "cuda" and m.dtype in ("auto", "bf16", "bfloat16") and torch.cuda.is_bf16_supported(),
-        disable_tqdm=not progress, dataloader_num_workers=0, gradient_checkpointing=t.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        disable_tqdm=not progress, dataloader_num_workers=0, **_checkpointing_arguments(t.gradient_checkpointing),
         # DDP: every weight of the student gets a gradient each step, so DDP need not search the graph
         # for unused ones (transformers' default for a model without gradient checkpointing is to)
         **{"ddp_find_unused_parameters": False, **t.extra},
