@@ -1,5 +1,5 @@
 """Sessions: `nox -s tests` (fast suite), `tests-slow`, `lint`, `testbed`, `study-reward-conflict`,
-`study-main-table`, `bench`.
+`study-main-table`, one `study-<name>` per study of the paper (`nox -l` lists them), `bench`.
 
 One environment, ``.nox/tvkd``, serves every session: the first session creates it and each later
 one only adds the extras it lacks (the main job needs none; the tests add `test,sweeps,benchmarks,scale`),
@@ -153,6 +153,48 @@ def study_main_table(session: nox.Session) -> None:
 def study_teacher_signal_dial(session: nox.Session) -> None:
     """The positive control and the teacher-signal dial: table and figure of the gain over DPO against ρ."""
     run(session, environment(session), "tvkd", "study", "run", "teacher-signal-dial", *session.posargs)
+
+
+@nox.session(name="study-model-ablation", venv_backend="none")
+def study_model_ablation(session: nox.Session) -> None:
+    """The paper's Table 2: three teacher -> student size pairs (testbed builds), DPO, SimPO, DCKD, TVKD -> tables."""
+    run(session, environment(session), "tvkd", "study", "run", "model-ablation", *session.posargs)
+
+
+@nox.session(name="study-value-analysis", venv_backend="none")
+def study_value_analysis(session: nox.Session) -> None:
+    """The paper's Table 3: the teacher's margin accuracy by Σ log π_T, length-normalised, and Ψ -> tables."""
+    run(session, environment(session), "tvkd", "study", "run", "value-analysis", *session.posargs)
+
+
+@nox.session(name="study-value-alignment", venv_backend="none")
+def study_value_alignment(session: nox.Session) -> None:
+    """The paper's Table 4: value-alignment KL to the DPO teacher, with the scores -> tables."""
+    run(session, environment(session), "tvkd", "study", "run", "value-alignment", *session.posargs)
+
+
+@nox.session(name="study-alpha-sensitivity", venv_backend="none")
+def study_alpha_sensitivity(session: nox.Session) -> None:
+    """The paper's Figure 4a: TVKD and its shuffled control against α, DPO as the reference -> table, figure."""
+    run(session, environment(session), "tvkd", "study", "run", "alpha-sensitivity", *session.posargs)
+
+
+@nox.session(name="study-beta-sensitivity", venv_backend="none")
+def study_beta_sensitivity(session: nox.Session) -> None:
+    """The paper's Figure 4b: TVKD and its shuffled control against β_V, DPO as the reference -> table, figure."""
+    run(session, environment(session), "tvkd", "study", "run", "beta-sensitivity", *session.posargs)
+
+
+@nox.session(name="study-teacher-type", venv_backend="none")
+def study_teacher_type(session: nox.Session) -> None:
+    """The paper's Tables 8 and 9: DCKD and TVKD from a DPO, an SFT and an instruct-like teacher -> tables."""
+    run(session, environment(session), "tvkd", "study", "run", "teacher-type", *session.posargs)
+
+
+@nox.session(name="study-mt-bench-categories", venv_backend="none")
+def study_mt_bench_categories(session: nox.Session) -> None:
+    """The paper's Figures 2 and 3: train, MT-Bench per category (testbed judge) on every run -> table, radar."""
+    run(session, environment(session, ("benchmarks",)), "python", "-m", "studies.mt_bench_categories", *session.posargs)
 
 
 @nox.session(venv_backend="none")
