@@ -53,6 +53,10 @@ if [ "$MODE" = gpu ]; then
   $PY -c 'import torch; print("torch==" + torch.__version__)' > "$CONSTRAINTS"
   if ls .whl/*.whl >/dev/null 2>&1; then
     $PY -m pip install -q --no-index --no-deps --no-compile .whl/*.whl -c "$CONSTRAINTS" || echo "wheels: some failed"
+    # transformers' Trainer imports datasets whenever it is installed: one that cannot import (its pyarrow
+    # too old here, say) would stop everything, so it goes again and only the GPU checks are lost
+    $PY -c "import datasets, trl" 2>/dev/null || { echo "datasets/trl do not import here: removed"; \
+      $PY -m pip uninstall -q -y datasets trl; }
   fi
   # offline first (every dependency already there), then from an index, then the package alone
   timeout 120 $PY -m pip install -q --no-index --no-build-isolation -e . -c "$CONSTRAINTS" 2>/dev/null \
