@@ -50,3 +50,21 @@ def test_one_step_of_each_path_gives_equal_losses_and_gradients(tmp_path):
     r = runs["plain"]
     assert r["tokens"] < r["padded_tokens"]  # the synthetic batch has padding, as real data has
     assert r["tokens_per_s"] > 0 and r["peak_memory_gb"] > 0 and "mfu" not in r  # no MFU against a CPU
+
+
+@pytest.mark.slow
+def test_bench_main_on_tiny_shapes_writes_every_configuration(tmp_path):
+    import json
+
+    from tvkd.bench_paper import main
+
+    out = tmp_path / "bench.json"
+    assert main(device="cpu", shapes_name="tiny", rounds=1, out=out) == 0
+    res = json.loads(out.read_text())
+    assert res["shapes"] == "tiny" and res["teacher_cache"]["tokens_per_s"] > 0
+    rows = res["train"][0]["configs"]
+    assert set(rows) == {"plain", "chunked", "padding_free", "chunked+padding_free"}
+    for name, r in rows.items():
+        assert r["peak_memory_gb"] > 0 and r["tokens_per_s"] > 0
+        if name != "plain":  # each configuration ran in its own process; gradients compared across them
+            assert r["loss_abs_diff"] <= 1e-5 and r["grad_max_abs_diff"] <= 1e-5
