@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from reports.compare import PaperMap
 from reports.effects import (
     EFFECT_METRICS,
     detection_limit_sentence,
@@ -174,6 +175,36 @@ def format_model_ablation(df: pd.DataFrame, fmt: str = "markdown") -> str:
         "column. " + effects_caption("DPO") + " Each pair's Δ is against DPO under the same pair."
     )
     return format_grouped(summary, groups, fmt, caption, "tab:model_ablation")
+
+
+#: The paper's pairs (its Table 2, left to right) and the study's pair labels for them: the testbed's, then the
+#: paper profile's.
+PAPER_PAIRS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("Mistral-7B", "Danube-500M", ("small-student", "mistral7b-danube500m")),
+    ("Mistral-7B", "Llama-1B", ("base", "mistral7b-llama1b")),
+    ("Llama-8B", "Llama-3B", ("large", "llama8b-llama3b")),
+)
+
+
+def _pair_rows(labels: tuple[str, ...]):
+    """Our row key per run (its method) for the runs of one pair; None for the other pairs' runs."""
+    def rows_of(df: pd.DataFrame) -> pd.Series:
+        pairs = df["pair"] if "pair" in df.columns else pd.Series([None] * len(df), index=df.index)
+        return pd.Series([v if p in labels else None for v, p in zip(_variants(df), pairs)], index=df.index,
+                         dtype="object")
+    return rows_of
+
+
+#: ``tvkd report --study model-ablation --compare-paper``: each pair of Table 2 beside ours (reports/compare.py);
+#: on the testbed the oracle score stands in for the RM score.
+PAPER_MAPS = tuple(
+    PaperMap(name=f"table2_{labels[1].replace('-', '_')}", table="table2", row_column="method", column_column="metric",
+             where={"teacher": teacher, "student": student},
+             rows={"dpo": "DPO", "simpo": "SimPO", "dckd": "DCKD", "tvkd": "Ours"},
+             columns={"RM": ("rm/score", "oracle_score"), "MT": ("mt_bench/score",)}, rows_of=_pair_rows(labels),
+             baseline="dpo", subject="methods", baseline_is_subject=True)
+    for teacher, student, labels in PAPER_PAIRS
+)
 
 
 @TABLES.register("model_ablation", study=STUDY, paper="Table 2", outputs=("model_ablation.md", "model_ablation.tex"),

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from reports.compare import PaperMap
 from reports.effects import effects_caption, items_column
 from reports.model_ablation import METRICS, Group, Method, _groups, _seeds, format_grouped, grouped_summary
 from reports.tables import TABLES
@@ -49,6 +50,29 @@ def format_teacher_type(df: pd.DataFrame, fmt: str = "markdown") -> str:
         f"{second}: second best per column. " + effects_caption("DPO")
     )
     return format_grouped(summary, groups, fmt, caption, "tab:teacher_type")
+
+
+def _teacher_rows(variant: str):
+    """Our row key per run (its teacher type) for the runs of one method; None for the others."""
+    def rows_of(df: pd.DataFrame) -> pd.Series:
+        variants = df["variant"] if "variant" in df.columns else df["label"]
+        teachers = df["teacher"] if "teacher" in df.columns else pd.Series([None] * len(df), index=df.index)
+        return pd.Series([t if v == variant else None for v, t in zip(variants, teachers)], index=df.index,
+                         dtype="object")
+    return rows_of
+
+
+#: ``tvkd report --study teacher-type --compare-paper``: per method, the paper's ordering of the three teacher types
+#: (Table 8: RM, the oracle score on the testbed; Table 9: MT-Bench, after ``tvkd eval --bench mt-bench``). The
+#: paper prints TVKD as "TPKD" in these tables.
+PAPER_MAPS = tuple(
+    PaperMap(name=f"{table}_{variant}", table=table, row_column="teacher_type", column_column="metric",
+             where={"method": method}, rows={"dpo": "DPO", "sft": "SFT", "instruct": "Instruct"},
+             columns=columns, rows_of=_teacher_rows(variant), baseline="dpo", subject=f"teacher types for {name}",
+             baseline_is_subject=True)
+    for table, columns in (("table8", {"RM": ("rm/score", "oracle_score")}), ("table9", {"MT-bench": ("mt_bench/score",)}))
+    for variant, method, name in (("dckd", "DCKD", "DCKD"), ("tvkd", "TPKD", "TVKD"))
+)
 
 
 @TABLES.register("teacher_type", study=STUDY, paper="Tables 8, 9", outputs=("teacher_type.md", "teacher_type.tex"),

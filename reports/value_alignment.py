@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from reports.compare import PaperMap
 from reports.effects import (
     Effect,
     detection_limit_sentence,
@@ -167,6 +168,17 @@ def format_value_alignment(df: pd.DataFrame, fmt: str = "markdown") -> str:
     return format_table(summary, metrics=METRICS, row_label_cols={"Name": "Model"}, fmt=fmt,
                         ranked=summary["ranked"].tolist(), caption=caption,
                         label="tab:value_alignment" if latex else None, rules_before={1, 2, 4}, extra_cols=extra)
+
+
+#: ``tvkd report --study value-alignment --compare-paper``: Table 4 beside ours (reports/compare.py). On the testbed
+#: the oracle score stands in for MT-Bench unless the runs were benchmarked; the teacher's KL cell is blank in the paper.
+PAPER_MAPS = (
+    PaperMap(name="table4", table="table4", row_column="model", column_column="metric",
+             rows={"teacher_dpo": "DPO Teacher", "dpo": "DPO Student", "tvkd": "Ours"},
+             columns={"KL-div. with Teacher Value": ("value_kl",), "MT-Bench": ("mt_bench/score", "oracle_score")},
+             row_key="label", baseline="dpo", unranked=("teacher_dpo",), lower_is_better=("KL-div. with Teacher Value",),
+             subject="students", baseline_is_subject=True),
+)
 
 
 @TABLES.register("value_alignment", study=STUDY, paper="Table 4",

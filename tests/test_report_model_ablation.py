@@ -117,3 +117,18 @@ def test_plan_with_the_paper_profile_runs_offline(capsys, tmp_path):
     code, out, err = cli(capsys, "study", "plan", "model-ablation", "--profile", "paper", "--results", tmp_path)
     assert code == 0, err
     assert "model-ablation-paper" in out and "GPU-hours for 12 run(s)" in out
+
+
+def test_compare_paper_maps_each_pair_to_its_own_runs():
+    from reports.compare import compare_to_paper
+    from reports.model_ablation import PAPER_MAPS
+
+    assert len(PAPER_MAPS) == 3
+    runs = records()
+    for pmap, pair in zip(PAPER_MAPS, PAIRS):
+        (rm,) = compare_to_paper(frame(), pmap).metrics  # no MT-Bench scores in the fixture
+        cells = rm.cells.set_index("row")
+        assert list(cells.index) == ["dpo", "simpo", "dckd", "tvkd"]
+        expected = statistics.mean(r["oracle_score"] for r in runs if r["variant"] == "simpo" and r["pair"] == pair.key)
+        assert cells.loc["simpo", "ours"] == pytest.approx(expected)
+    assert PAPER_MAPS[0].where == {"teacher": "Mistral-7B", "student": "Danube-500M"}

@@ -95,3 +95,19 @@ def test_plan_with_the_paper_profile_runs_offline(capsys, tmp_path):
     code, out, err = cli(capsys, "study", "plan", "teacher-type", "--profile", "paper", "--results", tmp_path)
     assert code == 0, err
     assert "teacher-type-paper" in out and "GPU-hours for 7 run(s)" in out
+
+
+def test_compare_paper_orders_the_teacher_types_per_method():
+    from reports.compare import compare_to_paper
+    from reports.teacher_type import PAPER_MAPS
+
+    maps = {p.name: p for p in PAPER_MAPS}
+    assert set(maps) == {"table8_dckd", "table8_tvkd", "table9_dckd", "table9_tvkd"}
+    (rm,) = compare_to_paper(frame(), maps["table8_tvkd"]).metrics
+    cells = rm.cells.set_index("row")
+    assert list(cells.index) == ["dpo", "sft", "instruct"]
+    assert cells.loc["instruct", "paper"] == pytest.approx(-1.56)  # the paper's "TPKD" row
+    expected = statistics.mean(r["oracle_score"] for r in records() if r["variant"] == "tvkd"
+                               and r["teacher"] == "instruct")
+    assert cells.loc["instruct", "ours"] == pytest.approx(expected)
+    assert compare_to_paper(frame(), maps["table9_tvkd"]).metrics == []  # no MT-Bench in the fixture: said, not faked

@@ -135,3 +135,18 @@ def test_plan_with_the_paper_profile_runs_offline(capsys, tmp_path, study):
     code, out, err = cli(capsys, "study", "plan", study, "--profile", "paper", "--results", tmp_path)
     assert code == 0, err
     assert f"{study}-paper" in out and "GPU-hours for 5 run(s)" in out
+
+
+def test_compare_paper_maps_the_papers_table_4():
+    from reports.compare import compare_to_paper
+    from reports.value_alignment import PAPER_MAPS
+
+    (pmap,) = PAPER_MAPS
+    result = compare_to_paper(frame(), pmap)
+    kl, score = result.metrics
+    assert kl.ours_column == "value_kl" and not kl.higher_is_better
+    cells = kl.cells.set_index("row")
+    assert "teacher_dpo" not in cells.index  # the paper's teacher KL cell is blank
+    expected = statistics.mean(r["value_kl"] for r in records() if r["label"] == "tvkd")
+    assert cells.loc["tvkd", "ours"] == pytest.approx(expected) and cells.loc["tvkd", "paper"] == pytest.approx(1.202)
+    assert score.ours_column == "oracle_score" and set(score.cells["row"]) == {"teacher_dpo", "dpo", "tvkd"}
