@@ -71,7 +71,10 @@ class ChunkedTokenLogps(torch.autograd.Function):
             if need_h:
                 grad_h[s:s + chunk] = dz @ weight
             if need_w:
-                grad_w.addmm_(dz.t().float() if dz.dtype != torch.float32 else dz.t(), h.float())
+                if dz.dtype == torch.float32:
+                    grad_w.addmm_(dz.t(), h)
+                else:  # the matmul in the model's dtype (tensor cores), each chunk's product added up in fp32
+                    grad_w += dz.t() @ h
             if need_b:
                 grad_b += dz.float().sum(0)
             del z, dz
