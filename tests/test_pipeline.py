@@ -45,6 +45,15 @@ def test_run_writes_metrics_and_is_idempotent(tiny_world, tmp_path, loss):
     assert (rec.run_dir / "metrics.json").stat().st_mtime_ns == (again.run_dir / "metrics.json").stat().st_mtime_ns
 
 
+def test_teacher_scores_alone_still_get_the_held_out_pairs(tiny_world, tmp_path):
+    # teacher_scores reads the test pairs too: with margin accuracy and generation off it must not be skipped
+    cfg = make_cfg(tiny_world)
+    cfg = config_from_dict({**cfg.to_dict(), "eval": {"margin_accuracy": False, "generate": False,
+                                                       "teacher_scores": True, "value_alignment": 0}})
+    m = execute(cfg, store=ResultsStore(tmp_path / "results"), progress=False).metrics
+    assert "margin_accuracy" not in m and "teacher_scores/sum_logprob" in m and "teacher_scores/shaping" in m
+
+
 def test_crash_mid_run_is_redone_on_rerun(tiny_world, tmp_path, monkeypatch):
     import tvkd.training.trainer as trainer_mod
 

@@ -258,7 +258,9 @@ def plan_run(cfg: RunConfig, *, testbed: dict[str, Any] | None = None, progress:
     plan.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     plan.eos_id = tokenizer.convert_tokens_to_ids(cfg.tokenize.eos_token or tokenizer.eos_token)
     plan.train_data = _load_pairs(paths["source"], cfg.data.split, cfg.data.limit, cfg.data.adapter, echo)
-    if cfg.eval.margin_accuracy or cfg.eval.generate:
+    from tvkd.evaluation import wanted_inputs
+
+    if "test_pairs" in wanted_inputs(cfg.eval):  # any evaluator turned on that reads the held-out pairs
         plan.test_data = _load_pairs(paths["test_source"], cfg.data.test_split, cfg.data.test_limit,
                                      cfg.data.adapter, echo)
     for key in (loss.meta_keys(loss_cfg) if not cfg.eval_only else ()):

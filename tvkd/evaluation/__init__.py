@@ -68,6 +68,11 @@ def enabled(cfg_eval: Any, name: str) -> bool:
     return bool(getattr(cfg_eval, EVALUATORS.meta(name)["switch"]))
 
 
+def wanted_inputs(cfg_eval: Any) -> set[str]:
+    """The inputs that the evaluators this config turns on read (e.g. ``test_pairs``: load the held-out pairs)."""
+    return {i for name in EVALUATORS.names() if enabled(cfg_eval, name) for i in EVALUATORS.meta(name)["inputs"]}
+
+
 def run_evaluators(ctx: EvalContext, say: Callable[[str], None] = lambda msg: None) -> dict[str, Any]:
     """Run every registered evaluator the config turns on and whose inputs are available."""
     metrics: dict[str, Any] = {}
