@@ -137,58 +137,37 @@ def testbed(session: nox.Session) -> None:
     run(session, environment(session), "tvkd", "testbed", "build", *session.posargs)
 
 
-@nox.session(name="study-reward-conflict", venv_backend="none")
-def study_reward_conflict(session: nox.Session) -> None:
-    """The main job: testbed -> teacher cache -> TVKD x six aux rewards + DPO + control -> tables."""
-    run(session, environment(session), "tvkd", "study", "run", "reward-conflict", *session.posargs)
+#: One session per study: `nox -s study-<name>` runs `tvkd study run <name>` (the main job is reward-conflict).
+STUDY_SESSIONS = {
+    "reward-conflict": "The main job: testbed -> teacher cache -> TVKD x six aux rewards + DPO + control -> tables.",
+    "main-table": "The paper's Table 1: teachers + SFT, preference and KD baselines, ADPA, TVKD -> tables.",
+    "teacher-signal-dial": "The positive control and the teacher-signal dial: table and figure of the gain over DPO "
+                           "against ρ.",
+    "model-ablation": "The paper's Table 2: three teacher -> student size pairs (testbed builds), DPO, SimPO, DCKD, "
+                      "TVKD -> tables.",
+    "value-analysis": "The paper's Table 3: the teacher's margin accuracy by Σ log π_T, length-normalised, and Ψ "
+                      "-> tables.",
+    "value-alignment": "The paper's Table 4: value-alignment KL to the DPO teacher, with the scores -> tables.",
+    "alpha-sensitivity": "The paper's Figure 4a: TVKD and its shuffled control against α, DPO as the reference "
+                         "-> table, figure.",
+    "beta-sensitivity": "The paper's Figure 4b: TVKD and its shuffled control against β_V, DPO as the reference "
+                        "-> table, figure.",
+    "teacher-type": "The paper's Tables 8 and 9: DCKD and TVKD from a DPO, an SFT and an instruct-like teacher "
+                    "-> tables.",
+}
 
 
-@nox.session(name="study-main-table", venv_backend="none")
-def study_main_table(session: nox.Session) -> None:
-    """The paper's Table 1: teachers + SFT, preference and KD baselines, ADPA, TVKD -> tables."""
-    run(session, environment(session), "tvkd", "study", "run", "main-table", *session.posargs)
+def _study_session(study: str, doc: str) -> None:
+    def session_func(session: nox.Session) -> None:
+        run(session, environment(session), "tvkd", "study", "run", study, *session.posargs)
+
+    session_func.__doc__ = doc
+    session_func.__name__ = session_func.__qualname__ = f"study_{study.replace('-', '_')}"
+    nox.session(name=f"study-{study}", venv_backend="none")(session_func)
 
 
-@nox.session(name="study-teacher-signal-dial", venv_backend="none")
-def study_teacher_signal_dial(session: nox.Session) -> None:
-    """The positive control and the teacher-signal dial: table and figure of the gain over DPO against ρ."""
-    run(session, environment(session), "tvkd", "study", "run", "teacher-signal-dial", *session.posargs)
-
-
-@nox.session(name="study-model-ablation", venv_backend="none")
-def study_model_ablation(session: nox.Session) -> None:
-    """The paper's Table 2: three teacher -> student size pairs (testbed builds), DPO, SimPO, DCKD, TVKD -> tables."""
-    run(session, environment(session), "tvkd", "study", "run", "model-ablation", *session.posargs)
-
-
-@nox.session(name="study-value-analysis", venv_backend="none")
-def study_value_analysis(session: nox.Session) -> None:
-    """The paper's Table 3: the teacher's margin accuracy by Σ log π_T, length-normalised, and Ψ -> tables."""
-    run(session, environment(session), "tvkd", "study", "run", "value-analysis", *session.posargs)
-
-
-@nox.session(name="study-value-alignment", venv_backend="none")
-def study_value_alignment(session: nox.Session) -> None:
-    """The paper's Table 4: value-alignment KL to the DPO teacher, with the scores -> tables."""
-    run(session, environment(session), "tvkd", "study", "run", "value-alignment", *session.posargs)
-
-
-@nox.session(name="study-alpha-sensitivity", venv_backend="none")
-def study_alpha_sensitivity(session: nox.Session) -> None:
-    """The paper's Figure 4a: TVKD and its shuffled control against α, DPO as the reference -> table, figure."""
-    run(session, environment(session), "tvkd", "study", "run", "alpha-sensitivity", *session.posargs)
-
-
-@nox.session(name="study-beta-sensitivity", venv_backend="none")
-def study_beta_sensitivity(session: nox.Session) -> None:
-    """The paper's Figure 4b: TVKD and its shuffled control against β_V, DPO as the reference -> table, figure."""
-    run(session, environment(session), "tvkd", "study", "run", "beta-sensitivity", *session.posargs)
-
-
-@nox.session(name="study-teacher-type", venv_backend="none")
-def study_teacher_type(session: nox.Session) -> None:
-    """The paper's Tables 8 and 9: DCKD and TVKD from a DPO, an SFT and an instruct-like teacher -> tables."""
-    run(session, environment(session), "tvkd", "study", "run", "teacher-type", *session.posargs)
+for _study, _doc in STUDY_SESSIONS.items():
+    _study_session(_study, _doc)
 
 
 @nox.session(name="study-mt-bench-categories", venv_backend="none")
