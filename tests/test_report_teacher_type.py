@@ -19,6 +19,7 @@ import pytest
 from reports.tables import TABLES, discover
 from reports.teacher_type import METHODS, TEACHERS, format_teacher_type, write_teacher_type
 from studies import expand_study, load_study
+from tests.report_checks import assert_cell, markdown_rows
 
 GOLDEN = Path(__file__).parent / "golden"
 FIXTURE = Path(__file__).parent / "fixtures" / "frames" / "teacher_type.json"
@@ -33,17 +34,6 @@ def frame() -> pd.DataFrame:
     return pd.DataFrame.from_records(records())
 
 
-def assert_cell(cell: str, values: list[float], digits: int) -> None:
-    """A "mean ± std" cell equals the sample mean and std of ``values``, to the cell's rounding."""
-    mean, std = (float(x) for x in cell.split(" ± "))
-    tolerance = 0.5 * 10 ** -digits + 1e-9
-    assert abs(mean - statistics.mean(values)) <= tolerance and abs(std - statistics.stdev(values)) <= tolerance, \
-        (cell, statistics.mean(values), statistics.stdev(values))
-
-
-def markdown_rows(text: str) -> list[list[str]]:
-    lines = [line for line in text.splitlines() if line.startswith("|")][2:]
-    return [[c.strip().strip("*").strip("_") for c in line.strip("|").split(" | ")] for line in lines]
 
 
 @pytest.mark.parametrize("suffix", ["md", "tex"])
