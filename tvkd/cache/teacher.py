@@ -195,46 +195,103 @@ def _save(ds: Any, tmp: Path, record: dict[str, Any]) -> dict[str, Any]:
     return record
 
 
+#: How the teacher pass reads the logits: "onepass" (`tvkd.cache.onepass`: every column from one read
+#: of each state's logits, no [N, V] tensor; the reference path where it does not apply) or
+#: "reference" (the full logits, then `aux_rewards.compute_aux` and a log-softmax top-k). Equal to
+#: fp32 rounding (tests/test_cache_onepass.py); `tvkd bench --shapes paper` measures both.
+PASS_METHODS = ("onepass", "reference")
+
+
+def pass_method() -> str:
+    """The teacher pass's method: ``TVKD_CACHE_PASS`` (onepass | reference), default onepass."""
+    import os
+
+    method = os.environ.get("TVKD_CACHE_PASS", "onepass")
+    if method not in PASS_METHODS:
+        raise ValueError(f"TVKD_CACHE_PASS={method!r}: use one of {', '.join(PASS_METHODS)}")
+    return method
+
+
+def compile_fold() -> bool:
+    """Whether the one-pass fold runs through `torch.compile` (``TVKD_CACHE_COMPILE=1``; default off: it
+    pays on long passes once compiled, and a compiler is never required)."""
+    import os
+
+    return os.environ.get("TVKD_CACHE_COMPILE", "0") == "1"
+
+
+def batch_columns(model: Any, b: dict[str, torch.Tensor], specs: Sequence[AuxSpec], topk: int | None, *,
+                  vocab_size: int | None, pad_id: int, method: str | None = None
+                  ) -> tuple[dict[str, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]:
+    """One collated pair batch's columns: ({column: [N] fp32 over the states s_0..s_T of every row}, top-k
+    (logprobs [A, k], ids [A, k], log rest mass [A]) at the action states s_0..s_{T-1} of every row, or None).
+
+    `method`: "onepass" or "reference" (default `pass_method()`); the one-pass path needs a plain
+    linear LM head and the paper's aux rewards, and otherwise the reference path runs."""
+    from tvkd.cache.onepass import onepass_columns, reference_columns, state_hidden, supported
+
+    method = method or pass_method()
+    resp_lens = b["resp_lens"]
+    nxt = None
+    if any(s.kind == "action" for s in specs):
+        # The token taken at each state (s_T has none: the pad id stands in, its value unused).
+        nxt = torch.cat([torch.cat([ids[: int(k)], ids.new_full((1,), pad_id)])
+                         for ids, k in zip(b["response_ids"], resp_lens)])
+    # action states s_0..s_{T-1} of each row among the T+1 states of each row
+    act = torch.cat([torch.arange(int(k), device=resp_lens.device) + int(o) for k, o in
+                     zip(resp_lens, torch.cumsum(resp_lens + 1, 0) - (resp_lens + 1))]) if topk else None
+    hidden = None
+    if method == "onepass" and supported(specs):
+        hidden, head = state_hidden(model, b["input_ids"], b["attention_mask"], b["prompt_lens"], resp_lens)
+    if hidden is not None:
+        weight, bias = head.weight, head.bias
+        if vocab_size is not None:
+            weight, bias = weight[:vocab_size], None if bias is None else bias[:vocab_size]
+        if nxt is not None and nxt.device != hidden.device:
+            nxt = nxt.to(hidden.device)
+        fold = compile_fold()
+        if not topk:
+            return onepass_columns(hidden, weight, bias, nxt, specs, None, compiled=fold)
+        act = act.to(hidden.device)
+        if not specs:  # the top-k only, at the action states
+            return {}, onepass_columns(hidden[act], weight, bias, None, [], topk, compiled=fold)[1]
+        # one pass over every state; the top-k of the terminal states s_T is dropped
+        cols, top = onepass_columns(hidden, weight, bias, nxt, specs, topk, compiled=fold)
+        return cols, tuple(x[act] for x in top)
+    z = flat_state_logits(model, b["input_ids"], b["attention_mask"], b["prompt_lens"], resp_lens)
+    if vocab_size is not None:
+        z = z[:, :vocab_size]
+    cols, _ = reference_columns(z, nxt, specs, None) if specs else ({}, None)
+    top = reference_columns(z[act.to(z.device)], None, [], topk)[1] if topk else None
+    return cols, top
+
+
 def _teacher_pass(tokenized: Any, model: Any, specs: list[AuxSpec], topk: int | None, *, vocab_size: int | None,
                   pad_id: int, batch_size: int, max_tokens: int | None, progress: bool) -> dict[str, tuple[Any, dict]]:
     """One no-grad teacher pass: {stage name: (its data set, its record)} for `specs` and top-k."""
     import datasets
 
-    from tvkd.aux_rewards import compute_aux
-
     device = next(model.parameters()).device
     n = len(tokenized)
     values: dict[str, dict[str, list]] = {s.column: {side: [None] * n for side in SIDES} for s in specs}
     top: dict[str, list] = {f"{side}/{c}": [None] * n for side in SIDES for c in TOPK_COLUMNS}
+    method = pass_method()
     for idx, b in pair_batches(tokenized, pad_id, batch_size, max_tokens, device, "teacher cache", progress):
         resp_lens = b["resp_lens"]
-        z = flat_state_logits(model, b["input_ids"], b["attention_mask"], b["prompt_lens"], resp_lens)
-        if vocab_size is not None:
-            z = z[:, :vocab_size]
+        vals, tk = batch_columns(model, b, specs, topk, vocab_size=vocab_size, pad_id=pad_id, method=method)
         bounds = np.cumsum((resp_lens + 1).cpu().numpy())[:-1]  # rows hold T+1 states s_0..s_T
         B = len(idx)
-        if specs:
-            # The token taken at each state (s_T has none: the pad id stands in, its value unused).
-            nxt = torch.cat([torch.cat([ids[: int(k)], ids.new_full((1,), pad_id)])
-                             for ids, k in zip(b["response_ids"], resp_lens)])
-            vals = compute_aux(z, nxt, specs)  # one pass: every spec shares the reductions
-            for spec in specs:
-                per_row = np.split(vals[spec.column].cpu().numpy(), bounds)
-                for r, v in enumerate(per_row):
-                    side, i = SIDES[r // B], idx[r % B]
-                    if not spec.is_state:
-                        v = v[:-1]  # action values at s_0..s_{T-1}
-                    elif r >= B:
-                        v = np.concatenate([per_row[r - B][:1], v[1:]])  # the pair's shared s_0
-                    values[spec.column][side][i] = v
+        for spec in specs:
+            per_row = np.split(vals[spec.column].cpu().numpy(), bounds)
+            for r, v in enumerate(per_row):
+                side, i = SIDES[r // B], idx[r % B]
+                if not spec.is_state:
+                    v = v[:-1]  # action values at s_0..s_{T-1}
+                elif r >= B:
+                    v = np.concatenate([per_row[r - B][:1], v[1:]])  # the pair's shared s_0
+                values[spec.column][side][i] = v
         if topk:
-            # action states s_0..s_{T-1} of each row inside the flat [N, V] logits
-            act = torch.cat([torch.arange(int(k), device=z.device) + int(o) for k, o in
-                             zip(resp_lens, torch.cumsum(resp_lens + 1, 0) - (resp_lens + 1))])
-            logp = torch.log_softmax(z[act].float(), dim=-1)
-            top_lp, top_ids = logp.topk(topk, dim=-1)
-            # log of the mass outside the top k, as a logsumexp over the rest (stable; docs/methods.md §B.8).
-            rest = logp.scatter(-1, top_ids, float("-inf")).logsumexp(-1)
+            top_lp, top_ids, rest = tk
             abounds = np.cumsum(resp_lens.cpu().numpy())[:-1]
             arrays = {"topk_ids": top_ids.int(), "topk_logprobs": top_lp, "topk_rest": rest}
             for c, x in arrays.items():
