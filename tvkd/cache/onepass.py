@@ -265,8 +265,8 @@ def onepass_columns(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         if want_a:
             out_a[sl] = taken
         out_top[sl], out_ids[sl] = top_v, top_i
-        if topk:
-            out_rest[sl] = rest
+        if topk:  # K = 2 > k = 1: the second largest is outside the top-k too
+            out_rest[sl] = rest + (top_v[:, topk:] - m[:, None]).exp().sum(-1)
     lse = out_max + out_s1.log()
     # logsumexp(z/β) = M/β + log S_β, as `LogitStats.tempered_lse`
     tempered = {b: out_max / b + out_sb[b].log() for b in betas}
