@@ -100,9 +100,9 @@ fi
 
 stamp "tvkd bench --shapes paper"
 if [ "$MODE" = dry ]; then
-  timeout 600 $PY -c "from tvkd.bench_paper import main; main(device='cpu', shapes_name='tiny', out='$OUT/bench-paper.json')"
+  timeout 600 $PY -c "from tvkd.bench.paper import main; main(device='cpu', shapes_name='tiny', out='$OUT/bench-paper.json')"
 else
-  timeout 300 $PY -c "from tvkd.bench_paper import main; main(device='cuda', out='$OUT/bench-paper.json')"
+  timeout 300 $PY -c "from tvkd.bench.paper import main; main(device='cuda', out='$OUT/bench-paper.json')"
 fi
 BENCH_RC=$?
 

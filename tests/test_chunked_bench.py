@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tvkd.bench_paper import LLAMA_3_1_8B, LLAMA_3_2_1B, SHAPES, llama_config, model_flops, train_step_run
+from tvkd.bench.paper import LLAMA_3_1_8B, LLAMA_3_2_1B, SHAPES, llama_config, model_flops, train_step_run
 
 
 @pytest.mark.parametrize("spec,params", [(LLAMA_3_2_1B, 1_235_814_400), (LLAMA_3_1_8B, 8_030_261_248)])
@@ -56,7 +56,7 @@ def test_one_step_of_each_path_gives_equal_losses_and_gradients(tmp_path):
 def test_bench_main_on_tiny_shapes_writes_every_configuration(tmp_path):
     import json
 
-    from tvkd.bench_paper import main
+    from tvkd.bench.paper import main
 
     out = tmp_path / "bench.json"
     assert main(device="cpu", shapes_name="tiny", rounds=1, out=out) == 0

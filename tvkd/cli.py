@@ -261,10 +261,11 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.shapes == "paper":
-        from tvkd.bench_paper import main as paper_main
+        from tvkd.bench.paper import main as paper_main
 
         return paper_main(device=args.device, quick=args.quick)
-    from tvkd.bench import main as bench_main
+    from tvkd.bench import bench_output
+    from tvkd.bench.targets import main as bench_main
 
     rc = bench_main(quick=args.quick, per_loss=not args.targets_only, ddp=args.ddp)
     if args.sweeps:
@@ -274,7 +275,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         print("\nsweeps: the same 4-run testbed grid through Ray Tune at 1 and at 2 trials at once:", flush=True)
         res = bench_ray_speedup(concurrency=(1, 2), quick=True)
-        out = Path("results") / "bench.json"
+        out = bench_output("bench.json")
         saved = json.loads(out.read_text()) if out.exists() else {}
         out.write_text(json.dumps({**saved, "ray": res}, indent=2))
     return rc

@@ -98,7 +98,7 @@ def check_lora(options: dict[str, Any]) -> dict[str, Any]:
 # New options whose default computes exactly what runs did before they existed: left out of a config's
 # dict (and so of its identity) while at that default, so adding them did not make every finished run new.
 IDENTITY_NEUTRAL_DEFAULTS = {"train": {"logprob_chunk": None, "padding_free": False, "gradient_checkpointing": False,
-                                       "lora": {}, "compile": False}}
+                                       "lora": {}, "compile": False, "length_buckets": False}}
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -181,6 +181,9 @@ class TrainConfig:
     padding_free: bool = _f(
         False, "Run the 2B sequences of a batch packed into one row, position ids restarting per sequence "
                "(flash-attention varlen on a GPU, a block-diagonal mask on CPU): no compute on padding.")
+    length_buckets: bool = _f(
+        False, "Batch pairs of similar length together (a seeded, length-grouped order: tvkd.training.sampler), so "
+               "batches carry less padding; the order, and so the run's numbers, differ from the default random one.")
     gradient_checkpointing: bool = _f(
         False, "Recompute each decoder layer's activations in the backward pass (less memory, ~30% more compute).")
     lora: dict = _f(

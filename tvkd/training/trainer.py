@@ -99,8 +99,10 @@ class PreferenceTrainer(Trainer):
     def __init__(self, *args: Any, loss: PreferenceLoss, loss_config: Any, needs_student_logits: bool = False,
                  reference_model: Any = None, teacher_model: Any = None, teacher_vocab: int | None = None,
                  on_policy: Any = None, eos_id: int | None = None, logprob_chunk: int | None = None,
-                 padding_free: bool = False, reference_from_base: bool = False, **kwargs: Any):
+                 padding_free: bool = False, reference_from_base: bool = False, length_buckets: bool = False,
+                 **kwargs: Any):
         super().__init__(*args, **kwargs)
+        self.length_buckets = length_buckets  # tvkd.training.sampler: similar lengths batched together
         self.loss_fn = loss
         # At scale (tvkd.chunked, scoring.student_states): both read the student's hidden states, never
         # its [2B, T, V] logits; a loss that reads the whole distribution still gets them (unchunked).
@@ -120,6 +122,16 @@ class PreferenceTrainer(Trainer):
         if on_policy is not None and eos_id is None:
             raise ValueError("on-policy sampling needs the end-of-turn id (eos_id)")
         self._metric_sums: dict[str, list[float]] = defaultdict(list)
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+        if not self.length_buckets:
+            return super()._get_train_sampler(train_dataset)
+        from tvkd.training.sampler import LengthBucketSampler, pair_lengths
+
+        data = train_dataset if train_dataset is not None else self.train_dataset
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        return LengthBucketSampler(pair_lengths(data), self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                   seed)
 
     def _frozen(self, model: Any) -> Any:
         if model is None:
@@ -330,6 +342,8 @@ def prepare_policy(policy: Any, train_cfg: Any) -> tuple[Any, dict[str, Any]]:
         "logprob_chunk": train_cfg.logprob_chunk, "padding_free": train_cfg.padding_free,
         "gradient_checkpointing": train_cfg.gradient_checkpointing, "compile": train_cfg.compile,
     }
+    if getattr(train_cfg, "length_buckets", False):
+        options["length_buckets"] = True
     if train_cfg.lora:
         from peft import LoraConfig, get_peft_model
 
@@ -407,7 +421,8 @@ def train_policy(student: str, train: Any, loss: PreferenceLoss, loss_cfg: Any, 
     trainer = PreferenceTrainer(model=policy, args=args, train_dataset=train, data_collator=collator, loss=loss,
                                 loss_config=loss_cfg, needs_student_logits=needs.student_logits,
                                 callbacks=[_NoArgumentsPickle(), *(callbacks or [])], logprob_chunk=t.logprob_chunk,
-                                padding_free=t.padding_free, **online)
+                                padding_free=t.padding_free, length_buckets=getattr(t, "length_buckets", False),
+                                **online)
     if not progress:
         trainer.remove_callback(PrinterCallback)
     if isinstance(resume, str) and resume == "auto":

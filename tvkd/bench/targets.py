@@ -286,7 +286,7 @@ def _spawn(spec: dict[str, Any], processes: int, timeout: float) -> list[float]:
         if processes > 1:
             env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(processes),
                        LOCAL_WORLD_SIZE=str(processes), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        code = "import sys; from tvkd.bench import _ddp_worker; _ddp_worker(sys.argv[1])"
+        code = "import sys; from tvkd.bench.targets import _ddp_worker; _ddp_worker(sys.argv[1])"
         with open(out / f"log-rank{rank}.txt", "w") as log_file:
             procs.append(subprocess.Popen([sys.executable, "-c", code, json.dumps(spec)], env=env,
                                           stdout=log_file, stderr=subprocess.STDOUT))
@@ -400,8 +400,9 @@ def main(quick: bool = False, out: str | Path | None = None, per_loss: bool = Tr
     if ddp:
         print("\nmulti-process training (DDP on CPU, gloo) against one process at the same global batch:", flush=True)
         results["ddp"] = ddp_step_ratio(quick=quick)
-    out = Path(out) if out else Path("results") / "bench.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    from tvkd.bench import bench_output
+
+    out = bench_output("bench.json", out)
     out.write_text(json.dumps(results, indent=2))
     print(f"\nwrote {out}")
     return 0

@@ -282,7 +282,7 @@ def _worker(spec_json: str) -> None:
 def _in_subprocess(job: dict[str, Any], timeout: float = 3600) -> dict[str, Any]:
     """Run one measurement in a fresh Python process (its own peak memory); its result."""
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    code = "import sys; from tvkd.bench_paper import _worker; _worker(sys.argv[1])"
+    code = "import sys; from tvkd.bench.paper import _worker; _worker(sys.argv[1])"
     proc = subprocess.run([sys.executable, "-c", code, json.dumps(job)], env=env, capture_output=True, text=True,
                           timeout=timeout)
     if proc.returncode:
@@ -359,8 +359,9 @@ def main(device: str = "auto", quick: bool = False, out: str | Path | None = Non
             rows = _summarise(runs, tmp if device == "cpu" else None)
             results["train"].append({"pairs": shape[0], "tokens_max": shape[1] + shape[2], "configs": rows})
             _print_train(shape, rows)
-    out = Path(out) if out else Path("results") / f"bench-paper-{shapes_name or device}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    from tvkd.bench import bench_output
+
+    out = bench_output(f"bench-paper-{shapes_name or device}.json", out)
     out.write_text(json.dumps(results, indent=2))
     print(f"\nwrote {out}")
     return 0
