@@ -263,7 +263,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.shapes == "paper":
         from tvkd.bench.paper import main as paper_main
 
-        return paper_main(device=args.device, quick=args.quick)
+        parts = [x.strip() for x in args.parts.split(",") if x.strip()]
+        return paper_main(device=args.device, quick=args.quick, parts=parts)
     from tvkd.bench import bench_output
     from tvkd.bench.targets import main as bench_main
 
@@ -461,6 +462,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "without chunked log-probs and padding-free batches")
     be.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                     help="with --shapes paper: where to run (auto: CUDA when present)")
+    be.add_argument("--parts", default="cache,order,train",
+                    help="with --shapes paper: any of cache (the teacher cache's one-pass and full-logits paths "
+                         "against the bare forward), order (padded, length-bucketed and padding-free steps over "
+                         "DPO-MIX-like lengths), train (the TVKD step's options against the plain step)")
     be.set_defaults(func=cmd_bench)
     return p
 

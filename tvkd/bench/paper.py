@@ -61,17 +61,19 @@ LLAMA_3_1_8B = {**_LLAMA3, "hidden_size": 4096, "intermediate_size": 14336, "num
 # CPU: the same vocabulary and family, scaled down in depth and width.
 CPU_STUDENT = {**LLAMA_3_2_1B, "hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 2,
                "num_attention_heads": 4, "num_key_value_heads": 2}
-CPU_TEACHER = {**LLAMA_3_1_8B, "hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 2,
-               "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 64}
+CPU_TEACHER = {**LLAMA_3_1_8B, "hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 2,
+               "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64}
 
 # Synthetic batches: pairs x (prompt + response <= total) tokens; response lengths drawn in
 # [resp/2, resp] per row, so a batch has the padding real data has.
 SHAPES = {
     "cuda": {"student": LLAMA_3_2_1B, "teacher": LLAMA_3_1_8B, "dtype": "bfloat16", "chunk": 1024,
              "train": [(4, 256, 768), (4, 512, 1536)], "cache": (8, 256, 768),
-             "steps": 6, "warmup": 2, "cache_batches": 6},
+             "steps": 6, "warmup": 2, "cache_batches": 6,
+             "order": {"pairs": 96, "median": 400, "longest": 2048, "batch": 8}},
     "cpu": {"student": CPU_STUDENT, "teacher": CPU_TEACHER, "dtype": "float32", "chunk": 256,
-            "train": [(4, 64, 448)], "cache": (4, 64, 448), "steps": 2, "warmup": 1, "cache_batches": 2},
+            "train": [(4, 64, 448)], "cache": (4, 64, 448), "steps": 2, "warmup": 1, "cache_batches": 2,
+            "order": {"pairs": 16, "median": 64, "longest": 256, "batch": 4}},
     # a smoke test of this benchmark's own logic (tests, `tests/gpu_paper_shapes.sh --dry-run`)
     "tiny": {"student": {**CPU_STUDENT, "vocab_size": 1024, "hidden_size": 64, "intermediate_size": 128,
                          "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32, "bos_token_id": 1,
@@ -80,7 +82,7 @@ SHAPES = {
                          "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32, "bos_token_id": 1,
                          "eos_token_id": 2},
              "dtype": "float32", "chunk": 16, "train": [(2, 8, 24)], "cache": (2, 8, 24), "steps": 1, "warmup": 1,
-             "cache_batches": 1},
+             "cache_batches": 1, "order": {"pairs": 6, "median": 40, "longest": 96, "batch": 2}},
 }
 OPTIONS = {"plain": {}, "chunked": {"logprob_chunk": True}, "padding_free": {"padding_free": True},
            "chunked+padding_free": {"logprob_chunk": True, "padding_free": True}}
@@ -225,58 +227,174 @@ def train_step_run(spec: dict[str, Any], shape: tuple[int, int, int], options: d
     return out
 
 
+CACHE_METHODS = ("bare_forward", "reference", "onepass")
+
+
 @torch.no_grad()
 def cache_pass_run(spec: dict[str, Any], shape: tuple[int, int, int], *, device: str, dtype: str,
-                   batches: int) -> dict[str, Any]:
-    """The teacher cache's pass (logits at every state s_0..s_T, the six Table 5 aux rewards at one
-    temperature, the values copied to the host) over `batches` synthetic batches; tokens/s and MFU."""
-    from tvkd.aux_rewards import TABLE5, compute_aux
-    from tvkd.cache.teacher import aux_specs
+                   batches: int, topk: int = 50, compiled: bool = False) -> dict[str, Any]:
+    """The teacher cache's pass over `batches` synthetic batches, three ways, interleaved batch by batch:
+
+    - ``bare_forward``: the teacher's forward with the LM head run only at the response states (their
+      [N, V] logits formed: `scoring.flat_state_logits`), nothing else: the physical limit;
+    - ``reference``: the full-logits path (`tvkd.cache.teacher.batch_columns`, method "reference");
+    - ``onepass``: the one-pass path (`tvkd.cache.onepass`), `compiled`: its fold through torch.compile;
+
+    each with the six Table 5 aux rewards at one temperature and the top-`topk` (values copied to the
+    host). Tokens/s and MFU of each, and each path's throughput over the bare forward's."""
+    from tvkd.aux_rewards import TABLE5
+    from tvkd.cache import teacher as cache
     from tvkd.scoring import collate_pairs, flat_state_logits
 
     model = random_model(spec, device, getattr(torch, dtype)).eval()
-    specs = aux_specs(TABLE5, (2.0,))
+    specs = cache.aux_specs(TABLE5, (2.0,))
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     pairs, prompt, response = shape
-    times, tokens, flops = [], 0, 0.0
-    for i in range(batches + 1):  # the first batch warms up
-        b = collate_pairs(synthetic_pairs(pairs, prompt, response, spec["vocab_size"], seed=10 + i,
-                                           bos=spec["bos_token_id"], eos=spec["eos_token_id"]), pad_id=0)
-        b = {k: v.to(device) for k, v in b.items()}
+    times: dict[str, list[float]] = {m: [] for m in CACHE_METHODS}
+    tokens, flops = 0, 0.0
+    previous = os.environ.get("TVKD_CACHE_COMPILE")
+    os.environ["TVKD_CACHE_COMPILE"] = "1" if compiled else "0"
+
+    def run(method: str, b: dict[str, torch.Tensor]) -> None:
+        if method == "bare_forward":
+            z = flat_state_logits(model, b["input_ids"], b["attention_mask"], b["prompt_lens"], b["resp_lens"])
+            _sync(device)
+            del z
+            return
+        cols, top = cache.batch_columns(model, b, specs, topk, vocab_size=None, pad_id=0, method=method)
+        [v.cpu() for v in cols.values()], [x.cpu() for x in top]
+
+    try:
+        for i in range(batches + 1):  # the first batch warms up (and compiles)
+            b = collate_pairs(synthetic_pairs(pairs, prompt, response, spec["vocab_size"], seed=10 + i,
+                                              bos=spec["bos_token_id"], eos=spec["eos_token_id"]), pad_id=0)
+            b = {k: v.to(device) for k, v in b.items()}
+            order = CACHE_METHODS if i % 2 == 0 else CACHE_METHODS[::-1]  # drift hits each alike
+            for method in order:
+                _sync(device)
+                t0 = time.perf_counter()
+                run(method, b)
+                _sync(device)
+                if i:
+                    times[method].append(time.perf_counter() - t0)
+            if i:
+                seq = b["attention_mask"].sum(1).tolist()
+                tokens += int(sum(seq))
+                flops += model_flops(spec, seq, int((b["resp_lens"] + 1).sum()), train=False)
+    finally:
+        if previous is None:
+            os.environ.pop("TVKD_CACHE_COMPILE", None)
+        else:
+            os.environ["TVKD_CACHE_COMPILE"] = previous
+    out: dict[str, Any] = {"pairs_per_batch": pairs, "prompt": prompt, "response_max": response, "batches": batches,
+                           "aux_columns": len(specs), "topk": topk, "compiled": compiled, **_peak_memory(device)}
+    peak = peak_tflops(device)
+    for method in CACHE_METHODS:
+        total = sum(times[method])
+        out[method] = {"seconds": total, "tokens_per_s": tokens / total, "achieved_tflops": flops / total / 1e12}
+        if peak:
+            out[method]["mfu"] = out[method]["achieved_tflops"] / peak
+    for method in ("reference", "onepass"):
+        out[f"{method}_over_bare_forward"] = out["bare_forward"]["seconds"] / out[method]["seconds"]
+    # the cache itself: the one-pass path
+    out.update(tokens_per_s=out["onepass"]["tokens_per_s"], achieved_tflops=out["onepass"]["achieved_tflops"])
+    if peak:
+        out["mfu"] = out["onepass"]["mfu"]
+    return out
+
+
+def dpo_mix_lengths(pairs: int, median: int, longest: int, seed: int = 0) -> list[tuple[int, int, int]]:
+    """(prompt, chosen, rejected) token counts with DPO-MIX-7K's long-tailed shape: log-normal lengths
+    (σ = 0.8 around `median` for a whole pair), a quarter prompt, clipped to `longest`."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(pairs):
+        total = float(torch.empty(1).log_normal_(float(torch.tensor(median).log()), 0.8, generator=g))
+        total = int(min(max(total, 16), longest))
+        prompt = max(2, total // 4)
+        chosen = max(2, total - prompt)
+        rejected = max(2, int(chosen * float(torch.empty(1).uniform_(0.5, 1.0, generator=g))))
+        out.append((prompt, chosen, rejected))
+    return out
+
+
+ORDERS = {"padded": {}, "bucketed": {"length_buckets": True}, "padding_free": {"padding_free": True},
+          "bucketed+padding_free": {"length_buckets": True, "padding_free": True}}
+
+
+def order_run(spec: dict[str, Any], lengths: list[tuple[int, int, int]], batch: int, options: dict[str, Any], *,
+              device: str, dtype: str, chunk: int | None, warmup: int) -> dict[str, Any]:
+    """Real tokens/s of TVKD steps over every pair of `lengths` once, `batch` pairs a step, in a random
+    order (padded batches) or the length-bucketed one (`train.length_buckets`), padded or padding-free."""
+    from transformers import TrainingArguments
+
+    from tvkd.losses import LOSSES, build_config
+    from tvkd.scoring import collate_pairs
+    from tvkd.training.sampler import LengthBucketSampler, padding_fraction
+    from tvkd.training.trainer import PreferenceCollator, PreferenceTrainer
+
+    attention = options.get("attention", "sdpa")
+    model = random_model(spec, device, getattr(torch, dtype), attention=attention).train()
+    g = torch.Generator().manual_seed(5)
+    v = spec["vocab_size"]
+    rows = [{"prompt_ids": [spec["bos_token_id"]] + torch.randint(0, v, (p - 1,), generator=g).tolist(),
+             "chosen_ids": torch.randint(0, v, (c - 1,), generator=g).tolist() + [spec["eos_token_id"]],
+             "rejected_ids": torch.randint(0, v, (r - 1,), generator=g).tolist() + [spec["eos_token_id"]]}
+            for p, c, r in lengths]
+    pair_len = [p + max(c, r) for p, c, r in lengths]
+    if options.get("length_buckets"):
+        order = list(LengthBucketSampler(pair_len, batch, seed=0))
+    else:
+        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0)).tolist()
+    batches = [order[s:s + batch] for s in range(0, len(order), batch)]
+    loss_cls = LOSSES.get("tvkd")
+    cfg = build_config(loss_cls, {"aux": "soft_value"})
+    with tempfile.TemporaryDirectory() as tmp:
+        args = TrainingArguments(output_dir=tmp, use_cpu=device == "cpu", report_to="none",
+                                 remove_unused_columns=False, per_device_train_batch_size=batch)
+        trainer = PreferenceTrainer(model=model, args=args, train_dataset=[{}],
+                                    data_collator=PreferenceCollator(0, {"tvkd_offset": "pair"}, True),
+                                    loss=loss_cls(), loss_config=cfg, logprob_chunk=chunk,
+                                    padding_free=bool(options.get("padding_free")))
+    opt = torch.optim.AdamW(model.parameters(), lr=0.0)
+    seconds, real, padded = 0.0, 0, 0
+    for step, idx in enumerate(batches[:warmup] + batches):
+        b = collate_pairs([rows[i] for i in idx], pad_id=0)
+        b["ref_logps"] = -torch.rand(b["response_ids"].shape, generator=g) * b["response_mask"] * 10
+        b["col:tvkd_offset"] = torch.randn(len(idx), generator=g)
+        b = {k: x.to(device) for k, x in b.items()}
         _sync(device)
         t0 = time.perf_counter()
-        z = flat_state_logits(model, b["input_ids"], b["attention_mask"], b["prompt_lens"], b["resp_lens"])
-        nxt = torch.cat([torch.cat([ids[: int(k)], ids.new_zeros(1)]) for ids, k in zip(b["response_ids"], b["resp_lens"])])
-        vals = compute_aux(z, nxt, specs)
-        host = {k: v.cpu() for k, v in vals.items()}
+        trainer.compute_loss(model, b).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
         _sync(device)
-        del z, vals, host
-        if i:
-            times.append(time.perf_counter() - t0)
-            seq = b["attention_mask"].sum(1).tolist()
-            tokens += int(sum(seq))
-            flops += model_flops(spec, seq, int((b["resp_lens"] + 1).sum()), train=False)
-    total = sum(times)
-    out = {"pairs_per_batch": pairs, "prompt": prompt, "response_max": response, "batches": batches,
-           "tokens_per_s": tokens / total, "achieved_tflops": flops / total / 1e12, **_peak_memory(device)}
-    peak = peak_tflops(device)
-    if peak:
-        out["mfu"] = out["achieved_tflops"] / peak
-    return out
+        if step >= warmup:
+            seconds += time.perf_counter() - t0
+            real += int(b["attention_mask"].sum())
+            padded += int(b["attention_mask"].numel())
+    return {"pairs": len(rows), "batch_pairs": batch, "steps": len(batches), "real_tokens": real,
+            "padded_tokens": padded, "padding_fraction": padding_fraction(pair_len, order, batch),
+            "seconds": seconds, "tokens_per_s": real / seconds, "attention": attention, **_peak_memory(device)}
+
+
+def _dispatch(job: dict[str, Any]) -> dict[str, Any]:
+    if job["kind"] == "train":
+        return train_step_run(job["spec"], tuple(job["shape"]), job["options"], device=job["device"],
+                              dtype=job["dtype"], chunk=job["chunk"], steps=job["steps"], warmup=job["warmup"],
+                              grads_out=job.get("grads_out"))
+    if job["kind"] == "order":
+        return order_run(job["spec"], [tuple(x) for x in job["lengths"]], job["batch"], job["options"],
+                         device=job["device"], dtype=job["dtype"], chunk=job["chunk"], warmup=job["warmup"])
+    return cache_pass_run(job["spec"], tuple(job["shape"]), device=job["device"], dtype=job["dtype"],
+                          batches=job["batches"], compiled=job.get("compiled", False))
 
 
 def _worker(spec_json: str) -> None:
     job = json.loads(spec_json)
     torch.set_num_threads(int(job.get("threads") or torch.get_num_threads()))
-    if job["kind"] == "train":
-        res = train_step_run(job["spec"], tuple(job["shape"]), job["options"], device=job["device"],
-                             dtype=job["dtype"], chunk=job["chunk"], steps=job["steps"], warmup=job["warmup"],
-                             grads_out=job.get("grads_out"))
-    else:
-        res = cache_pass_run(job["spec"], tuple(job["shape"]), device=job["device"], dtype=job["dtype"],
-                             batches=job["batches"])
-    Path(job["out"]).write_text(json.dumps(res))
+    Path(job["out"]).write_text(json.dumps(_dispatch(job)))
 
 
 def _in_subprocess(job: dict[str, Any], timeout: float = 3600) -> dict[str, Any]:
@@ -299,12 +417,19 @@ def _grad_diffs(base: str, other: str) -> dict[str, float]:
             "grad_max_abs": max(float(a[k].abs().max()) for k in a)}
 
 
+PARTS = ("cache", "order", "train")
+
+
 def main(device: str = "auto", quick: bool = False, out: str | Path | None = None, rounds: int | None = None,
-         threads: int | None = None, configs: list[str] | None = None, shapes_name: str | None = None) -> int:
-    """Run the paper-shape benchmark on `device` ("auto": CUDA when present, else CPU); write JSON to `out`.
+         threads: int | None = None, configs: list[str] | None = None, shapes_name: str | None = None,
+         parts: tuple[str, ...] | list[str] = PARTS) -> int:
+    """Run the paper-shape benchmark on `device` ("auto": CUDA when present, else CPU); write JSON to `out`
+    (default ``$TVKD_RESULTS/bench-paper-<shapes>.json``).
 
     `shapes_name`: "cuda" (the real shapes), "cpu" (scaled down, same vocabulary) or "tiny" (a smoke
-    test); default: the one for `device`.
+    test); default: the one for `device`. `parts`: any of "cache" (the teacher cache's pass against
+    the bare forward), "order" (padded, length-bucketed and padding-free steps over DPO-MIX-like
+    lengths), "train" (the TVKD step's options against the plain step).
     """
     import importlib.util
 
@@ -318,6 +443,9 @@ def main(device: str = "auto", quick: bool = False, out: str | Path | None = Non
         options["padding_free+fa2"] = {"padding_free": True, "attention": "flash_attention_2"}
         options["chunked+padding_free+fa2"] = {"logprob_chunk": True, "padding_free": True,
                                                "attention": "flash_attention_2"}
+    bad = [p for p in parts if p not in PARTS]
+    if bad:
+        raise ValueError(f"unknown bench part(s) {bad}; valid: {', '.join(PARTS)}")
     names = configs or list(options)
     unknown = [n for n in names if n not in options]
     if unknown:
@@ -336,16 +464,19 @@ def main(device: str = "auto", quick: bool = False, out: str | Path | None = Non
           f"teacher {results['teacher']}, {shapes['dtype']}", flush=True)
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        cache = {"kind": "cache", "spec": shapes["teacher"], "shape": shapes["cache"], "device": device,
-                 "dtype": shapes["dtype"], "batches": 1 if quick else shapes["cache_batches"], "threads": threads,
-                 "out": str(tmp / "cache.json")}
-        results["teacher_cache"] = _in_subprocess(cache) if device == "cpu" else _run_here(cache)
-        tc = results["teacher_cache"]
-        print(f"teacher cache ({shapes['cache'][0]} pairs x {sum(shapes['cache'][1:])} tokens): "
-              f"{tc['tokens_per_s']:,.0f} tokens/s, {tc['achieved_tflops']:.3g} TFLOP/s"
-              + (f", MFU {tc['mfu']:.1%}" if "mfu" in tc else "") + f", peak {tc['peak_memory_gb']:.2f} GB", flush=True)
+        run = (lambda job: _in_subprocess(job)) if device == "cpu" else _run_here
+        if "cache" in parts:
+            cache = {"kind": "cache", "spec": shapes["teacher"], "shape": shapes["cache"], "device": device,
+                     "dtype": shapes["dtype"], "batches": 1 if quick else shapes["cache_batches"], "threads": threads,
+                     "compiled": os.environ.get("TVKD_CACHE_COMPILE") == "1", "out": str(tmp / "cache.json")}
+            results["teacher_cache"] = run(cache)
+            _print_cache(shapes["cache"], results["teacher_cache"])
+        if "order" in parts:
+            results["order"] = _order_part(shapes, options, device, threads, tmp, run)
+        if "train" not in parts:
+            names = []
         results["train"] = []
-        for shape in shapes["train"][:1] if quick else shapes["train"]:
+        for shape in (shapes["train"][:1] if quick else shapes["train"]) if names else []:
             runs: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
             for r in range(rounds):  # rounds interleave the configurations, so drift hits each alike
                 for name in names:
@@ -367,14 +498,52 @@ def main(device: str = "auto", quick: bool = False, out: str | Path | None = Non
     return 0
 
 
+def _print_cache(shape: tuple[int, int, int], tc: dict[str, Any]) -> None:
+    print(f"\nteacher cache ({shape[0]} pairs x (prompt {shape[1]} + response <= {shape[2]}) tokens a batch, "
+          f"{tc['aux_columns']} aux columns + top-{tc['topk']}; {tc['batches']} batches, interleaved):")
+    print(f"  {'path':<36}{'tokens/s':>11}{'TFLOP/s':>9}{'MFU':>7}{'/ bare forward':>16}")
+    labels = {"bare_forward": "bare forward (LM head at responses)", "reference": "cache, full logits (reference)",
+              "onepass": "cache, one pass" + (" (compiled)" if tc.get("compiled") else "")}
+    for method, label in labels.items():
+        r = tc[method]
+        mfu = f"{r['mfu']:.1%}" if "mfu" in r else "-"
+        ratio = tc.get(f"{method}_over_bare_forward", 1.0)
+        print(f"  {label:<36}{r['tokens_per_s']:>11,.0f}{r['achieved_tflops']:>9.3g}{mfu:>7}{ratio:>16.3f}")
+    print(f"  peak memory {tc['peak_memory_gb']:.2f} GB", flush=True)
+
+
+def _order_part(shapes: dict[str, Any], options: dict[str, Any], device: str, threads: int | None, tmp: Path,
+                run: Any) -> dict[str, Any]:
+    """Every order configuration (padded, bucketed, padding-free, both; flash-attention varlen when
+    installed on a GPU) over the same DPO-MIX-like pairs; tokens/s over the padded step's."""
+    o = shapes["order"]
+    lengths = dpo_mix_lengths(o["pairs"], o["median"], o["longest"])
+    orders = dict(ORDERS)
+    if "padding_free+fa2" in options:
+        orders["padding_free+fa2"] = {"padding_free": True, "attention": "flash_attention_2"}
+        orders["bucketed+padding_free+fa2"] = {"length_buckets": True, "padding_free": True,
+                                               "attention": "flash_attention_2"}
+    rows = {}
+    for name, opts in orders.items():
+        rows[name] = run({"kind": "order", "name": name, "spec": shapes["student"], "lengths": lengths,
+                          "batch": o["batch"], "options": opts, "device": device, "dtype": shapes["dtype"],
+                          "chunk": shapes["chunk"], "warmup": 1, "threads": threads,
+                          "out": str(tmp / f"order-{name}.json")})
+    base = rows["padded"]["tokens_per_s"]
+    print(f"\nTVKD steps over {o['pairs']} DPO-MIX-like pairs (median {o['median']}, at most {o['longest']} tokens), "
+          f"{o['batch']} pairs a step, chunked log-probs ({shapes['chunk']}):")
+    print(f"  {'order':<28}{'padding':>9}{'tokens/s':>11}{'/ padded':>10}")
+    for name, r in rows.items():
+        r["tokens_per_s_over_padded"] = r["tokens_per_s"] / base
+        pad = 1 - r["real_tokens"] / r["padded_tokens"] if not ORDERS.get(name, {}).get("padding_free") else 0.0
+        print(f"  {name:<28}{pad:>9.1%}{r['tokens_per_s']:>11,.0f}{r['tokens_per_s_over_padded']:>10.3f}", flush=True)
+    return {"pairs": o["pairs"], "median": o["median"], "longest": o["longest"], "batch_pairs": o["batch"],
+            "configs": rows}
+
+
 def _run_here(job: dict[str, Any]) -> dict[str, Any]:
     """On a GPU every measurement runs in this process (peak memory is reset per measurement)."""
-    if job["kind"] == "train":
-        res = train_step_run(job["spec"], tuple(job["shape"]), job["options"], device=job["device"],
-                             dtype=job["dtype"], chunk=job["chunk"], steps=job["steps"], warmup=job["warmup"])
-    else:
-        res = cache_pass_run(job["spec"], tuple(job["shape"]), device=job["device"], dtype=job["dtype"],
-                             batches=job["batches"])
+    res = _dispatch({**job, "grads_out": None})
     if job["device"] == "cuda":
         import gc
 

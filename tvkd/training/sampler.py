@@ -3,8 +3,8 @@
 A batch is padded to its longest sequence (prompt + the longer response), so a random batch of
 DPO-MIX-like lengths (a long tail) spends much of its compute on padding. This order is
 transformers' `get_length_grouped_indices`: a random permutation, cut into mega-batches of 50
-batches, each sorted by length (longest first), the longest pair of all in the first batch, so an
-out-of-memory shows at step 1. Batches then hold pairs of similar length, and the order is still
+batches (the whole set when it has fewer), each sorted by length (longest first), the longest
+pair of all in the first batch, so an out-of-memory shows at step 1. Batches then hold pairs of similar length, and the order is still
 random at the scale of mega-batches.
 
 Seeded: the permutation of epoch e comes from a generator seeded with (seed, e), not from the
@@ -55,7 +55,10 @@ class LengthBucketSampler(Sampler[int]):
         from transformers.trainer_pt_utils import get_length_grouped_indices
 
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(get_length_grouped_indices(self.lengths, self.batch_size, self.mega_batch_mult, generator=g))
+        # 50 batches a mega-batch (the whole set when it has fewer; transformers' own default would cut a
+        # small set into 4 mega-batches of a batch or two each, which buckets nothing)
+        mult = self.mega_batch_mult or max(1, min(50, -(-len(self.lengths) // self.batch_size)))
+        return iter(get_length_grouped_indices(self.lengths, self.batch_size, mult, generator=g))
 
 
 def padding_fraction(lengths: Sequence[int], order: Sequence[int], batch_size: int) -> float:
