@@ -123,3 +123,26 @@ def test_vllm_path_calls_its_api_and_keeps_the_output_format(monkeypatch, tmp_pa
     assert params["stop_token_ids"] == [tok.eos_token_id] and params["ignore_eos"] is True
     with pytest.raises(ValueError, match="needs do_sample=True"):
         vllm_generate_ids(tmp_path, prompts, eos_id=3, max_new_tokens=2, num_return_sequences=2)
+
+
+def test_the_rollout_cache_is_keyed_by_its_backend(tmp_path, monkeypatch):
+    """A vLLM rollout is cached apart from a `generate` one; the `generate` key is the one of before."""
+    import tvkd.generation as generation
+    from tvkd.paths import fingerprint
+    from tvkd.rollouts import ROLLOUT_VERSION, rollout_key
+
+    monkeypatch.delenv("TVKD_GENERATION", raising=False)
+    tok = make_tiny_tokenizer()
+    td = _tokenized(tok, tmp_path)
+    source = ModelSource.in_memory(make_tiny_llama(len(tok), seed=7), "m")
+    assert rollout_key(td.fingerprint, "m", 6, 3, "hf") == fingerprint(ROLLOUT_VERSION, "greedy", td.fingerprint, "m", 6, 3)
+    assert rollout_key(td.fingerprint, "m", 6, 3, "vllm") != rollout_key(td.fingerprint, "m", 6, 3, "hf")
+    kw = dict(side="chosen", eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, max_new_tokens=6,
+              cache_dir=tmp_path / "roll", progress=False)
+    hf = greedy_rollouts(td, source, **kw)
+    monkeypatch.setattr(generation, "generation_backend", lambda path=None, requested=None: "vllm")
+    monkeypatch.setattr(generation, "vllm_generate_ids", lambda path, prompts, **k: [([4, 5],) for _ in prompts])
+    vllm = greedy_rollouts(td, source, **kw)
+    assert not vllm.cached and vllm.fingerprint != hf.fingerprint  # not served from the generate cache
+    assert [list(r) for r in vllm.dataset["chosen_ids"]] == [[4, 5, tok.eos_token_id]] * len(ROWS)
+    assert len([p for p in (tmp_path / "roll").iterdir() if not p.name.startswith(".")]) == 2

@@ -72,3 +72,20 @@ def test_the_trainer_takes_the_bucketed_sampler_only_when_asked(tmp_path, on):
         assert list(sampler) == list(LengthBucketSampler([n + 4 for n in lengths], 4, seed=7))
     else:
         assert isinstance(sampler, RandomSampler)
+
+
+def test_padding_free_takes_flash_attention_varlen_only_where_it_exists(monkeypatch):
+    import importlib.util
+
+    import torch
+
+    from tvkd.training.trainer import varlen_attention
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "flash_attn" else real(name, *a))
+    assert varlen_attention(True, "cuda", torch.bfloat16)
+    assert not varlen_attention(False, "cuda", torch.bfloat16)  # padded batches: sdpa as always
+    assert not varlen_attention(True, "cpu", torch.bfloat16)
+    assert not varlen_attention(True, "cuda", torch.float32)  # flash-attention runs 16-bit only
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "flash_attn" else real(name, *a))
+    assert not varlen_attention(True, "cuda", torch.bfloat16)

@@ -9,9 +9,12 @@ the end-of-turn token (appended, and counted, when the budget ran out first), so
 shape as a tokenized response and the teacher cache can read its states up to s_T.
 
 Rollouts of a model loaded from a folder run through vLLM when it is installed and a GPU is
-present (`tvkd.generation.generation_backend`), through batched ``model.generate`` otherwise; the
-stage records which. Both give greedy continuations in the same format, so the cache key does not
-depend on the backend.
+present (`tvkd.generation.generation_backend`), through batched ``model.generate`` otherwise.
+Both give greedy continuations in the same format, but not always the same tokens (a different
+kernel can break a near-tie of two logits the other way), so the cache is keyed by the backend:
+a vLLM rollout never stands in for a ``generate`` one or the other way round. The ``generate``
+key is the one rollouts had before vLLM existed here, so existing rollout caches (and every cache
+and run keyed by them) stay valid.
 """
 
 from __future__ import annotations
@@ -28,6 +31,13 @@ ROLLOUT_VERSION = 1
 SIDES = ("chosen", "rejected")
 
 
+def rollout_key(tokenized_fingerprint: str, model_key: str, max_new_tokens: int, eos_id: int, backend: str) -> str:
+    """The rollout cache's key: the data, the model, the budget, the end token and the backend ("hf": the
+    key of before the backend was part of it)."""
+    parts = [ROLLOUT_VERSION, "greedy", tokenized_fingerprint, model_key, max_new_tokens, eos_id]
+    return fingerprint(*parts) if backend == "hf" else fingerprint(*parts, backend)
+
+
 def greedy_rollouts(tokenized: TokenizedData, model: Any, *, side: str, eos_id: int, pad_id: int,
                     max_new_tokens: int, batch_size: int = 64, cache_dir: str | Path | None = None,
                     progress: bool = True, who: str = "model") -> TokenizedData:
@@ -40,16 +50,18 @@ def greedy_rollouts(tokenized: TokenizedData, model: Any, *, side: str, eos_id: 
 
     if side not in SIDES:
         raise ValueError(f"side must be one of {SIDES}, got {side!r}")
-    key = fingerprint(ROLLOUT_VERSION, "greedy", tokenized.fingerprint, model.key, max_new_tokens, eos_id)
+    from tvkd.generation import generation_backend
+
+    backend = generation_backend(getattr(model, "path", None))
+    key = rollout_key(tokenized.fingerprint, model.key, max_new_tokens, eos_id, backend)
     path = (Path(cache_dir) if cache_dir else cache_root() / "rollouts") / key
 
     def build(tmp: Path) -> dict[str, Any]:
-        from tvkd.generation import generate_ids, generation_backend, vllm_generate_ids
+        from tvkd.generation import generate_ids, vllm_generate_ids
 
         prompts = [list(p) for p in tokenized.dataset["prompt_ids"]]
         unique = list(dict.fromkeys(tuple(p) for p in prompts))  # a prompt shared by pairs is generated once
         path = getattr(model, "path", None)
-        backend = generation_backend(path)
         if backend == "vllm":  # vLLM loads the folder itself: the transformers model is never loaded
             dtype = getattr(model, "dtype", None)
             outs = vllm_generate_ids(path, [list(p) for p in unique], eos_id=eos_id, max_new_tokens=max_new_tokens,
