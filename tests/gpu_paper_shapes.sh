@@ -9,8 +9,10 @@
 # 2. tests/gpu_check.py: the teacher cache in bf16 and fp32 on CUDA against fp32 on the CPU, and a
 #    few bf16 DPO / TVKD training steps on the testbed (its models and data from $TVKD_CACHE, default
 #    .gpu-carry/cache, built there if absent);
-# 3. `tvkd bench --shapes paper`: random-weight Llama-3.1-8B teacher cache (tokens/s, MFU) and
-#    Llama-3.2-1B TVKD training step (tokens/s, MFU, peak memory) with and without chunked
+# 3. `tvkd bench --shapes paper`: random-weight Llama-3.1-8B teacher cache (tokens/s, MFU; the
+#    one-pass and the full-logits path against the bare forward), Llama-3.2-1B TVKD steps over
+#    DPO-MIX-like lengths (padded, length-bucketed, padding-free; flash-attention varlen when
+#    installed) and the TVKD training step (tokens/s, MFU, peak memory) with and without chunked
 #    log-probs and padding-free batches, at 4 pairs x 1,024 and 4 pairs x 2,048 tokens;
 # 4. prints one compact summary; writes gpu_check.json, bench-paper.json, summary.json and the
 #    full log under $OUT.
@@ -102,7 +104,7 @@ stamp "tvkd bench --shapes paper"
 if [ "$MODE" = dry ]; then
   timeout 600 $PY -c "from tvkd.bench.paper import main; main(device='cpu', shapes_name='tiny', out='$OUT/bench-paper.json')"
 else
-  timeout 300 $PY -c "from tvkd.bench.paper import main; main(device='cuda', out='$OUT/bench-paper.json')"
+  timeout 480 $PY -c "from tvkd.bench.paper import main; main(device='cuda', out='$OUT/bench-paper.json')"
 fi
 BENCH_RC=$?
 
@@ -121,9 +123,12 @@ bp = out / "bench-paper.json"
 if bp.exists():
     b = json.loads(bp.read_text())
     tc = b["teacher_cache"]
-    summary["teacher_cache"] = {k: tc.get(k) for k in ("tokens_per_s", "achieved_tflops", "mfu", "peak_memory_gb")}
+    summary["teacher_cache"] = {k: tc.get(k) for k in ("tokens_per_s", "achieved_tflops", "mfu", "peak_memory_gb",
+                                                       "onepass_over_bare_forward", "reference_over_bare_forward")}
     if tc.get("tokens_per_s"):
         summary["teacher_cache"]["dpo_mix_7k_8M_tokens_minutes"] = 8e6 / tc["tokens_per_s"] / 60
+    summary["order"] = {name: {k: r.get(k) for k in ("tokens_per_s", "tokens_per_s_over_padded", "padding_fraction")}
+                        for name, r in b.get("order", {}).get("configs", {}).items()}
     summary["train"] = {}
     for t in b["train"]:
         for name, r in t["configs"].items():

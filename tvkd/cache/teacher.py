@@ -17,6 +17,11 @@ own stage. A new aux reward therefore adds its column to an existing cache witho
 others, and no column is computed that nobody asked for. One float per aux per token plus one
 list offset per response: six aux rewards at one temperature take ~24.5 bytes per token.
 
+The pass reads each state's logits once (`tvkd.cache.onepass`: the LM head runs on the response
+states only, a block of the vocabulary at a time, and every column folds in from that block while
+it is in cache; no [N, V] logits). The full-logits path (``TVKD_CACHE_PASS=reference``) is the
+tested reference (equal to fp32 rounding) and runs wherever the one pass does not apply.
+
 Reference cache: ``{side}/ref_logps`` [T], log π_ref(a_t|s_t).
 """
 
