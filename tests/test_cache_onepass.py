@@ -105,8 +105,10 @@ def test_only_the_paper_aux_rewards_take_the_one_pass():
 
 
 def test_the_pass_method_is_checked(monkeypatch):
+    monkeypatch.delenv("TVKD_CACHE_PASS", raising=False)
+    assert pass_method() == "reference"  # the default path and its numbers are today's
     monkeypatch.setenv("TVKD_CACHE_PASS", "fast")
-    with pytest.raises(ValueError, match="TVKD_CACHE_PASS='fast': use one of onepass, reference"):
+    with pytest.raises(ValueError, match="TVKD_CACHE_PASS='fast': use one of reference, onepass"):
         pass_method()
 
 

@@ -17,10 +17,14 @@ own stage. A new aux reward therefore adds its column to an existing cache witho
 others, and no column is computed that nobody asked for. One float per aux per token plus one
 list offset per response: six aux rewards at one temperature take ~24.5 bytes per token.
 
-The pass reads each state's logits once (`tvkd.cache.onepass`: the LM head runs on the response
-states only, a block of the vocabulary at a time, and every column folds in from that block while
-it is in cache; no [N, V] logits). The full-logits path (``TVKD_CACHE_PASS=reference``) is the
-tested reference (equal to fp32 rounding) and runs wherever the one pass does not apply.
+Two paths compute the columns, equal to fp32 rounding (tests/test_cache_onepass.py): the
+full-logits path (the default: the LM head on the response states, their [N, V] logits, then
+`aux_rewards.compute_aux` and a log-softmax top-k) and the one-pass path (``TVKD_CACHE_PASS=onepass``,
+`tvkd.cache.onepass`: a block of the vocabulary at a time, every column folded in from that block,
+no [N, V] logits; ``TVKD_CACHE_COMPILE=1`` fuses its elementwise work with torch.compile).
+`tvkd bench --shapes paper` measures both against the bare forward; on the 2-core CPU where it was
+last measured the one pass was the slower (its many small block operations), so it is opt-in until
+a GPU measurement says otherwise.
 
 Reference cache: ``{side}/ref_logps`` [T], log π_ref(a_t|s_t).
 """
@@ -200,18 +204,18 @@ def _save(ds: Any, tmp: Path, record: dict[str, Any]) -> dict[str, Any]:
     return record
 
 
-#: How the teacher pass reads the logits: "onepass" (`tvkd.cache.onepass`: every column from one read
-#: of each state's logits, no [N, V] tensor; the reference path where it does not apply) or
-#: "reference" (the full logits, then `aux_rewards.compute_aux` and a log-softmax top-k). Equal to
-#: fp32 rounding (tests/test_cache_onepass.py); `tvkd bench --shapes paper` measures both.
-PASS_METHODS = ("onepass", "reference")
+#: How the teacher pass reads the logits: "reference" (the full logits, then `aux_rewards.compute_aux`
+#: and a log-softmax top-k) or "onepass" (`tvkd.cache.onepass`: every column from one read of each
+#: state's logits, no [N, V] tensor; the reference path where it does not apply). Equal to fp32
+#: rounding (tests/test_cache_onepass.py); `tvkd bench --shapes paper` measures both.
+PASS_METHODS = ("reference", "onepass")
 
 
 def pass_method() -> str:
-    """The teacher pass's method: ``TVKD_CACHE_PASS`` (onepass | reference), default onepass."""
+    """The teacher pass's method: ``TVKD_CACHE_PASS`` (reference | onepass), default reference."""
     import os
 
-    method = os.environ.get("TVKD_CACHE_PASS", "onepass")
+    method = os.environ.get("TVKD_CACHE_PASS", "reference")
     if method not in PASS_METHODS:
         raise ValueError(f"TVKD_CACHE_PASS={method!r}: use one of {', '.join(PASS_METHODS)}")
     return method
@@ -231,7 +235,7 @@ def batch_columns(model: Any, b: dict[str, torch.Tensor], specs: Sequence[AuxSpe
     """One collated pair batch's columns: ({column: [N] fp32 over the states s_0..s_T of every row}, top-k
     (logprobs [A, k], ids [A, k], log rest mass [A]) at the action states s_0..s_{T-1} of every row, or None).
 
-    `method`: "onepass" or "reference" (default `pass_method()`); the one-pass path needs a plain
+    `method`: "reference" or "onepass" (default `pass_method()`); the one-pass path needs a plain
     linear LM head and the paper's aux rewards, and otherwise the reference path runs."""
     from tvkd.cache.onepass import onepass_columns, reference_columns, state_hidden, supported
 
