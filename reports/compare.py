@@ -49,7 +49,10 @@ from typing import Any
 
 import pandas as pd
 
-from reports.paper import load_table
+from reports.figures import save_figure
+from reports.paper import PAPER_TABLES, load_table
+from reports.tables import discover
+from tvkd.paths import atomic_write_text
 
 __all__ = ["Comparison", "MetricComparison", "PaperMap", "compare_study", "compare_to_paper", "format_comparison",
            "paper_maps_for", "register_paper_maps", "write_comparison"]
@@ -97,8 +100,6 @@ def paper_maps_for(generator: str) -> tuple[PaperMap, ...]:
     """A generator's paper maps: its registry metadata ``paper_maps``, its module's ``PAPER_MAPS``, or
     those registered here; () when it declares none."""
     import sys
-
-    from reports.tables import discover
 
     tables = discover()
     meta = tables.meta(generator)
@@ -246,8 +247,6 @@ def verdict(mc: MetricComparison, subject: str, where: str, baseline: str | None
 
 def format_comparison(c: Comparison) -> str:
     """The comparison as Markdown: one table per metric, then τ, the sentence and the sign agreement."""
-    from reports.paper import PAPER_TABLES
-
     pmap = c.map
     paper_name = PAPER_TABLES[pmap.table].paper
     where = "on the testbed" if c.profile is None else f"in the {c.profile} profile"
@@ -337,8 +336,6 @@ def write_comparison(c: Comparison, out_dir: str | Path) -> dict[str, Path]:
     """``paper_<name>.md`` (the text) and, when anything was compared, ``paper_<name>.png/.pdf``."""
     import matplotlib.pyplot as plt
 
-    from reports.store import save_figure
-    from tvkd.paths import atomic_write_text
 
     out_dir = Path(out_dir)
     stem = out_dir / f"paper_{c.map.name}"

@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from reports.effects import Effect, format_effect, hierarchical_bootstrap
-from reports.store import save_figure
+from reports.figures import save_figure
 from reports.tables import MISSING, TABLES, MetricSpec, format_table, summarize
 from tvkd.paths import atomic_write_text
 from tvkd.testbed.tasks import TASKS

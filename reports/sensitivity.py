@@ -45,7 +45,7 @@ from reports.effects import (
     effects_caption,
     items_column,
 )
-from reports.store import save_figure
+from reports.figures import save_figure
 from reports.tables import TABLES, MetricSpec, format_table, summarize
 from tvkd.paths import atomic_write_text
 

@@ -23,6 +23,7 @@ from typing import Literal
 
 import pandas as pd
 
+import reports
 from tvkd.registry import Registry
 
 __all__ = ["MISSING", "TABLES", "MetricSpec", "discover", "format_table", "latex_escape", "summarize"]
@@ -261,8 +262,6 @@ def _latex(header: list[str], body: list[list[str]], n_labels: int, caption: str
 
 def discover() -> Registry:
     """Import every module of the ``reports`` package so that their generators register; returns `TABLES`."""
-    import reports
-
     for module in pkgutil.iter_modules(reports.__path__):
         if not module.name.startswith("_"):
             importlib.import_module(f"reports.{module.name}")

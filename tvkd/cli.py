@@ -139,22 +139,37 @@ def cmd_results_gc(args: argparse.Namespace) -> int:
     return 0
 
 
+def _executor(args: argparse.Namespace):
+    """The executor of ``--backend`` (the same spelling for `study run` and `study search`)."""
+    if args.backend == "sequential":
+        if args.address:
+            raise ValueError("--address names a Ray cluster: give it with --backend ray")
+        from studies.engine import Sequential
+
+        return Sequential()
+    from studies.ray_executor import RayExecutor
+
+    return RayExecutor(address=args.address, max_concurrent=args.max_concurrent)
+
+
+def _backend_arguments(p: argparse.ArgumentParser) -> None:
+    """``--backend``, ``--address``, ``--max-concurrent``: where the runs of `study run` / `study search` happen."""
+    p.add_argument("--backend", choices=["sequential", "ray"], default="sequential",
+                   help="sequential (one run after another, here) or ray (Ray Tune trials: in parallel on this "
+                        "machine, or on a cluster with --address); finished runs are never trained again either way")
+    p.add_argument("--address", default=None, help="with --backend ray: an existing Ray cluster, HOST:PORT (the "
+                                                   "cluster's auth token, if it uses one, as Ray reads it: "
+                                                   "RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token)")
+    p.add_argument("--max-concurrent", type=int, default=None, help="with --backend ray: trials at once (default: "
+                                                                   "as many as the resources allow)")
+
+
 def cmd_study_run(args: argparse.Namespace) -> int:
-    from studies import STUDIES, run_study
+    from studies.engine import run_study
 
-    if not (args.name.endswith((".yaml", ".yml")) and Path(args.name).is_file()):
-        STUDIES.get(args.name)  # clear error for an unknown study before any work
-    if args.backend == "ray":
-        from studies import load_spec
-        from studies.ray_driver import run_study_ray
-
-        study = load_spec(args.name, args.profile) if args.profile else args.name
-        out = run_study_ray(study, seeds=args.seeds, results=args.results, out_dir=args.out, quick=args.quick,
-                            address=args.address, max_concurrent=args.max_concurrent, progress=not args.quiet)
-    else:
-        out = run_study(args.name, seeds=args.seeds, results=args.results, out_dir=args.out, quick=args.quick,
-                        progress=not args.quiet, profile=args.profile)
-    for paths in (out.get("outputs") or {"table": out.get("tables", {})}).values():
+    out = run_study(args.name, _executor(args), seeds=args.seeds, results=args.results, out_dir=args.out,
+                    quick=args.quick, progress=not args.quiet, profile=args.profile)
+    for paths in out["outputs"].values():
         for p in paths.values():
             print(f"table: {p}")
     return 1 if out.get("failed") else 0
@@ -384,11 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quick", action="store_true", help="a much smaller grid for a smoke test")
     s.add_argument("--profile", default=None, help="a profile of the study, e.g. paper: the paper's models, data "
                                                    "sets and hyper-parameters by hub id (results in <study>-paper)")
-    s.add_argument("--backend", choices=["sequential", "ray"], default="sequential",
-                   help="sequential (one run after another, here) or ray (Ray Tune trials: in parallel on this "
-                        "machine, or on a cluster with --address); finished runs are never trained again either way")
-    s.add_argument("--address", default=None, help="with --backend ray: an existing Ray cluster, HOST:PORT")
-    s.add_argument("--max-concurrent", type=int, default=None, help="with --backend ray: trials at once")
+    _backend_arguments(s)
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_study_run)
     se = st.add_parser("search", help="hyperparameter search over one run config (Optuna TPE + median pruning; "
@@ -401,8 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--n-trials", type=int, default=None, help="complete + pruned trials wanted (default: the spec's)")
     se.add_argument("--study-name", default=None)
     se.add_argument("--results", default=None, help="results store root (default $TVKD_RESULTS or ./results)")
-    se.add_argument("--ray", action="store_true", help="run the trials through Ray Tune (OptunaSearch)")
-    se.add_argument("--max-concurrent", type=int, default=1)
+    _backend_arguments(se)
     se.add_argument("--quiet", action="store_true")
     se.set_defaults(func=cmd_study_search)
     sp = st.add_parser("plan", help="which runs of a study are done, what is left, and how long it should take",
