@@ -17,7 +17,7 @@ run, in run order, with the columns every table generator reads:
     items.margin_accuracy  per-test-pair outcomes from pairs.jsonl (None without one)
     win_rate_vs_<ref>      against the spec's ``reference_variant``, same seed, from both runs' outputs
 
-`studies.runner.run_study` builds its tables through `write_study_outputs` from this same frame,
+`studies.engine.run_study` ends every study with `write_study_outputs` on this same frame,
 so a table is the same whether its study was just run or rebuilt later by ``tvkd report``.
 
 Table generators (`reports.tables.TABLES`) take ``(frame, out_dir)`` and return ``{format: path}``;
@@ -35,6 +35,7 @@ from typing import Any
 import pandas as pd
 
 from reports.compare import compare_study, format_comparison, write_comparison
+from reports.grid import write_grid_tables
 from reports.tables import TABLES, discover
 from studies.spec import load_spec
 from tvkd.evaluation.metrics import win_rate
@@ -75,6 +76,8 @@ def frame_from_records(spec: dict[str, Any], rows: list[dict[str, Any]]) -> pd.D
         row["items.margin_accuracy"] = [p["margin_accuracy"] for p in pairs] or None
         if ref_label:
             ref = by_seed_label.get((r["seed"], ref_label))
+            if ref is None and r.get("variant") is not None:  # a variant: its run with this row's axis values
+                ref = by_seed_label.get((r["seed"], ",".join([ref_label, *r["label"].split(",")[1:]])))
             if ref is not None:
                 mine = {o["prompt"]: o.get("oracle") for o in outputs}
                 theirs = {o["prompt"]: o.get("oracle") for o in ref["record"].outputs()}
@@ -182,13 +185,15 @@ def generators_for(spec: Any) -> list[str]:
 
 
 def write_study_outputs(spec: Any, frame: pd.DataFrame, out_dir: str | Path) -> dict[str, dict[str, Path]]:
-    """Run the study's table generators on ``frame`` into ``out_dir`` and write ``runs.csv`` (one row per
-    run, without the record and per-item columns); returns ``{generator: {format: path}}``, with
-    ``{"runs": {"csv": path}}`` last."""
+    """Run the study's table generators on ``frame`` into ``out_dir`` (a study with none gets the generic
+    table of `reports.grid`) and write ``runs.csv`` (one row per run, without the record and per-item
+    columns); returns ``{generator: {format: path}}``, with ``{"runs": {"csv": path}}`` last."""
     out = Path(out_dir)
     written: dict[str, dict[str, Path]] = {}
     for name in generators_for(spec):
         written[name] = {fmt: Path(path) for fmt, path in TABLES.get(name)(frame, out).items()}
+    if not written and (spec.variants or spec.axes) and len(frame):  # a grid of one's own: the generic table
+        written["grid"] = write_grid_tables(spec, frame, out)
     items = [c for c in frame.columns if c.startswith("items.")]
     out.mkdir(parents=True, exist_ok=True)  # a grid without a table still gets its runs.csv
     frame.drop(columns=["record", *items], errors="ignore").to_csv(out / "runs.csv", index=False)

@@ -44,7 +44,7 @@ TRIAL_ENV_VARS = (
     "TVKD_DIST_WAIT_TIMEOUT", "TVKD_PEAK_TFLOPS", "OMP_NUM_THREADS",
 )
 #: A variable whose name matches this is never forwarded, whatever list it is on.
-SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|CREDENTIAL", re.IGNORECASE)
+SECRET_NAME = re.compile(r"(^|_)(KEY|TOKEN|SECRET|PASSWORD|CREDENTIALS?)(_|$)", re.IGNORECASE)
 
 
 class RaySessionError(ConnectionError):

@@ -54,7 +54,7 @@ What a search does
     period is n_warmup_steps / train.logging_steps reports). A trial that fails there is not
     replaced within the call (rerun to fill the storage up to n_trials). Note that
     `OptunaSearch` rejects ``tune.grid_search`` in a search space: a grid belongs in a study's
-    ``variants`` (`studies/runner.py`); here use ``choices``.
+    ``variants`` / ``axes``; here use ``choices``.
   * At the end the best trial's run config is written to ``<results>/<study>/best.yaml`` (first line:
     the ``tvkd run`` command that runs it; as written it is that trial's own config, so the command
     finds its run in the store).

@@ -5,7 +5,8 @@ A spec holds the keys below; only ``name`` and one of ``variants`` / ``axes`` ar
     name: alpha-beta-grid                  # results go to <results>/<name>/
     description: "..."                     # shown by `tvkd study list`
     table: reward_conflict                 # optional: the table generator (reports/) run on the results
-    reference_variant: dpo                 # optional: win rates are against this run label, same seed
+    reference_variant: dpo                 # optional: win rates are against this variant (same seed and axis
+                                           # values) or this run label (same seed)
     seeds: [0, 1]                          # default [0]
     base: {models: ..., data: ..., loss: ..., train: ...}   # a run config every run starts from
     variants:                              # hand-written rows: a label, descriptive keys, run-config keys
@@ -901,6 +902,7 @@ def parse_spec(spec: Any, source: str | None = None, profile: str | None = None)
         raise StudySpecError(source, [f"the top level must be a mapping of keys ({', '.join(TOP_KEYS)}), "
                                       f"got {_given(spec)}"])
     problems: list[str] = []
+    mistyped: set[str] = set()  # reported once: the checks below skip them (and what depends on them)
     for k, v in spec.items():
         if k not in TOP_KEYS:
             problems.append(f"{k}: unknown key{_close(str(k), list(TOP_KEYS))}; valid keys: {', '.join(TOP_KEYS)}")
@@ -909,13 +911,17 @@ def parse_spec(spec: Any, source: str | None = None, profile: str | None = None)
             check_value(v, TOP_TYPES[k], k)
         except ConfigError as e:
             problems.append(str(e))
-            spec = {**spec, k: None}  # reported once: the checks below see it as absent
+            mistyped.add(k)
+    if mistyped:
+        spec = {k: v for k, v in spec.items() if k not in mistyped}
+        if "axes" in mistyped:  # rules name axes: nothing to check them against
+            spec = {k: v for k, v in spec.items() if k not in ("exclude", "include")}
     name = spec.get("name")
     if name is None:
         stem = Path(source).stem if source.endswith((".yaml", ".yml")) else None
         if stem:
             name = stem
-        elif "name" not in spec:
+        elif "name" not in mistyped:
             problems.append("name: missing (the study's name: its folder in the results store)")
     elif not name.strip():
         problems.append(f"name: expected a non-empty string, got {_given(name)}")
@@ -952,7 +958,7 @@ def parse_spec(spec: Any, source: str | None = None, profile: str | None = None)
                     axes.append(axis)
                 else:
                     broken.add(axis_name)
-    if variants is None and raw_axes is None and spec.get("search") is None:
+    if variants is None and raw_axes is None and spec.get("search") is None and not {"variants", "axes"} & mistyped:
         problems.append("variants / axes: a study needs variants, axes or both (or a search block)")
     # descriptive keys must not take an axis's column
     axis_names = {a.name for a in axes}
@@ -1015,12 +1021,6 @@ def parse_spec(spec: Any, source: str | None = None, profile: str | None = None)
                     if parsed and axis_name in parsed:
                         quick_axes[axis_name] = set(parsed[axis_name])
 
-    ref = spec.get("reference_variant")
-    if ref is not None:
-        known = variant_labels + [label for a in axes for label in a.labels]
-        if ref not in known:
-            problems.append(f"reference_variant: {ref!r} names no variant or axis value of this study"
-                            f"{_close(ref, known)}; every row is compared with it (labels: {', '.join(known) or 'none'})")
     if problems:
         raise StudySpecError(source, problems)
     out = StudyFile(
@@ -1032,6 +1032,14 @@ def parse_spec(spec: Any, source: str | None = None, profile: str | None = None)
         quick_axes=quick_axes, has_quick=bool(quick), resources=resources, search=spec.get("search"),
     )
     problems = out._check_runs()
+    ref = out.reference_variant
+    if ref is not None and not problems:
+        known = list(dict.fromkeys([v["label"] for v in out.variants] + out.labels()
+                                   + (out.labels(quick=True) if out.has_quick else [])))
+        if ref not in known:
+            shown = ", ".join(known[:8]) + (f" and {len(known) - 8} more" if len(known) > 8 else "")
+            problems.append(f"reference_variant: {ref!r} is not the label of any run of this study"
+                            f"{_close(ref, known)}; every row's win rate is against it (run labels: {shown})")
     for p in _check_profiles(spec, problems):  # each profile's merged spec, checked like the spec
         try:
             out.merged[p] = parse_spec(apply_profile(spec, p), source)

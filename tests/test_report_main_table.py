@@ -18,7 +18,8 @@ import pytest
 
 from reports.main_table import ROWS, format_main_table, main_table_summary, write_main_table_tables
 from reports.tables import TABLES, MetricSpec, discover, format_table, summarize
-from studies import STUDIES, expand_study, load_study
+from tests.report_checks import expand_study, load_study
+from studies import STUDIES
 
 GOLDEN = Path(__file__).parent / "golden"
 UPDATE = os.environ.get("TVKD_UPDATE_GOLDEN") == "1"

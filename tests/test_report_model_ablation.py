@@ -24,7 +24,7 @@ from reports.model_ablation import (
     write_model_ablation,
 )
 from reports.tables import TABLES, discover
-from studies import expand_study, load_study
+from tests.report_checks import expand_study, load_study
 from tests.report_checks import assert_cell, markdown_rows
 
 GOLDEN = Path(__file__).parent / "golden"

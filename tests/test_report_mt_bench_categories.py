@@ -23,7 +23,7 @@ from reports.mt_bench_categories import (
     write_mt_bench_categories,
 )
 from reports.tables import TABLES, discover
-from studies import expand_study, load_study
+from tests.report_checks import expand_study, load_study
 from tests.report_checks import assert_cell, markdown_rows
 
 GOLDEN = Path(__file__).parent / "golden"

@@ -18,7 +18,7 @@ import pytest
 
 from reports.sensitivity import ALPHA, BETA, format_sensitivity, sensitivity_summary, write_sensitivity
 from reports.tables import TABLES, discover
-from studies import expand_study, load_study
+from tests.report_checks import expand_study, load_study
 from tests.report_checks import assert_cell, markdown_rows
 
 GOLDEN = Path(__file__).parent / "golden"

@@ -18,7 +18,7 @@ import pytest
 
 from reports.tables import TABLES, discover
 from reports.teacher_type import METHODS, TEACHERS, format_teacher_type, write_teacher_type
-from studies import expand_study, load_study
+from tests.report_checks import expand_study, load_study
 from tests.report_checks import assert_cell, markdown_rows
 
 GOLDEN = Path(__file__).parent / "golden"

@@ -23,7 +23,7 @@ from reports.value_alignment import (
     value_alignment_summary,
     write_value_alignment,
 )
-from studies import expand_study, load_study
+from tests.report_checks import expand_study, load_study
 from tests.report_checks import assert_cell, markdown_rows
 
 GOLDEN = Path(__file__).parent / "golden"

@@ -17,7 +17,7 @@ import pytest
 
 from reports.tables import TABLES, discover
 from reports.value_analysis import format_value_analysis, value_analysis_summary, write_value_analysis
-from studies import expand_study, load_study
+from tests.report_checks import expand_study, load_study
 from tests.report_checks import assert_cell, markdown_rows
 
 GOLDEN = Path(__file__).parent / "golden"

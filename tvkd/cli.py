@@ -184,7 +184,7 @@ def cmd_study_search(args: argparse.Namespace) -> int:
 def cmd_study_plan(args: argparse.Namespace) -> int:
     import json
 
-    from studies import format_plan, plan_study
+    from studies.plan import format_plan, plan_study
 
     plan = plan_study(args.spec, args.results, quick=args.quick, seeds=args.seeds, progress=not args.quiet,
                       profile=args.profile)
@@ -285,7 +285,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.sweeps:
         import json
 
-        from studies.ray_driver import bench_ray_speedup
+        from studies.ray_executor import bench_ray_speedup
 
         print("\nsweeps: the same 4-run testbed grid through Ray Tune at 1 and at 2 trials at once:", flush=True)
         res = bench_ray_speedup(concurrency=(1, 2), quick=True)
