@@ -16,7 +16,14 @@ from typing import Any
 
 import pandas as pd
 
-from reports.effects import EFFECT_METRICS, effect_cells, effect_header, effects_caption, items_column, paired_effect
+from reports.effects import (
+    EFFECT_METRICS,
+    effect_cells,
+    effect_header,
+    effects_caption,
+    items_column,
+    paired_effect,
+)
 from reports.tables import MetricSpec, format_table, summarize
 from tvkd.paths import atomic_write_text
 

@@ -25,7 +25,6 @@ and the caption the smallest difference the table can detect (reports/effects.py
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +40,7 @@ from reports.effects import (
     effects_caption,
     items_column,
 )
-from reports.tables import TABLES, MetricSpec, format_table, summarize
+from reports.tables import TABLES, MetricSpec, format_table, seeds_of, summarize
 from tvkd.paths import atomic_write_text
 
 __all__ = ["METRICS", "ROWS", "TableRow", "format_main_table", "main_table_summary", "write_main_table_tables"]
@@ -152,23 +151,8 @@ def main_table_summary(df: pd.DataFrame, reference: str = EFFECT_REFERENCE) -> p
     return out
 
 
-def _seeds(df: pd.DataFrame) -> list[object]:
-    """The distinct seeds of the runs shown in the table, sorted (numbers first)."""
-    if "label" not in df.columns:
-        return []
-    matched = df[pd.Series([_label(v) is not None for v in df["label"]], index=df.index, dtype=bool)]
-    seeds = []
-    for s in pd.unique(matched["seed"]):
-        if isinstance(s, numbers.Real) and not isinstance(s, bool):
-            if math.isnan(s):
-                continue
-            s = int(s) if float(s).is_integer() else float(s)
-        seeds.append(s)
-    return sorted(seeds, key=lambda s: (0, s, "") if isinstance(s, (int, float)) else (1, 0, str(s)))
-
-
 def _caption(df: pd.DataFrame, summary: pd.DataFrame, reference_name: str) -> str:
-    seeds = _seeds(df)
+    seeds = seeds_of(df.loc[[_label(v) is not None for v in df["label"]], "seed"]) if "label" in df.columns else []
     caption = (
         "Main results (the paper's Table 1) on the embedded testbed: the DPO and SFT teachers evaluated as they "
         "are, and the student trained by each method. Oracle score: mean oracle reward of the model's greedy "

@@ -36,7 +36,7 @@ from reports.effects import (
     format_effect,
     items_column,
 )
-from reports.tables import TABLES, MetricSpec, format_table, summarize
+from reports.tables import TABLES, MetricSpec, format_seeds, format_table, summarize
 from tvkd.paths import atomic_write_text
 
 __all__ = ["METRICS", "Group", "Method", "format_grouped", "format_model_ablation", "grouped_summary",
@@ -157,11 +157,6 @@ def format_grouped(summary: pd.DataFrame, groups: Sequence[Group], fmt: str, cap
                         label=label if fmt == "latex" else None, extra_cols=extra)
 
 
-def _seeds(df: pd.DataFrame) -> str:
-    seeds = sorted({int(s) for s in df["seed"] if s is not None and not (isinstance(s, float) and math.isnan(s))})
-    return ", ".join(map(str, seeds)) or "(none)"
-
-
 def format_model_ablation(df: pd.DataFrame, fmt: str = "markdown") -> str:
     """The table as Markdown or LaTeX text (with its caption)."""
     groups = _groups(df, "pair", PAIRS) if "pair" in df.columns else list(PAIRS)
@@ -171,7 +166,7 @@ def format_model_ablation(df: pd.DataFrame, fmt: str = "markdown") -> str:
         "Model ablation (the paper's Table 2): each method under three teacher → student pairs of the testbed "
         "(T/S: layers × hidden size of the teacher and the student; each pair is its own testbed build, its "
         "student's pairs sampled from that student). Oracle score (the testbed's reward model) and margin "
-        f"accuracy, mean ± std over seeds {_seeds(df)}; n = runs per row. Bold: best, {second}: second best per "
+        f"accuracy, mean ± std over seeds {format_seeds(df['seed'])}; n = runs per row. Bold: best, {second}: second best per "
         "column. " + effects_caption("DPO") + " Each pair's Δ is against DPO under the same pair."
     )
     return format_grouped(summary, groups, fmt, caption, "tab:model_ablation")

@@ -19,7 +19,6 @@ byte-identical for the same frame) draws each method's mean category scores on o
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 from pathlib import Path
 
@@ -28,7 +27,7 @@ import pandas as pd
 
 from reports.effects import Effect, format_effect, hierarchical_bootstrap
 from reports.figures import save_figure
-from reports.tables import MISSING, TABLES, MetricSpec, format_table, summarize
+from reports.tables import MISSING, TABLES, MetricSpec, format_seeds, format_table, summarize
 from tvkd.paths import atomic_write_text
 from tvkd.testbed.tasks import TASKS
 
@@ -102,11 +101,6 @@ def mt_bench_summary(df: pd.DataFrame) -> pd.DataFrame:
     return summary
 
 
-def _seeds(df: pd.DataFrame) -> str:
-    seeds = sorted({int(s) for s in df["seed"] if isinstance(s, numbers.Real) and not math.isnan(float(s))})
-    return ", ".join(map(str, seeds)) or "(none)"
-
-
 def format_mt_bench_categories(df: pd.DataFrame, fmt: str = "markdown") -> str:
     """The table as Markdown or LaTeX text (with its caption)."""
     summary = mt_bench_summary(df)
@@ -121,7 +115,7 @@ def format_mt_bench_categories(df: pd.DataFrame, fmt: str = "markdown") -> str:
         "in each category, both turns, and overall; FastChat's questions format, judge prompts and [[rating]] parsing "
         "(tvkd/benchmarks/mt_bench.py). On the testbed the categories are its tasks and the judge is the loopback "
         "judge backed by the oracle (rating = round(1 + 9 r*)). "
-        f"Mean ± std over seeds {_seeds(df)}; n = runs per row. Bold: best, {second}: second best among DPO and "
+        f"Mean ± std over seeds {format_seeds(df['seed'])}; n = runs per row. Bold: best, {second}: second best among DPO and "
         "TVKD. Δ MT-Bench vs DPO: the per-seed difference in overall score, averaged, with a seed-level bootstrap "
         "95% interval."
     )
@@ -159,7 +153,7 @@ def plot_radar(df: pd.DataFrame, out_dir: str | Path) -> dict[str, Path]:
         ax.set_yticks([2, 4, 6, 8, 10])
         ax.tick_params(axis="y", labelsize=7)
         ax.legend(fontsize=8, loc="upper right", bbox_to_anchor=(1.32, 1.12))
-    ax.set_title(f"MT-Bench per category (1-10), mean over seeds {_seeds(df)}", fontsize=10, pad=18)
+    ax.set_title(f"MT-Bench per category (1-10), mean over seeds {format_seeds(df['seed'])}", fontsize=10, pad=18)
     fig.tight_layout()
     try:
         return save_figure(fig, Path(out_dir) / "mt_bench_categories")

@@ -30,7 +30,6 @@ the smallest difference the table can detect (reports/effects.py).
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +45,7 @@ from reports.effects import (
     effects_caption,
     items_column,
 )
-from reports.tables import TABLES, MetricSpec, format_table, summarize
+from reports.tables import TABLES, MetricSpec, format_table, seeds_of, summarize
 from tvkd.paths import atomic_write_text
 
 __all__ = ["METRICS", "ROWS", "TableRow", "format_reward_conflict", "reward_conflict_summary",
@@ -193,21 +192,8 @@ def reward_conflict_summary(df: pd.DataFrame, reference: str = EFFECT_REFERENCE)
     return out
 
 
-def _seeds(df: pd.DataFrame) -> list[object]:
-    """The distinct seeds of the runs shown in the table, sorted (numbers first)."""
-    matched = df[_assign_rows(df).notna()]
-    seeds = []
-    for s in pd.unique(matched["seed"]):
-        if isinstance(s, numbers.Real) and not isinstance(s, bool):
-            if math.isnan(s):
-                continue
-            s = int(s) if float(s).is_integer() else float(s)
-        seeds.append(s)
-    return sorted(seeds, key=lambda s: (0, s, "") if isinstance(s, (int, float)) else (1, 0, str(s)))
-
-
 def _caption(df: pd.DataFrame, fmt: str, summary: pd.DataFrame, reference_name: str) -> str:
-    seeds = _seeds(df)
+    seeds = seeds_of(df.loc[_assign_rows(df).notna(), "seed"])
     second = "underlined" if fmt == "latex" else "italic"
     caption = (
         "Reward conflict (the paper's Table 5): TVKD with each auxiliary reward, the positive control (TVKD "

@@ -46,7 +46,7 @@ from reports.effects import (
     items_column,
 )
 from reports.figures import save_figure
-from reports.tables import TABLES, MetricSpec, format_table, summarize
+from reports.tables import TABLES, MetricSpec, format_seeds, format_table, summarize
 from tvkd.paths import atomic_write_text
 
 __all__ = ["ALPHA", "BETA", "METRICS", "Sweep", "format_sensitivity", "plot_sensitivity", "sensitivity_summary",
@@ -166,17 +166,6 @@ def sensitivity_summary(df: pd.DataFrame, sweep: Sweep = ALPHA) -> pd.DataFrame:
     return summary
 
 
-def _seeds(df: pd.DataFrame) -> list[object]:
-    seeds = []
-    for s in pd.unique(df["seed"]):
-        if isinstance(s, numbers.Real) and not isinstance(s, bool):
-            if math.isnan(s):
-                continue
-            s = int(s) if float(s).is_integer() else float(s)
-        seeds.append(s)
-    return sorted(seeds, key=lambda s: (0, s, "") if isinstance(s, (int, float)) else (1, 0, str(s)))
-
-
 def format_sensitivity(df: pd.DataFrame, fmt: str = "markdown", sweep: Sweep = ALPHA) -> str:
     """The table as Markdown or LaTeX text (with its caption)."""
     summary = sensitivity_summary(df, sweep)
@@ -191,7 +180,7 @@ def format_sensitivity(df: pd.DataFrame, fmt: str = "markdown", sweep: Sweep = A
     caption = (
         f"Sensitivity to the {sweep.title} (the paper's {sweep.paper}): TVKD (soft_value) at each value, its "
         f"shuffled-Ψ control (the same teacher offsets permuted across pairs) and DPO (no {sweep.symbol}). "
-        f"Mean ± std over seeds {', '.join(map(str, _seeds(shown))) or '(none)'}; n = runs per row. "
+        f"Mean ± std over seeds {format_seeds(shown['seed'])}; n = runs per row. "
         f"Bold: best, {second}: second best among TVKD and DPO (the controls are not ranked); – : no finished run. "
         + effects_caption("DPO")
     )

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import importlib
 import math
+import numbers
 import pkgutil
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -26,7 +27,8 @@ import pandas as pd
 import reports
 from tvkd.registry import Registry
 
-__all__ = ["MISSING", "TABLES", "MetricSpec", "discover", "format_table", "latex_escape", "summarize"]
+__all__ = ["MISSING", "TABLES", "MetricSpec", "discover", "format_seeds", "format_table", "latex_escape", "seeds_of",
+           "summarize"]
 
 #: Table generators: name -> callable(df, out_dir) -> {format: Path}; metadata: study, paper, outputs.
 TABLES: Registry = Registry("table")
@@ -44,6 +46,25 @@ class MetricSpec:
     higher_is_better: bool = True
     digits: int = 2
     percent: bool = False
+
+
+def seeds_of(values: Iterable[object]) -> list[object]:
+    """The distinct seeds among ``values`` (a frame's ``seed`` column), NaN left out, whole numbers as ints,
+    sorted with the numbers first."""
+    seeds = []
+    for s in pd.unique(pd.Series(list(values), dtype=object)):
+        if isinstance(s, numbers.Real) and not isinstance(s, bool):
+            if math.isnan(s):
+                continue
+            s = int(s) if float(s).is_integer() else float(s)
+        if s not in seeds:
+            seeds.append(s)
+    return sorted(seeds, key=lambda s: (0, s, "") if isinstance(s, (int, float)) else (1, 0, str(s)))
+
+
+def format_seeds(values: Iterable[object]) -> str:
+    """`seeds_of` as a caption reads them: "0, 1, 2", or "(none)"."""
+    return ", ".join(map(str, seeds_of(values))) or "(none)"
 
 
 def summarize(df: pd.DataFrame, by: Sequence[str], metrics: Sequence[str]) -> pd.DataFrame:

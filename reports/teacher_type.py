@@ -23,8 +23,8 @@ import pandas as pd
 
 from reports.compare import PaperMap
 from reports.effects import effects_caption, items_column
-from reports.model_ablation import METRICS, Group, Method, _groups, _seeds, format_grouped, grouped_summary
-from reports.tables import TABLES
+from reports.model_ablation import METRICS, Group, Method, _groups, format_grouped, grouped_summary
+from reports.tables import TABLES, format_seeds
 from tvkd.paths import atomic_write_text
 
 __all__ = ["METHODS", "TEACHERS", "format_teacher_type", "write_teacher_type"]
@@ -46,7 +46,7 @@ def format_teacher_type(df: pd.DataFrame, fmt: str = "markdown") -> str:
         "(before its DPO stage) and an instruct-like teacher (the SFT teacher aligned by another recipe: 3 DPO "
         "epochs at lr 1e-4, β 0.1, a vendor's heavier alignment rather than the paper's careful one), against the "
         "student's own DPO (no teacher, the same runs in every group). Oracle score (the testbed's reward model, "
-        f"Table 8's RM) and margin accuracy, mean ± std over seeds {_seeds(df)}; n = runs per row. Bold: best, "
+        f"Table 8's RM) and margin accuracy, mean ± std over seeds {format_seeds(df['seed'])}; n = runs per row. Bold: best, "
         f"{second}: second best per column. " + effects_caption("DPO")
     )
     return format_grouped(summary, groups, fmt, caption, "tab:teacher_type")

@@ -25,7 +25,6 @@ seeds are resampled).
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +43,7 @@ from reports.effects import (
     hierarchical_bootstrap,
     items_column,
 )
-from reports.tables import TABLES, MetricSpec, format_table, summarize
+from reports.tables import TABLES, MetricSpec, format_seeds, format_table, summarize
 from tvkd.paths import atomic_write_text
 
 __all__ = ["METRICS", "ROWS", "format_value_alignment", "value_alignment_summary", "write_value_alignment"]
@@ -128,17 +127,6 @@ def value_alignment_summary(df: pd.DataFrame) -> pd.DataFrame:
     return summary
 
 
-def _seeds(df: pd.DataFrame) -> list[object]:
-    seeds = []
-    for s in pd.unique(df.loc[df["label"].isin([r.label for r in ROWS]), "seed"]):
-        if isinstance(s, numbers.Real) and not isinstance(s, bool):
-            if math.isnan(s):
-                continue
-            s = int(s) if float(s).is_integer() else float(s)
-        seeds.append(s)
-    return sorted(seeds, key=lambda s: (0, s, "") if isinstance(s, (int, float)) else (1, 0, str(s)))
-
-
 def format_value_alignment(df: pd.DataFrame, fmt: str = "markdown") -> str:
     """The table as Markdown or LaTeX text (with its caption)."""
     summary = value_alignment_summary(df)
@@ -156,7 +144,7 @@ def format_value_alignment(df: pd.DataFrame, fmt: str = "markdown") -> str:
         "the teacher's and the model's soft values (β_V = 2) along the same chosen training responses, the "
         "token-level policy KL, and the scores. The DPO teacher's KL to itself is 0 by definition; the teacher and "
         "the SFT student are evaluated as they are (std 0). "
-        f"Mean ± std over seeds {', '.join(map(str, _seeds(df))) or '(none)'}; n = runs per row. "
+        f"Mean ± std over seeds {format_seeds(df.loc[df['label'].isin([r.label for r in ROWS]), 'seed'])}; n = runs per row. "
         f"Bold: best, {second}: second best among the DPO and TVKD students. "
         + effects_caption("DPO")
         + " Δ value KL: the per-seed difference, averaged, with a seed-level bootstrap interval."

@@ -77,8 +77,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import yaml
-
 from studies.engine import load, write_outputs
 from studies.ray_session import ray_session
 from studies.spec import Resources, StudyFile

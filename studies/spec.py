@@ -85,7 +85,6 @@ import dataclasses
 import difflib
 import itertools
 import json
-import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -302,7 +302,8 @@ def test_study_expands_every_variant_and_seed():
 
 def test_teacher_variants_expand_to_eval_only_runs():
     spec = load_study("main-table")
-    spec = {**spec, "variants": [v for v in spec["variants"] if v["label"] in TEACHERS]}
+    spec = {**spec, "variants": [v for v in spec["variants"] if v["label"] in TEACHERS],
+            "reference_variant": "teacher_dpo"}  # the study's own (adpa) is gone with the other variants
     runs = expand_study(spec, seeds=[0])
     assert [cfg.name for _, cfg in runs] == list(TEACHERS)
     assert all(cfg.eval_only and cfg.models.student == TEACHERS[cfg.name] for _, cfg in runs)

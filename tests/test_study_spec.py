@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.report_checks import expand_study
 from studies.plan import format_plan, plan_study
 from studies.spec import STUDIES, STUDY_DIR, StudySpecError, load_spec, parse_spec
+from tests.report_checks import expand_study
 from tvkd.config import ConfigError, RunConfig, config_from_dict
 
 EXAMPLE = STUDY_DIR / "examples" / "alpha_beta_grid.yaml"
