@@ -8,10 +8,6 @@ Regenerate the golden files after an intended change with
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -23,20 +19,23 @@ from reports.mt_bench_categories import (
     write_mt_bench_categories,
 )
 from reports.tables import TABLES, discover
-from tests.report_checks import expand_study, load_study
-from tests.report_checks import assert_cell, markdown_rows
-
-GOLDEN = Path(__file__).parent / "golden"
-FIXTURE = Path(__file__).parent / "fixtures" / "frames" / "mt_bench_categories.json"
-UPDATE = os.environ.get("TVKD_UPDATE_GOLDEN") == "1"
+from tests.report_checks import (
+    assert_cell,
+    assert_golden,
+    expand_study,
+    fixture_frame,
+    fixture_records,
+    load_study,
+    markdown_rows,
+)
 
 
 def records() -> list[dict]:
-    return json.loads(FIXTURE.read_text())
+    return fixture_records("mt_bench_categories")
 
 
 def frame() -> pd.DataFrame:
-    return pd.DataFrame.from_records(records())
+    return fixture_frame("mt_bench_categories")
 
 
 
@@ -44,10 +43,7 @@ def frame() -> pd.DataFrame:
 @pytest.mark.parametrize("suffix", ["md", "tex"])
 def test_golden(tmp_path, suffix):
     paths = write_mt_bench_categories(frame(), tmp_path)
-    golden = GOLDEN / f"mt_bench_categories.{suffix}"
-    if UPDATE:
-        golden.write_bytes(paths[suffix].read_bytes())
-    assert paths[suffix].read_bytes() == golden.read_bytes()
+    assert_golden(paths[suffix], f"mt_bench_categories.{suffix}")
 
 
 def test_radar_is_byte_identical_across_builds(tmp_path):
