@@ -24,8 +24,7 @@ from reports.effects import (
     items_column,
     paired_effect,
 )
-from reports.tables import MetricSpec, format_table, summarize
-from tvkd.paths import atomic_write_text
+from reports.tables import MetricSpec, format_table, summarize, write_table_files
 
 __all__ = ["GRID_METRICS", "grid_summary", "write_grid_tables"]
 
@@ -94,13 +93,6 @@ def write_grid_tables(spec: Any, df: pd.DataFrame, out_dir: str | Path) -> dict[
     seeds = sorted({int(s) for s in df["seed"] if pd.notna(s)})
     caption = (f"{spec.name}: mean ± std over seeds ({', '.join(map(str, seeds))}) per configuration; n: runs."
                + (" " + effects_caption(spec.reference_variant) if delta_cols else ""))
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    written = {}
-    for fmt, suffix in (("markdown", "md"), ("latex", "tex")):
-        text = format_table(summary, metrics=metrics, row_label_cols=label_cols, fmt=fmt, extra_cols=delta_cols,
-                            caption=caption, label=f"tab:{spec.name}" if fmt == "latex" else None)
-        path = out / f"grid.{suffix}"
-        atomic_write_text(path, text)
-        written[suffix] = path
-    return written
+    return write_table_files(out_dir, "grid", "reports/grid.py", lambda fmt: format_table(
+        summary, metrics=metrics, row_label_cols=label_cols, fmt=fmt, extra_cols=delta_cols, caption=caption,
+        label=f"tab:{spec.name}" if fmt == "latex" else None))
