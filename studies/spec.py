@@ -517,7 +517,7 @@ class StudyFile:
     def label_of(self, combo: _Combo) -> str:
         parts = [self.variants[combo.variant]["label"]] if combo.variant is not None else []
         parts += [f"{a.name}={a.labels[i]}" for a, i in zip(self.axes, combo.values, strict=True) if i is not None]
-        return ",".join(parts)
+        return ",".join(parts) or self.name  # a search's base run (no variants, no axes): the study's name
 
     def _run(self, combo: _Combo, base: dict[str, Any], seed: int, study: str, where: str) -> StudyRun:
         variant = self.variants[combo.variant] if combo.variant is not None else None
@@ -534,7 +534,7 @@ class StudyFile:
                 _set_path(cfg, a.name.split("."), a.values[i])
         cfg.update(name=label, seed=seed, study=study)
         if not self.axes:  # variants only: the info a study has always had
-            info = {k: v for k, v in variant.items() if k not in RUN_KEYS}
+            info = {k: v for k, v in (variant or {"label": label}).items() if k not in RUN_KEYS}
         else:
             info = {"label": label}
             if variant is not None:
