@@ -11,6 +11,8 @@ import textwrap
 import uuid
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("tvkd", "baselines", "studies", "reports")
 
@@ -256,15 +258,24 @@ def checkout_copy(tmp_path: Path) -> Path:
     return copy
 
 
-def test_a_loss_file_dropped_into_baselines_is_found_listed_and_contract_tested(tmp_path):
+def _dropped_in(tmp_path: Path) -> tuple[Path, str, dict[str, str]]:
     copy = checkout_copy(tmp_path)
     name = "dropin_ipo"
     (copy / "baselines" / f"{name}.py").write_text(DROP_IN.format(name=name))  # no other file changes
-    env = {**os.environ, "PYTHONPATH": str(copy)}
+    return copy, name, {**os.environ, "PYTHONPATH": str(copy)}
+
+
+def test_a_loss_file_dropped_into_baselines_is_found_and_listed(tmp_path):
+    copy, name, env = _dropped_in(tmp_path)
     listed = subprocess.run([sys.executable, "-m", "tvkd.cli", "losses"], capture_output=True, text=True,
                             cwd=copy, timeout=300, env=env)
     assert listed.returncode == 0, listed.stderr
     assert f"{name}: Azar et al., 2023 (IPO)" in listed.stdout
+
+
+@pytest.mark.slow
+def test_a_loss_file_dropped_into_baselines_passes_the_contract_tests(tmp_path):
+    copy, name, env = _dropped_in(tmp_path)
     contract = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                                "tests/test_loss_contract.py", "-k", name], capture_output=True, text=True,
                               cwd=copy, timeout=600, env=env)
@@ -308,7 +319,7 @@ def test_an_installed_entry_point_registers_a_loss(tmp_path):
     assert out.stdout.strip() == "myplugin.losses.DropIn"
 
 
-def test_readme_examples_register_through_discovery_and_pass_the_contracts(tmp_path):
+def _readme_plugin(tmp_path: Path) -> Path:
     """The README's "Add a loss" and "Add an aux reward" files, copied into a package as a user would."""
     readme = (ROOT / "README.md").read_text()
 
@@ -322,11 +333,20 @@ def test_readme_examples_register_through_discovery_and_pass_the_contracts(tmp_p
     })
     (next(site.glob("*.dist-info")) / "entry_points.txt").write_text(
         "[tvkd.losses]\nreadme = readme_plugin\n[tvkd.aux_rewards]\nreadme = readme_plugin\n")
-    env = {"PYTHONPATH": str(site)}
+    return site
+
+
+def test_readme_examples_register_through_discovery(tmp_path):
+    env = {"PYTHONPATH": str(_readme_plugin(tmp_path))}
     out = _run("from tvkd.api import LOSSES, AUX_REWARDS; print(LOSSES.where('dpo_norm'), AUX_REWARDS.meta('entropy')['kind'])",
                env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["readme_plugin.dpo_norm.DPONorm", "state"]
+
+
+@pytest.mark.slow
+def test_readme_examples_pass_the_contract_tests(tmp_path):
+    env = {"PYTHONPATH": str(_readme_plugin(tmp_path))}
     tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                             "tests/test_loss_contract.py", "tests/test_aux_rewards.py", "-k", "dpo_norm or entropy"],
                            capture_output=True, text=True, cwd=ROOT, timeout=600, env={**os.environ, **env})
