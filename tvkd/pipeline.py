@@ -301,6 +301,9 @@ def _tokenize(examples: list, tokenizer: Any, cfg: RunConfig, progress: bool, ke
         if problem is None:
             raise
         where = "tokenize.chat_template" if cfg.tokenize.chat_template else f"the chat template of {model}"
+        if problem.startswith("the chat template does not compile"):
+            raise InputError(f"{where}: {problem}; fix it, or set tokenize.chat_template to one that compiles"
+                             ) from None
         raise InputError(f"{key}: {source}: {problem}; {where} cannot render it. Fix or drop the row, or set "
                          "tokenize.chat_template to a template that accepts it") from None
 
