@@ -256,6 +256,23 @@ def test_a_copy_of_the_data_and_the_model_at_another_path_is_the_same_run(tiny_w
     assert yaml.safe_load((run / "config.yaml").read_text())["models"]["student"] == tiny_world["student"]
 
 
+def test_a_run_stored_when_paths_were_hashed_is_still_found(tmp_path, monkeypatch):
+    import tvkd.results as results_mod
+
+    config = {"name": "x", "models": {"student": "/old/place"}, "inputs": {"models.student": "abc123"}}
+    store = results_mod.ResultsStore(tmp_path / "results")
+    with monkeypatch.context() as m:
+        m.setattr(results_mod, "_content_keyed", lambda plain: plain)  # the hash as it was
+        handle = store.start(config, study="s", name="x")
+        handle.write_metrics({"margin_accuracy": 0.5})
+        handle.complete()
+    assert store.run_dir(config, study="s", name="x") != handle.run_dir
+    assert store.is_complete(config, study="s", name="x")
+    assert store.load(config, study="s", name="x").run_dir == handle.run_dir
+    moved = {**config, "models": {"student": "/new/place"}}
+    assert not store.is_complete(moved, study="s", name="x")  # an old key holds its path
+
+
 def test_a_truncated_metrics_file_is_not_a_complete_run(tmp_path):
     from tvkd.results import ResultsStore
 

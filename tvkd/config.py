@@ -62,6 +62,14 @@ class ConfigKeyError(ValueError):
     """An unknown config key found before `tvkd.api` is imported (then it is a `tvkd.api.ConfigError`)."""
 
 
+def __getattr__(name: str) -> Any:  # `from tvkd.config import ConfigError` still works (importing tvkd.api then)
+    if name in ("ConfigError", "checked_fields"):
+        import tvkd.api
+
+        return getattr(tvkd.api, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def _config_error(message: str) -> ValueError:
     api = sys.modules.get("tvkd.api")
     return api.ConfigError(message) if api is not None else ConfigKeyError(message)

@@ -746,13 +746,27 @@ class ResultsStore:
     def load(self, config: Any, study: str | None = None, name: str | None = None, *,
              complete_only: bool = True) -> RunRecord | None:
         """The run of this configuration, or None if it has no directory (or, by default, is not complete)."""
-        _, full, run_dir = self._resolve(config, study, name)
+        safe, full, run_dir = self._resolve(config, study, name)
         if not run_dir.is_dir():
-            return None
+            legacy = self._path_keyed_run(safe, run_dir)
+            if legacy is None:
+                return None
+            run_dir, full = legacy
         record = self._read_checked(run_dir, full)
         if complete_only and not record.complete:
             return None
         return record
+
+    def _path_keyed_run(self, safe: dict, run_dir: Path) -> tuple[Path, str] | None:
+        """A complete run of this configuration stored before inputs were keyed by content alone (its hash
+        also held the input paths, `_content_keyed`): found, so that it is not trained again."""
+        if not isinstance(safe.get("inputs"), dict):
+            return None
+        full = fingerprint(_drop_ignored(safe, self.ignore), length=64)
+        legacy = run_dir.with_name(f"{_name_of(run_dir)}-{full[:12]}")
+        if legacy == run_dir or not legacy.is_dir() or not RunRecord.read(legacy).complete:
+            return None
+        return legacy, full
 
     def is_complete(self, config: Any, study: str | None = None, name: str | None = None) -> bool:
         """Whether this configuration has a finished run (status complete and metrics readable)."""
