@@ -170,7 +170,7 @@ def run_identity(cfg: RunConfig, paths: dict[str, str | None], testbed: dict[str
             inputs[f"data.{role}"] = _data_fingerprint(paths[role])
     key = {**cfg.to_dict(), "inputs": inputs}
     # Identity by content: a local model folder or data file is in the key by its fingerprint (`inputs`);
-    # its path stays in the record (config.yaml) but not in the hash (`results.CONTENT_KEYED`), so a copy of
+    # its path stays in the record (config.yaml) but not in the hash (`results._content_keyed`), so a copy of
     # the same files at another path is the same run.
     if testbed:
         key["testbed"] = testbed
