@@ -148,7 +148,6 @@ def test_a_value_refused_inside_training_is_refused_before_any_work(tiny_world, 
     cfg = write_cfg(tmp_path / "run.yaml", tiny_world, **over)
     capsys.readouterr()
     err = _assert_refused(capsys, cfg, tmp_path / "results", expect)
-    print(err)
     if case.startswith(("system-only", "tool turn")):
         assert "row 3 (id 'q9" in err and "pairs_odd.jsonl" in err  # the row and the file
     if case == "every pair too long":

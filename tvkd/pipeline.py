@@ -206,7 +206,6 @@ def plan_run(cfg: RunConfig, *, testbed: dict[str, Any] | None = None, progress:
     data (loaded and tokenized: a malformed row is named here), and the content fingerprints.
     """
     from tvkd.modeling import load_tokenizer, reference_vocab_check, teacher_vocab_size
-    from tvkd.tokenize import tokenize_preferences
 
     echo = echo or Echo(progress)
     testbed = testbed if testbed is not None else (dict(cfg.testbed) or None)
