@@ -169,6 +169,8 @@ def test_a_killed_run_resumes_from_its_checkpoint_and_ends_like_an_uninterrupted
     for key in ("margin_accuracy", "oracle_margin_accuracy", "response_words"):
         assert got[key] == want[key], key
     assert got["implicit_reward_margin"] == pytest.approx(want["implicit_reward_margin"], abs=1e-5)
+    # the mean over every step, the ones before the checkpoint included (not only the resumed part's)
+    assert got["train_loss"] == pytest.approx(want["train_loss"], rel=1e-6) and "train_loss_steps" not in got
     outs = [json.loads(line) for line in (run / "outputs.jsonl").read_text().splitlines()]
     assert outs == [json.loads(line) for line in (clean_run / "outputs.jsonl").read_text().splitlines()]
     assert not (run / "checkpoint").exists()

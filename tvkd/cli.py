@@ -22,9 +22,13 @@ from textwrap import dedent
 def _setup_logging(verbose: bool) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    import transformers
-
-    transformers.logging.set_verbosity_error() if not verbose else None
+    if verbose:
+        return
+    # transformers reads this when it is imported; a command that never needs it (a config typo) never pays for it
+    os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+    transformers = sys.modules.get("transformers")
+    if transformers is not None:
+        transformers.logging.set_verbosity_error()
 
 
 def cmd_testbed_build(args: argparse.Namespace) -> int:
@@ -66,10 +70,11 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from tvkd.config import load_config
+
+    cfg = load_config(args.config, sets=args.set)  # checked before torch, transformers and datasets are imported
     from tvkd.pipeline import execute, plan_run
     from tvkd.results import ResultsStore
 
-    cfg = load_config(args.config, sets=args.set)
     store = ResultsStore(args.results)
     if args.dry_run:
         plan = plan_run(cfg, progress=not args.quiet)
@@ -475,12 +480,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that report a user's input or a state the user can fix: one `error:` line, no traceback."""
-    from tvkd.results import HashCollisionError, RunAlreadyCompleteError, RunInProgressError
-    from tvkd.training.trainer import NonFiniteLossError
+    """Exceptions that report a user's input or a state the user can fix: one `error:` line, no traceback.
 
-    return (ValueError, KeyError, OSError, ImportError, RunInProgressError, RunAlreadyCompleteError,
-            HashCollisionError, NonFiniteLossError)
+    Only the modules already imported are asked for their classes: an error raised before training
+    started cannot be the trainer's, and importing it (torch, transformers) costs seconds."""
+    names = {"tvkd.results": ("HashCollisionError", "RunAlreadyCompleteError", "RunInProgressError"),
+             "tvkd.training.trainer": ("NonFiniteLossError",), "jinja2.exceptions": ("TemplateError",)}
+    found: list[type[BaseException]] = [ValueError, KeyError, OSError, ImportError]
+    for module, classes in names.items():
+        if module in sys.modules:
+            found.extend(getattr(sys.modules[module], c) for c in classes)
+    return tuple(found)
 
 
 def _one_line(e: BaseException) -> str:
@@ -498,15 +508,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(getattr(args, "verbose", False))
-    user_errors = _user_errors()
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM during a run
         print(f"interrupted ({e or 'Ctrl-C'}): finished stages and runs are kept; rerun the same command to resume",
               file=sys.stderr)
         return 130
-    except user_errors as e:
-        if os.environ.get("TVKD_DEBUG"):
+    except Exception as e:
+        if not isinstance(e, _user_errors()) or os.environ.get("TVKD_DEBUG"):
             raise
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2

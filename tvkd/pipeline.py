@@ -126,9 +126,10 @@ class RunPlan:
     tokenized_test: Any = None
 
 
-def _check_model(role: str, value: str, trust_remote_code: bool) -> Path:
-    """The local folder of a model, with its config and safetensors weights readable, or a clear error."""
-    from tvkd.modeling import check_model_folder, local_model_path
+def _check_model(role: str, value: str, trust_remote_code: bool, strict_weights: bool = True) -> Path:
+    """The local folder of a model, with its config and safetensors weights readable and matching its
+    architecture (no weight missing, none unexpected: `modeling.check_model_weights`), or a clear error."""
+    from tvkd.modeling import check_model_folder, check_model_weights, local_model_path
 
     path = local_model_path(value)
     if path is None:
@@ -136,6 +137,7 @@ def _check_model(role: str, value: str, trust_remote_code: bool) -> Path:
                          "Face cache (this harness runs offline); download it where there is network access "
                          f"(huggingface-cli download {value}) or give a local folder")
     check_model_folder(path, f"models.{role}")
+    check_model_weights(path, f"models.{role}", trust_remote_code=trust_remote_code, strict=strict_weights)
     return path
 
 
@@ -167,6 +169,9 @@ def run_identity(cfg: RunConfig, paths: dict[str, str | None], testbed: dict[str
         if paths.get(role):
             inputs[f"data.{role}"] = _data_fingerprint(paths[role])
     key = {**cfg.to_dict(), "inputs": inputs}
+    # Identity by content: a local model folder or data file is in the key by its fingerprint (`inputs`);
+    # its path stays in the record (config.yaml) but not in the hash (`results._content_keyed`), so a copy of
+    # the same files at another path is the same run.
     if testbed:
         key["testbed"] = testbed
     processes = launched_world_size()
@@ -201,7 +206,6 @@ def plan_run(cfg: RunConfig, *, testbed: dict[str, Any] | None = None, progress:
     data (loaded and tokenized: a malformed row is named here), and the content fingerprints.
     """
     from tvkd.modeling import load_tokenizer, reference_vocab_check, teacher_vocab_size
-    from tvkd.tokenize import tokenize_preferences
 
     echo = echo or Echo(progress)
     testbed = testbed if testbed is not None else (dict(cfg.testbed) or None)
@@ -233,7 +237,11 @@ def plan_run(cfg: RunConfig, *, testbed: dict[str, Any] | None = None, progress:
     paths["test_source"] = resolve(cfg.data.test_source, testbed, progress) or paths["source"]
     for role in MODEL_ROLES:
         if paths[role]:
-            paths[role] = str(_check_model(role, paths[role], m.trust_remote_code))
+            paths[role] = str(_check_model(role, paths[role], m.trust_remote_code, m.strict_weights))
+    if not cfg.eval_only:
+        from tvkd.training.trainer import check_arguments
+
+        check_arguments(cfg)  # transformers' own checks of every train value, before the run folder exists
     tokenizer = load_tokenizer(paths["student"], trust_remote_code=m.trust_remote_code)
     reference_vocab_check(paths["reference"], paths["student"], tokenizer, trust_remote_code=m.trust_remote_code)
     vocab = teacher_vocab_size(paths["teacher"], paths["student"], tokenizer,
@@ -252,6 +260,9 @@ def plan_run(cfg: RunConfig, *, testbed: dict[str, Any] | None = None, progress:
         if k >= rows:
             raise InputError(f"loss {cfg.loss.name!r}: top-k {k} must be smaller than the teacher's vocabulary "
                              f"({rows} tokens), or the rest bin is empty; set loss.topk below {rows}")
+    for role in ("teacher", "teacher_reference"):
+        if paths[role] and not cfg.tokenize.chat_template:
+            _template_notice(role, paths[role], tokenizer, m.trust_remote_code)
     key, inputs = run_identity(cfg, paths, testbed)
     plan = RunPlan(cfg=cfg, loss=loss, loss_cfg=loss_cfg, paths=paths, inputs=inputs, key=key, testbed=testbed,
                    tokenizer=tokenizer, teacher_vocab=vocab)
@@ -265,15 +276,75 @@ def plan_run(cfg: RunConfig, *, testbed: dict[str, Any] | None = None, progress:
                                      cfg.data.adapter, echo)
     for key in (loss.meta_keys(loss_cfg) if not cfg.eval_only else ()):
         _check_meta_key(plan.train_data.examples, key, paths["source"], cfg.loss.name)
-    plan.tokenized_train = tokenize_preferences(plan.train_data.examples, tokenizer, cfg.tokenize, progress=progress)
+    plan.tokenized_train = _tokenize(plan.train_data.examples, tokenizer, cfg, progress, "data.source",
+                                     paths["source"], paths["student"])
     echo(f"  tokenized train: {plan.tokenized_train.summary()}")
-    if len(plan.tokenized_train.dataset) == 0:
-        raise InputError(f"data.source: no pair of {paths['source']} fits the tokenize limits "
-                         f"({plan.tokenized_train.summary()}); raise tokenize.max_length / max_prompt_length")
     if plan.test_data is not None:
-        plan.tokenized_test = tokenize_preferences(plan.test_data.examples, tokenizer, cfg.tokenize,
-                                                   progress=progress)
+        plan.tokenized_test = _tokenize(plan.test_data.examples, tokenizer, cfg, progress, "data.test_source",
+                                        paths["test_source"], paths["student"])
     return plan
+
+
+def _tokenize(examples: list, tokenizer: Any, cfg: RunConfig, progress: bool, key: str, source: str,
+              model: str) -> Any:
+    """`tokenize_preferences`, with a row the chat template refuses, or a set of which no pair fits the
+    length limits, named as one error."""
+    from tvkd.tokenize import NoPairFitsError, tokenize_preferences
+
+    try:
+        return tokenize_preferences(examples, tokenizer, cfg.tokenize, progress=progress)
+    except NoPairFitsError as e:
+        raise InputError(f"{key}: {source}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - find the row a template error (or any rendering error) comes from
+        problem = _template_problem(examples, tokenizer, cfg, e)
+        if problem is None:
+            raise
+        where = "tokenize.chat_template" if cfg.tokenize.chat_template else f"the chat template of {model}"
+        if problem.startswith("the chat template does not compile"):
+            raise InputError(f"{where}: {problem}; fix it, or set tokenize.chat_template to one that compiles"
+                             ) from None
+        raise InputError(f"{key}: {source}: {problem}; {where} cannot render it. Fix or drop the row, or set "
+                         "tokenize.chat_template to a template that accepts it") from None
+
+
+def _template_problem(examples: list, tokenizer: Any, cfg: RunConfig, error: BaseException) -> str | None:
+    """Which row a tokenization error comes from and the template's own message, or None when it is not
+    a rendering error of a row (then the error is not the data's)."""
+    from collections import Counter
+
+    from jinja2 import TemplateError, TemplateSyntaxError
+
+    from tvkd.tokenize import tokenize_example
+
+    def said(e: BaseException) -> str:
+        at = f" (template line {e.lineno})" if isinstance(e, TemplateSyntaxError) and e.lineno else ""
+        return f"{type(e).__name__}{at}: {' '.join(str(e).split())[:300]}"
+
+    if isinstance(error, TemplateSyntaxError):  # the template itself, whatever the row
+        return f"the chat template does not compile: {said(error)}"
+    eos_id = tokenizer.convert_tokens_to_ids(cfg.tokenize.eos_token or tokenizer.eos_token)
+    for i, ex in enumerate(examples):
+        try:
+            tokenize_example(ex, tokenizer, eos_id, Counter())
+        except (TemplateError, TypeError, KeyError, IndexError, AttributeError, ValueError) as e:
+            roles = [m.get("role") for m in [*ex.prompt, *ex.chosen]] if isinstance(ex.prompt, list) else None
+            return f"row {i} (id {ex.id!r}{f', roles {roles}' if roles else ''}): {said(e)}"
+    return None
+
+
+def _template_notice(role: str, path: str, student_tokenizer: Any, trust_remote_code: bool) -> None:
+    """Say (stderr, one line) when a teacher's chat template differs from the student's: the teacher then
+    scores responses rendered in the student's format, not its own."""
+    import sys
+
+    from tvkd.modeling import load_tokenizer
+
+    theirs = getattr(load_tokenizer(path, trust_remote_code=trust_remote_code), "chat_template", None)
+    ours = getattr(student_tokenizer, "chat_template", None)
+    if theirs != ours:
+        what = "has no chat template" if not theirs else "has a chat template that differs from the student's"
+        print(f"notice: models.{role} ({path}) {what}; its signal is computed on pairs rendered with the "
+              "student's template", file=sys.stderr, flush=True)
 
 
 def _check_meta_key(examples: list, key: str, source: str, loss: str) -> None:
@@ -376,11 +447,11 @@ def execute(cfg: RunConfig, *, store: Any = None, force: bool = False, progress:
             dist.from_main(finish)  # the others wait here for the main process's evaluation
     except KeyboardInterrupt as e:
         if handle is not None:
-            handle.interrupt(e)
+            _record_end(handle, handle.interrupt, e)
         raise
     except BaseException as e:
         if handle is not None:
-            handle.fail(e)
+            _record_end(handle, handle.fail, e)
         raise
     dist.remove_scratch(run_dir)
     rec = store.load(plan.key, study=cfg.study, name=cfg.name)
@@ -389,6 +460,17 @@ def execute(cfg: RunConfig, *, store: Any = None, force: bool = False, progress:
             f"{k}={v:.4f}" for k, v in done["metrics"].items() if k in ("margin_accuracy", "oracle_score", "train_loss")
         ))
     return rec
+
+
+def _record_end(handle: Any, mark: Any, error: BaseException) -> None:
+    """Mark a run failed / interrupted; when even that write fails (a full disk), release the run and let
+    the first error, which names what could not be written, be the one reported."""
+    if handle.finished:
+        return
+    try:
+        mark(error)
+    except OSError:
+        handle.abandon()
 
 
 def _evaluate_only(plan: RunPlan, echo: Echo, progress: bool, ref_source: Any, teacher_source: Any

@@ -211,12 +211,32 @@ def tokenize_preferences(
 
     def build(tmp: Path) -> dict[str, Any]:
         counts, rows = _tokenize_rows(examples, tokenizer, config, eos_id, progress)
+        if not counts["kept"]:  # raised before anything is saved: an empty stage is never cached
+            raise NoPairFitsError(counts, config)
         save_dataset(datasets.Dataset.from_dict(rows, features=_features()), tmp / "data")
         return {"counts": counts, "config": asdict(config), "eos_token": eos_token}
 
     stage = cached_stage(root / key, build, describe="the tokenized data")
+    if not stage.record["counts"].get("kept"):  # an empty stage cached by an older version
+        raise NoPairFitsError(stage.record["counts"], config)
     ds = datasets.load_from_disk(str(stage.path / "data"))
     return TokenizedData(ds, stage.path, key, stage.record["counts"], cached=stage.cached)
+
+
+class NoPairFitsError(ValueError):
+    """Every pair was dropped by the length limits; the message says how many, why, and the fix."""
+
+    def __init__(self, counts: dict[str, int], config: TokenizeConfig):
+        why = []
+        if counts.get("skipped_long_prompt"):
+            why.append(f"{counts['skipped_long_prompt']} prompt(s) longer than tokenize.max_prompt_length "
+                       f"({config.max_prompt_length} tokens)")
+        if counts.get("skipped_truncated"):
+            why.append(f"{counts['skipped_truncated']} pair(s) whose responses exceed tokenize.max_length "
+                       f"({config.max_length} tokens) with tokenize.truncation: drop")
+        super().__init__(f"no pair fits the tokenize limits: all {counts.get('input', 0)} dropped ("
+                         f"{'; '.join(why) or 'no reason counted'}); raise tokenize.max_prompt_length / max_length"
+                         + (" or set tokenize.truncation: keep_start" if counts.get("skipped_truncated") else ""))
 
 
 def _tokenize_rows(examples: Sequence[Any], tokenizer: Any, config: TokenizeConfig, eos_id: int,

@@ -7,6 +7,7 @@ resume, `report_to`) comes from `transformers.Trainer` unchanged.
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from collections import defaultdict
@@ -255,6 +256,20 @@ class PreferenceTrainer(Trainer):
             self._metric_sums.clear()
         super().log(logs, *args, **kwargs)
 
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        super()._save_checkpoint(model, trial)
+        # The loss summed over every step so far (this process's share): the Trainer's train_loss of a
+        # resumed attempt covers only the steps after the checkpoint, this file gives the steps before.
+        from pathlib import Path
+
+        folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+        folder.mkdir(parents=True, exist_ok=True)
+        total = self.loss_before_resume + self._total_loss_scalar + float(self._tr_loss.item())
+        (folder / LOSS_SUM_FILE.format(rank=self.args.process_index)).write_text(
+            json.dumps({"global_step": self.state.global_step, "loss_sum": total}) + "\n")
+
+    loss_before_resume: float = 0.0  # the loss summed over the steps before the checkpoint resumed from
+
     def _load_rng_state(self, checkpoint: str | None) -> None:
         # A non-main DDP process resumes from the main process's checkpoint but keeps its RNG state in
         # its own output dir (it writes nothing in the run folder): read it from there.
@@ -279,6 +294,25 @@ def _merge_across_processes(sums: dict[str, tuple[float, int]], world_size: int)
             t, c = out.get(k, (0.0, 0))
             out[k] = (t + total, c + n)
     return out
+
+
+LOSS_SUM_FILE = "tvkd_loss_sum_{rank}.json"
+
+
+def _loss_sum_before(resume: Any, out_dir: Any, rank: int) -> float | None:
+    """The training loss summed over the steps before checkpoint `resume` (this process's share), or None
+    for a checkpoint that does not record it. A non-main DDP process reads its own copy (`out_dir`)."""
+    from pathlib import Path
+
+    for folder in (Path(out_dir) / Path(resume).name, Path(resume)):
+        path = folder / LOSS_SUM_FILE.format(rank=rank)
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(record, dict) and isinstance(record.get("loss_sum"), (int, float)):
+            return float(record["loss_sum"])
+    return None
 
 
 def last_checkpoint(out_dir: Any) -> Any:
@@ -320,6 +354,64 @@ def _checkpointing_arguments(on: bool) -> dict[str, Any]:
     fields = {f.name for f in dataclasses.fields(TrainingArguments)}
     name = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
     return {name: on, f"{name}_kwargs": {"use_reentrant": False} if on else None}
+
+
+def training_arguments(cfg: Any, out_dir: Any, *, progress: bool = False) -> Any:
+    """The `transformers.TrainingArguments` of a run (`cfg`: its `RunConfig`), checkpointing into `out_dir`."""
+    from transformers import TrainingArguments
+
+    from tvkd.modeling import resolve_device
+
+    m, t = cfg.models, cfg.train
+    device = resolve_device("auto")
+    return TrainingArguments(
+        output_dir=str(out_dir), seed=cfg.seed, data_seed=cfg.seed, learning_rate=t.learning_rate,
+        num_train_epochs=t.num_train_epochs, per_device_train_batch_size=t.per_device_train_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps, lr_scheduler_type=t.lr_scheduler_type,
+        warmup_steps=t.warmup_steps, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
+        logging_steps=t.logging_steps, save_strategy=t.save_strategy, save_steps=t.save_steps,
+        report_to=list(t.report_to) or "none", remove_unused_columns=False, use_cpu=device.type == "cpu",
+        bf16=device.type == "cuda" and m.dtype in ("auto", "bf16", "bfloat16") and torch.cuda.is_bf16_supported(),
+        disable_tqdm=not progress, dataloader_num_workers=0, **_checkpointing_arguments(t.gradient_checkpointing),
+        # DDP: every weight of the student gets a gradient each step, so DDP need not search the graph
+        # for unused ones (transformers' default for a model without gradient checkpointing is to)
+        **{"ddp_find_unused_parameters": False, **t.extra},
+    )
+
+
+def check_arguments(cfg: Any) -> None:
+    """Build the run's `TrainingArguments` once, in a dry mode (nothing is written), so that transformers' own
+    checks of every value (`train.lr_scheduler_type`, `train.extra.optim`, ...) and of the `train.report_to`
+    integrations run before the run folder exists. A refusal is a ValueError naming the key."""
+    import tempfile
+    from pathlib import Path
+
+    from transformers.integrations import get_reporting_integration_callbacks
+
+    t = cfg.train
+    try:
+        args = training_arguments(cfg, Path(tempfile.gettempdir()) / "tvkd-dry-run-not-written")
+    except Exception as e:  # noqa: BLE001 - transformers raises ValueError, TypeError, ImportError, ...
+        raise ValueError(f"{_argument_key(e, cfg)}: transformers.TrainingArguments refuses it: "
+                         f"{' '.join(str(e).split())}") from None
+    try:
+        for callback in get_reporting_integration_callbacks(args.report_to):
+            callback()  # each checks that its package is installed (WandbCallback needs wandb)
+    except Exception as e:  # noqa: BLE001 - RuntimeError for a missing package, ValueError for an unknown name
+        raise ValueError(f"train.report_to {list(t.report_to)}: {' '.join(str(e).split())}; install it, or remove "
+                         "it from train.report_to") from None
+
+
+def _argument_key(error: BaseException, cfg: Any) -> str:
+    """The config key whose value a TrainingArguments error names (its value appears in the message)."""
+    text = str(error)
+    t = cfg.train
+    candidates = [(f"train.extra.{k}", v) for k, v in (t.extra or {}).items()] + [
+        (f"train.{k}", getattr(t, k)) for k in ("lr_scheduler_type", "save_strategy", "warmup_steps")]
+    for key, value in candidates:
+        if key.rsplit(".", 1)[-1] in text or (isinstance(value, str) and value and value in text):
+            return key
+    return "train"
 
 
 def prepare_policy(policy: Any, train_cfg: Any) -> tuple[Any, dict[str, Any]]:
@@ -370,30 +462,16 @@ def train_policy(student: str, train: Any, loss: PreferenceLoss, loss_cfg: Any, 
     """
     from pathlib import Path
 
-    from transformers import TrainingArguments
     from transformers.trainer_callback import PrinterCallback
 
-    from tvkd.modeling import load_causal_lm, resolve_device
+    from tvkd.modeling import load_causal_lm
 
     m, t = cfg.models, cfg.train
-    device = resolve_device("auto")
     needs = loss.needs(loss_cfg)
     policy = load_causal_lm(student, dtype=m.dtype, trust_remote_code=m.trust_remote_code, eval_mode=False)
     policy, options = prepare_policy(policy, t)
     out_dir = Path(out_dir)
-    args = TrainingArguments(
-        output_dir=str(out_dir), seed=cfg.seed, data_seed=cfg.seed, learning_rate=t.learning_rate,
-        num_train_epochs=t.num_train_epochs, per_device_train_batch_size=t.per_device_train_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps, lr_scheduler_type=t.lr_scheduler_type,
-        warmup_steps=t.warmup_steps, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
-        logging_steps=t.logging_steps, save_strategy=t.save_strategy, save_steps=t.save_steps,
-        report_to=list(t.report_to) or "none", remove_unused_columns=False, use_cpu=device.type == "cpu",
-        bf16=device.type == "cuda" and m.dtype in ("auto", "bf16", "bfloat16") and torch.cuda.is_bf16_supported(),
-        disable_tqdm=not progress, dataloader_num_workers=0, **_checkpointing_arguments(t.gradient_checkpointing),
-        # DDP: every weight of the student gets a gradient each step, so DDP need not search the graph
-        # for unused ones (transformers' default for a model without gradient checkpointing is to)
-        **{"ddp_find_unused_parameters": False, **t.extra},
-    )
+    args = training_arguments(cfg, out_dir, progress=progress)
     collator = PreferenceCollator(pad_id=pad_id, batch_columns=loss.batch_columns(loss_cfg), reference=needs.reference)
     online = {}
     if needs.reference_logits and t.lora:
@@ -415,9 +493,15 @@ def train_policy(student: str, train: Any, loss: PreferenceLoss, loss_cfg: Any, 
     resume = Path(resume) if resume is not None else None
     if resume is not None:
         say(f"  resuming from {resume.name} (step {resume.name.split('-')[-1]} of an interrupted attempt)")
+    resumed_step = int(resume.name.split("-")[-1]) if resume is not None else 0
+    before = _loss_sum_before(resume, out_dir, args.process_index) if resume is not None else 0.0
+    trainer.loss_before_resume = before or 0.0
     result = trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
     world = max(1, int(args.world_size))
-    train_loss = float(result.training_loss)
+    train_loss = float(result.training_loss)  # the Trainer's: the mean over the steps of this attempt only
+    if resume is not None and before is not None:
+        steps_now = int(result.global_step) - resumed_step
+        train_loss = (before + train_loss * steps_now) / max(int(result.global_step), 1)
     if world > 1:
         # The Trainer's train_loss adds each process's own loss of the steps after the last log; the
         # logged part is already the all-process mean, so the mean over processes is the global value.
@@ -427,7 +511,7 @@ def train_policy(student: str, train: Any, loss: PreferenceLoss, loss_cfg: Any, 
         dist.all_reduce(total)
         train_loss = float(total.item()) / world
     metrics: dict[str, Any] = {
-        "resumed_from_step": int(resume.name.split("-")[-1]) if resume is not None else 0,
+        "resumed_from_step": resumed_step,
         "train_loss": train_loss,
         "train_steps": int(result.global_step),
         "train_pairs": len(train),
@@ -435,6 +519,8 @@ def train_policy(student: str, train: Any, loss: PreferenceLoss, loss_cfg: Any, 
         "train_processes": world,
         "train_global_batch": t.per_device_train_batch_size * world * t.gradient_accumulation_steps,
     }
+    if resume is not None and before is None:  # a checkpoint written before the loss sum was recorded
+        metrics["train_loss_steps"] = f"{resumed_step + 1}-{int(result.global_step)} (the resumed part only)"
     metrics["train_options"] = {**options, "bf16_autocast": bool(args.bf16), "logprob_path": trainer.logprob_path}
     logged = [h for h in trainer.state.log_history if "loss" in h]
     if logged:
