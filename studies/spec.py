@@ -93,7 +93,7 @@ from typing import Any
 import yaml
 
 from tvkd.api import LOSSES, ConfigError, check_value
-from tvkd.config import LossConfig, RunConfig, config_from_dict
+from tvkd.config import LossConfig, RunConfig, config_from_dict, load_yaml
 from tvkd.registry import Registry
 
 __all__ = [
@@ -1059,7 +1059,7 @@ def read_study(name: str | Path) -> tuple[Any, str]:
         path = STUDIES.get(str(name))
         source = path.name
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8")), source
+        return load_yaml(path.read_text(encoding="utf-8")), source  # 1e-5 is a number, as in run configs
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""

@@ -397,3 +397,12 @@ def test_a_profile_is_parsed_once():
         out = parse_spec(raw, profile="paper")
     assert out.name == "grid-paper" and [r.seed for r in out.runs()][:1] == [3]
     assert sorted(calls) == ["grid", "grid-paper"]
+
+
+def test_a_study_file_reads_scientific_notation_as_numbers(tmp_path):
+    path = tmp_path / "sci.yaml"
+    path.write_text("name: sci\nbase: {train: {learning_rate: 5e-07}}\nvariants: [{label: a, loss: {name: dpo}}]\n"
+                    "axes: {loss.beta: [1e-2, 1e-1]}\n")
+    spec = load_spec(path)
+    assert spec.runs()[0].config.train.learning_rate == 5e-07
+    assert [r.config.loss.options["beta"] for r in spec.runs()] == [0.01, 0.1]
