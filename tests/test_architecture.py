@@ -319,6 +319,11 @@ def test_an_installed_entry_point_registers_a_loss(tmp_path):
     assert out.stdout.strip() == "myplugin.losses.DropIn"
 
 
+#: The README's example names, renamed here: a user who follows the README word for word (the files in
+#: baselines/ and tvkd/aux_rewards/) keeps this test green, instead of a clash of two registrations.
+README_NAMES = {"dpo_norm": "readme_dpo_norm", "entropy": "readme_entropy"}
+
+
 def _readme_plugin(tmp_path: Path) -> Path:
     """The README's "Add a loss" and "Add an aux reward" files, copied into a package as a user would."""
     readme = (ROOT / "README.md").read_text()
@@ -328,8 +333,9 @@ def _readme_plugin(tmp_path: Path) -> Path:
         return textwrap.dedent(section.split("```python\n", 1)[1].split("```", 1)[0])
 
     site = _installed_package(tmp_path, "tvkd.losses", "readme = readme_plugin", {
-        "readme_plugin/__init__.py": "", "readme_plugin/dpo_norm.py": block("Add a loss"),
-        "readme_plugin/entropy.py": block("Add an aux reward"),
+        "readme_plugin/__init__.py": "",
+        "readme_plugin/dpo_norm.py": block("Add a loss").replace('"dpo_norm"', '"readme_dpo_norm"'),
+        "readme_plugin/entropy.py": block("Add an aux reward").replace('"entropy"', '"readme_entropy"'),
     })
     (next(site.glob("*.dist-info")) / "entry_points.txt").write_text(
         "[tvkd.losses]\nreadme = readme_plugin\n[tvkd.aux_rewards]\nreadme = readme_plugin\n")
@@ -338,7 +344,7 @@ def _readme_plugin(tmp_path: Path) -> Path:
 
 def test_readme_examples_register_through_discovery(tmp_path):
     env = {"PYTHONPATH": str(_readme_plugin(tmp_path))}
-    out = _run("from tvkd.api import LOSSES, AUX_REWARDS; print(LOSSES.where('dpo_norm'), AUX_REWARDS.meta('entropy')['kind'])",
+    out = _run("from tvkd.api import LOSSES, AUX_REWARDS; print(LOSSES.where('readme_dpo_norm'), AUX_REWARDS.meta('readme_entropy')['kind'])",
                env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["readme_plugin.dpo_norm.DPONorm", "state"]
@@ -348,7 +354,7 @@ def test_readme_examples_register_through_discovery(tmp_path):
 def test_readme_examples_pass_the_contract_tests(tmp_path):
     env = {"PYTHONPATH": str(_readme_plugin(tmp_path))}
     tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                            "tests/test_loss_contract.py", "tests/test_aux_rewards.py", "-k", "dpo_norm or entropy"],
+                            "tests/test_loss_contract.py", "tests/test_aux_rewards.py", "-k", "readme_dpo_norm or readme_entropy"],
                            capture_output=True, text=True, cwd=ROOT, timeout=600, env={**os.environ, **env})
     assert tests.returncode == 0, tests.stdout[-3000:]
     summary = tests.stdout.strip().splitlines()[-1]
