@@ -214,6 +214,11 @@ def _combine(ms_seed, ms_item, ms_resid, n_seeds: int, n_items: int, shared: flo
         denom = ((c_seed * ms_seed) ** 2 / (n_seeds - 1) + (c_item * ms_item) ** 2 / (n_items - 1)
                  + (c_resid * ms_resid) ** 2 / ((n_seeds - 1) * (n_items - 1)))
         df = np.where(denom > 0, var ** 2 / denom, float(n_seeds - 1))
+    # With a negative coefficient Satterthwaite's df collapse (below 1, intervals of ±100 on a difference
+    # of scores in [0, 1]) when MS_item barely exceeds MS_resid: a small, noisy prompt component. The
+    # variance is at least the seed term, a mean square with S − 1 df, so the df are floored at the smaller
+    # of the two main terms' df; the simulations of tests/test_effects.py hold 0.95–0.98 with the floor.
+    df = np.maximum(df, float(min(n_seeds - 1, n_items - 1)))
     return var, df
 
 
@@ -359,7 +364,7 @@ def minimal_detectable_effect(se: float, *, alpha: float = 0.05, power: float = 
     (z_{1−α/2} + z_{power}) · se (≈ 2.80 · se). NaN when se or df is NaN (no interval)."""
     if math.isnan(se) or math.isnan(df):
         return math.nan
-    if math.isinf(df):
+    if df > 1e4:  # the normal limit (scipy's noncentral t loses accuracy at such df)
         z = NormalDist()
         return (z.inv_cdf(1 - alpha / 2) + z.inv_cdf(power)) * se
     if se == 0:
@@ -367,7 +372,9 @@ def minimal_detectable_effect(se: float, *, alpha: float = 0.05, power: float = 
     crit = stats.t.ppf(1 - alpha / 2, df)
 
     def shortfall(ncp: float) -> float:
-        return stats.nct.sf(crit, df, ncp) + stats.nct.cdf(-crit, df, ncp) - power
+        # the far tail (the wrong sign) is negligible here; scipy returns NaN for it at a large ncp
+        wrong_sign = float(np.nan_to_num(stats.nct.cdf(-crit, df, ncp), nan=0.0))
+        return float(stats.nct.sf(crit, df, ncp)) + wrong_sign - power
 
     # the power rises with the noncentrality; the quantile sum brackets it from below, a wide step from above
     start = crit + stats.t.ppf(power, df)
