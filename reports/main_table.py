@@ -18,7 +18,7 @@ DCKD, ADPA, TVKD (released) and TVKD (ours). Each cell is mean ± std over seeds
 finished runs stays in the table with "–". Only the student methods are ranked for the bold /
 underlined marks: the teachers are references, not methods, and in the win-rate column the ADPA
 row is the opponent itself. Two more columns give each row's paired difference to DPO (or another
-``reference`` row) in oracle score and margin accuracy with a 95% hierarchical-bootstrap interval,
+``reference`` row) in oracle score and margin accuracy with a 95% crossed seed × item interval,
 and the caption the smallest difference the table can detect (reports/effects.py).
 """
 

@@ -12,7 +12,7 @@ Input: one row per finished run (the `model-ablation` study's frame) with the co
 
 Rows: DPO, SimPO, DCKD, TVKD (ours), as in the paper. Column groups: one per pair, in the spec's order,
 each with the oracle score and margin accuracy (mean ± std over seeds) and the paired difference in
-oracle score to DPO *of the same pair* and seed with a 95% hierarchical-bootstrap interval
+oracle score to DPO *of the same pair* and seed with a 95% crossed seed × item interval
 (reports/effects.py). Every method is ranked within each column. A metric resting on fewer runs than
 the row's count carries "(n=k)".
 """

@@ -11,8 +11,8 @@ Input: one row per finished run (the `mt-bench-categories` study's frame) with t
 Categories are MT-Bench's eight in FastChat's order when present, then any other category found (on the
 testbed: its tasks sort, reverse, dedupe, count, judged by the testbed oracle through the loopback judge).
 Table: rows = methods, one column per category and the overall score (mean ± std over seeds), and the
-paired difference in overall score to DPO of the same seed (averaged over seeds, seed-level bootstrap 95%
-interval: the store keeps one score per run). Only the trained methods are ranked. The radar (PNG and PDF,
+paired difference in overall score to DPO of the same seed (averaged over seeds, with a 95% t-interval over the seeds:
+the store keeps one score per run). Only the trained methods are ranked. The radar (PNG and PDF,
 byte-identical for the same frame) draws each method's mean category scores on one polar axis per category.
 """
 
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from reports.effects import Effect, format_effect, hierarchical_bootstrap
+from reports.effects import Effect, crossed_effect, format_effect
 from reports.figures import save_figure
 from reports.tables import (
     MISSING,
@@ -76,7 +76,7 @@ def _seed_effect(df: pd.DataFrame, label: str) -> Effect | None:
     part = df[df["label"] == label]
     diffs = [np.array([float(v) - ref[s]]) for s, v in zip(part["seed"], part[SCORE])
              if s in ref and v is not None and not math.isnan(float(v))]
-    return hierarchical_bootstrap(diffs) if diffs else None
+    return crossed_effect(diffs) if diffs else None
 
 
 def mt_bench_summary(df: pd.DataFrame) -> pd.DataFrame:
@@ -123,8 +123,8 @@ def format_mt_bench_categories(df: pd.DataFrame, fmt: str = "markdown") -> str:
         "(tvkd/benchmarks/mt_bench.py). On the testbed the categories are its tasks and the judge is the loopback "
         "judge backed by the oracle (rating = round(1 + 9 r*)). "
         f"Mean ± std over seeds {format_seeds(df['seed'])}; n = runs per row. Bold: best, {second}: second best among DPO and "
-        "TVKD. Δ MT-Bench vs DPO: the per-seed difference in overall score, averaged, with a seed-level bootstrap "
-        "95% interval."
+        "TVKD. Δ MT-Bench vs DPO: the per-seed difference in overall score, averaged, with a 95% t-interval over the "
+        "seeds (df = seeds − 1)."
     )
     return format_table(summary, metrics=metrics, row_label_cols={"Method": "Method"}, fmt=fmt,
                         ranked=summary["ranked"].tolist(), caption=caption,

@@ -23,7 +23,7 @@ rows match only runs with teacher offsets. Each cell is mean ± std over seeds; 
 runs stays in the table with "–". Only the aux rewards and DPO are ranked for the bold/second marks:
 the controls are diagnostics, not methods, and in the win-rate column the soft_value row is the
 opponent itself. Two more columns give each row's paired difference to DPO (or another ``reference``
-row) in oracle score and margin accuracy with a 95% hierarchical-bootstrap interval, and the caption
+row) in oracle score and margin accuracy with a 95% crossed seed × item interval, and the caption
 the smallest difference the table can detect (reports/effects.py).
 """
 

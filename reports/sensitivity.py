@@ -17,7 +17,7 @@ Two studies share this generator: `alpha-sensitivity` (Figure 4a: the distillati
 Rows: DPO first, then TVKD at each value (ascending), then the shuffled-Ψ control at each value (the
 same teacher offsets permuted across pairs: what an offset of that size does without the teacher's
 knowledge). Each cell is mean ± std over seeds with the runs per row; the Δ columns give the paired
-difference to DPO of the same seed with a 95% hierarchical-bootstrap interval (reports/effects.py).
+difference to DPO of the same seed with a 95% crossed seed × item interval (reports/effects.py).
 Only the TVKD rows and DPO are ranked for the bold / second marks; the controls are diagnostics.
 
 The figure (PNG and PDF, byte-identical for the same frame) has one panel per metric: the metric

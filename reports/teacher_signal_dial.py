@@ -6,7 +6,7 @@ Input: the study frame of `studies/teacher_signal_dial.yaml`, one row per run wi
 the oracle gap), and the per-item columns `items.oracle_score` / `items.margin_accuracy`.
 
 Output: `teacher_signal_dial.md` / `.tex` (per row: the offsets' measured correlation with the oracle gap,
-and the paired gains over DPO with 95% hierarchical-bootstrap intervals, `reports.effects`) and the figure
+and the paired gains over DPO with 95% crossed seed × item intervals, `reports.effects`) and the figure
 `teacher_signal_dial.png` / `.pdf`: the oracle-score gain over DPO against the measured correlation, the
 dial's points joined by a line, each of the six aux rewards placed on the same axes at its own measured
 correlation.

@@ -12,7 +12,7 @@ Input: one row per finished run (the `teacher-type` study's frame) with the colu
 Rows: DCKD and TVKD (ours), as in the paper, then DPO (no teacher; the same runs serve every column
 group). Column groups: the DPO teacher, the SFT teacher and the instruct-like teacher, each with the
 oracle score, margin accuracy (mean ± std over seeds) and the paired difference in oracle score to
-DPO of the same seed (95% hierarchical-bootstrap interval, reports/effects.py).
+DPO of the same seed (95% crossed seed × item interval, reports/effects.py).
 """
 
 from __future__ import annotations

@@ -17,9 +17,9 @@ Rows in order: the DPO teacher (the paper's first row; its KL to itself is 0, a 
 the SFT student (where every student starts), the DPO student, TVKD (ours) and the shuffled-Ψ control.
 Each cell is mean ± std over seeds; a row without runs stays with "–". Only the DPO and TVKD students
 are ranked for the bold / second marks. The Δ columns give each student row's paired difference to the
-DPO student of the same seed with a 95% interval: per test prompt for the oracle score (hierarchical
-bootstrap, reports/effects.py) and per seed for the value KL (the KL is one number per run, so only the
-seeds are resampled).
+DPO student of the same seed with a 95% interval: per test prompt for the oracle score (crossed
+seed × item model, reports/effects.py) and per seed for the value KL (the KL is one number per run: a
+t-interval over the seeds).
 """
 
 from __future__ import annotations
@@ -35,12 +35,12 @@ import pandas as pd
 from reports.compare import PaperMap
 from reports.effects import (
     Effect,
+    crossed_effect,
     detection_limit_sentence,
     effect_cells,
     effect_header,
     effects_by_row,
     effects_caption,
-    hierarchical_bootstrap,
     items_column,
 )
 from reports.tables import TABLES, MetricSpec, format_seeds, format_table, summarize, write_table_files
@@ -77,7 +77,7 @@ ROWS: tuple[TableRow, ...] = (
 
 
 def _seed_effects(df: pd.DataFrame, metric: str, keys: list[str]) -> list[Effect | None]:
-    """Per row: the mean over seeds of (row − DPO) in ``metric``, with a seed-level bootstrap interval."""
+    """Per row: the mean over seeds of (row − DPO) in ``metric``, with a t-interval over the seeds."""
     ref = {s: v for s, v in zip(df.loc[df["label"] == REFERENCE, "seed"], df.loc[df["label"] == REFERENCE, metric])
            if v is not None and not math.isnan(float(v))}
     out: list[Effect | None] = []
@@ -88,7 +88,7 @@ def _seed_effects(df: pd.DataFrame, metric: str, keys: list[str]) -> list[Effect
         part = df[df["label"] == key]
         diffs = [np.array([float(v) - ref[s]]) for s, v in zip(part["seed"], part[metric])
                  if s in ref and v is not None and not math.isnan(float(v))]
-        out.append(hierarchical_bootstrap(diffs) if diffs else None)
+        out.append(crossed_effect(diffs) if diffs else None)
     return out
 
 
@@ -146,7 +146,7 @@ def format_value_alignment(df: pd.DataFrame, fmt: str = "markdown") -> str:
         f"Mean ± std over seeds {format_seeds(df.loc[df['label'].isin([r.label for r in ROWS]), 'seed'])}; n = runs per row. "
         f"Bold: best, {second}: second best among the DPO and TVKD students. "
         + effects_caption("DPO")
-        + " Δ value KL: the per-seed difference, averaged, with a seed-level bootstrap interval."
+        + " Δ value KL: the per-seed difference, averaged, with a 95% t-interval over the seeds (df = seeds − 1)."
     )
     limit = detection_limit_sentence({m: summary[f"effect.{m}"].tolist() for m in ITEM_EFFECTS},
                                      {m: METRICS[m] for m in ITEM_EFFECTS})

@@ -16,7 +16,7 @@ Rows: "Log prob." (Σ log π_T, the DPO-style score), "Log prob. with LC" (lengt
 rows do not depend on the aux reward, so they are read once per (teacher, seed) from the first run that
 has them. Columns: the DPO teacher's accuracy against the labels and against the oracle, the same for
 the SFT teacher (the control: what the teacher's DPO stage adds), and the paired difference DPO − SFT
-teacher per seed (averaged, with a seed-level bootstrap 95% interval, reports/effects.py). Each cell is
+teacher per seed (averaged, with a 95% t-interval over the seeds, reports/effects.py). Each cell is
 mean ± std over the testbed seeds, with the seed count.
 """
 
@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from reports.effects import Effect, format_effect, hierarchical_bootstrap
+from reports.effects import Effect, crossed_effect, format_effect
 from reports.tables import MISSING, TABLES, MetricSpec, format_table, summarize, write_table_files
 from tvkd.aux_rewards import TABLE5
 
@@ -124,7 +124,7 @@ def _difference(wide: pd.DataFrame, key: str, truth: str) -> Effect | None:
     part = wide[wide["key"] == key]
     diffs = [np.array([a - b]) for a, b in zip(part[f"dpo.{truth}"], part[f"sft.{truth}"])
              if not (math.isnan(a) or math.isnan(b))]
-    return hierarchical_bootstrap(diffs) if diffs else None
+    return crossed_effect(diffs) if diffs else None
 
 
 def value_analysis_summary(df: pd.DataFrame) -> pd.DataFrame:
@@ -172,7 +172,7 @@ def format_value_analysis(df: pd.DataFrame, fmt: str = "markdown") -> str:
         "The SFT teacher (before its DPO stage) is the control. "
         f"Mean ± std over testbed seeds {', '.join(map(str, seeds)) or '(none)'} (each a whole testbed build); "
         f"n = seeds. Bold: best, {second}: second best per column. Δ: the DPO teacher minus the SFT teacher on "
-        "the same seed, averaged, with a seed-level bootstrap 95% interval, in percentage points."
+        "the same seed, averaged, with a 95% t-interval over the seeds (df = seeds − 1), in percentage points."
     )
     rules = [i for i, k in enumerate(summary["key"]) if k == f"shaping:{OURS}" or
              (i > 0 and summary["key"].iloc[i - 1] == f"shaping:{OURS}")]

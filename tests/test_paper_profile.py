@@ -11,8 +11,7 @@ import pytest
 import yaml
 
 from reports.paper_compute import MFU, MODELS, PEAK_FLOPS, model_parameters
-from studies.spec import STUDY_DIR, StudySpecError, load_spec, parse_spec
-from studies.spec import apply_profile
+from studies.spec import STUDY_DIR, StudySpecError, apply_profile, load_spec, parse_spec
 from tvkd.cli import main
 
 

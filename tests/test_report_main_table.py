@@ -181,7 +181,7 @@ def test_effect_columns_against_dpo():
     assert not any(c.startswith(("**", "<u>")) for row in cells.values() for c in row[3:5])  # marks: mean ± std only
     caption = md.split("\n\n")[-1]
     assert "Δ vs DPO: the paired difference to DPO's run of the same seed" in caption
-    assert "With 2–3 seeds, differences smaller than ±" in caption and "pts in margin accuracy" in caption
+    assert "With 2–3 seeds it is " in caption and "pts in margin accuracy over the rows" in caption
     assert caption.rstrip().endswith("are below the detection limit (80% power, 5% level).")
     tex = format_main_table(main_table_runs(), "latex")
     assert r"$\Delta$ margin acc. vs DPO (pts) [95\% CI]" in tex and r"(80\% power, 5\% level).}" in tex

@@ -181,8 +181,9 @@ def test_effect_columns_against_dpo():
     assert not any(c.startswith(("**", "_")) for row in cells.values() for c in row[4:6])  # marks: mean ± std only
     caption = md.split("\n\n")[-1]
     assert "Δ vs DPO: the paired difference" in caption
-    assert "With 1 seed (evaluation noise only), differences smaller than ±" in caption
+    assert "With 1 seed (evaluation noise only) it is " in caption and "(noncentral t)" in caption
     assert caption.rstrip().endswith("are below the detection limit (80% power, 5% level).")
+    assert "crossed seed × item random-effects model" in caption
     tex = format_reward_conflict(reward_conflict_runs(), "latex")
     assert r"$\Delta$ oracle vs DPO [95\% CI]" in tex and r"detection limit (80\% power, 5\% level)" in tex
 
@@ -195,7 +196,7 @@ def test_effect_columns_against_another_reference():
     assert not cells["logits"][5].endswith(")")  # three paired seeds, as many as the row's runs
     assert cells["log_prob"][5].endswith("(n=2)")
     assert "(n=" not in cells["DPO"][5]  # one paired seed, DPO's only run
-    assert "With 1–3 seeds, differences smaller than" in md
+    assert "With 1–3 seeds it is " in md
     with pytest.raises(ValueError, match="no table row"):
         format_reward_conflict(reward_conflict_runs(), "markdown", reference="ipo")
 

@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from tests.report_checks import load_study
 from studies.engine import run_study
+from tests.report_checks import load_study
 
 pytestmark = pytest.mark.slow
 
