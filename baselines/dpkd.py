@@ -80,7 +80,7 @@ class DPKD(PreferenceLoss):
             "help": "token: the official per-token form on the chosen response (teacher argmax vs student argmax) | "
                     "sequence: the paper's form, the teacher's greedy answer preferred over the student's, "
                     "implicit reward β·log π_θ/π_T summed over each answer."})
-        beta: float = field(default=0.1, metadata={"help": "β (dpo_beta) of the token-level implicit reward."})
+        beta: float = field(default=0.1, metadata={"help": "β (dpo_beta) of the implicit reward (per token or per pair)."})
         kd_ratio: float = field(default=0.5, metadata={
             "help": "Mix in [0, 1]: L = (1 − kd_ratio)·CE + kd_ratio·L_d (official 0.5)."})
         loss_type: str = field(default="sigmoid", metadata={
