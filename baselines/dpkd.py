@@ -20,7 +20,7 @@ teacher runs online (full logits). Both argmaxes run over the rows the two vocab
 (the teacher's logits may have fewer rows than the student's padded embedding); each log-prob is
 a log-softmax over its model's own rows.
 
-``form=sequence`` (the paper's formulation, METHODS §A.5's flag): the teacher's output is preferred
+``form=sequence`` (the paper's formulation, the flag of docs/methods.md §A.5): the teacher's output is preferred
 over the student's, with the teacher as the reference of the implicit reward. The chosen side of
 each pair becomes the teacher's greedy answer y^T and the rejected side the student
 initialisation's greedy answer y^S (`Needs.chosen_from="teacher"`, `rejected_from="student"`: cached
