@@ -193,3 +193,25 @@ def test_sequence_form_needs_rollouts_of_both_models():
     batch.token_ids[0, 0] = V - 1  # a token the teacher has no logit row for
     with pytest.raises(ValueError, match="outside the teacher"):
         run(batch, form="sequence")
+
+
+def test_sequence_form_runs_end_to_end_on_both_rollouts(tiny_world, tmp_path):
+    import numpy as np
+
+    from tvkd.config import config_from_dict
+    from tvkd.pipeline import execute
+    from tvkd.results import ResultsStore
+
+    cfg = config_from_dict({
+        "name": "dpkd-seq", "num_threads": 1,
+        "models": {"student": tiny_world["student"], "teacher": tiny_world["teacher"]},
+        "data": {"source": tiny_world["data"], "test_source": tiny_world["data"], "test_split": "train",
+                 "test_limit": 4},
+        "tokenize": {"max_length": 32, "max_prompt_length": 16},
+        "loss": {"name": "dpkd", "form": "sequence", "max_new_tokens": 5},
+        "train": {"learning_rate": 1e-3, "num_train_epochs": 1, "per_device_train_batch_size": 4},
+        "eval": {"max_new_tokens": 3, "teacher_scores": False},
+    })
+    rec = execute(cfg, store=ResultsStore(tmp_path / "results"), progress=False)
+    assert rec.complete and np.isfinite(rec.metrics["train_loss"])
+    assert len(list((tmp_path / "cache" / "rollouts").glob("*/data"))) == 2  # the teacher's and the student's
