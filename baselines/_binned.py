@@ -11,8 +11,9 @@ the KL runs over the full vocabulary instead, against the online teacher logits 
 The floor (1e-7) is the official ``get_kl_loss``'s ``input_probs[input_probs < 1e-7] = 1e-7``:
 a floored bin gets no gradient, as there. It belongs to the 51-bin form and does not apply with
 ``topk=None``: flooring every entry of a full vocabulary would move the KL by up to 1.6 nats on a
-peaked student, so the full-vocabulary KL is the exact Σ_v p_T,v·(log p_T,v − log q_θ,v). This module is a helper (its name starts with ``_``),
-imported explicitly by `baselines.vanilla_kd` and `baselines.dckd`.
+peaked student, so the full-vocabulary KL is the exact Σ_v p_T,v·(log p_T,v − log q_θ,v).
+This module is a helper (its name starts with ``_``), imported explicitly by `baselines.vanilla_kd`
+and `baselines.dckd`.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """DPKD, Direct Preference Knowledge Distillation (Li et al., 2024): the official token-level form and the
 paper's sequence-level form (docs/methods.md §A.5, §B.5.4), chosen by ``form``.
 
-``form=token`` (default, the official code). On the chosen response with teacher forcing, per valid token t (state s_t), with the teacher as
-the reference:
+``form=token`` (default, the official code). On the chosen response with teacher forcing, per valid
+token t (state s_t), with the teacher as the reference:
 
     y^T_t = argmax π_T(·|s_t),   y^S_t = argmax π_θ(·|s_t)          (the argmax carries no gradient)
     h_t   = [log π_θ(y^T_t) − log π_θ(y^S_t)] − [log π_T(y^T_t) − log π_T(y^S_t)]
@@ -80,7 +80,8 @@ class DPKD(PreferenceLoss):
             "help": "token: the official per-token form on the chosen response (teacher argmax vs student argmax) | "
                     "sequence: the paper's form, the teacher's greedy answer preferred over the student's, "
                     "implicit reward β·log π_θ/π_T summed over each answer."})
-        beta: float = field(default=0.1, metadata={"help": "β (dpo_beta) of the implicit reward (per token or per pair)."})
+        beta: float = field(default=0.1, metadata={
+            "help": "β (dpo_beta) of the implicit reward (per token or per pair)."})
         kd_ratio: float = field(default=0.5, metadata={
             "help": "Mix in [0, 1]: L = (1 − kd_ratio)·CE + kd_ratio·L_d (official 0.5)."})
         loss_type: str = field(default="sigmoid", metadata={

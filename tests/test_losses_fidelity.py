@@ -28,7 +28,8 @@ def peaked_batch(seed: int, scale: float) -> ScoredBatch:
     teacher = z + torch.randn(2 * B, T, V, generator=g)
     top = torch.log_softmax(teacher, -1).topk(K, -1)
     rest = torch.log_softmax(teacher, -1).scatter(-1, top.indices, float("-inf")).logsumexp(-1)
-    tok = torch.where(torch.rand(2 * B, T, generator=g) < 0.8, z.argmax(-1), torch.randint(0, V, (2 * B, T), generator=g))
+    other = torch.randint(0, V, (2 * B, T), generator=g)
+    tok = torch.where(torch.rand(2 * B, T, generator=g) < 0.8, z.argmax(-1), other)
     mask = torch.arange(T)[None] < torch.tensor(LENGTHS)[:, None]
     logps = torch.log_softmax(z, -1).gather(-1, tok[..., None])[..., 0] * mask
     cols = {"topk_ids": top.indices, "topk_logprobs": top.values, "topk_rest": rest}

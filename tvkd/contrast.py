@@ -106,5 +106,6 @@ def contrast_logps(tokenized: TokenizedData, reference_logps: Any, init: Any, sp
                                    batch_size=batch_size, progress=progress)
         parts.append(lp.dataset.rename_columns({f"{s}/ref_logps": f"{s}/{CONTRAST_PREFIX}{name}_logps"
                                                 for s in SIDES}))
-        say(f"  contrast model {name}: mean |log-ratio to the initialisation| {_mean_abs_shift(lp.dataset, reference_logps):.3g} per token")
+        shift = _mean_abs_shift(lp.dataset, reference_logps)
+        say(f"  contrast model {name}: mean |log-ratio to the initialisation| {shift:.3g} per token")
     return datasets.concatenate_datasets(parts, axis=1)
