@@ -36,7 +36,7 @@ def test_main_table_paper_profile_is_the_papers_setting():
         assert not any(str(v).startswith("testbed:") for v in vars(cfg.models).values())
     by = {r.label: r.config for r in runs}
     assert by["teacher_dpo"].models.student == "meta-llama/Llama-3.1-8B" and by["teacher_dpo"].eval_only
-    assert by["tvkd"].loss.options == {"beta": 0.1, "aux": "soft_value", "alpha": 0.7, "value_temperature": 2.0}
+    assert by["tvkd"].loss.options == {"aux": "soft_value", "alpha": 0.7, "value_temperature": 2.0}
     for label in ("vanilla_kd", "dckd", "adpa", "tvkd_released"):
         assert by[label].loss.options["topk"] == 50  # the paper's top-50 teacher cache
     assert by["sft"].models.student == "meta-llama/Llama-3.2-1B"
