@@ -39,7 +39,7 @@ def topk_field() -> Any:
 def rest_bin_field() -> Any:
     return field(default="logsumexp", metadata={
         "help": "The student's rest bin: logsumexp (exact, docs/methods.md §B.8) | complement (the official "
-                "1 − Σ top-k in fp32, floored at 1e-8)."})
+                "1 − Σ top-k of the fp32 softmax, by the official operations, floored at 1e-8)."})
 
 
 def floor_field() -> Any:

@@ -107,7 +107,8 @@ class TVKDReleased(PreferenceLoss):
         )
         rest_bin: str = field(
             default="complement",
-            metadata={"help": "The 51st bin: complement (released code: 1 − Σ top-k in fp32, floored at 1e-8) | "
+            metadata={"help": "The 51st bin: complement (released code: 1 − Σ top-k of the fp32 softmax, by its own "
+                              "operations, floored at 1e-8) | "
                               "logsumexp (exact: logsumexp over the logits outside the top-k)."},
         )
 
