@@ -49,7 +49,8 @@ class DDPO(PreferenceLoss):
 
     @dataclass
     class Config:
-        beta: float = field(default=0.1, metadata={"help": "β, the scale of the student's implicit reward."})
+        beta: float = field(default=0.01, metadata={
+            "help": "β, the scale of the student's implicit reward (0.01, as dpo: docs/methods.md §A.5)."})
         teacher_beta: float = field(
             default=0.05,
             metadata={"help": "β_T in the target r_T = β_T·Σ log π_T/π_Tref: the teacher's own DPO β (0.05 on the "

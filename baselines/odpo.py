@@ -59,7 +59,8 @@ class ODPO(PreferenceLoss):
 
     @dataclass
     class Config:
-        beta: float = field(default=0.1, metadata={"help": "β, the DPO scale of the implicit reward."})
+        beta: float = field(default=0.01, metadata={
+            "help": "β, the DPO scale of the implicit reward (0.01, as dpo: docs/methods.md §A.5)."})
         alpha: float = field(
             default=1.0, metadata={"help": "α, the weight of the offset log(r_w − r_l) (not scaled by β); 0 is DPO."}
         )
