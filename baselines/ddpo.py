@@ -46,6 +46,7 @@ class DDPO(PreferenceLoss):
     """L = (β(Δ_w − Δ_l) − (r_T(y_w) − r_T(y_l)))², r_T = β_T·log π_T/π_Tref (docs/methods.md §A.5)."""
 
     name = "ddpo"
+    identity_defaults = ("beta",)  # its default moved from 0.1 to 0.01: a config that leaves β out is a new run
 
     @dataclass
     class Config:

@@ -31,6 +31,7 @@ class DPO(PreferenceLoss):
     """L = −log σ(β(Δ_w − Δ_l)) (DPO Eq. 7), optionally label-smoothed as cDPO."""
 
     name = "dpo"
+    identity_defaults = ("beta",)  # its default moved from 0.1 to 0.01: a config that leaves β out is a new run
 
     @dataclass
     class Config:

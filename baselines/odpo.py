@@ -56,6 +56,7 @@ class ODPO(PreferenceLoss):
     """L = −log σ(β(Δ_w − Δ_l) − α·log(r_w − r_l)) (docs/methods.md §A.7)."""
 
     name = "odpo"
+    identity_defaults = ("beta",)  # its default moved from 0.1 to 0.01: a config that leaves β out is a new run
 
     @dataclass
     class Config:

@@ -64,6 +64,7 @@ class WPO(PreferenceLoss):
     """L = min(1, w(y_w)·w(y_l)) · (−log σ(β(Δ_w − Δ_l))), w the detached length-normalised alignment weight."""
 
     name = "wpo"
+    identity_defaults = ("beta",)  # its default moved from 0.1 to 0.01: a config that leaves β out is a new run
 
     @dataclass
     class Config:

@@ -66,3 +66,19 @@ def test_losses_verbose_lists_the_new_flags(capsys):
                        ("odpo", "beta = 0.01"), ("ddpo", "beta = 0.01"), ("tvkd_released", "rest_bin = 'complement'")):
         assert any(line.startswith(flag) for line in blocks[loss]), (loss, flag)
     assert any("Not applied with topk=null" in line for line in blocks["dckd"])
+
+
+def test_a_loss_whose_default_moved_is_a_new_run_when_the_config_leaves_it_out():
+    """dpo's β default moved from 0.1 to 0.01: a stored `{name: dpo}` run (β 0.1) is not reused under the new default."""
+    from tvkd.config import config_from_dict
+    from tvkd.pipeline import run_identity
+    from tvkd.results import config_hash
+
+    def key(loss):
+        cfg = config_from_dict({"models": {"student": "s"}, "data": {"source": "d.jsonl"}, "loss": loss})
+        return run_identity(cfg, {"student": "s"})[0]
+
+    implicit, explicit = key({"name": "dpo"}), key({"name": "dpo", "beta": 0.1})
+    assert implicit["loss_defaults"] == {"beta": 0.01} and "loss_defaults" not in explicit
+    assert config_hash(implicit) != config_hash({k: v for k, v in implicit.items() if k != "loss_defaults"})
+    assert "loss_defaults" not in key({"name": "tvkd", "aux": "soft_value"})  # a loss whose defaults did not move

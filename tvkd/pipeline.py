@@ -169,6 +169,9 @@ def run_identity(cfg: RunConfig, paths: dict[str, str | None], testbed: dict[str
         if paths.get(role):
             inputs[f"data.{role}"] = _data_fingerprint(paths[role])
     key = {**cfg.to_dict(), "inputs": inputs}
+    implied = _implied_loss_defaults(cfg)
+    if implied:
+        key["loss_defaults"] = implied
     # Identity by content: a local model folder or data file is in the key by its fingerprint (`inputs`);
     # its path stays in the record (config.yaml) but not in the hash (`results._content_keyed`), so a copy of
     # the same files at another path is the same run.
@@ -178,6 +181,18 @@ def run_identity(cfg: RunConfig, paths: dict[str, str | None], testbed: dict[str
     if processes > 1:  # per_device_train_batch_size is per process: N processes train on N x the batch
         key["processes"] = processes
     return key, inputs
+
+
+def _implied_loss_defaults(cfg: RunConfig) -> dict[str, Any]:
+    """The loss's `identity_defaults` that the config leaves out, with the values they resolve to."""
+    from tvkd.api import LOSSES, build_config
+
+    cls = LOSSES.get(cfg.loss.name)
+    left_out = [k for k in getattr(cls, "identity_defaults", ()) if k not in cfg.loss.options]
+    if not left_out:
+        return {}
+    resolved = build_config(cls, cfg.loss.options)
+    return {k: getattr(resolved, k) for k in left_out}
 
 
 def identity(cfg: RunConfig, testbed: dict[str, Any] | None = None, progress: bool = True) -> dict[str, Any]:
