@@ -92,7 +92,7 @@ from typing import Any
 
 import yaml
 
-from tvkd.api import LOSSES, ConfigError, check_value
+from tvkd.api import LOSSES, ConfigError, check_value, checked_fields
 from tvkd.config import LossConfig, RunConfig, config_from_dict, load_yaml
 from tvkd.registry import Registry
 
@@ -360,32 +360,6 @@ class Resources:
     def as_tune(self) -> dict[str, float]:
         """As `ray.tune.with_resources` takes it."""
         return {"cpu": self.cpu, "gpu": self.gpu}
-
-
-def _typed(cls: type, data: Any, where: str, problems: list[str]) -> Any:
-    """An instance of the dataclass ``cls`` from ``data``, each key checked like a run config's (`check_value`);
-    every problem (one per key) goes to ``problems`` and None is returned."""
-    if not isinstance(data, dict):
-        problems.append(f"{where}: expected a mapping ({', '.join(f.name for f in dataclasses.fields(cls))}), got "
-                        f"{_given(data)}")
-        return None
-    hints, kwargs, before = typing.get_type_hints(cls), {}, len(problems)
-    names = [f.name for f in dataclasses.fields(cls)]
-    for key, value in data.items():
-        if key not in hints:
-            problems.append(f"{where}.{key}: unknown key{_close(str(key), names)}; valid keys: {', '.join(names)}")
-            continue
-        try:
-            kwargs[key] = check_value(value, hints[key], f"{where}.{key}")
-        except ConfigError as e:
-            problems.append(str(e))
-    if len(problems) > before:
-        return None
-    try:
-        return cls(**kwargs)
-    except (TypeError, ValueError) as e:
-        problems.append(f"{where}: {e}")
-        return None
 
 
 @dataclass(frozen=True)
@@ -928,7 +902,12 @@ def parse_spec(spec: Any, source: str | None = None, profile: str | None = None)
     problems.extend(_check_seeds(seeds, "seeds"))
     resources = Resources()
     if spec.get("resources") is not None:
-        resources = _typed(Resources, spec["resources"], "resources", problems) or resources
+        try:  # each key's type, then its range, as a run config's section
+            resources = Resources(**checked_fields(Resources, spec["resources"], "resources."))
+        except ConfigError as e:
+            problems.append(str(e))
+        except ValueError as e:
+            problems.append(f"resources: {e}")
     base = spec.get("base") if spec.get("base") is not None else {}
     _check_run_mapping(base, "base", problems)
 

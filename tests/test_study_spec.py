@@ -366,7 +366,8 @@ def test_a_reference_variant_that_names_no_run_is_an_error():
 def test_resources_are_checked_like_run_config_keys():
     assert parse_spec({**grid(), "resources": {"cpu": 2, "gpu": 0.5}}).resources.as_tune() == {"cpu": 2.0, "gpu": 0.5}
     assert parse_spec(grid()).resources.as_tune() == {"cpu": 1.0, "gpu": 0.0}
-    assert "resources.gpus: unknown key (did you mean 'gpu'?)" in problems({**grid(), "resources": {"gpus": 1}})
+    assert "resources.gpus: unknown key; valid keys: cpu, gpu. Did you mean 'gpu'?" in problems(
+        {**grid(), "resources": {"gpus": 1}})
     assert "resources: cpu must be > 0" in problems({**grid(), "resources": {"cpu": 0}})
     assert "resources.cpu: expected a number, got 'two'" in problems({**grid(), "resources": {"cpu": "two"}})
 
