@@ -90,24 +90,18 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from tvkd.benchmarks import BENCHMARKS
-    from tvkd.benchmarks._run import evaluate, parse_options
+    from tvkd.benchmarks._run import evaluate, list_text, parse_options
 
     if args.list or not args.target:
-        for name in sorted(BENCHMARKS.names()):
-            meta = BENCHMARKS.meta(name)
-            print(f"{name:<16} {meta.get('description', '')}")
-            for opt, text in (meta.get("options") or {}).items():
-                print(f"    --option {opt}=...: {text}")
+        print(list_text())
         return 0 if args.list else 2
     benches = [b.strip() for b in args.bench.split(",") if b.strip()]
-    run_dir, metrics = evaluate(args.target, benches, parse_options(args.option), results=args.results,
-                                progress=not args.quiet)
-    for key in sorted(metrics):
-        if any(key.startswith(b.replace("-", "_") + "/") or key.startswith(b + "/") for b in benches):
-            value = metrics[key]
-            print(f"  {key}: {value:.4f}" if isinstance(value, float) else f"  {key}: {value}")
-    print(f"metrics merged into {run_dir / 'metrics.json'}")
+    ev = evaluate(args.target, benches, parse_options(args.option), results=args.results, progress=not args.quiet,
+                  threads=args.threads)
+    print(f"metrics merged into {ev.run_dir / 'metrics.json'}")
+    if ev.failed:
+        print(f"error: {ev.failure_message()}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -352,6 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a benchmark option, e.g. judge_model=gpt-4o-mini (values parsed as YAML)")
     ev.add_argument("--results", default=None, help="results store root (default $TVKD_RESULTS or ./results)")
     ev.add_argument("--list", action="store_true", help="list the benchmarks and their options")
+    ev.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads for generation and scoring (default: torch's, one per core)")
     ev.add_argument("--quiet", action="store_true")
     ev.set_defaults(func=cmd_eval)
 
