@@ -64,6 +64,7 @@ from typing import Any, NamedTuple
 
 MODEL_NAME = "tvkd-oracle-judge"
 GARBAGE_TEXT = "I am not able to evaluate this response."
+STUB_MARK = "No testbed oracle for this question"  # in every judgement the stub scored: a client can flag it
 Scorer = Callable[[str, str], "tuple[float, str] | float"]
 
 
@@ -248,7 +249,7 @@ def answer_for(task: JudgeTask, scores: list[float], request: dict[str, Any],
     if task.format.startswith("mt-bench-single"):
         r = scores[0]
         why = f"The testbed oracle gives this answer r* = {r:.3f}." if sources[0] == "oracle" else \
-            f"No testbed oracle for this question; the stub scores the answer {r:.3f}."
+            f"{STUB_MARK}; the stub scores the answer {r:.3f}."
         return {"content": f"{why} Rating: [[{rating(r)}]]"}
     r1, r2 = scores
     best = 0 if r1 >= r2 else 1
