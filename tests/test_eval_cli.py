@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tests.test_trust import cli, run_dirs, write_cfg
 
 
@@ -86,6 +88,13 @@ def test_options_are_checked_per_benchmark(tiny_world, tmp_path, capsys):
         code, _, err = cli(capsys, "eval", run, "--bench", "mt-bench", "--option", secret, "--results", results)
         assert code == 2 and "a secret is never passed as an option" in err and "TVKD_JUDGE_API_KEY" in err, secret
         assert "abc" not in err
+    from tvkd.benchmarks._run import check_options
+
+    assert check_options(["rm", "mt-bench"], {"max_new_tokens": 8, "reward_model": "oracle"}) == {
+        "rm": {"max_new_tokens": 8, "reward_model": "oracle"}, "mt-bench": {"max_new_tokens": 8}}
+    for name in ("hf_token", "judge_api_key", "password", "auth"):
+        with pytest.raises(ValueError, match="a secret is never passed"):
+            check_options(["mt-bench"], {name: "x"})
     code, out, _ = cli(capsys, "eval", "--list")
     assert code == 0
     assert "--option judge_model=...:" in out and "[shared with alpaca-eval: one --option sets it for all]" in out

@@ -31,7 +31,8 @@ from tvkd.benchmarks import BENCHMARKS, BenchContext
 
 
 #: Option names that hold a credential: refused, whatever the benchmark (keys come from the environment).
-SECRET_NAME = re.compile(r"(api[_-]?key|secret|token|passw(or)?d|credential|bearer|auth)", re.IGNORECASE)
+SECRET_NAME = re.compile(r"(api[_-]?key|secret|passw(or)?d|credential|bearer|authoriz|(^|[_-])token$|^auth$)",
+                         re.IGNORECASE)
 #: Option values that look like a key (OpenAI's sk-..., a bearer header).
 SECRET_VALUE = re.compile(r"^\s*(sk-[A-Za-z0-9_-]{8,}|bearer\s+\S+)", re.IGNORECASE)
 RECORD_PREFIX = "eval/"  # eval/<bench>: what the benchmark's current results are (keys, options, n, when)
