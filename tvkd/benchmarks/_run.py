@@ -29,7 +29,6 @@ from typing import Any
 
 from tvkd.benchmarks import BENCHMARKS, BenchContext
 
-
 #: Option names that hold a credential: refused, whatever the benchmark (keys come from the environment).
 SECRET_NAME = re.compile(r"(api[_-]?key|secret|passw(or)?d|credential|bearer|authoriz|(^|[_-])token$|^auth$)",
                          re.IGNORECASE)
@@ -254,7 +253,7 @@ def _run_one(store: Any, run_dir: Path, name: str, ctx: BenchContext) -> Outcome
     from tvkd.paths import atomic_write_text
 
     t0 = time.perf_counter()
-    when = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    when = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
     folder = run_dir / "eval"
     try:
         metrics = dict(BENCHMARKS.get(name)(ctx) or {})
