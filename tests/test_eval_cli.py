@@ -58,6 +58,10 @@ def test_a_failing_benchmark_is_recorded_and_the_others_run(tiny_world, tmp_path
     try:
         code, out, err = cli(capsys, "eval", run, "--bench", "test-broken,margin,value-kl", "--option", "n=6",
                              "--results", results, "--quiet")
+        from tvkd.benchmarks._run import BenchmarksFailed, evaluate
+
+        with pytest.raises(BenchmarksFailed, match="1 of 1 benchmarks failed: test-broken"):  # callers in Python
+            evaluate(run, ["test-broken"], {}, results=results, progress=False, say=lambda msg: None)
     finally:
         BENCHMARKS.remove("test-broken")
     assert code == 1

@@ -97,7 +97,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return 0 if args.list else 2
     benches = [b.strip() for b in args.bench.split(",") if b.strip()]
     ev = evaluate(args.target, benches, parse_options(args.option), results=args.results, progress=not args.quiet,
-                  threads=args.threads)
+                  threads=args.threads, strict=False)
     print(f"metrics merged into {ev.run_dir / 'metrics.json'}")
     if ev.failed:
         print(f"error: {ev.failure_message()}", file=sys.stderr)

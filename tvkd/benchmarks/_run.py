@@ -187,8 +187,11 @@ def report_lines(outcome: Outcome, run_dir: Path) -> list[str]:
 
 
 def evaluate(target: str | Path, benches: list[str], options: dict[str, Any], *, results: str | Path | None = None,
-             progress: bool = True, say: Callable[[str], None] = print, threads: int | None = None) -> Evaluation:
-    """Run `benches` on `target`, each on its own (a failure is recorded and the rest run); see the module doc."""
+             progress: bool = True, say: Callable[[str], None] = print, threads: int | None = None,
+             strict: bool = True) -> Evaluation:
+    """Run `benches` on `target`, each on its own (a failure is recorded and the rest run); see the module doc.
+    With ``strict`` (the default for callers in Python), failures raise `BenchmarksFailed` once every benchmark
+    has run and been merged; ``tvkd eval`` passes False and reports them itself."""
     from dataclasses import replace
 
     import yaml
@@ -245,7 +248,10 @@ def evaluate(target: str | Path, benches: list[str], options: dict[str, Any], *,
         for line in report_lines(outcome, run_dir):
             say(line)
         outcomes.append(outcome)
-    return Evaluation(run_dir, store.merge_metrics(run_dir, {}), outcomes)
+    ev = Evaluation(run_dir, store.merge_metrics(run_dir, {}), outcomes)
+    if strict and ev.failed:
+        raise BenchmarksFailed(ev.failure_message())
+    return ev
 
 
 def _run_one(store: Any, run_dir: Path, name: str, ctx: BenchContext) -> Outcome:

@@ -241,12 +241,13 @@ def _safe(name: str) -> str:
 
 
 def stand_in_reason(judge_model: str, judgments: Sequence[str | None]) -> str | None:
-    """Why the score measures nothing, when the judge is the loopback stand-in (`judge_server`): it has no oracle
-    for MT-Bench's questions and rates each answer by a hash; None for a real judge."""
-    from tvkd.benchmarks.judge_server import MODEL_NAME, STUB_MARK
+    """Why the score measures nothing, when the judge is the loopback stand-in (`judge_server`) and it had no
+    oracle for the questions (MT-Bench's own): it rated answers by a hash. None for a real judge, and for the
+    loopback judge on testbed questions, which the oracle scores."""
+    from tvkd.benchmarks.judge_server import STUB_MARK
 
     stubbed = sum(1 for j in judgments if j and STUB_MARK in j)
-    if stubbed or judge_model == MODEL_NAME:
+    if stubbed:
         return (f"judged by the stand-in {judge_model!r} (the testbed's loopback judge): {stubbed} of "
                 f"{len(judgments)} ratings are a hash of the answer, not a judgement; this score measures nothing")
     return None
