@@ -9,7 +9,10 @@ parser, output-order randomisation, caching and `get_winrate` metric. What this 
   ``reference_run``, a run folder; the paper compares against ADPA's run), for the same prompts and the same
   decoding: from its ``generations/test-*.jsonl`` (written there by ``tvkd eval <reference> --bench rm`` or
   ``alpaca-eval``, or generated now from its saved ``model/`` into that folder), else from its ``outputs.jsonl``
-  (the pipeline's greedy answers, matched by prompt text). A prompt is the instruction alpaca_eval shows the
+  (the pipeline's greedy answers, matched by prompt text; refused when that run generated them at another
+  ``max_new_tokens`` than ours, since answers cut at different lengths are not comparable). Option
+  ``instructions`` judges AlpacaEval's own 805 instructions (or a file of them) instead of the run's test prompts.
+  A prompt is the instruction alpaca_eval shows the
   judge: the user turn's text (a multi-message prompt is written out as ``role: content`` paragraphs).
 - **Judge.** Any OpenAI-compatible endpoint: ``judge_base_url`` (else ``TVKD_JUDGE_BASE_URL``,
   ``OPENAI_BASE_URL``, OpenAI) and ``judge_model`` (else ``TVKD_JUDGE_MODEL``, else the annotator config's own
@@ -21,9 +24,15 @@ parser, output-order randomisation, caching and `get_winrate` metric. What this 
 - **Caching.** alpaca_eval's own annotation cache (``caching_path``) lives in the run folder, one per annotator
   config and judge model: ``<run_dir>/alpaca_eval/<config>--<judge model>-<hash>/annotations_cache.json``. It is
   keyed by (instruction, output_1, output_2, annotator), so a rerun, or a comparison with another reference that
-  shares answers, asks the judge nothing it already answered. Failed judgements are cached as missing, as
-  alpaca_eval does (``is_store_missing_annotations``), and counted in ``alpaca_eval/n_missing``; ``retry_missing``
-  asks for them again. Next to the cache:
+  shares answers, asks the judge nothing it already answered. A judge answer alpaca_eval cannot parse is cached as
+  missing, as alpaca_eval does (``is_store_missing_annotations``), and counted in ``alpaca_eval/n_missing``;
+  ``retry_missing`` asks for them again.
+- **Faults.** alpaca_eval retries only rate limits and re-raises any other error (a timeout, an HTTP 500, a closed
+  connection would end the evaluation with openai's traceback). Our client (`judge_client`) retries each request
+  (``judge_tries`` attempts, exponential backoff) and hands a judgement that still fails back to alpaca_eval as a
+  skipped example: the pair is missing, counted in ``alpaca_eval/judge_faults``, and dropped from the cache so the
+  next run asks for it again. A key the endpoint refuses (401/403) stops all requests; that, or no judgement at
+  all, is an error (`JudgeUnavailable`) with the reason. Next to the cache:
   the annotator config actually used (``configs.yaml``, model name included) and its prompt template; per
   reference, ``vs-<reference>-<hash>/`` holds alpaca_eval's ``annotations.json`` and ``leaderboard.csv`` and our
   ``result.json`` (metrics and the full record).
