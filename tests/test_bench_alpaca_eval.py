@@ -232,3 +232,15 @@ def test_alpaca_eval_refuses_references_of_another_length_and_judges_an_instruct
     assert m["alpaca_eval/n"] == 4 and m["alpaca_eval/instructions"] == str(tmp_path / "alpaca_eval.json")
     assert m["alpaca_eval/reference_source"].startswith("outputs of ")
     assert "stand_in_judge" in " ".join(m)
+
+
+def test_alpaca_eval_instructions_offline_say_how_to_get_them(tiny_world, tmp_path):
+    from tvkd.benchmarks.alpaca_eval import load_instructions
+
+    with pytest.raises(ValueError, match="--option instructions=<alpaca_eval.json>"):
+        load_instructions("alpaca_eval")  # offline: not in the local cache
+    with pytest.raises(ValueError, match="neither 'run', 'alpaca_eval' nor a JSON"):
+        load_instructions(str(tmp_path / "nope.json"))
+    (tmp_path / "bad.json").write_text(json.dumps([{"prompt": "x"}]))
+    with pytest.raises(ValueError, match="row 0 has no 'instruction'"):
+        load_instructions(str(tmp_path / "bad.json"))

@@ -472,11 +472,13 @@ def load_instructions(source: str) -> tuple[list[Chat], list[str] | None, str]:
         try:
             import datasets
 
-            rows = list(datasets.load_dataset("tatsu-lab/alpaca_eval", "alpaca_eval", trust_remote_code=True)["eval"])
+            rows = list(datasets.load_dataset("tatsu-lab/alpaca_eval", "alpaca_eval")["eval"])
         except Exception as e:  # noqa: BLE001 - offline, not cached: say how to get it
-            raise ValueError(f"instructions=alpaca_eval: AlpacaEval's set (tatsu-lab/alpaca_eval) is not in the local "
-                             f"Hugging Face cache ({type(e).__name__}); download its alpaca_eval.json where the hub "
-                             "is reachable and give its path: --option instructions=<alpaca_eval.json>") from None
+            why = " ".join(str(e).split())[:160]
+            raise ValueError(f"instructions=alpaca_eval: AlpacaEval's set (tatsu-lab/alpaca_eval) could not be loaded "
+                             f"from the local Hugging Face cache ({type(e).__name__}: {why}); download its "
+                             "alpaca_eval.json where the hub is reachable and give its path: "
+                             "--option instructions=<alpaca_eval.json>") from None
         where = "tatsu-lab/alpaca_eval"
     else:
         path = Path(source).expanduser()
