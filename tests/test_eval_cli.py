@@ -124,12 +124,26 @@ def test_a_benchmarks_results_replace_its_earlier_ones_at_once(tiny_world, tmp_p
     # a benchmark that returns fewer keys than last time leaves none of the old ones behind
     from tvkd.benchmarks import BENCHMARKS
 
+    import torch
+
     answers = iter([{"test_x/a": 1.0, "test_x/b": 2.0, "test_x_extra": 5}, {"test_x/a": 3.0}])
-    BENCHMARKS.add("test-x", lambda ctx: next(answers), description="", options={})
+    threads = []
+
+    def bench(ctx):
+        threads.append(torch.get_num_threads())
+        return next(answers)
+
+    BENCHMARKS.add("test-x", bench, description="", options={})
+    before = torch.get_num_threads()
     try:
-        for _ in range(2):
-            assert cli(capsys, "eval", run, "--bench", "test-x", "--results", results, "--quiet")[0] == 0
+        for n in (1, 2):
+            assert cli(capsys, "eval", run, "--bench", "test-x", "--threads", n, "--results", results,
+                       "--quiet")[0] == 0
+        code, _, err = cli(capsys, "eval", run, "--bench", "test-x", "--threads", 0, "--results", results)
+        assert code == 2 and "--threads must be >= 1" in err
     finally:
         BENCHMARKS.remove("test-x")
+        torch.set_num_threads(before)
+    assert threads == [1, 2]  # `tvkd eval --threads N` sets torch's threads before any benchmark runs
     m = json.loads((run / "metrics.json").read_text())
     assert m["test_x/a"] == 3.0 and "test_x/b" not in m and "test_x_extra" not in m
