@@ -122,9 +122,9 @@ def test_a_benchmarks_results_replace_its_earlier_ones_at_once(tiny_world, tmp_p
     assert record["metrics"]["value_kl"] == m["value_kl"] and record["n"] == 3
 
     # a benchmark that returns fewer keys than last time leaves none of the old ones behind
-    from tvkd.benchmarks import BENCHMARKS
-
     import torch
+
+    from tvkd.benchmarks import BENCHMARKS
 
     answers = iter([{"test_x/a": 1.0, "test_x/b": 2.0, "test_x_extra": 5}, {"test_x/a": 3.0}])
     threads = []
