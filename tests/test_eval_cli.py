@@ -46,10 +46,27 @@ def _trained_run(tiny_world, tmp_path, capsys):
     return run, results
 
 
-def test_a_failing_benchmark_is_recorded_and_the_others_run(tiny_world, tmp_path, capsys):
+def test_a_failing_benchmark_is_recorded_and_the_others_run(tiny_world, tmp_path, capsys, monkeypatch):
     from tvkd.benchmarks import BENCHMARKS
+    from tvkd.benchmarks import _run as runner
+    from tvkd.benchmarks.rm_score import run_prompts
 
     run, results = _trained_run(tiny_world, tmp_path, capsys)
+
+    def unreadable(run_dir):
+        raise OSError("outputs.jsonl: input/output error")
+
+    # test prompts that cannot be read fail the benchmarks that need them, with the reason, and no other
+    monkeypatch.setattr(runner, "_test_prompts", unreadable)
+    BENCHMARKS.add("test-prompts", lambda ctx: {"test_prompts/n": len(run_prompts(ctx))}, description="",
+                   options={})
+    try:
+        code, out, err = cli(capsys, "eval", run, "--bench", "test-prompts,margin", "--results", results, "--quiet")
+    finally:
+        BENCHMARKS.remove("test-prompts")
+    assert code == 1 and "1 of 2 benchmarks failed: test-prompts (no test prompts" in err
+    assert "reading them failed: OSError: outputs.jsonl: input/output error" in err and "  margin_accuracy: " in out
+    monkeypatch.undo()
 
     def broken(ctx):
         raise AssertionError  # bare, as lm-eval's asserts are

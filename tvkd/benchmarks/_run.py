@@ -151,8 +151,8 @@ def sample_size(metrics: dict[str, Any]) -> int | None:
 def _reason(e: BaseException) -> str:
     """One line: the error's type and message, and where it was raised when the message says nothing."""
     text = " ".join(str(e).split())
-    if len(text) > 400:
-        text = text[:400] + "..."
+    if len(text) > 600:
+        text = text[:600] + "..."
     if not text:
         frames = traceback.extract_tb(e.__traceback__)
         where = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else ""
@@ -237,9 +237,14 @@ def evaluate(target: str | Path, benches: list[str], options: dict[str, Any], *,
     if not (model_dir / "config.json").is_file():
         raise ValueError(f"{run_dir} kept no weights (no {model_dir}); rerun it with them: "
                          f"tvkd run <config> --set train.save_model=true --force")
-    prompts = _test_prompts(run_dir)
+    prompts_error = None
+    try:  # a run whose test prompts cannot be rebuilt still gets the benchmarks that need none
+        prompts = _test_prompts(run_dir)
+    except Exception as e:  # noqa: BLE001 - recorded; the benchmarks that need prompts fail with it
+        prompts, prompts_error = [], _reason(e)
+        say(f"the run's test prompts could not be read: {prompts_error}")
     ctx = BenchContext(run_dir=run_dir, model_dir=model_dir, options={}, test_prompts=prompts,
-                       testbed=uses_testbed(cfg), progress=progress, say=say, config=cfg)
+                       testbed=uses_testbed(cfg), progress=progress, say=say, config=cfg, prompts_error=prompts_error)
     outcomes = []
     for name in benches:
         say(f"[{name}] on {model_dir}")
