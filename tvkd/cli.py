@@ -95,33 +95,34 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from tvkd.benchmarks import BENCHMARKS
-    from tvkd.benchmarks._run import evaluate, parse_options
+    from tvkd.benchmarks._run import evaluate, list_text, parse_options
 
     if args.list or not args.target:
-        for name in sorted(BENCHMARKS.names()):
-            meta = BENCHMARKS.meta(name)
-            print(f"{name:<16} {meta.get('description', '')}")
-            for opt, text in (meta.get("options") or {}).items():
-                print(f"    --option {opt}=...: {text}")
+        print(list_text())
         return 0 if args.list else 2
     benches = [b.strip() for b in args.bench.split(",") if b.strip()]
-    run_dir, metrics = evaluate(args.target, benches, parse_options(args.option), results=args.results,
-                                progress=not args.quiet)
-    for key in sorted(metrics):
-        if any(key.startswith(b.replace("-", "_") + "/") or key.startswith(b + "/") for b in benches):
-            value = metrics[key]
-            print(f"  {key}: {value:.4f}" if isinstance(value, float) else f"  {key}: {value}")
-    print(f"metrics merged into {run_dir / 'metrics.json'}")
+    ev = evaluate(args.target, benches, parse_options(args.option), results=args.results, progress=not args.quiet,
+                  threads=args.threads, strict=False)
+    print(f"metrics merged into {ev.run_dir / 'metrics.json'}")
+    if ev.failed:
+        print(f"error: {ev.failure_message()}", file=sys.stderr)
+        return 1
     return 0
 
 
 def cmd_judge_server(args: argparse.Namespace) -> int:
     import time
 
-    from tvkd.benchmarks.judge_server import JudgeServer
+    from tvkd.benchmarks.judge_server import JudgeServer, log
 
-    server = JudgeServer(port=args.port, delay=args.delay, fail_first=args.fail_first).start()
+    handler = logging.StreamHandler(sys.stderr)  # one numbered line per request
+    handler.setFormatter(logging.Formatter("%(asctime)s judge-server %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    server = JudgeServer(port=args.port, delay=args.delay, slow_first=args.slow_first, fail_first=args.fail_first,
+                         fail_status=args.fail_status, drop_first=args.drop_first, garbage_first=args.garbage_first,
+                         max_body=args.max_body, max_n=args.max_n).start()
     print(f"judge server (the testbed oracle) at {server.base_url}; e.g. "
           f"tvkd eval <run> --bench mt-bench,alpaca-eval --option judge_base_url={server.base_url} "
           f"--option judge_model=tvkd-oracle-judge   (Ctrl-C stops it)", flush=True)
@@ -372,6 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a benchmark option, e.g. judge_model=gpt-4o-mini (values parsed as YAML)")
     ev.add_argument("--results", default=None, help="results store root (default $TVKD_RESULTS or ./results)")
     ev.add_argument("--list", action="store_true", help="list the benchmarks and their options")
+    ev.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads for generation and scoring (default: torch's, one per core)")
     ev.add_argument("--quiet", action="store_true")
     ev.set_defaults(func=cmd_eval)
 
@@ -381,7 +384,14 @@ def build_parser() -> argparse.ArgumentParser:
                                     "their real client paths on the testbed.")
     js.add_argument("--port", type=int, default=8765, help="port on 127.0.0.1 (default 8765; 0 picks a free one)")
     js.add_argument("--delay", type=float, default=0.0, help="seconds to wait before each answer (test timeouts)")
-    js.add_argument("--fail-first", type=int, default=0, help="answer HTTP 500 to the first N requests")
+    js.add_argument("--slow-first", type=int, default=None, help="delay only the first N requests (default: all)")
+    js.add_argument("--drop-first", type=int, default=0,
+                    help="close the connection without an answer for the first N requests")
+    js.add_argument("--fail-first", type=int, default=0, help="then answer HTTP --fail-status to the next N requests")
+    js.add_argument("--fail-status", type=int, default=500, help="the status of --fail-first (default 500)")
+    js.add_argument("--garbage-first", type=int, default=0, help="then answer unparseable text to the next N")
+    js.add_argument("--max-body", type=int, default=4 * 1024 * 1024, help="largest request body in bytes (413 above)")
+    js.add_argument("--max-n", type=int, default=8, help="largest 'n' (completions per request) accepted")
     js.set_defaults(func=cmd_judge_server)
 
     res = sub.add_parser("results", help="the results store").add_subparsers(dest="sub", required=True)

@@ -51,7 +51,7 @@ from typing import Any
 
 import yaml
 
-from tvkd.paths import atomic_write_text, fingerprint, results_root
+from tvkd.paths import atomic_write_text, default_file_mode, fingerprint, results_root
 from tvkd.storage import fsync_dir
 
 try:  # POSIX only; elsewhere runs are not protected against two concurrent writers
@@ -610,6 +610,7 @@ class RunHandle:
         path = self.run_dir / name
         fd, tmp = tempfile.mkstemp(dir=self.run_dir, prefix=f".{name}.", suffix=".tmp")
         try:
+            os.fchmod(fd, default_file_mode())  # readable by the group, as open() would make it
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 for i, row in enumerate(rows):
                     plain = _plain(row, f"outputs[{i}]")
@@ -833,16 +834,22 @@ class ResultsStore:
             )
         return runs
 
-    def merge_metrics(self, run_dir: str | os.PathLike, metrics: Mapping[str, Any]) -> dict[str, Any]:
+    def merge_metrics(self, run_dir: str | os.PathLike, metrics: Mapping[str, Any], *,
+                      replace: Iterable[str] = (), replace_prefixes: Iterable[str] = ()) -> dict[str, Any]:
         """Add metrics to a finished run's metrics.json (atomically, under the run's lock); returns the merged
-        metrics. What was there is kept unless a key is measured again; an interrupted merge leaves the old file."""
+        metrics. The keys in ``replace`` and those starting with one of ``replace_prefixes`` are removed first (an
+        evaluation's results replace all of its earlier ones at once, never a part of them); any other key is kept
+        unless measured again. An interrupted merge leaves the old file."""
         run_dir = Path(run_dir)
         record = RunRecord.read(run_dir)
         if not record.complete:
             raise ValueError(f"{run_dir} is not a finished run (state {record.state!r}); run it first")
+        drop, prefixes = set(replace), tuple(replace_prefixes)
         lock = _RunLock(run_dir)
         try:
-            merged = {**(_read_json(run_dir / "metrics.json") or {}), **_plain(metrics, "metrics")}
+            old = {k: v for k, v in (_read_json(run_dir / "metrics.json") or {}).items()
+                   if k not in drop and not (prefixes and k.startswith(prefixes))}
+            merged = {**old, **_plain(metrics, "metrics")}
             _write_json(run_dir / "metrics.json", merged)
         finally:
             lock.release()

@@ -120,7 +120,37 @@ class PreferenceTrainer(Trainer):
         self.eos_id = eos_id
         if on_policy is not None and eos_id is None:
             raise ValueError("on-policy sampling needs the end-of-turn id (eos_id)")
-        self._metric_sums: dict[str, list[float]] = defaultdict(list)
+        # per training batch: (value, weight); the weight is 1, or a DDP process's share of an uneven last step
+        # (`_real_rows`), so that the logged means are those of one process
+        self._metric_sums: dict[str, list[tuple[float, float]]] = defaultdict(list)
+        self._micro = (-1, 0)  # (global step, micro-batch within its gradient accumulation): see _real_rows
+
+    def _real_rows(self, rows: int) -> tuple[int, int] | None:
+        """Under DDP, for the local batch about to be trained on: (pairs of it that are real, real pairs in the
+        global batch), or None when the global batch is full.
+
+        accelerate evens the last batches of an epoch out by appending pairs from the epoch's start
+        (`BatchSamplerShard`, ``even_batches``): the local batch of micro-step m on process k holds the pairs at
+        positions (m·W + k)·B ... of the epoch's order, the real ones first, then those repeats. One process
+        trains on the short last batch alone; here each process keeps its real pairs only and weighs its loss
+        by W·r_k / N, so that DDP's mean over processes is the mean over the N real pairs, as one process has it.
+        """
+        world = int(self.args.world_size)
+        if world <= 1 or self.train_dataset is None:
+            return None
+        gs = int(self.state.global_step)
+        step, j = self._micro
+        self._micro = (gs, j + 1 if step == gs else 0)
+        b, ga, n = int(self.args.per_device_train_batch_size), int(self.args.gradient_accumulation_steps), \
+            len(self.train_dataset)
+        local_batches = math.ceil(math.ceil(n / b) / world)  # per process per epoch, evened out
+        updates = max(1, math.ceil(local_batches / ga))
+        m = (gs % updates) * ga + self._micro[1]  # the micro-batch's place in the epoch
+        real_global = min(world * b, max(0, n - m * world * b))
+        if real_global >= world * b or rows != b:
+            return None
+        mine = min(b, max(0, n - (m * world + int(self.args.process_index)) * b))
+        return mine, real_global
 
     def _frozen(self, model: Any) -> Any:
         if model is None:
@@ -209,6 +239,14 @@ class PreferenceTrainer(Trainer):
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
+        real = self._real_rows(int(inputs["input_ids"].shape[0]) // 2) if model.training else None
+        if real is not None:
+            mine, total = real
+            if mine == 0:  # only repeats here: a zero loss that still takes part in DDP's gradient reduction
+                return self.scored_batch(model, inputs).logps.sum() * 0.0
+            inputs = _first_pairs(inputs, mine, getattr(self.data_collator, "batch_columns", {}))
+            weight = float(self.args.world_size) * mine / total
+        w = weight if real is not None else 1.0
         sampled = False
         if self.on_policy is not None and model.training and random.random() < self.on_policy.fraction:
             inputs, sampled = self._sample_on_policy(model, inputs), True
@@ -220,13 +258,15 @@ class PreferenceTrainer(Trainer):
             with torch.no_grad():
                 seq = batch.sequence_logps()
                 cw, rj = batch.split(seq)
-                self._metric_sums["logps/chosen"].append(cw.mean().item())
-                self._metric_sums["logps/rejected"].append(rj.mean().item())
+                self._metric_sums["logps/chosen"].append((cw.mean().item(), w))
+                self._metric_sums["logps/rejected"].append((rj.mean().item(), w))
                 if self.on_policy is not None:
-                    self._metric_sums["on_policy"].append(float(sampled))
+                    self._metric_sums["on_policy"].append((float(sampled), w))
                 for k, v in out.metrics.items():
-                    self._metric_sums[k].append(float(v.detach().float().mean().item()) if torch.is_tensor(v) else float(v))
-        return (out.loss, {"margins": out.margins}) if return_outputs else out.loss
+                    self._metric_sums[k].append(
+                        (float(v.detach().float().mean().item()) if torch.is_tensor(v) else float(v), w))
+        loss = out.loss * weight if real is not None else out.loss
+        return (loss, {"margins": out.margins}) if return_outputs else loss
 
     def _raise_non_finite(self, out: LossOutput, inputs: dict[str, Any]) -> None:
         import glob
@@ -244,10 +284,10 @@ class PreferenceTrainer(Trainer):
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if "loss" in logs:  # a training log (every process logs together): add the loss's own metrics
-            sums: dict[str, tuple[float, int]] = {}
+            sums: dict[str, tuple[float, float]] = {}
             for k, vals in self._metric_sums.items():
-                finite = [v for v in vals if math.isfinite(v)]
-                sums[k] = (sum(finite), len(finite))
+                finite = [(v, w) for v, w in vals if math.isfinite(v)]
+                sums[k] = (sum(v * w for v, w in finite), sum(w for _, w in finite))
             if self.args.world_size > 1:  # DDP: the means over every process's pairs, as the loss is
                 sums = _merge_across_processes(sums, self.args.world_size)
             for k, (total, n) in sums.items():
@@ -282,16 +322,43 @@ class PreferenceTrainer(Trainer):
         super()._load_rng_state(checkpoint)
 
 
-def _merge_across_processes(sums: dict[str, tuple[float, int]], world_size: int) -> dict[str, tuple[float, int]]:
+def _first_pairs(inputs: dict[str, Any], k: int, columns: dict[str, str]) -> dict[str, Any]:
+    """The batch `PreferenceCollator` makes of the first ``k`` pairs alone: rows [0, k) and [B, B + k) of the
+    [2B, ...] tensors (chosen first), [0, k) of the per-pair ones, cut to these rows' own padded widths."""
+    b = int(inputs["input_ids"].shape[0]) // 2
+    out: dict[str, Any] = {}
+    for key, v in inputs.items():
+        if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == 2 * b:
+            out[key] = torch.cat([v[:k], v[b: b + k]])
+        elif torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == b:
+            out[key] = v[:k]
+        else:
+            out[key] = v
+    t = int(out["resp_lens"].max())  # the widths collate_pairs gives these rows
+    width = int((out["prompt_lens"] + out["resp_lens"]).max())
+    for key in ("input_ids", "attention_mask"):
+        out[key] = out[key][:, :width]
+    for key in ("response_ids", "response_mask", "ref_logps"):
+        if key in out:
+            out[key] = out[key][:, :t]
+    for name, kind in columns.items():
+        key = f"col:{name}"
+        if key in out and kind in ("token", "topk", "state"):
+            out[key] = out[key][:, : t + (kind == "state")]
+    return out
+
+
+def _merge_across_processes(sums: dict[str, tuple[float, float]], world_size: int
+                            ) -> dict[str, tuple[float, float]]:
     """{metric: (sum, count)} summed over every process (a collective on the default group)."""
     import torch.distributed as dist
 
     gathered: list[Any] = [None] * world_size
     dist.all_gather_object(gathered, sums)
-    out: dict[str, tuple[float, int]] = {}
+    out: dict[str, tuple[float, float]] = {}
     for part in gathered:
         for k, (total, n) in (part or {}).items():
-            t, c = out.get(k, (0.0, 0))
+            t, c = out.get(k, (0.0, 0.0))
             out[k] = (t + total, c + n)
     return out
 
