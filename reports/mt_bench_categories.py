@@ -126,6 +126,10 @@ def format_mt_bench_categories(df: pd.DataFrame, fmt: str = "markdown") -> str:
         "TVKD. Δ MT-Bench vs DPO: the per-seed difference in overall score, averaged, with a 95% t-interval over the "
         "seeds (df = seeds − 1)."
     )
+    stand_in = df.get("mt_bench/stand_in_judge", pd.Series(dtype=object)).dropna()
+    if len(stand_in):  # a hash, not a judgement: the table must not read as a score
+        caption = (f"WARNING: {len(stand_in)} of {len(df)} runs were rated by a stand-in judge, not a model "
+                   f"({stand_in.iloc[0]}); their numbers measure nothing about the answers. " + caption)
     return format_table(summary, metrics=metrics, row_label_cols={"Method": "Method"}, fmt=fmt,
                         ranked=summary["ranked"].tolist(), caption=caption,
                         label="tab:mt_bench_categories" if fmt == "latex" else None,

@@ -63,6 +63,8 @@ def frame_from_records(spec: dict[str, Any], rows: list[dict[str, Any]]) -> pd.D
         m = dict(rec.metrics)
         row = {k: v for k, v in r.items() if k != "record"}
         row.update({k: v for k, v in m.items() if isinstance(v, (int, float))})
+        # a benchmark scored by a stand-in judge says so (a string): tables must show it
+        row.update({k: v for k, v in m.items() if k.endswith("/stand_in_judge") and v})
         loss_cfg = m.get("loss_config", {}) or {}
         row.setdefault("method", "tvkd" if "aux" in loss_cfg else r["label"])
         row["aux"] = loss_cfg.get("aux")

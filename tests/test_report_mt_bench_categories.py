@@ -130,3 +130,11 @@ def test_quick_study_end_to_end_on_the_testbed(tmp_path):
     for task in ("sort", "reverse", "dedupe", "count"):
         assert f"{task} ↑" in text
     assert (out / "mt_bench_categories.png").stat().st_size > 10_000
+
+
+def test_a_stand_in_judge_is_named_in_the_caption():
+    df = frame()
+    assert "stand-in" not in format_mt_bench_categories(df)
+    df.loc[df.index[:2], "mt_bench/stand_in_judge"] = "ratings are a hash of the answer"
+    text = format_mt_bench_categories(df)
+    assert f"WARNING: 2 of {len(df)} runs were rated by a stand-in judge" in text and "a hash of the answer" in text
