@@ -47,11 +47,12 @@ TESTBED_PARTS = {
 
 
 class Echo:
-    """Prints one line per stage with its wall time (what a user watching a long run wants)."""
+    """Prints one line per stage; records its wall time and peak memory (`tvkd.memory.peak_memory`)."""
 
     def __init__(self, enabled: bool = True):
         self.enabled = enabled
         self.timings: dict[str, float] = {}
+        self.peaks: dict[str, dict[str, Any]] = {}
 
     def __call__(self, msg: str) -> None:
         if self.enabled:
@@ -59,9 +60,13 @@ class Echo:
 
     @contextmanager
     def stage(self, name: str):
+        from tvkd.memory import peak_memory
+
         t0 = time.perf_counter()
-        yield
+        with peak_memory() as peak:
+            yield
         self.timings[name] = round(time.perf_counter() - t0, 3)
+        self.peaks[name] = peak
 
 
 def uses_testbed(cfg: RunConfig) -> bool:
@@ -408,8 +413,19 @@ def _evaluate_only(plan: RunPlan, echo: Echo, progress: bool, ref_source: Any, t
                           teacher_signal=False, testbed=uses_testbed(cfg), progress=progress)
         metrics = run_evaluators(ctx, say=echo)
     metrics["seconds"] = dict(echo.timings)
+    metrics["peak_memory_mb"] = dict(echo.peaks)
+    metrics["tokenize"] = tokenize_counts(plan)
     metrics["eval_only"] = True
     return metrics, ctx.outputs, ctx.items
+
+
+def tokenize_counts(plan: RunPlan) -> dict[str, Any]:
+    """What the tokenization of the training pairs changed or kept (`tvkd.tokenize`), for metrics.json."""
+    counts = plan.tokenized_train.counts
+    out: dict[str, Any] = {"response_tail": plan.cfg.tokenize.response_tail}
+    for key in ("template_tail_kept", "template_tail_dropped", "eos_missing", "eos_appended", "prompt_not_prefix"):
+        out[key] = int(counts.get(key, 0))
+    return out
 
 
 def _load_pairs(source: str, split: str, limit: int | None, adapter: str | None, echo: Echo) -> Any:
@@ -505,6 +521,8 @@ def _train(plan: RunPlan, run_dir: Path, echo: Echo, progress: bool, callbacks: 
                               teacher_signal=ts.needs.teacher, testbed=uses_testbed(cfg), progress=progress)
             metrics.update(run_evaluators(ctx, say=echo))
         metrics["seconds"] = dict(echo.timings)
+        metrics["peak_memory_mb"] = dict(echo.peaks)
+        metrics["tokenize"] = tokenize_counts(plan)
         metrics["loss_config"] = asdict(loss_cfg)
         return metrics, ctx.outputs, ctx.items
 
