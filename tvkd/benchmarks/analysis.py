@@ -38,7 +38,10 @@ def _evaluate(ctx: BenchContext, evaluator: str, overrides: dict[str, Any]) -> d
                        reference=ModelSource.from_path(plan.paths["reference"], dtype=m.dtype), teacher=teacher,
                        teacher_vocab=plan.teacher_vocab, teacher_signal=True, testbed=uses_testbed(cfg),
                        progress=ctx.progress)
-    return EVALUATORS.get(evaluator)(ectx)
+    from tvkd.cross_tokenizer import for_evaluator
+
+    # a teacher of another tokenizer: its own tokenization of the test pairs, or a refusal naming why
+    return EVALUATORS.get(evaluator)(for_evaluator(ectx, plan.teacher_tokens, evaluator))
 
 
 @BENCHMARKS.register("margin", description="implicit-reward margin accuracy on the run's test pairs (Table 5)")
