@@ -71,13 +71,19 @@ def bpe_tokenizer(name: str, vocab_size: int = 400):
 
 
 def trl_dpo_preprocessing(rows: list[tuple[list[dict], str, str]], tokenizer, tmp_path) -> list[dict]:
-    """TRL's own DPO preprocessing (`DPOTrainer._prepare_dataset`, which reads only the tokenizer) on the rows."""
+    """TRL's own DPO preprocessing on (prompt messages, chosen text, rejected text) rows."""
+    return trl_dpo_rows([(p, [{"role": "assistant", "content": c}], [{"role": "assistant", "content": r}])
+                         for p, c, r in rows], tokenizer, tmp_path)
+
+
+def trl_dpo_rows(rows: list[tuple[list[dict], list[dict], list[dict]]], tokenizer, tmp_path) -> list[dict]:
+    """TRL's own DPO preprocessing (`DPOTrainer._prepare_dataset`, which reads only the tokenizer) on
+    (prompt, chosen, rejected) message-list rows."""
     import datasets
     from trl import DPOConfig, DPOTrainer
 
-    data = datasets.Dataset.from_list([
-        {"prompt": p, "chosen": [{"role": "assistant", "content": c}],
-         "rejected": [{"role": "assistant", "content": r}]} for p, c, r in rows])
+    data = datasets.Dataset.from_list([{"prompt": list(p), "chosen": list(c), "rejected": list(r)}
+                                       for p, c, r in rows])
     args = DPOConfig(output_dir=str(tmp_path / "trl"), use_cpu=True, bf16=False, report_to=[], max_length=None)
 
     class _Trainer:  # the one attribute _prepare_dataset reads besides its arguments
