@@ -9,8 +9,8 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
-
 from chat_templates import END_OF_TURN, SPECIALS, bpe_tokenizer, rows_for, trl_dpo_preprocessing
+
 from tvkd.tokenize import TokenizeConfig, tokenize_preferences
 
 pytest.importorskip("trl")

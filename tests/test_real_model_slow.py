@@ -23,6 +23,7 @@ pytest.importorskip("gguf")
 pytest.importorskip("trl")
 
 from chat_templates import trl_dpo_rows  # noqa: E402
+
 from tvkd.cli import main  # noqa: E402
 from tvkd.data import load_preferences  # noqa: E402
 from tvkd.evaluation.generation import unique_prompts  # noqa: E402

@@ -208,7 +208,12 @@ def plan_run(cfg: RunConfig, *, testbed: dict[str, Any] | None = None, progress:
     data (loaded and tokenized: a malformed row is named here), and the content fingerprints.
     """
     from tvkd.cross_tokenizer import CrossTokenizerError, template_label, token_level_reason
-    from tvkd.modeling import VocabularyMismatchError, load_tokenizer, reference_vocab_check, teacher_vocab_size
+    from tvkd.modeling import (
+        VocabularyMismatchError,
+        load_tokenizer,
+        reference_vocab_check,
+        teacher_vocab_size,
+    )
     from tvkd.tokenize import tokenize_preferences
 
     echo = echo or Echo(progress)
@@ -499,8 +504,8 @@ def _train(plan: RunPlan, run_dir: Path, echo: Echo, progress: bool, callbacks: 
 
     from tvkd.assemble import CacheOptions, assemble_training_set
     from tvkd.cache.teacher import aux_specs
-    from tvkd.distributed import current
     from tvkd.cross_tokenizer import run_evaluators_with
+    from tvkd.distributed import current
     from tvkd.evaluation import EvalContext
     from tvkd.evaluation.metrics import teacher_signal
     from tvkd.modeling import ModelSource
