@@ -162,7 +162,11 @@ def check_lora(options: dict[str, Any]) -> dict[str, Any]:
 # dict (and so of its identity) while at that default, so adding them did not make every finished run new.
 IDENTITY_NEUTRAL_DEFAULTS = {"models": {"strict_weights": True},
                              "train": {"logprob_chunk": None, "padding_free": False, "gradient_checkpointing": False,
-                                       "lora": {}, "compile": False}}
+                                       "lora": {}, "compile": False},
+                             # Runs before `response_tail` existed cut a template's text after end-of-turn; with the
+                             # testbed's template (nothing after it) and Llama-3's or Mistral's both forms give the
+                             # same ids. A run on a ChatML/Gemma model made before it keeps its key and its cut form.
+                             "tokenize": {"response_tail": "trl"}}
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:

@@ -247,8 +247,9 @@ def shared_vocab_size(teacher_tok: Any, student_tok: Any, teacher_rows: int, stu
         raise VocabularyMismatchError(
             f"{teacher_name} and {student_name} do not share a vocabulary ({len(tv)} vs {len(sv)} tokens; "
             f"only in {teacher_name}: {only_t}, only in {student_name}: {only_s}, different ids: {moved}). "
-            "Token-level teacher signals (aux rewards, top-k) need the same tokenizer; pick a teacher/student "
-            "pair of one model family."
+            "Token-level signals (per-position log-probs, aux rewards, top-k) need the same tokenizer; pick a "
+            "pair of one model family (a teacher of another tokenizer serves only sequence-level values: "
+            "tvkd.cross_tokenizer)."
         )
     n = len(teacher_tok)
     if teacher_rows < n or student_rows < n:

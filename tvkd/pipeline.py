@@ -40,18 +40,20 @@ log = logging.getLogger(__name__)
 TESTBED_PREFIX = "testbed:"
 TESTBED_PARTS = {
     "student_sft": "student_sft_dir", "teacher_sft": "teacher_sft_dir", "teacher_dpo": "teacher_dpo_dir",
-    "student_dpo": "student_dpo_dir", "tokenizer": "tokenizer_dir", "pref_train": "pref_train",
+    "student_dpo": "student_dpo_dir", "teacher_dpo_other_vocab": "teacher_dpo_other_vocab_dir",
+    "tokenizer": "tokenizer_dir", "pref_train": "pref_train",
     "pref_test": "pref_test", "student_pref_train": "student_pref_train", "student_pref_test": "student_pref_test",
     "sft_train": "sft_train", "test_prompts": "test_prompts",
 }
 
 
 class Echo:
-    """Prints one line per stage with its wall time (what a user watching a long run wants)."""
+    """Prints one line per stage; records its wall time and peak memory (`tvkd.memory.peak_memory`)."""
 
     def __init__(self, enabled: bool = True):
         self.enabled = enabled
         self.timings: dict[str, float] = {}
+        self.peaks: dict[str, dict[str, Any]] = {}
 
     def __call__(self, msg: str) -> None:
         if self.enabled:
@@ -59,9 +61,13 @@ class Echo:
 
     @contextmanager
     def stage(self, name: str):
+        from tvkd.memory import peak_memory
+
         t0 = time.perf_counter()
-        yield
+        with peak_memory() as peak:
+            yield
         self.timings[name] = round(time.perf_counter() - t0, 3)
+        self.peaks[name] = peak
 
 
 def uses_testbed(cfg: RunConfig) -> bool:
@@ -120,6 +126,7 @@ class RunPlan:
     pad_id: int = 0
     eos_id: int | None = None
     teacher_vocab: int | None = None
+    teacher_tokens: Any = None  # cross_tokenizer.TeacherTokens: a teacher whose tokenizer differs from the student's
     train_data: Any = None  # LoadResult
     test_data: Any = None  # LoadResult | None
     tokenized_train: Any = None  # TokenizedData
@@ -220,7 +227,13 @@ def plan_run(cfg: RunConfig, *, testbed: dict[str, Any] | None = None, progress:
     weights readable), the reference's and the teacher's vocabulary against the student's, the
     data (loaded and tokenized: a malformed row is named here), and the content fingerprints.
     """
-    from tvkd.modeling import load_tokenizer, reference_vocab_check, teacher_vocab_size
+    from tvkd.cross_tokenizer import CrossTokenizerError, template_label, token_level_reason
+    from tvkd.modeling import (
+        VocabularyMismatchError,
+        load_tokenizer,
+        reference_vocab_check,
+        teacher_vocab_size,
+    )
 
     echo = echo or Echo(progress)
     testbed = testbed if testbed is not None else (dict(cfg.testbed) or None)
@@ -259,9 +272,22 @@ def plan_run(cfg: RunConfig, *, testbed: dict[str, Any] | None = None, progress:
         check_arguments(cfg)  # transformers' own checks of every train value, before the run folder exists
     tokenizer = load_tokenizer(paths["student"], trust_remote_code=m.trust_remote_code)
     reference_vocab_check(paths["reference"], paths["student"], tokenizer, trust_remote_code=m.trust_remote_code)
-    vocab = teacher_vocab_size(paths["teacher"], paths["student"], tokenizer,
-                               trust_remote_code=m.trust_remote_code) if paths["teacher"] else None
-    if paths["teacher_reference"]:
+    vocab, teacher_tok = None, None
+    if paths["teacher"]:
+        try:
+            vocab = teacher_vocab_size(paths["teacher"], paths["student"], tokenizer,
+                                       trust_remote_code=m.trust_remote_code)
+        except VocabularyMismatchError as e:
+            # A teacher of another tokenizer: fine for what reads only sequence-level teacher values, and for
+            # a loss that never reads the teacher (its token-level evaluators are skipped, saying why).
+            teacher_tok = load_tokenizer(paths["teacher"], trust_remote_code=m.trust_remote_code)
+            reason = token_level_reason(cfg.loss.name, loss_cfg, needs)
+            if reason:
+                raise InputError(f"models.teacher: its tokenizer differs from the student's ({len(teacher_tok)} vs "
+                                 f"{len(tokenizer)} tokens), and loss {cfg.loss.name!r} {reason}; that needs one "
+                                 "vocabulary: pick a teacher of the student's family, or a loss that reads only "
+                                 "sequence-level teacher values (tvkd with a state aux, gamma 1, shaping pbrs)") from e
+    if paths["teacher_reference"] and needs.teacher_reference:
         tref_vocab = teacher_vocab_size(paths["teacher_reference"], paths["student"], tokenizer,
                                         trust_remote_code=m.trust_remote_code)
         if paths["teacher"] and tref_vocab != vocab:
@@ -281,6 +307,9 @@ def plan_run(cfg: RunConfig, *, testbed: dict[str, Any] | None = None, progress:
     key, inputs = run_identity(cfg, paths, testbed)
     plan = RunPlan(cfg=cfg, loss=loss, loss_cfg=loss_cfg, paths=paths, inputs=inputs, key=key, testbed=testbed,
                    tokenizer=tokenizer, teacher_vocab=vocab)
+    echo(f"  chat template: student: {template_label(tokenizer, cfg.tokenize.chat_template)}" + (
+        "" if not paths["teacher"] else "; teacher: the student's (one tokenizer)" if teacher_tok is None
+        else f"; teacher (another tokenizer): {template_label(teacher_tok)}"))
     plan.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     plan.eos_id = tokenizer.convert_tokens_to_ids(cfg.tokenize.eos_token or tokenizer.eos_token)
     plan.train_data = _load_pairs(paths["source"], cfg.data.split, cfg.data.limit, cfg.data.adapter, echo)
@@ -297,7 +326,31 @@ def plan_run(cfg: RunConfig, *, testbed: dict[str, Any] | None = None, progress:
     if plan.test_data is not None:
         plan.tokenized_test = _tokenize(plan.test_data.examples, tokenizer, cfg, progress, "data.test_source",
                                         paths["test_source"], paths["student"])
+    if teacher_tok is not None:
+        try:
+            plan.teacher_tokens = _teacher_tokens(plan, teacher_tok, needs, progress)
+        except CrossTokenizerError as e:
+            raise InputError(f"models.teacher (another tokenizer): {e}") from None
+        if plan.teacher_tokens.train is not None:
+            echo(f"  tokenized train for the teacher: {plan.teacher_tokens.train.summary()}")
     return plan
+
+
+def _teacher_tokens(plan: RunPlan, teacher_tok: Any, needs: Any, progress: bool) -> Any:
+    """The pairs in the teacher's own tokenization, where something reads its sequence-level values."""
+    from tvkd.cross_tokenizer import TeacherTokens, template_label, tokenize_for_teacher
+    from tvkd.evaluation import enabled
+
+    cfg = plan.cfg
+    pad = teacher_tok.pad_token_id if teacher_tok.pad_token_id is not None else teacher_tok.eos_token_id
+    train = test = None
+    if needs.aux:
+        train = tokenize_for_teacher(plan.train_data.examples, teacher_tok, cfg.tokenize, plan.tokenized_train,
+                                     where="data.source", progress=progress)
+    if needs.teacher and plan.tokenized_test is not None and enabled(cfg.eval, "teacher_scores"):
+        test = tokenize_for_teacher(plan.test_data.examples, teacher_tok, cfg.tokenize, plan.tokenized_test,
+                                    where="data.test_source", progress=progress)
+    return TeacherTokens(tokenizer=teacher_tok, train=train, test=test, pad_id=pad, template=template_label(teacher_tok))
 
 
 def _tokenize(examples: list, tokenizer: Any, cfg: RunConfig, progress: bool, key: str, source: str,
@@ -491,7 +544,8 @@ def _record_end(handle: Any, mark: Any, error: BaseException) -> None:
 def _evaluate_only(plan: RunPlan, echo: Echo, progress: bool, ref_source: Any, teacher_source: Any
                    ) -> tuple[dict[str, Any], list | None, dict[str, list]]:
     """Evaluate models.student as it is (`eval_only`): the evaluators of a trained run, no caches, no training."""
-    from tvkd.evaluation import EvalContext, run_evaluators
+    from tvkd.cross_tokenizer import run_evaluators_with
+    from tvkd.evaluation import EvalContext
     from tvkd.modeling import load_causal_lm
 
     cfg = plan.cfg
@@ -503,10 +557,21 @@ def _evaluate_only(plan: RunPlan, echo: Echo, progress: bool, ref_source: Any, t
                           test=plan.tokenized_test, test_examples=plan.test_data.examples if plan.test_data else None,
                           reference=ref_source, teacher=teacher_source, teacher_vocab=plan.teacher_vocab,
                           teacher_signal=False, testbed=uses_testbed(cfg), progress=progress)
-        metrics = run_evaluators(ctx, say=echo)
+        metrics = run_evaluators_with(ctx, plan.teacher_tokens, say=echo)
     metrics["seconds"] = dict(echo.timings)
+    metrics["peak_memory_mb"] = dict(echo.peaks)
+    metrics["tokenize"] = tokenize_counts(plan)
     metrics["eval_only"] = True
     return metrics, ctx.outputs, ctx.items
+
+
+def tokenize_counts(plan: RunPlan) -> dict[str, Any]:
+    """What the tokenization of the training pairs changed or kept (`tvkd.tokenize`), for metrics.json."""
+    counts = plan.tokenized_train.counts
+    out: dict[str, Any] = {"response_tail": plan.cfg.tokenize.response_tail}
+    for key in ("template_tail_kept", "template_tail_dropped", "eos_missing", "eos_appended", "prompt_not_prefix"):
+        out[key] = int(counts.get(key, 0))
+    return out
 
 
 def _load_pairs(source: str, split: str, limit: int | None, adapter: str | None, echo: Echo) -> Any:
@@ -536,8 +601,9 @@ def _train(plan: RunPlan, run_dir: Path, echo: Echo, progress: bool, callbacks: 
 
     from tvkd.assemble import CacheOptions, assemble_training_set
     from tvkd.cache.teacher import aux_specs
+    from tvkd.cross_tokenizer import run_evaluators_with
     from tvkd.distributed import current
-    from tvkd.evaluation import EvalContext, run_evaluators
+    from tvkd.evaluation import EvalContext
     from tvkd.evaluation.metrics import teacher_signal
     from tvkd.modeling import ModelSource
     from tvkd.training.trainer import train_policy
@@ -563,6 +629,7 @@ def _train(plan: RunPlan, run_dir: Path, echo: Echo, progress: bool, callbacks: 
                                    teacher_reference=tref_source, pad_id=plan.pad_id, eos_id=plan.eos_id,
                                    student=ModelSource.from_path(plan.paths["student"], dtype=m.dtype,
                                                                  trust_remote_code=m.trust_remote_code), teacher_vocab=plan.teacher_vocab, cache=cache,
+                                   teacher_tokens=plan.teacher_tokens,
                                    subsample=cfg.data.subsample, seed=cfg.seed, progress=progress, say=echo)
     if dist.enabled:
         built = dist.gather({name: list(c.built) for name, c in ts.caches.items()})
@@ -600,8 +667,10 @@ def _train(plan: RunPlan, run_dir: Path, echo: Echo, progress: bool, callbacks: 
                               test_examples=plan.test_data.examples if plan.test_data else None,
                               reference=ref_source, teacher=teacher_source, teacher_vocab=plan.teacher_vocab,
                               teacher_signal=ts.needs.teacher, testbed=uses_testbed(cfg), progress=progress)
-            metrics.update(run_evaluators(ctx, say=echo))
+            metrics.update(run_evaluators_with(ctx, plan.teacher_tokens, say=echo))
         metrics["seconds"] = dict(echo.timings)
+        metrics["peak_memory_mb"] = dict(echo.peaks)
+        metrics["tokenize"] = tokenize_counts(plan)
         metrics["loss_config"] = asdict(loss_cfg)
         return metrics, ctx.outputs, ctx.items
 

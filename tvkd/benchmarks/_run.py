@@ -239,7 +239,7 @@ def evaluate(target: str | Path, benches: list[str], options: dict[str, Any], *,
                          f"tvkd run <config> --set train.save_model=true --force")
     prompts_error = None
     try:  # a run whose test prompts cannot be rebuilt still gets the benchmarks that need none
-        prompts = _test_prompts(run_dir)
+        prompts = _test_prompts(run_dir, cfg, progress=progress, say=say)
     except Exception as e:  # noqa: BLE001 - recorded; the benchmarks that need prompts fail with it
         prompts, prompts_error = [], _reason(e)
         say(f"the run's test prompts could not be read: {prompts_error}")
@@ -293,10 +293,44 @@ def _run_one(store: Any, run_dir: Path, name: str, ctx: BenchContext) -> Outcome
     return Outcome(name, metrics=metrics, seconds=seconds, record_file=record_file)
 
 
-def _test_prompts(run_dir: Path) -> list[list[dict[str, Any]]]:
-    """The run's test prompts as chats (from its outputs.jsonl; the testbed's are single user turns)."""
+def _test_prompts(run_dir: Path, cfg: Any = None, *, progress: bool = False,
+                  say: Any = lambda msg: None) -> list[list[dict[str, Any]]]:
+    """The run's test prompts as whole chats (system message and earlier turns included), in outputs.jsonl's order.
+
+    outputs.jsonl holds each prompt's last user message; the chats are the run's own held-out pairs
+    (``data.test_source``, ``test_split``, ``test_limit``, ``adapter`` of its config), taken in the order
+    the generation evaluator took them (`unique_prompts`), and checked against outputs.jsonl prompt by
+    prompt. A run whose data no longer gives those prompts (changed in place, or unreadable) falls back to
+    the last user messages alone, and says so.
+    """
     path = run_dir / "outputs.jsonl"
     if not path.exists():
         return []
     with open(path, encoding="utf-8") as f:
-        return [[{"role": "user", "content": json.loads(line)["prompt"]}] for line in f if line.strip()]
+        rows = [json.loads(line) for line in f if line.strip()]
+    last = [r["prompt"] for r in rows]
+    single = [[{"role": "user", "content": p}] for p in last]
+    if cfg is None:
+        return single
+    try:
+        chats = _run_test_chats(cfg, progress)
+    except Exception as e:  # noqa: BLE001 - any failure to reload the data: the stated fallback
+        say(f"  test prompts: the run's test data could not be reloaded ({e}); using the last user messages only")
+        return single
+    if [c[-1]["content"] for c in chats[: len(last)]] != last:
+        say("  test prompts: the run's test data no longer gives the prompts of its outputs.jsonl (changed in "
+            "place?); using the last user messages only")
+        return single
+    return [list(c) for c in chats[: len(last)]]
+
+
+def _run_test_chats(cfg: Any, progress: bool) -> list[list[dict[str, Any]]]:
+    """The unique prompts of the run's held-out pairs, as the generation evaluator saw them."""
+    from tvkd.data import load_preferences
+    from tvkd.evaluation.generation import unique_prompts
+    from tvkd.pipeline import resolve
+
+    testbed = dict(cfg.testbed) or None
+    source = resolve(cfg.data.test_source, testbed, progress) or resolve(cfg.data.source, testbed, progress)
+    res = load_preferences(source, split=cfg.data.test_split, adapter=cfg.data.adapter, limit=cfg.data.test_limit)
+    return unique_prompts(res.examples)

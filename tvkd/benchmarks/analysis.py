@@ -39,7 +39,10 @@ def _evaluate(ctx: BenchContext, evaluator: str, overrides: dict[str, Any], n_ke
                        reference=ModelSource.from_path(plan.paths["reference"], dtype=m.dtype), teacher=teacher,
                        teacher_vocab=plan.teacher_vocab, teacher_signal=True, testbed=uses_testbed(cfg),
                        progress=ctx.progress)
-    out = dict(EVALUATORS.get(evaluator)(ectx))
+    from tvkd.cross_tokenizer import for_evaluator
+
+    # a teacher of another tokenizer: its own tokenization of the test pairs, or a refusal naming why
+    out = dict(EVALUATORS.get(evaluator)(for_evaluator(ectx, plan.teacher_tokens, evaluator)))
     if evaluator == "value_alignment":
         n = min(int(cfg.eval.value_alignment), len(plan.tokenized_train.dataset))
     else:

@@ -74,8 +74,8 @@ def token_strings(tokenizer: Any, ids: Sequence[int]) -> list[str]:
 
 def tokenize_response(tokenizer: Any, prompt: Sequence[dict[str, Any]], response: str,
                       config: Any = None) -> tuple[list[int], list[int]]:
-    """(prompt ids, response ids ending in the end-of-turn token), as `tvkd.tokenize.tokenize_preferences`
-    tokenizes a pair (same template, end-of-turn token and length budget)."""
+    """(prompt ids, response ids), as `tvkd.tokenize.tokenize_preferences` tokenizes a pair (same template,
+    end-of-turn token, `response_tail` and length budget)."""
     from collections import Counter
 
     from tvkd.data.examples import PreferenceExample
@@ -87,7 +87,7 @@ def tokenize_response(tokenizer: Any, prompt: Sequence[dict[str, Any]], response
     eos_id = tokenizer.convert_tokens_to_ids(eos_token)
     answer = [{"role": "assistant", "content": response}]
     example = PreferenceExample(id="shaping", prompt=[dict(m) for m in prompt], chosen=answer, rejected=answer)
-    prompt_ids, response_ids, _ = tokenize_example(example, tokenizer, eos_id, Counter())
+    prompt_ids, response_ids, _ = tokenize_example(example, tokenizer, eos_id, Counter(), config.response_tail)
     budget = config.max_length - len(prompt_ids)
     if budget < 1:
         raise ValueError(f"the prompt has {len(prompt_ids)} tokens: no room for a response within max_length "

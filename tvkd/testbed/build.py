@@ -252,6 +252,21 @@ class Testbed:
         return oracle_relabelled(self.student_pref_train, self.cache_dir / "derived")
 
     @property
+    def teacher_dpo_other_vocab_dir(self) -> Path:
+        """The DPO teacher behind another vocabulary and template (`tvkd.testbed.vocab`), built once, cached."""
+        from tvkd.storage import cached_stage
+        from tvkd.testbed.vocab import other_vocabulary
+
+        source = self.teacher_dpo_dir
+        def build(tmp: Path) -> dict[str, Any]:
+            other_vocabulary(source, tmp / "model")
+            return {"source": str(source)}
+
+        stage = cached_stage(self.cache_dir / "other_vocab" / f"v1-{source.name}", build,
+                             describe="the testbed teacher with another vocabulary")
+        return stage.path / "model"
+
+    @property
     def report_path(self) -> Path:
         return self.root / "report.json"
 
