@@ -1,4 +1,4 @@
-"""Sessions: `nox -s tests` (fast suite), `tests-slow`, `lint`, `testbed`, `study-reward-conflict`,
+"""Sessions: `nox -s tests` (fast suite), `tests-slow`, `real-model`, `lint`, `testbed`, `study-reward-conflict`,
 `study-main-table`, one `study-<name>` per study of the paper (`nox -l` lists them), `bench`.
 
 One environment, ``.nox/tvkd``, serves every session: the first session creates it and each later
@@ -123,6 +123,15 @@ def tests(session: nox.Session) -> None:
 def tests_slow(session: nox.Session) -> None:
     """Slow tests only: full testbed builds over several seeds, end-to-end studies."""
     run(session, environment(session, ALL_EXTRAS), "pytest", "-q", "-m", "slow", *session.posargs)
+
+
+@nox.session(name="real-model", venv_backend="none")
+def real_model(session: nox.Session) -> None:
+    """A real instruct model end to end: SmolLM2-135M-Instruct from a PyPI package (its GGUF converted once to
+    safetensors, cached by content), DPO and TVKD on the dpo-mix-7k fixture, `tvkd eval --bench
+    margin,value-kl,shaping`, tokenization equal to TRL's; prints time, peak memory and two answers."""
+    run(session, environment(session, ("test", "real-model")), "pytest", "-q", "-s", "-m", "slow",
+        "tests/test_real_model_slow.py", *session.posargs)
 
 
 @nox.session(venv_backend="none")

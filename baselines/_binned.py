@@ -9,8 +9,11 @@ p_T comes from the cache (``topk_logprobs`` and ``topk_rest``, exact, fp32); q_�
 student's full softmax through `tvkd.losses.tvkd_released.binned_log_probs`. With ``topk=None``
 the KL runs over the full vocabulary instead, against the online teacher logits (§A.5).
 The floor (1e-7) is the official ``get_kl_loss``'s ``input_probs[input_probs < 1e-7] = 1e-7``:
-a floored bin gets no gradient, as there. This module is a helper (its name starts with ``_``),
-imported explicitly by `baselines.vanilla_kd` and `baselines.dckd`.
+a floored bin gets no gradient, as there. It belongs to the 51-bin form and does not apply with
+``topk=None``: flooring every entry of a full vocabulary would move the KL by up to 1.6 nats on a
+peaked student, so the full-vocabulary KL is the exact Σ_v p_T,v·(log p_T,v − log q_θ,v).
+This module is a helper (its name starts with ``_``), imported explicitly by `baselines.vanilla_kd`
+and `baselines.dckd`.
 """
 
 from __future__ import annotations
@@ -36,12 +39,13 @@ def topk_field() -> Any:
 def rest_bin_field() -> Any:
     return field(default="logsumexp", metadata={
         "help": "The student's rest bin: logsumexp (exact, docs/methods.md §B.8) | complement (the official "
-                "1 − Σ top-k in fp32, floored at 1e-8)."})
+                "1 − Σ top-k of the fp32 softmax, by the official operations, floored at 1e-8)."})
 
 
 def floor_field() -> Any:
     return field(default=OFFICIAL_FLOOR, metadata={
-        "help": "Floor on each student bin inside the log, log max(q, floor) (official get_kl_loss: 1e-7); 0: none."})
+        "help": "Floor on each student bin inside the log, log max(q, floor) (official get_kl_loss: 1e-7); 0: none. "
+                "Not applied with topk=null (the full-vocabulary KL is exact)."})
 
 
 def check_options(name: str, topk: int | None, rest_bin: str, prob_floor: float) -> None:
@@ -90,9 +94,12 @@ def log_bins(batch: ScoredBatch, rows: slice, topk: int | None, rest_bin: str, n
 
 def forward_kl(batch: ScoredBatch, rows: slice, topk: int | None, rest_bin: str, prob_floor: float,
                name: str) -> torch.Tensor:
-    """[n, T] per-token KL(p_T ‖ max(q_θ, floor)) for batch rows `rows`; exactly 0 (and no gradient) at padding."""
+    """[n, T] per-token KL(p_T ‖ max(q_θ, floor)) for batch rows `rows`; exactly 0 (and no gradient) at padding.
+
+    The floor applies to the k+1 bins only; with ``topk=None`` the KL is the exact full-vocabulary one.
+    """
     log_p, log_q = log_bins(batch, rows, topk, rest_bin, name)
-    if prob_floor > 0:
+    if prob_floor > 0 and topk:
         log_q = log_q.clamp(min=math.log(prob_floor))
     p = log_p.exp()
     kl = (p * (log_p.masked_fill(p == 0, 0.0) - log_q)).sum(-1)

@@ -14,8 +14,19 @@ docs/methods.md §B.3 and §A.7. y_s replaces the rejected side of each pair (`N
 reference's top-k at y_s's positions come from the teacher cache. Flags restore the readings the
 spec leaves open: `clamp=false` is the paper's signed advantage scaled by `beta` (no clamp);
 `fallback="reference_min"` uses min π_Tref (the likely intent) instead of the official min π_T;
-`importance_sampling=true` multiplies the loss by exp(log π_θ(y_s) − log π_ref(y_s)) per
-sequence, not detached, as the official flag does (it then needs the reference).
+`importance_sampling=true` weights the advantage term by w_i = exp(log π_θ(y_s,i) − log π_ref(y_s,i)),
+not detached, in the official form: the pooled token mean (over every y_s token of the batch)
+times the batch mean of w_i, mean_i(L_ADPA · w_i). It is not Σ_i w_i·(token mean of sequence i)/B;
+the two agree only for one pair or equal lengths. The flag then needs the reference.
+
+The student's bins are the official ones: the fp32 softmax at π_T's top-k ids, the rest bin
+1 − Σ top-k (`tvkd.losses.tvkd_released.official_bins`), every bin clamped to [1e-8, 1 − 1e-8].
+
+The EOS position: `tvkd`'s cache holds the teacher's and the teacher reference's real top-k at the
+state that predicts EOS (docs/methods.md §B.8), so by default the EOS token's advantage counts like
+any other. The official cache has no entry there (§B.1.2): both bin vectors are all 0, clamped to
+1e-8, so that position adds the constant (k+1)·1e-16 and still counts in the token mean. On short
+answers the two differ by 2–20 % of the ADPA term. `eos_entry=false` restores the official form.
 """
 
 from __future__ import annotations
@@ -25,6 +36,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tvkd.api import LOSSES, LossOutput, Needs, PreferenceLoss, ScoredBatch
+from tvkd.losses.tvkd_released import official_bins
 
 FLOOR = 1e-7
 CLAMP = (1e-8, 1.0 - 1e-8)
@@ -69,8 +81,12 @@ class ADPA(PreferenceLoss):
             "help": "π_Tref of an id outside its top-k: teacher_min (official: min of π_T's top-k) | "
                     "reference_min (min of π_Tref's top-k)."})
         importance_sampling: bool = field(default=False, metadata={
-            "help": "Multiply by exp(log π_θ(y_s) − log π_ref(y_s)) per sequence (official flag; needs the "
-                    "reference)."})
+            "help": "Official flag: the pooled advantage term times mean_i exp(log π_θ(y_s,i) − log π_ref(y_s,i)) "
+                    "(not detached; needs the reference)."})
+        eos_entry: bool = field(default=True, metadata={
+            "help": "true: the teacher's real top-k at the EOS position counts (tvkd's cache has it); false: the "
+                    "official cache has no EOS entry, so EOS adds the constant (k+1)·1e-16 and still counts in the "
+                    "token mean."})
         max_new_tokens: int = field(default=512, metadata={"help": "Length budget of the student's rollouts."})
 
         def __post_init__(self):
@@ -101,24 +117,32 @@ class ADPA(PreferenceLoss):
         _, z = batch.split(batch.logits)
         _, mask = batch.split(batch.mask)
         adv = advantages(ids, t_logp, r_ids, r_logp, cfg.fallback)  # [B, T, k]
-        q_top = torch.softmax(z.float(), -1).gather(-1, ids.long())  # student probabilities of the top-k ids
         if cfg.clamp:
-            # the rest bin carries advantage 0, clamped to 1e-8, times the student's remaining mass
-            rest = (1.0 - q_top.sum(-1, keepdim=True)).clamp(min=0.0)
-            per_token = (q_top * adv.clamp(*CLAMP)).sum(-1) + rest.squeeze(-1) * CLAMP[0]
+            # official: the student's k+1 bins and [A_1..A_k, 0] both clamped to [1e-8, 1 − 1e-8]
+            q = official_bins(z, ids).clamp(*CLAMP)
+            target = torch.cat([adv, torch.zeros_like(adv[..., :1])], dim=-1).clamp(*CLAMP)
+            per_token = (q * target).sum(-1)
+            empty = (ids.shape[-1] + 1) * CLAMP[0] * CLAMP[0]  # an official position without a cache entry
         else:
+            q_top = torch.softmax(z.float(), -1).gather(-1, ids.long())  # student probabilities of the top-k ids
             per_token = cfg.beta * (q_top * adv).sum(-1)
+            empty = 0.0
+        if not cfg.eos_entry:
+            lengths = mask.sum(-1, keepdim=True)
+            eos = torch.arange(mask.shape[1], device=mask.device).unsqueeze(0) == lengths - 1
+            per_token = torch.where(eos & mask, torch.full_like(per_token, empty), per_token)
         m = mask.float()
-        per_seq_count = m.sum(-1)
         adpa_term = -(per_token * m).sum() / m.sum().clamp(min=1)
+        metrics = {}
         if cfg.importance_sampling:
             _, delta = batch.log_ratios(include_reference=True)
             weight = delta.exp()  # not detached, as the official flag
-            adpa_term = -((per_token * m).sum(-1) / per_seq_count.clamp(min=1) * weight).mean()
+            adpa_term = (adpa_term * weight).mean()  # official: the pooled term times each weight, then the mean
+            metrics["importance_weight"] = weight.detach().mean()
         logps_w, _ = batch.split(batch.logps)
         mask_w, _ = batch.split(batch.mask)
         ce = -(logps_w * mask_w).sum() / mask_w.sum().clamp(min=1)
         loss = cfg.sft_weight * ce + cfg.adpa_weight * adpa_term
-        metrics = {"loss": loss.detach(), "ce": ce.detach(), "adpa": adpa_term.detach(),
-                   "advantage_mean": (adv.mean(-1) * m).sum().detach() / m.sum().clamp(min=1)}
+        metrics.update({"loss": loss.detach(), "ce": ce.detach(), "adpa": adpa_term.detach()})
+        metrics["advantage_mean"] = (adv.mean(-1) * m).sum().detach() / m.sum().clamp(min=1)
         return LossOutput(loss=loss, metrics=metrics)

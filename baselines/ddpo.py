@@ -46,10 +46,12 @@ class DDPO(PreferenceLoss):
     """L = (β(Δ_w − Δ_l) − (r_T(y_w) − r_T(y_l)))², r_T = β_T·log π_T/π_Tref (docs/methods.md §A.5)."""
 
     name = "ddpo"
+    identity_defaults = ("beta",)  # its default moved from 0.1 to 0.01: a config that leaves β out is a new run
 
     @dataclass
     class Config:
-        beta: float = field(default=0.1, metadata={"help": "β, the scale of the student's implicit reward."})
+        beta: float = field(default=0.01, metadata={
+            "help": "β, the scale of the student's implicit reward (0.01, as dpo: docs/methods.md §A.5)."})
         teacher_beta: float = field(
             default=0.05,
             metadata={"help": "β_T in the target r_T = β_T·Σ log π_T/π_Tref: the teacher's own DPO β (0.05 on the "

@@ -7,6 +7,9 @@ cDPO (docs/methods.md §A.7; TRL 0.12 semantics, which current TRL's `sigmoid` n
     L = (1 − ε)·(−log σ(β·h)) − ε·log σ(−β·h),   h = Δ_w − Δ_l
 
 `reference_free=True` drops π_ref (Δ_i = Σ_t log π_θ), as TRL's `reference_free`.
+
+β defaults to 0.01, the value docs/methods.md §B.4.1 gives (the TVKD and ADPA recipes), not TRL's 0.1;
+`wpo`, `odpo` and `ddpo` share it (§A.5). The testbed studies state their β (0.1) in their YAMLs.
 """
 
 from __future__ import annotations
@@ -28,10 +31,13 @@ class DPO(PreferenceLoss):
     """L = −log σ(β(Δ_w − Δ_l)) (DPO Eq. 7), optionally label-smoothed as cDPO."""
 
     name = "dpo"
+    identity_defaults = ("beta",)  # its default moved from 0.1 to 0.01: a config that leaves β out is a new run
 
     @dataclass
     class Config:
-        beta: float = field(default=0.1, metadata={"help": "β, the KL-penalty scale of the implicit reward."})
+        beta: float = field(default=0.01, metadata={
+            "help": "β, the KL-penalty scale of the implicit reward (0.01: the TVKD and ADPA recipes, "
+                    "docs/methods.md §A.5; TRL's default is 0.1)."})
         label_smoothing: float = field(
             default=0.0,
             metadata={

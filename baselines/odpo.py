@@ -56,10 +56,12 @@ class ODPO(PreferenceLoss):
     """L = −log σ(β(Δ_w − Δ_l) − α·log(r_w − r_l)) (docs/methods.md §A.7)."""
 
     name = "odpo"
+    identity_defaults = ("beta",)  # its default moved from 0.1 to 0.01: a config that leaves β out is a new run
 
     @dataclass
     class Config:
-        beta: float = field(default=0.1, metadata={"help": "β, the DPO scale of the implicit reward."})
+        beta: float = field(default=0.01, metadata={
+            "help": "β, the DPO scale of the implicit reward (0.01, as dpo: docs/methods.md §A.5)."})
         alpha: float = field(
             default=1.0, metadata={"help": "α, the weight of the offset log(r_w − r_l) (not scaled by β); 0 is DPO."}
         )

@@ -12,7 +12,17 @@ initialisation on the pairs and on the swapped pairs (`Needs.contrast`, cached; 
 The paper's weight k·exp(μ·clamp(r, L, U)) is not what the official code does; this follows the
 code. Its default config is `binary` with top_percent 100 (all weights 1, plain DPO); the README's
 recipe, and this default, is `rank`. The paper's Table 1 row "TDPO [17]" is this method.
-Ties in the rank transform are broken by position (a stable sort).
+
+Ties are broken by position, the earlier token first, in both transforms. `rank` sorts the raw
+values ascending with a stable sort, so of two equal values the earlier token gets the lower rank
+(the official ``sorted(range(n), key=nums.__getitem__)`` does the same). `binary` keeps the
+int(n·top_percent/100) largest values (the official count, rounded down), sorting descending with
+a stable sort, so of tied values the earlier tokens are kept. The official ``binary_weight_transform``
+maps each distinct value to one weight through a dict, so a group of tied values that straddles the
+cut gets the weight of its last member, 0, and fewer than int(n·top_percent/100) tokens are kept;
+that is not reproduced (it makes the kept count depend on ties). With untrained contrast models every
+raw value is tied at 0, so these rules would decide every weight: `tvkd.contrast` makes sure the
+models train (no warm-up step at a learning rate of 0) and reports their mean |log-ratio|.
 """
 
 from __future__ import annotations
@@ -45,13 +55,17 @@ def token_weights(raw: np.ndarray, transform: str, low: float = 0.7, high: float
     n = len(raw)
     if n == 0:
         return np.zeros(0)
-    order = np.argsort(raw, kind="stable")
-    ranks = np.empty(n)
-    ranks[order] = np.arange(n)
     if transform == "rank":
-        return np.full(n, (low + high) / 2) if n == 1 else low + (high - low) * ranks / (n - 1)
-    keep = int(np.ceil(n * top_percent / 100.0))
-    return (ranks >= n - keep).astype(np.float64)
+        if n == 1:
+            return np.full(n, (low + high) / 2)
+        ranks = np.empty(n)
+        ranks[np.argsort(raw, kind="stable")] = np.arange(n)  # ties: the earlier token ranks lower
+        return low + (high - low) * ranks / (n - 1)
+    keep = int(n * top_percent / 100.0)  # the official count (rounded down)
+    order = np.argsort(-np.asarray(raw, dtype=np.float64), kind="stable")  # descending; ties: earlier first
+    weights = np.zeros(n)
+    weights[order[:keep]] = 1.0
+    return weights
 
 
 @LOSSES.register(

@@ -64,10 +64,13 @@ class WPO(PreferenceLoss):
     """L = min(1, w(y_w)·w(y_l)) · (−log σ(β(Δ_w − Δ_l))), w the detached length-normalised alignment weight."""
 
     name = "wpo"
+    identity_defaults = ("beta",)  # its default moved from 0.1 to 0.01: a config that leaves β out is a new run
 
     @dataclass
     class Config:
-        beta: float = field(default=0.1, metadata={"help": "β, the KL-penalty scale of the DPO implicit reward."})
+        beta: float = field(default=0.01, metadata={
+            "help": "β, the KL-penalty scale of the DPO implicit reward (0.01: the official Llama-3 config and "
+                    "TVKD's wpo.yaml, docs/methods.md §A.5)."})
         clamp: bool = field(
             default=True,
             metadata={"help": "Clamp the pair weight w(y_w)·w(y_l) at 1 (official WPO); false: no clamp, as "

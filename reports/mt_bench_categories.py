@@ -11,25 +11,31 @@ Input: one row per finished run (the `mt-bench-categories` study's frame) with t
 Categories are MT-Bench's eight in FastChat's order when present, then any other category found (on the
 testbed: its tasks sort, reverse, dedupe, count, judged by the testbed oracle through the loopback judge).
 Table: rows = methods, one column per category and the overall score (mean ± std over seeds), and the
-paired difference in overall score to DPO of the same seed (averaged over seeds, seed-level bootstrap 95%
-interval: the store keeps one score per run). Only the trained methods are ranked. The radar (PNG and PDF,
+paired difference in overall score to DPO of the same seed (averaged over seeds, with a 95% t-interval over the seeds:
+the store keeps one score per run). Only the trained methods are ranked. The radar (PNG and PDF,
 byte-identical for the same frame) draws each method's mean category scores on one polar axis per category.
 """
 
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from reports.effects import Effect, format_effect, hierarchical_bootstrap
-from reports.store import save_figure
-from reports.tables import MISSING, TABLES, MetricSpec, format_table, summarize
-from tvkd.paths import atomic_write_text
+from reports.effects import Effect, crossed_effect, format_effect
+from reports.figures import save_figure
+from reports.tables import (
+    MISSING,
+    TABLES,
+    MetricSpec,
+    format_seeds,
+    format_table,
+    summarize,
+    write_table_files,
+)
 from tvkd.testbed.tasks import TASKS
 
 __all__ = ["categories", "format_mt_bench_categories", "mt_bench_summary", "plot_radar", "write_mt_bench_categories"]
@@ -70,7 +76,7 @@ def _seed_effect(df: pd.DataFrame, label: str) -> Effect | None:
     part = df[df["label"] == label]
     diffs = [np.array([float(v) - ref[s]]) for s, v in zip(part["seed"], part[SCORE])
              if s in ref and v is not None and not math.isnan(float(v))]
-    return hierarchical_bootstrap(diffs) if diffs else None
+    return crossed_effect(diffs) if diffs else None
 
 
 def mt_bench_summary(df: pd.DataFrame) -> pd.DataFrame:
@@ -102,11 +108,6 @@ def mt_bench_summary(df: pd.DataFrame) -> pd.DataFrame:
     return summary
 
 
-def _seeds(df: pd.DataFrame) -> str:
-    seeds = sorted({int(s) for s in df["seed"] if isinstance(s, numbers.Real) and not math.isnan(float(s))})
-    return ", ".join(map(str, seeds)) or "(none)"
-
-
 def format_mt_bench_categories(df: pd.DataFrame, fmt: str = "markdown") -> str:
     """The table as Markdown or LaTeX text (with its caption)."""
     summary = mt_bench_summary(df)
@@ -121,10 +122,14 @@ def format_mt_bench_categories(df: pd.DataFrame, fmt: str = "markdown") -> str:
         "in each category, both turns, and overall; FastChat's questions format, judge prompts and [[rating]] parsing "
         "(tvkd/benchmarks/mt_bench.py). On the testbed the categories are its tasks and the judge is the loopback "
         "judge backed by the oracle (rating = round(1 + 9 r*)). "
-        f"Mean ± std over seeds {_seeds(df)}; n = runs per row. Bold: best, {second}: second best among DPO and "
-        "TVKD. Δ MT-Bench vs DPO: the per-seed difference in overall score, averaged, with a seed-level bootstrap "
-        "95% interval."
+        f"Mean ± std over seeds {format_seeds(df['seed'])}; n = runs per row. Bold: best, {second}: second best among DPO and "
+        "TVKD. Δ MT-Bench vs DPO: the per-seed difference in overall score, averaged, with a 95% t-interval over the "
+        "seeds (df = seeds − 1)."
     )
+    stand_in = df.get("mt_bench/stand_in_judge", pd.Series(dtype=object)).dropna()
+    if len(stand_in):  # a hash, not a judgement: the table must not read as a score
+        caption = (f"WARNING: {len(stand_in)} of {len(df)} runs were rated by a stand-in judge, not a model "
+                   f"({stand_in.iloc[0]}); their numbers measure nothing about the answers. " + caption)
     return format_table(summary, metrics=metrics, row_label_cols={"Method": "Method"}, fmt=fmt,
                         ranked=summary["ranked"].tolist(), caption=caption,
                         label="tab:mt_bench_categories" if fmt == "latex" else None,
@@ -159,7 +164,7 @@ def plot_radar(df: pd.DataFrame, out_dir: str | Path) -> dict[str, Path]:
         ax.set_yticks([2, 4, 6, 8, 10])
         ax.tick_params(axis="y", labelsize=7)
         ax.legend(fontsize=8, loc="upper right", bbox_to_anchor=(1.32, 1.12))
-    ax.set_title(f"MT-Bench per category (1-10), mean over seeds {_seeds(df)}", fontsize=10, pad=18)
+    ax.set_title(f"MT-Bench per category (1-10), mean over seeds {format_seeds(df['seed'])}", fontsize=10, pad=18)
     fig.tight_layout()
     try:
         return save_figure(fig, Path(out_dir) / "mt_bench_categories")
@@ -173,12 +178,7 @@ def plot_radar(df: pd.DataFrame, out_dir: str | Path) -> dict[str, Path]:
                  columns=("label", "seed", SCORE, PREFIX + "<category>"))
 def write_mt_bench_categories(df: pd.DataFrame, out_dir: str | Path) -> dict[str, Path]:
     """Write the table (Markdown, LaTeX) and the radar (PNG, PDF) into ``out_dir``."""
-    out_dir = Path(out_dir)
-    source = "reports/mt_bench_categories.py"
-    paths = {"md": out_dir / "mt_bench_categories.md", "tex": out_dir / "mt_bench_categories.tex"}
-    atomic_write_text(paths["md"], f"<!-- Generated by {source} from the results store; do not edit by hand. -->\n\n"
-                      + format_mt_bench_categories(df, "markdown"))
-    atomic_write_text(paths["tex"], f"% Generated by {source} from the results store; do not edit by hand.\n"
-                      + format_mt_bench_categories(df, "latex"))
+    paths = write_table_files(out_dir, "mt_bench_categories", "reports/mt_bench_categories.py",
+                              lambda fmt: format_mt_bench_categories(df, fmt))
     paths.update(plot_radar(df, out_dir))
     return paths

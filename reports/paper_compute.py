@@ -181,7 +181,7 @@ def _tokens(cfg: Any) -> tuple[int, int, float, str] | None:
 
 def estimate_run(cfg: Any, label: str, seed: int, cached: set[tuple[str, ...]]) -> RunEstimate:
     """One run's FLOPs by part; ``cached`` holds the teacher-cache passes already counted (updated here)."""
-    from tvkd.api import LOSSES, Needs, build_config
+    from tvkd.api import LOSSES, Needs, build_config  # lazy: torch (the loss plug-ins)
 
     est = RunEstimate(label=label, seed=seed)
     m = cfg.models

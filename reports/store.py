@@ -2,7 +2,7 @@
 
 `store_frame` reads the run folders of a study (``<results>/<study>[-<profile>][-quick]/``) and
 nothing else: no model, no cache, no run's in-memory state. It expands the study's spec (names only:
-`studies.spec.StudySpec.runs`) to know which runs belong to it and the descriptive columns of each,
+`studies.spec.StudyFile.runs`) to know which runs belong to it and the descriptive columns of each,
 then picks, for every (run label, seed), the complete run folder whose config is the spec's (the
 same config hash without the inputs' content fingerprints), else the newest complete folder of that
 label and seed (a run made before the spec changed; named in a notice). The frame has one row per
@@ -17,12 +17,12 @@ run, in run order, with the columns every table generator reads:
     items.margin_accuracy  per-test-pair outcomes from pairs.jsonl (None without one)
     win_rate_vs_<ref>      against the spec's ``reference_variant``, same seed, from both runs' outputs
 
-`studies.runner.run_study` builds its tables through `write_study_outputs` from this same frame,
+`studies.engine.run_study` ends every study with `write_study_outputs` on this same frame,
 so a table is the same whether its study was just run or rebuilt later by ``tvkd report``.
 
 Table generators (`reports.tables.TABLES`) take ``(frame, out_dir)`` and return ``{format: path}``;
 every generator registered with ``study=<the study's name>`` (and the spec's ``table``) is run.
-Their outputs must be byte-identical when the store is: figures are saved with `save_figure`
+Their outputs must be byte-identical when the store is: figures are saved with `reports.figures.save_figure`
 (no time stamps or software versions in PNG/PDF metadata, fixed dpi).
 """
 
@@ -34,14 +34,16 @@ from typing import Any
 
 import pandas as pd
 
-__all__ = ["NoCompleteRuns", "StoreFrame", "frame_from_records", "generators_for", "save_figure", "store_frame",
+from reports.compare import compare_study, format_comparison, write_comparison
+from reports.grid import write_grid_tables
+from reports.tables import TABLES, discover
+from studies.spec import load_spec
+from tvkd.evaluation.metrics import win_rate
+from tvkd.paths import results_root
+from tvkd.results import ResultsStore, config_hash
+
+__all__ = ["NoCompleteRuns", "StoreFrame", "frame_from_records", "generators_for", "report_study", "store_frame",
            "write_study_outputs"]
-
-#: What matplotlib writes into a PNG/PDF unless told not to: time stamps, its version.
-PNG_METADATA = {"Software": None}
-PDF_METADATA = {"CreationDate": None, "ModDate": None, "Producer": None, "Creator": None}
-FIGURE_DPI = 150
-
 
 class NoCompleteRuns(LookupError):
     """A study has no complete run in the results store (nothing to build a table from)."""
@@ -53,8 +55,6 @@ def frame_from_records(spec: dict[str, Any], rows: list[dict[str, Any]]) -> pd.D
     ``rows``: ``{**info, "label": ..., "run_dir": ..., "record": RunRecord}`` per run, in run order.
     The win rate compares the oracle scores of two runs' greedy outputs prompt by prompt (ties 1/2).
     """
-    from tvkd.evaluation.metrics import win_rate
-
     ref_label = spec.get("reference_variant")
     by_seed_label = {(r["seed"], r["label"]): r for r in rows}
     records = []
@@ -63,6 +63,8 @@ def frame_from_records(spec: dict[str, Any], rows: list[dict[str, Any]]) -> pd.D
         m = dict(rec.metrics)
         row = {k: v for k, v in r.items() if k != "record"}
         row.update({k: v for k, v in m.items() if isinstance(v, (int, float))})
+        # a benchmark scored by a stand-in judge says so (a string): tables must show it
+        row.update({k: v for k, v in m.items() if k.endswith("/stand_in_judge") and v})
         loss_cfg = m.get("loss_config", {}) or {}
         row.setdefault("method", "tvkd" if "aux" in loss_cfg else r["label"])
         row["aux"] = loss_cfg.get("aux")
@@ -76,6 +78,8 @@ def frame_from_records(spec: dict[str, Any], rows: list[dict[str, Any]]) -> pd.D
         row["items.margin_accuracy"] = [p["margin_accuracy"] for p in pairs] or None
         if ref_label:
             ref = by_seed_label.get((r["seed"], ref_label))
+            if ref is None and r.get("variant") is not None:  # a variant: its run with this row's axis values
+                ref = by_seed_label.get((r["seed"], ",".join([ref_label, *r["label"].split(",")[1:]])))
             if ref is not None:
                 mine = {o["prompt"]: o.get("oracle") for o in outputs}
                 theirs = {o["prompt"]: o.get("oracle") for o in ref["record"].outputs()}
@@ -91,7 +95,7 @@ class StoreFrame:
     """`store_frame`'s answer: the frame and what it could not find."""
 
     study: str  # the results folder (name[-profile][-quick])
-    spec: Any  # studies.spec.StudySpec
+    spec: Any  # studies.spec.StudyFile
     frame: pd.DataFrame
     root: Path
     expected: int = 0  # runs the spec has
@@ -120,8 +124,6 @@ class StoreFrame:
 
 def _config_key(config: dict[str, Any] | None, ignore: frozenset[str]) -> str | None:
     """The hash of a run's config without its inputs' fingerprints (what the spec alone determines)."""
-    from tvkd.results import config_hash
-
     if not isinstance(config, dict):
         return None
     return config_hash({k: v for k, v in config.items() if k not in ("inputs", "processes")}, ignore=ignore)
@@ -133,15 +135,11 @@ def _finished(record: Any) -> str:
 
 def store_frame(study: Any, results: str | Path | None = None, *, quick: bool = False, profile: str | None = None,
                 seeds: list[int] | None = None) -> StoreFrame:
-    """The results frame of a study (a name, a YAML path or a `StudySpec`) from the results store only.
+    """The results frame of a study (a name, a YAML path or a `StudyFile`) from the results store only.
 
     ``seeds``: the seeds to show; by default the spec's and any other seed the store holds complete runs
     of (``tvkd study run --seeds ...``). Raises `NoCompleteRuns` when the store has no complete run of the study.
     """
-    from studies.spec import load_spec
-    from tvkd.paths import results_root
-    from tvkd.results import ResultsStore
-
     spec = load_spec(study, profile)
     store = ResultsStore(Path(results) if results is not None else results_root())
     name = spec.study_name(quick)
@@ -182,8 +180,6 @@ def store_frame(study: Any, results: str | Path | None = None, *, quick: bool = 
 
 def generators_for(spec: Any) -> list[str]:
     """The table generators of a study: its spec's ``table``, then every one registered with its name."""
-    from reports.tables import discover
-
     tables = discover()
     names = [spec.table] if spec.table else []
     names += [n for n in tables.names() if tables.meta(n).get("study") == spec.base_name and n not in names]
@@ -191,49 +187,20 @@ def generators_for(spec: Any) -> list[str]:
 
 
 def write_study_outputs(spec: Any, frame: pd.DataFrame, out_dir: str | Path) -> dict[str, dict[str, Path]]:
-    """Run the study's table generators on ``frame`` into ``out_dir`` and write ``runs.csv`` (one row per
-    run, without the record and per-item columns); returns ``{generator: {format: path}}``, with
-    ``{"runs": {"csv": path}}`` last."""
-    from reports.tables import TABLES
-
+    """Run the study's table generators on ``frame`` into ``out_dir`` (a study with none gets the generic
+    table of `reports.grid`) and write ``runs.csv`` (one row per run, without the record and per-item
+    columns); returns ``{generator: {format: path}}``, with ``{"runs": {"csv": path}}`` last."""
     out = Path(out_dir)
     written: dict[str, dict[str, Path]] = {}
     for name in generators_for(spec):
         written[name] = {fmt: Path(path) for fmt, path in TABLES.get(name)(frame, out).items()}
+    if not written and (spec.variants or spec.axes) and len(frame):  # a grid of one's own: the generic table
+        written["grid"] = write_grid_tables(spec, frame, out)
     items = [c for c in frame.columns if c.startswith("items.")]
     out.mkdir(parents=True, exist_ok=True)  # a grid without a table still gets its runs.csv
     frame.drop(columns=["record", *items], errors="ignore").to_csv(out / "runs.csv", index=False)
     written["runs"] = {"csv": out / "runs.csv"}
     return written
-
-
-def save_figure(fig: Any, stem: str | Path, formats: tuple[str, ...] = ("png", "pdf")) -> dict[str, Path]:
-    """Save a matplotlib figure as ``<stem>.png`` / ``<stem>.pdf`` byte-identically from run to run
-    (fixed dpi, no time stamps or software versions in the metadata, written atomically); returns
-    ``{format: path}``."""
-    import io
-    import os
-    import tempfile
-
-    stem = Path(stem)
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    out = {}
-    for fmt in formats:
-        buf = io.BytesIO()
-        metadata = PNG_METADATA if fmt == "png" else PDF_METADATA if fmt == "pdf" else None
-        fig.savefig(buf, format=fmt, dpi=FIGURE_DPI, metadata=metadata)
-        path = stem.with_suffix(f".{fmt}")
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(buf.getvalue())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        out[fmt] = path
-    return out
-
 
 
 @dataclass
@@ -260,8 +227,6 @@ def report_study(study: Any, results: str | Path | None = None, out_dir: str | P
     files = write_study_outputs(sf.spec, sf.frame, out)
     report = StudyReport(study=sf.study, out_dir=out, files=files, notices=sf.notices())
     if compare_paper:
-        from reports.compare import compare_study, format_comparison, write_comparison
-
         report.comparisons = compare_study(sf.frame, sf.spec, generators_for(sf.spec), study=sf.study,
                                            profile=sf.spec.profile)
         texts = []

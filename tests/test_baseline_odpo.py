@@ -76,7 +76,7 @@ def loop_loss(batch: ScoredBatch, gaps: list[float], alpha: float, min_gap: floa
 @pytest.mark.parametrize("alpha", [1.0, 0.4])
 def test_odpo_matches_loop(source, min_gap, alpha, caplog):
     with caplog.at_level(logging.WARNING, logger="baselines.odpo"):
-        prepared, batch, out = run("odpo", {"offset_source": source, "min_gap": min_gap, "alpha": alpha})
+        prepared, batch, out = run("odpo", {"offset_source": source, "min_gap": min_gap, "alpha": alpha, "beta": BETA})
     gaps = loop_gaps(source)
     assert max(abs(a - b) for a, b in zip(prepared["odpo_gap"], gaps)) < 1e-12
     bad = sum(g <= 0 for g in gaps)

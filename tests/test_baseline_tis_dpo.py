@@ -92,3 +92,38 @@ def test_contrast_models_are_trained_once_and_reused(tiny_world, tmp_path):
               if (p / "done.json").exists()}
     execute(cfg(5e-4), store=store, progress=False)  # another run on the same data: the models are reused
     assert {p: (p / "done.json").stat().st_mtime_ns for p in stamps} == stamps
+
+
+def loop_binary(raw, top_percent):
+    """The documented rule, written as a loop: keep int(n·p/100) tokens, largest values first, ties by position."""
+    n = len(raw)
+    keep = int(n * top_percent / 100)
+    order = sorted(range(n), key=lambda i: (-raw[i], i))
+    return [1.0 if i in order[:keep] else 0.0 for i in range(n)]
+
+
+def loop_rank(raw, low=0.7, high=1.3):
+    n = len(raw)
+    order = sorted(range(n), key=lambda i: (raw[i], i))  # ascending, ties by position
+    return [low + (high - low) * order.index(i) / (n - 1) for i in range(n)]
+
+
+@pytest.mark.parametrize("raw", [[0.0] * 6, [1.0, 0.5, 1.0, 0.5, 1.0], [0.2, 0.2, -1.0, 0.2], [3.0, 1.0, 2.0]])
+@pytest.mark.parametrize("top_percent", [100.0, 70.0, 50.0, 20.0])
+def test_binary_ties_keep_the_earliest_tokens(raw, top_percent):
+    got = token_weights(np.array(raw), "binary", top_percent=top_percent).tolist()
+    assert got == loop_binary(raw, top_percent)
+
+
+def test_binary_ties_and_count_by_hand():
+    # all tied (untrained contrast models): the first int(n·p/100) positions, not the last
+    assert token_weights(np.zeros(5), "binary", top_percent=40).tolist() == [1, 1, 0, 0, 0]
+    # a tie group across the cut: the earlier member is kept
+    assert token_weights(np.array([0.5, 2.0, 0.5, -1.0]), "binary", top_percent=50).tolist() == [1, 1, 0, 0]
+    # the official count rounds down: 50 % of 3 tokens keeps 1
+    assert token_weights(np.array([0.1, 0.3, 0.2]), "binary", top_percent=50).tolist() == [0, 1, 0]
+
+
+@pytest.mark.parametrize("raw", [[0.0] * 4, [1.0, 0.5, 1.0, 0.5, 1.0], [0.2, 0.2, -1.0, 0.2]])
+def test_rank_ties_give_the_earlier_token_the_lower_rank(raw):
+    np.testing.assert_allclose(token_weights(np.array(raw), "rank"), loop_rank(raw), rtol=0, atol=1e-12)

@@ -38,7 +38,7 @@ def softmax64(z) -> list[float]:
 
 
 def kl_token(batch: ScoredBatch, r: int, t: int, topk: bool, floor: float = 1e-7) -> float:
-    """Σ_k p_k (log p_k − log max(q_k, floor)) on the hand-built bins (or the full vocabulary)."""
+    """Σ_k p_k (log p_k − log max(q_k, floor)) on the hand-built bins; on the full vocabulary, the exact KL."""
     q = softmax64(batch.logits[r, t].detach())
     if topk:
         ids = [int(i) for i in batch.columns["topk_ids"][r, t]]
@@ -47,7 +47,8 @@ def kl_token(batch: ScoredBatch, r: int, t: int, topk: bool, floor: float = 1e-7
         p.append(math.exp(float(batch.columns["topk_rest"][r, t])))
     else:
         p = softmax64(batch.teacher_logits[r, t])
-    return sum(pk * (math.log(pk) - math.log(max(qk, floor))) for pk, qk in zip(p, q) if pk > 0)
+        floor = 0.0  # the official floor belongs to the 51 bins
+    return sum(pk * (math.log(pk) - math.log(max(qk, floor) if floor else qk)) for pk, qk in zip(p, q) if pk > 0)
 
 
 def reference(batch: ScoredBatch, weight: float = 0.1, topk: bool = True) -> float:

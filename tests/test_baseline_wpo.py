@@ -86,9 +86,9 @@ def test_wpo_gradient_is_weight_times_dpo_gradient(clamp):
 def test_wpo_config_and_settings():
     cls = LOSSES.get("wpo")
     cfg = build_config(cls, {})
-    assert cfg.beta == 0.1 and cfg.clamp
+    assert cfg.beta == 0.01 and cfg.clamp  # docs/methods.md §A.5: the recipes' β
     needs = cls().needs(cfg)
-    assert needs.reference and needs.student_logits and cls().eval_settings(cfg).implicit_reward_beta == 0.1
+    assert needs.reference and needs.student_logits and cls().eval_settings(cfg).implicit_reward_beta == 0.01
     with pytest.raises(ConfigError, match="wpo: beta must be > 0"):
         build_config(cls, {"beta": -1.0})
     batch = _batch()

@@ -43,6 +43,11 @@ def _expected_win_rate(ours, theirs):
     return 100 * sum(prefs) / len(prefs), sum(a != b for a, b in zip(ours, theirs))
 
 
+def _numbers(metrics):
+    """The metrics without the judge's request log of this call."""
+    return {k: v for k, v in metrics.items() if k != "alpaca_eval/judge_faults"}
+
+
 def _answers(run):
     (path,) = (run / "generations").glob("test-*.jsonl")
     by_key = {json.loads(line)["key"]: json.loads(line)["answer"] for line in path.read_text().splitlines()}
@@ -81,7 +86,8 @@ def test_alpaca_eval_end_to_end_and_rerun_asks_nothing(tiny_world, tmp_path, mon
     assert metrics["alpaca_eval/win_rate"] == pytest.approx(expected, abs=1e-4)
     assert metrics["alpaca_eval/n"] == len(PROMPTS) and metrics["alpaca_eval/n_missing"] == 0
     assert 0 < metrics["alpaca_eval/standard_error"] < 100
-    assert again == metrics  # the same numbers, to the last digit
+    assert _numbers(again) == _numbers(metrics)  # the same numbers, to the last digit
+    assert again["alpaca_eval/judge_faults"]["requests"] == 0
     import alpaca_eval
 
     assert metrics["alpaca_eval/judge_model"] == "tvkd-oracle-judge"
@@ -119,7 +125,8 @@ def test_alpaca_eval_reference_from_outputs_or_model(tiny_world, tmp_path):
         expected, differing = _expected_win_rate(_answers(run), ideal)
         assert counters.requests == differing and m["alpaca_eval/n_missing"] == 2
         assert m["alpaca_eval/n"] == len(PROMPTS) - 2
-        assert alpaca_eval_bench(_ctx(tiny_world, run, reference_run=str(ref), judge_base_url=url)) == m
+        assert _numbers(alpaca_eval_bench(_ctx(tiny_world, run, reference_run=str(ref), judge_base_url=url))) == \
+            _numbers(m)
         assert counters.requests == differing  # alpaca_eval does not ask for cached failures again...
         m = alpaca_eval_bench(_ctx(tiny_world, run, reference_run=str(ref), judge_base_url=url, retry_missing=True))
         assert counters.requests == differing + 2  # ...unless told to
@@ -159,3 +166,81 @@ def test_alpaca_eval_clear_errors(tiny_world, tmp_path):
 def test_alpaca_eval_is_registered():
     assert BENCHMARKS.get("alpaca-eval") is alpaca_eval_bench
     assert "reference_run" in BENCHMARKS.meta("alpaca-eval")["options"]
+
+
+@pytest.mark.parametrize("fault", ["fail_first", "drop_first", "slow_first"])
+def test_alpaca_eval_judge_faults_are_retried_then_missing(tiny_world, tmp_path, fault):
+    """A timeout, an HTTP 500 or a closed connection: retried; what still fails is missing (not cached as such, so
+    the next run asks again), and the benchmark never raises an openai traceback."""
+    ref = tmp_path / "adpa"
+    ref.mkdir()
+    ideal = [" ".join(tasks.parse_prompt(p[0]["content"]).ideal()) for p in PROMPTS]
+    (ref / "outputs.jsonl").write_text("".join(json.dumps({"prompt": p[0]["content"], "response": a}) + "\n"
+                                               for p, a in zip(PROMPTS, ideal)))
+    run = tmp_path / "run"
+    server = {"fail_first": {"fail_first": 3}, "drop_first": {"drop_first": 3},
+              "slow_first": {"delay": 3.0, "slow_first": 3}}[fault]
+    # max_concurrency 1: the first three requests are the first pair's tries; the first pair is then missing
+    opts = {"reference_run": str(ref), "judge_tries": 3, "max_concurrency": 1, "judge_timeout": 1.0}
+    with serve_judge(**server) as (url, counters):
+        m = alpaca_eval_bench(_ctx(tiny_world, run, judge_base_url=url, **opts))
+        differing = _expected_win_rate(_answers(run), ideal)[1]
+        assert counters.requests == differing + 2  # 3 tries for the first pair, one for each other
+        assert m["alpaca_eval/n_missing"] == 1 and m["alpaca_eval/n"] == len(PROMPTS) - 1
+        faults = m["alpaca_eval/judge_faults"]
+        assert faults["missing"] == 1 and faults["retries"] == 2 and faults["last_error"]
+        # the next run asks for the failed pair again (the server now answers), and only for it
+        again = alpaca_eval_bench(_ctx(tiny_world, run, judge_base_url=url, **opts))
+        assert counters.requests == differing + 3
+    assert again["alpaca_eval/n_missing"] == 0 and again["alpaca_eval/n"] == len(PROMPTS)
+
+
+def test_alpaca_eval_no_judgement_or_a_refused_key_is_an_error(tiny_world, tmp_path, monkeypatch):
+    from tvkd.benchmarks.judge import JudgeUnavailable
+
+    ref = tmp_path / "adpa"
+    ref.mkdir()
+    (ref / "outputs.jsonl").write_text("".join(json.dumps({"prompt": p[0]["content"], "response": "a"}) + "\n"
+                                               for p in PROMPTS))
+    opts = {"reference_run": str(ref), "judge_tries": 2, "max_concurrency": 1}
+    with serve_judge(fail_first=1000) as (url, counters):
+        with pytest.raises(JudgeUnavailable, match="none of the 6 pairs was judged.*InternalServerError"):
+            alpaca_eval_bench(_ctx(tiny_world, tmp_path / "run", judge_base_url=url, **opts))
+    monkeypatch.setenv("TVKD_JUDGE_API_KEY", "wrong-key")
+    with serve_judge(require_key="right-key") as (url, counters):
+        with pytest.raises(JudgeUnavailable, match="refused the key.*TVKD_JUDGE_API_KEY"):
+            alpaca_eval_bench(_ctx(tiny_world, tmp_path / "run2", judge_base_url=url, **opts))
+        assert counters.requests == 1  # nothing is asked after a 401
+
+
+def test_alpaca_eval_refuses_references_of_another_length_and_judges_an_instruction_file(tiny_world, tmp_path):
+    ref = tmp_path / "adpa"
+    ref.mkdir()
+    (ref / "config.yaml").write_text("eval:\n  max_new_tokens: 32\n")
+    (ref / "outputs.jsonl").write_text("".join(json.dumps({"prompt": p[0]["content"], "response": "a"}) + "\n"
+                                               for p in PROMPTS))
+    with pytest.raises(ValueError, match="max_new_tokens 32.*ours with 6.*--option max_new_tokens=32"):
+        alpaca_eval_bench(_ctx(tiny_world, tmp_path / "run", reference_run=str(ref), judge_base_url="http://x"))
+
+    # AlpacaEval's own format: {instruction, output} rows; the outputs are the reference
+    rows = [{"instruction": p[0]["content"], "output": " ".join(tasks.parse_prompt(p[0]["content"]).ideal()),
+             "generator": "ideal"} for p in PROMPTS[:4]]
+    (tmp_path / "alpaca_eval.json").write_text(json.dumps(rows))
+    with serve_judge() as (url, counters):
+        m = alpaca_eval_bench(_ctx(tiny_world, tmp_path / "run", judge_base_url=url,
+                                   instructions=str(tmp_path / "alpaca_eval.json")))
+    assert m["alpaca_eval/n"] == 4 and m["alpaca_eval/instructions"] == str(tmp_path / "alpaca_eval.json")
+    assert m["alpaca_eval/reference_source"].startswith("outputs of ")
+    assert "stand_in_judge" in " ".join(m)
+
+
+def test_alpaca_eval_instructions_offline_say_how_to_get_them(tiny_world, tmp_path):
+    from tvkd.benchmarks.alpaca_eval import load_instructions
+
+    with pytest.raises(ValueError, match="--option instructions=<alpaca_eval.json>"):
+        load_instructions("alpaca_eval")  # offline: not in the local cache
+    with pytest.raises(ValueError, match="neither 'run', 'alpaca_eval' nor a JSON"):
+        load_instructions(str(tmp_path / "nope.json"))
+    (tmp_path / "bad.json").write_text(json.dumps([{"prompt": "x"}]))
+    with pytest.raises(ValueError, match="row 0 has no 'instruction'"):
+        load_instructions(str(tmp_path / "bad.json"))

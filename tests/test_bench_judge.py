@@ -313,3 +313,57 @@ def test_server_answers_alpaca_eval_prompts_in_their_parsers_formats():
         assert json.loads(call.tool_calls[0].function.arguments) == {"best_output": "Output (a)"}
         assert counters.formats == {"alpaca-eval-clf": 1, "alpaca-eval-ranking": 1, "alpaca-eval-fn": 2}
         assert counters.oracle == 8
+
+
+def _raw_post(url: str, head: bytes, body: bytes = b"") -> bytes:
+    """Send a hand-made HTTP request (headers as given) and return what came back (b"" when nothing did)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    with socket.create_connection((parts.hostname, parts.port), timeout=5) as sock:
+        sock.sendall(head + b"\r\n" + body)
+        sock.shutdown(socket.SHUT_WR)
+        out = b""
+        while chunk := sock.recv(65536):
+            out += chunk
+    return out
+
+
+def test_server_refuses_bad_requests_with_a_status_and_logs_each(caplog):
+    import logging
+
+    path = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    good = json.dumps({"model": "m", "messages": [{"role": "user", "content": "[Question]\nsort : b a\n\n"
+                       "[The Start of Assistant's Answer]\na b\n[The End of Assistant's Answer]"}]}).encode()
+    caplog.set_level(logging.INFO, logger="tvkd.judge_server")
+    with serve_judge(max_body=1000, max_n=2) as (url, counters):
+        def post(body: bytes, length: str | None = None) -> bytes:
+            head = path + (f"Content-Length: {len(body) if length is None else length}\r\n".encode()
+                           if length != "absent" else b"")
+            return _raw_post(url, head, body)
+
+        assert post(b"{not json").startswith(b"HTTP/1.1 400") and b"not JSON" in post(b"{not json")
+        assert post(b"[1, 2]").startswith(b"HTTP/1.1 400")
+        assert post(b'{"messages": 5}').startswith(b"HTTP/1.1 400")
+        assert b"'n' must be an integer in 1..2" in post(json.dumps({"messages": [], "n": 50}).encode())
+        assert post(b"{}", length="abc").startswith(b"HTTP/1.1 400")
+        assert post(b"{}", length="-5").startswith(b"HTTP/1.1 400")
+        assert post(b"{}", length="absent").startswith(b"HTTP/1.1 411")
+        assert post(b"x" * 2000).startswith(b"HTTP/1.1 413")  # over max_body: refused unread
+        assert post(b"{}", length="500").startswith(b"HTTP/1.1 400")  # the body ends before its length
+        ok = post(good)
+        assert ok.startswith(b"HTTP/1.1 200") and b"[[10]]" in ok
+        assert counters.answered == 1 and counters.bad_requests == 10
+    lines = [r.getMessage() for r in caplog.records if r.name == "tvkd.judge_server"]
+    assert len(lines) == counters.requests == 11
+    assert [int(line.split()[0][1:]) for line in lines] == list(range(1, 12))  # numbered in order
+    assert "-> 413" in lines[8] and "-> 200 mt-bench-single by the oracle" in lines[-1]
+
+
+def test_server_drops_connections_on_request():
+    with serve_judge(drop_first=2) as (url, counters):
+        judge = JudgeClient(MODEL_NAME, url, tries=3, backoff=0.0, cache=False)
+        res = judge.judge(PROMPTS[0], parse)
+        assert res is not None and res.attempts == 3 and counters.dropped == 2
+        assert set(judge.report.errors) == {"APIConnectionError"}

@@ -39,7 +39,9 @@ def test_mt_bench_end_to_end_and_rerun(tiny_world, tmp_path, judge_env):
         for key in ("mt_bench/score", "mt_bench/turn1", "mt_bench/turn2", "mt_bench/category/writing",
                     "mt_bench/category/roleplay", "mt_bench/category/reasoning"):
             assert 1.0 <= metrics[key] <= 10.0, key
-        assert metrics["mt_bench/missing"] == 0 and metrics["mt_bench/judged"] == 6
+        assert metrics["mt_bench/missing"] == 0 and metrics["mt_bench/judged"] == metrics["mt_bench/n"] == 6
+        # the loopback judge has no oracle for MT-Bench's questions: the score is flagged as measuring nothing
+        assert "6 of 6 ratings are a hash" in metrics["mt_bench/stand_in_judge"]
         assert metrics["mt_bench/questions"] == 3
         assert counters.requests == 6 and counters.answered == 6
         assert counters.formats == {"mt-bench-single": 3, "mt-bench-single-multi-turn": 3}
@@ -75,13 +77,21 @@ def test_mt_bench_end_to_end_and_rerun(tiny_world, tmp_path, judge_env):
             {k: v for k, v in metrics.items() if k != "mt_bench/judge"}
         assert {p.name: p.read_text() for p in sorted((run_dir / "generations").glob("*.jsonl"))} == gen_state
 
-    # a judge that never gives a rating: every turn missing, counted, nothing raised
+    # a judge that never gives a rating: every turn missing, and no score is an error naming why
+    from tvkd.benchmarks.judge import JudgeUnavailable
+
     with serve_judge(garbage_first=10_000) as (url, counters):
-        broken = BENCHMARKS.get("mt-bench")(_ctx(tiny_world, run_dir, judge_model="tvkd-garbage-judge",
-                                                 judge_base_url=url, judge_tries=2))
-        assert broken["mt_bench/missing"] == 6 and broken["mt_bench/judged"] == 0
-        assert broken["mt_bench/score"] is None and broken["mt_bench/category/writing"] is None
-        assert counters.requests == 12 and broken["mt_bench/judge"]["report"]["rejected"] == 12
+        with pytest.raises(JudgeUnavailable, match="none of the 6 judgements came back.*rejected by the parser"):
+            BENCHMARKS.get("mt-bench")(_ctx(tiny_world, run_dir, judge_model="tvkd-garbage-judge",
+                                            judge_base_url=url, judge_tries=2))
+        assert counters.requests == 12  # each turn asked twice, then missing
+
+    # a wrong key (HTTP 401): one request, nothing more is asked, and the error says which variable to fix
+    with serve_judge(require_key="the-right-key") as (url, counters):
+        with pytest.raises(JudgeUnavailable, match="refused the key.*TVKD_JUDGE_API_KEY"):
+            BENCHMARKS.get("mt-bench")(_ctx(tiny_world, run_dir, judge_model="tvkd-other-judge",
+                                            judge_base_url=url, max_concurrency=1))
+        assert counters.requests == 1 and counters.unauthorized == 1
 
     for p in tmp_path.rglob("*"):
         if p.is_file():

@@ -188,3 +188,21 @@ def test_oll_is_registered_with_its_options():
 
     assert BENCHMARKS.get("oll") is open_llm
     assert {"tasks", "limit", "tasks_path", "task_map", "batch_size"} <= set(BENCHMARKS.meta("oll")["options"])
+
+
+def test_oll_fits_generation_lengths_to_a_short_context(tiny_world, tmp_path):
+    """GSM8K asks for lm-eval's 256 new tokens; the tiny model has 128 positions: fitted, with a line saying so,
+    instead of lm-eval's AssertionError."""
+    said = []
+    ctx = BenchContext(run_dir=tmp_path / "run", model_dir=Path(tiny_world["student"]), say=said.append, options={
+        "task_map": "fixture", "tasks_path": str(FIXTURES), "tasks": "gsm8k", "batch_size": 8, "device": "cpu",
+        "limit": 2})
+    metrics = open_llm(ctx)
+    assert 0.0 <= metrics["oll/gsm8k"] <= 1.0 and metrics["oll/gsm8k/n"] == 2
+    cfg = metrics["oll/config"]
+    assert cfg["context_length"] == 128 and cfg["paper_setting"] is False
+    assert cfg["fitted_generation_lengths"] == {"tvkd_fixture_gsm8k": {"asked": 256, "given": 64}}
+    assert any("asks for 256 new tokens but the model's context is 128 tokens: generating at most 64" in m
+               for m in said)
+    detail = json.loads((tmp_path / "run" / "oll" / "results.json").read_text())
+    assert detail["configs"]["tvkd_fixture_gsm8k"]["generation_kwargs"]["max_gen_toks"] == 64

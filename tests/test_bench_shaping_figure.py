@@ -43,7 +43,7 @@ def test_psi_is_the_teachers_soft_value_difference(teacher):
     psi = (1.0 * phi[1:] - phi[:-1]).tolist()  # pbrs, γ = 1, Φ(s_T) the teacher's value after EOS
     assert prof.psi == pytest.approx(psi, abs=1e-5)
     assert prof.values == pytest.approx(phi.tolist(), abs=1e-5)
-    assert prof.top == sorted(range(len(psi)), key=lambda t: -psi[t])[:3]
+    assert prof.top == [t for t in sorted(range(len(psi)), key=lambda t: -psi[t]) if psi[t] > 0][:3]
     assert all(prof.psi[t] >= prof.psi[u] for t in prof.top for u in range(len(psi)) if u not in prof.top)
     assert "".join(prof.tokens) == tok.decode(prof.token_ids, skip_special_tokens=False)
     assert prof.settings["column"] == "soft_value@2" and prof.settings["gamma"] == 1.0
@@ -90,6 +90,8 @@ def test_psi_equals_the_teacher_cache(teacher, tmp_path):
 def test_top_positions():
     assert top_positions([0.1, 0.5, -1.0, 0.5, 0.3]) == [1, 3, 4]
     assert top_positions([0.2, 0.1]) == [0, 1]
+    assert top_positions([0.2, -0.1, -0.3, 0.0]) == [0]  # never a ψ_t <= 0
+    assert top_positions([-0.2, -0.1]) == []
 
 
 def test_html_and_png(teacher, tmp_path):
@@ -102,10 +104,11 @@ def test_html_and_png(teacher, tmp_path):
     response = page.split('<p class="response">', 1)[1].split("</p>", 1)[0]
     for tok_text in prof.tokens:
         assert html.escape(tok_text) in response
-    assert response.count('class="tok top"') == 3 and response.count('class="tok"') == len(prof.tokens) - 3
+    k = len(prof.top)
+    assert response.count('class="tok top"') == k and response.count('class="tok"') == len(prof.tokens) - k
     for t in prof.top:
         assert f"t={t} id={prof.token_ids[t]}" in response
-    assert "legend" in page and "top 3" in page and ".top {" in page and "border" in page
+    assert "legend" in page and f"top {k}" in page and ".top {" in page and "border" in page
     data = json.loads((tmp_path / "figures" / "shaping-0.json").read_text())
     assert data["psi"] == prof.psi and data["top"] == prof.top
 
@@ -148,3 +151,35 @@ def test_shaping_is_registered_with_its_options():
 
     assert BENCHMARKS.get("shaping") is shaping_figures
     assert {"n", "teacher", "aux", "gamma"} <= set(BENCHMARKS.meta("shaping")["options"])
+
+
+def test_png_colours_match_its_legend_and_it_shows_prompt_and_response(teacher):
+    from dataclasses import replace
+
+    from matplotlib.colors import to_hex
+
+    from tvkd.benchmarks.shaping_figure import png_figure
+
+    model, tok = teacher
+    prof = shaping_profile(model, tok, PROMPT, RESPONSE)
+    prof = replace(prof, psi=[0.5, -0.2, 0.1, -0.4, 0.3] + [0.0] * (len(prof.psi) - 5))
+    prof = replace(prof, top=top_positions(prof.psi))
+    fig = png_figure(prof)
+    bars_ax = fig.axes[1]
+    bar_colours = {to_hex(p.get_facecolor()) for p in bars_ax.patches}
+    legend = bars_ax.get_legend()
+    legend_colours = {to_hex(h.get_facecolor()) for h in legend.legend_handles}
+    assert bar_colours <= legend_colours  # every bar's colour is explained
+    texts = [t.get_text() for t in legend.get_texts()]
+    assert texts[0] == "top 3 ψ_t > 0 (numbered)"
+    shown = fig.axes[0].texts[0].get_text()
+    assert PROMPT[0]["content"] in shown and RESPONSE.split()[0] in shown  # prompt and response on the figure
+    assert fig._suptitle.get_text() == "Per-token shaping ψ_t of the response"
+    assert "Φ = soft_value" in bars_ax.get_title()
+    # all ψ_t negative: nothing is called "top"
+    neg = replace(prof, psi=[-abs(x) - 0.1 for x in prof.psi], top=top_positions([-abs(x) - 0.1 for x in prof.psi]))
+    assert neg.top == []
+    fig = png_figure(neg)
+    texts = [t.get_text() for t in fig.axes[1].get_legend().get_texts()]
+    assert not any(t.startswith("top") for t in texts) and "no ψ_t > 0: no top tokens" in texts
+    assert not fig.axes[1].texts  # no rank numbers

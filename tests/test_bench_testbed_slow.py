@@ -31,20 +31,19 @@ def test_every_benchmark_on_the_testbed_student(tmp_path, capsys, monkeypatch):
     (run,) = run_dirs(results)
     times = {}
     with serve_judge() as (url, counters):
-        common = ["--option", f"judge_base_url={url}", "--option", "judge_model=tvkd-oracle-judge",
-                  "--option", "max_new_tokens=32"]
-        for bench, extra in [("rm", []), ("alpaca-eval", ["--option", f"reference_run={run}"]),
-                             ("mt-bench", ["--option", "question_limit=8"]),
+        judge = ["--option", f"judge_base_url={url}", "--option", "judge_model=tvkd-oracle-judge"]
+        length = ["--option", "max_new_tokens=32"]  # each benchmark takes only the options it declares
+        for bench, extra in [("rm", length), ("alpaca-eval", [*judge, *length, "--option", f"reference_run={run}"]),
+                             ("mt-bench", [*judge, *length, "--option", "question_limit=8"]),
                              ("oll", ["--option", "tasks_path=tests/fixtures/lm_eval_tasks", "--option",
                                       "task_map=fixture", "--option", "gen_kwargs={max_gen_toks: 16}"]),
                              ("margin", []), ("value-kl", ["--option", "n=20"]), ("shaping", ["--option", "n=2"])]:
             t0 = time.perf_counter()
-            code, out, err = cli(capsys, "eval", run, "--bench", bench, *common, *extra, "--results", results,
-                                 "--quiet")
+            code, out, err = cli(capsys, "eval", run, "--bench", bench, *extra, "--results", results, "--quiet")
             times[bench] = time.perf_counter() - t0
             assert code == 0, (bench, err[-2000:])
         requests = counters.requests
-        code, _, err = cli(capsys, "eval", run, "--bench", "mt-bench,alpaca-eval", *common, "--option",
+        code, _, err = cli(capsys, "eval", run, "--bench", "mt-bench,alpaca-eval", *judge, *length, "--option",
                            f"reference_run={run}", "--option", "question_limit=8", "--results", results, "--quiet")
         assert code == 0 and counters.requests == requests  # a finished eval asks the judge nothing
     metrics = json.loads((run / "metrics.json").read_text())

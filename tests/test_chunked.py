@@ -93,7 +93,7 @@ def _loss_and_grads(model, loss_name, batch, tmp_path, **options):
     from transformers import TrainingArguments
 
     loss_cls = LOSSES.get(loss_name)
-    cfg = build_config(loss_cls, {"alpha": 0.7} if loss_name == "tvkd" else {})
+    cfg = build_config(loss_cls, {"alpha": 0.7} if loss_name == "tvkd" else {"beta": 0.1})  # β 0.1: far from log 2
     loss = loss_cls()
     needs = loss.needs(cfg)
     args = TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none",

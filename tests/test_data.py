@@ -728,3 +728,19 @@ def test_load_failure_no_check_explains(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", fail_with(OSError(28, "No space left on device")))
     with pytest.raises(datasets.exceptions.DatasetGenerationError):
         load_preferences(path)
+
+
+def test_adapters_are_found_by_discovery_one_file_per_schema():
+    """A new schema is one file in tvkd/data/adapters/ (or an entry point in ``tvkd.data_adapters``)."""
+    import importlib
+    import pkgutil
+
+    import tvkd.data.adapters as package
+
+    modules = [m.name for m in pkgutil.iter_modules(package.__path__)]
+    assert set(modules) >= {"generic", "dpo_mix_7k", "helpsteer2", "deita"}
+    where = {ADAPTERS.where(name).rsplit(".", 1)[0] for name in ADAPTERS.names()}
+    assert where == {f"tvkd.data.adapters.{m}" for m in modules}  # each file registers what it holds
+    assert ADAPTERS.discovery.packages == ("tvkd.data.adapters",)
+    assert ADAPTERS.discovery.entry_points == "tvkd.data_adapters"
+    assert importlib.import_module("tvkd.data.adapters.dpo_mix_7k").dpo_mix_7k is ADAPTERS.get("dpo_mix_7k")

@@ -269,3 +269,30 @@ def test_a_cache_stage_that_trains_a_model_runs_in_the_main_process_alone(tiny_w
                     if not p.name.startswith("."))
     assert models == ["dpo", "rev"]
     assert metrics_of(tmp_path / "results")["train_processes"] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pairs", [21, 23])
+def test_an_uneven_last_batch_trains_like_one_process(tiny_world, tmp_path, pairs):
+    """21 or 23 pairs in global batches of 4 over 2 processes: accelerate pads the last batch with pairs from the
+    epoch's start; each process keeps its real pairs only (21: 1 on the main process, none on the other; 23: 2
+    and 1), weighted so that the last step and train_loss equal one process's."""
+    over = {"data.limit": pairs, "train.extra": {}, "train.num_train_epochs": 1}
+    ddp = launch(["-m", "tvkd", "run", str(write_cfg(tmp_path / "ddp.yaml", tiny_world, 2, **over)),
+                  "--results", str(tmp_path / "ddp"), "--quiet"])
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    one = tvkd("run", str(write_cfg(tmp_path / "one.yaml", tiny_world, 4, **over)), "--results",
+               str(tmp_path / "one"), "--quiet")
+    assert one.returncode == 0, one.stderr[-3000:]
+    got, want = metrics_of(tmp_path / "ddp"), metrics_of(tmp_path / "one")
+    assert got["train_pairs"] == want["train_pairs"] == pairs
+    assert got["train_steps"] == want["train_steps"] == 6
+    assert got["train_log_last"]["step"] == 6
+    print(f"\n{pairs} pairs: last-step loss |2 proc - 1 proc| = "
+          f"{abs(got['train_log_last']['loss'] - want['train_log_last']['loss']):.3g}, train_loss "
+          f"{abs(got['train_loss'] - want['train_loss']):.3g}")
+    for key in ("loss", "logps/chosen", "logps/rejected", "margin"):  # the last step's, over the real pairs only
+        assert got["train_log_last"][key] == pytest.approx(want["train_log_last"][key], abs=1e-5), key
+    assert got["train_loss"] == pytest.approx(want["train_loss"], abs=1e-5)
+    # the weights after the uneven step: the same model, so the same implicit rewards on the test pairs
+    assert got["implicit_reward_margin"] == pytest.approx(want["implicit_reward_margin"], abs=1e-4)

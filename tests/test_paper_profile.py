@@ -11,8 +11,7 @@ import pytest
 import yaml
 
 from reports.paper_compute import MFU, MODELS, PEAK_FLOPS, model_parameters
-from studies import STUDY_DIR, StudySpecError, load_spec, parse_spec
-from studies.spec import apply_profile
+from studies.spec import STUDY_DIR, StudySpecError, apply_profile, load_spec, parse_spec
 from tvkd.cli import main
 
 
@@ -96,6 +95,9 @@ def test_a_bad_profile_is_named_before_anything_runs(block, message):
 def test_a_spec_with_fewer_variants_keeps_its_other_profiles_usable():
     spec = raw("main_table")
     spec["variants"] = [v for v in spec["variants"] if v["label"] in ("dpo", "tvkd")]
+    with pytest.raises(StudySpecError, match=r"reference_variant: 'adpa' is not the label of any run"):
+        parse_spec(spec)  # the reference went with the dropped variants
+    spec["reference_variant"] = "dpo"
     assert [r.label for r in parse_spec(spec).runs()] == ["dpo", "tvkd"] * 3
     with pytest.raises(StudySpecError, match=r"profiles\.paper\.variants\.teacher_dpo: not a variant label"):
         parse_spec(spec, profile="paper")  # asked for, its overrides of the dropped variants are named

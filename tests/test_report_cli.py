@@ -82,7 +82,9 @@ def paper_store(tmp_path):
         key = {**r.config.to_dict(), "inputs": {"models.student": "hub:meta-llama/Llama-3.2-1B"}}
         mt, ae = values[r.label]
         with store.start(key, study=r.config.study, name=r.label, seed=r.seed, device="cuda") as h:
-            h.write_metrics({"margin_accuracy": 0.2 + mt / 100, "mt_bench/score": mt, "alpaca_eval/win_rate": ae,
+            # the paper's MT-bench is the first turn: the comparison reads turn 1, not the mean over both turns
+            h.write_metrics({"margin_accuracy": 0.2 + mt / 100, "mt_bench/turn1": mt, "mt_bench/score": mt + 0.3,
+                             "alpaca_eval/win_rate": ae,
                              "loss_config": {k: v for k, v in r.config.loss.options.items() if k != "alpha"}})
     return tmp_path
 
@@ -94,7 +96,7 @@ def test_compare_paper_with_the_paper_profile_compares_values(paper_store, tmp_p
     assert "beside reward-conflict-paper (profile paper, mean over 1 seed(s))" in out
     assert "Values are compared: Δ = ours − paper." in out
     mt = out.split("### MT-bench")[1].split("###")[0]
-    assert "(ours)" in out.split("### MT-bench")[1].splitlines()[0] and "mt_bench/score" in mt
+    assert "(ours)" in out.split("### MT-bench")[1].splitlines()[0] and "mt_bench/turn1" in mt
     margin = next(line for line in mt.splitlines() if line.startswith("| Margin "))
     cells = [c.strip() for c in margin.strip("|").split("|")]
     assert float(cells[1]) == 3.90 and float(cells[2]) == 3.85 and cells[3] == "-0.050"
@@ -114,3 +116,44 @@ def test_compare_leaves_out_rows_and_columns_the_store_lacks():
     cells = c.metrics[0].cells
     assert list(cells["row"]) == ["logits", "soft_value"] and list(cells["ours"]) == [50.0, 60.0]
     assert c.metrics[0].n == 2 and c.metrics[0].tau == pytest.approx(1.0)
+
+
+def test_minimal_tau_is_where_scipys_kendall_test_turns_significant():
+    from scipy.stats import kendalltau
+
+    from reports.compare import minimal_tau
+
+    # n = 7: 21 pairs; 3 discordant (τ = 15/21 = 0.714) is significant, 4 (τ = 13/21) is not
+    assert kendalltau(range(7), [1, 0, 3, 2, 5, 4, 6]).pvalue < 0.05
+    assert kendalltau(range(7), [2, 1, 0, 4, 3, 5, 6]).pvalue >= 0.05  # 4 discordant pairs
+    assert minimal_tau(7) == pytest.approx(15 / 21) and minimal_tau(6) == pytest.approx(13 / 15)
+    assert minimal_tau(4) is None and minimal_tau(3) is None  # even a perfect ordering is not significant
+
+
+def test_verdict_words_follow_the_evidence():
+    from reports.compare import MetricComparison, minimal_tau, verdict
+
+    def words(tau, p, n):
+        return verdict(MetricComparison("M", "m", True, pd.DataFrame(), tau=tau, p_value=p, n=n,
+                                        tau_needed=minimal_tau(n)), "aux rewards", "on the testbed")
+
+    assert words(0.81, 0.01, 7).endswith("the paper's ordering of the seven aux rewards reproduces on the testbed")
+    assert words(-0.81, 0.01, 7).endswith("is contradicted (τ < 0, p < 0.05) on the testbed")
+    assert words(-0.14, 0.77, 7).endswith(
+        "is not shown on the testbed, neither reproduced nor contradicted (at n = 7 a p < 0.05 needs |τ| ≥ 0.714)")
+    assert words(0.67, 0.17, 4).endswith("(at n = 4 even τ = 1 gives p ≥ 0.05)")
+
+
+def test_signs_are_compared_only_where_the_paired_interval_excludes_zero():
+    """Three seeds of margin accuracy per row (no per-item results: a t-interval over the seeds): Max is
+    above DPO on every seed by about 0.1 (interval excludes 0, the paper's sign agrees), Logits sits
+    around DPO (interval includes 0: not compared)."""
+    rows = []
+    for seed in range(3):
+        rows += [{"label": "dpo", "seed": seed, "oracle_score": 0.50 + 0.01 * seed},
+                 {"label": "max", "seed": seed, "oracle_score": 0.60 + 0.01 * seed + 0.001 * (seed == 1)},
+                 {"label": "logits", "seed": seed, "oracle_score": 0.50 + 0.01 * seed + (0.02, -0.02, 0.001)[seed]}]
+    (pmap,) = paper_maps_for("reward_conflict")
+    c = compare_to_paper(pd.DataFrame(rows), pmap, study="reward-conflict")
+    (mt,) = [m for m in c.metrics if m.paper_metric == "MT-bench"]
+    assert (mt.signs_agree, mt.signs_total, mt.signs_unresolved) == (1, 1, 1)  # Max 3.79 > DPO 3.70 in the paper

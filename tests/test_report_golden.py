@@ -146,13 +146,19 @@ def test_compare_paper_prints_table5_beside_ours_with_kendall_tau(tmp_path, caps
         assert float(cells[1]) == paper[(name, "Margin Acc.")]
         assert float(cells[2]) == pytest.approx(100 * ours[label], abs=0.005)
     printed = re.search(r"τ = (-?[\d.]+) \(n = (\d+), p = ([\d.]+)\): the paper's ordering of the six aux rewards "
-                        r"(does not reproduce|reproduces) on the testbed", section)
+                        r"(is not shown|reproduces|is contradicted \(τ < 0, p < 0.05\)) on the testbed", section)
     assert printed, section
     assert float(printed.group(1)) == pytest.approx(expected, abs=0.005) and printed.group(2) == "6"
     # the MT-bench column adds DPO (from the paper's Table 1) and says how the signs against it compare
     mt = out.split("### MT-bench")[1].split("###")[0]
     assert re.search(r"\| DPO† +\| 3\.700 ", mt) and "n = 7" in mt and "six aux rewards and DPO" in mt
-    assert re.search(r"Signs against DPO: \d of 6 rows", mt)
+    signs = re.search(r"Signs against DPO: (\d) of (\d) rows whose paired 95% interval against DPO excludes 0 .* "
+                      r"(\d) more have an interval that includes 0 and are not compared", mt)
+    assert signs and int(signs.group(2)) + int(signs.group(3)) == 6 and int(signs.group(1)) <= int(signs.group(2))
+    # at n = 6 a two-sided Kendall test needs |τ| >= 13/15 for p < 0.05: an insignificant τ is "not shown"
+    assert "is not shown on the testbed, neither reproduced nor contradicted (at n = 6 a p < 0.05 needs |τ| ≥ 0.867)" \
+        in section
+    assert "Note on the paper's Margin Acc.: its values (18.29–30.23%) are below the 50%" in section
     assert "DPO's MT-bench is from the paper's Table 1." in out
     assert (tmp_path / "paper_table5.md").read_text() in out
 

@@ -8,10 +8,6 @@ Regenerate the golden files after an intended change with
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -23,20 +19,23 @@ from reports.mt_bench_categories import (
     write_mt_bench_categories,
 )
 from reports.tables import TABLES, discover
-from studies import expand_study, load_study
-from tests.report_checks import assert_cell, markdown_rows
-
-GOLDEN = Path(__file__).parent / "golden"
-FIXTURE = Path(__file__).parent / "fixtures" / "frames" / "mt_bench_categories.json"
-UPDATE = os.environ.get("TVKD_UPDATE_GOLDEN") == "1"
+from tests.report_checks import (
+    assert_cell,
+    assert_golden,
+    expand_study,
+    fixture_frame,
+    fixture_records,
+    load_study,
+    markdown_rows,
+)
 
 
 def records() -> list[dict]:
-    return json.loads(FIXTURE.read_text())
+    return fixture_records("mt_bench_categories")
 
 
 def frame() -> pd.DataFrame:
-    return pd.DataFrame.from_records(records())
+    return fixture_frame("mt_bench_categories")
 
 
 
@@ -44,10 +43,7 @@ def frame() -> pd.DataFrame:
 @pytest.mark.parametrize("suffix", ["md", "tex"])
 def test_golden(tmp_path, suffix):
     paths = write_mt_bench_categories(frame(), tmp_path)
-    golden = GOLDEN / f"mt_bench_categories.{suffix}"
-    if UPDATE:
-        golden.write_bytes(paths[suffix].read_bytes())
-    assert paths[suffix].read_bytes() == golden.read_bytes()
+    assert_golden(paths[suffix], f"mt_bench_categories.{suffix}")
 
 
 def test_radar_is_byte_identical_across_builds(tmp_path):
@@ -134,3 +130,11 @@ def test_quick_study_end_to_end_on_the_testbed(tmp_path):
     for task in ("sort", "reverse", "dedupe", "count"):
         assert f"{task} ↑" in text
     assert (out / "mt_bench_categories.png").stat().st_size > 10_000
+
+
+def test_a_stand_in_judge_is_named_in_the_caption():
+    df = frame()
+    assert "stand-in" not in format_mt_bench_categories(df)
+    df.loc[df.index[:2], "mt_bench/stand_in_judge"] = "ratings are a hash of the answer"
+    text = format_mt_bench_categories(df)
+    assert f"WARNING: 2 of {len(df)} runs were rated by a stand-in judge" in text and "a hash of the answer" in text

@@ -8,31 +8,26 @@ Regenerate the golden files after an intended change with
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 import pytest
 
 from reports.sensitivity import ALPHA, BETA, format_sensitivity, sensitivity_summary, write_sensitivity
 from reports.tables import TABLES, discover
-from studies import expand_study, load_study
-from tests.report_checks import assert_cell, markdown_rows
+from tests.report_checks import (
+    assert_cell,
+    assert_golden,
+    expand_study,
+    fixture_frame,
+    fixture_records,
+    load_study,
+    markdown_rows,
+)
 
-GOLDEN = Path(__file__).parent / "golden"
-FRAMES = Path(__file__).parent / "fixtures" / "frames"
-UPDATE = os.environ.get("TVKD_UPDATE_GOLDEN") == "1"
 SWEEPS = {"alpha_sensitivity": ALPHA, "beta_sensitivity": BETA}
 
 
-def records(name: str) -> list[dict]:
-    return json.loads((FRAMES / f"{name}.json").read_text())
-
-
-def frame(name: str) -> pd.DataFrame:
-    return pd.DataFrame.from_records(records(name))
+records, frame = fixture_records, fixture_frame
 
 
 
@@ -41,10 +36,7 @@ def frame(name: str) -> pd.DataFrame:
 @pytest.mark.parametrize("suffix", ["md", "tex"])
 def test_golden_tables(tmp_path, name, suffix):
     paths = write_sensitivity(frame(name), tmp_path, SWEEPS[name])
-    golden = GOLDEN / f"{name}.{suffix}"
-    if UPDATE:
-        golden.write_bytes(paths[suffix].read_bytes())
-    assert paths[suffix].read_bytes() == golden.read_bytes()
+    assert_golden(paths[suffix], f"{name}.{suffix}")
 
 
 @pytest.mark.parametrize("name", sorted(SWEEPS))

@@ -7,10 +7,7 @@ Regenerate the golden files after an intended change with
 
 from __future__ import annotations
 
-import json
-import os
 import statistics
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -18,20 +15,23 @@ import pytest
 
 from reports.tables import TABLES, discover
 from reports.teacher_type import METHODS, TEACHERS, format_teacher_type, write_teacher_type
-from studies import expand_study, load_study
-from tests.report_checks import assert_cell, markdown_rows
-
-GOLDEN = Path(__file__).parent / "golden"
-FIXTURE = Path(__file__).parent / "fixtures" / "frames" / "teacher_type.json"
-UPDATE = os.environ.get("TVKD_UPDATE_GOLDEN") == "1"
+from tests.report_checks import (
+    assert_cell,
+    assert_golden,
+    expand_study,
+    fixture_frame,
+    fixture_records,
+    load_study,
+    markdown_rows,
+)
 
 
 def records() -> list[dict]:
-    return json.loads(FIXTURE.read_text())
+    return fixture_records("teacher_type")
 
 
 def frame() -> pd.DataFrame:
-    return pd.DataFrame.from_records(records())
+    return fixture_frame("teacher_type")
 
 
 
@@ -39,10 +39,7 @@ def frame() -> pd.DataFrame:
 @pytest.mark.parametrize("suffix", ["md", "tex"])
 def test_golden(tmp_path, suffix):
     paths = write_teacher_type(frame(), tmp_path)
-    golden = GOLDEN / f"teacher_type.{suffix}"
-    if UPDATE:
-        golden.write_bytes(paths[suffix].read_bytes())
-    assert paths[suffix].read_bytes() == golden.read_bytes()
+    assert_golden(paths[suffix], f"teacher_type.{suffix}")
 
 
 def test_cells_equal_an_independent_mean_and_std_and_dpo_is_shared():

@@ -7,30 +7,29 @@ Regenerate the golden files after an intended change with
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 import pytest
 
 from reports.tables import TABLES, discover
 from reports.value_analysis import format_value_analysis, value_analysis_summary, write_value_analysis
-from studies import expand_study, load_study
-from tests.report_checks import assert_cell, markdown_rows
-
-GOLDEN = Path(__file__).parent / "golden"
-FIXTURE = Path(__file__).parent / "fixtures" / "frames" / "value_analysis.json"
-UPDATE = os.environ.get("TVKD_UPDATE_GOLDEN") == "1"
+from tests.report_checks import (
+    assert_cell,
+    assert_golden,
+    expand_study,
+    fixture_frame,
+    fixture_records,
+    load_study,
+    markdown_rows,
+)
 
 
 def records() -> list[dict]:
-    return json.loads(FIXTURE.read_text())
+    return fixture_records("value_analysis")
 
 
 def frame() -> pd.DataFrame:
-    return pd.DataFrame.from_records(records())
+    return fixture_frame("value_analysis")
 
 
 
@@ -38,10 +37,7 @@ def frame() -> pd.DataFrame:
 @pytest.mark.parametrize("suffix", ["md", "tex"])
 def test_golden(tmp_path, suffix):
     paths = write_value_analysis(frame(), tmp_path)
-    golden = GOLDEN / f"value_analysis.{suffix}"
-    if UPDATE:
-        golden.write_bytes(paths[suffix].read_bytes())
-    assert paths[suffix].read_bytes() == golden.read_bytes()
+    assert_golden(paths[suffix], f"value_analysis.{suffix}")
 
 
 def _expected() -> dict[tuple[str, str, str], list[float]]:

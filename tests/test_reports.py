@@ -11,7 +11,6 @@ import os
 import warnings
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 
@@ -22,40 +21,11 @@ from reports.reward_conflict import (
     write_reward_conflict_tables,
 )
 from reports.tables import TABLES, MetricSpec, discover, format_table, latex_escape, summarize
+from tests.report_checks import with_items
 
 GOLDEN = Path(__file__).parent / "golden"
 UPDATE = os.environ.get("TVKD_UPDATE_GOLDEN") == "1"
-PROMPTS = [f"prompt {i}" for i in range(40)]
-N_PAIRS = 500
 
-
-def with_items(frame: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
-    """Add the per-item columns behind oracle_score and margin_accuracy, consistent with them: per
-    prompt the run's score plus a shared prompt difficulty and the run's own noise (both mean 0);
-    per test pair an outcome in {0, 0.5, 1}, the easier pairs (shared, plus the run's noise) right,
-    summing to margin_accuracy × pairs. A NaN metric gives NaN items."""
-    rng = np.random.default_rng(seed)
-    difficulty = rng.normal(0, 0.05, len(PROMPTS))
-    difficulty -= difficulty.mean()
-    easiness = rng.normal(0, 1, N_PAIRS)
-    oracle_items, margin_items = [], []
-    for oracle, accuracy in zip(frame["oracle_score"], frame["margin_accuracy"]):
-        if math.isnan(oracle):
-            oracle_items.append(math.nan)
-        else:
-            noise = rng.normal(0, 0.02, len(PROMPTS))
-            oracle_items.append(dict(zip(PROMPTS, (oracle + difficulty + noise - noise.mean()).tolist())))
-        if math.isnan(accuracy):
-            margin_items.append(math.nan)
-            continue
-        right = round(accuracy * N_PAIRS * 2) / 2
-        order = np.argsort(-(easiness + rng.normal(0, 1, N_PAIRS)))
-        outcome = np.zeros(N_PAIRS)
-        outcome[order[:int(right)]] = 1.0
-        if right % 1:
-            outcome[order[int(right)]] = 0.5  # a tie
-        margin_items.append(outcome.tolist())
-    return frame.assign(**{"items.oracle_score": oracle_items, "items.margin_accuracy": margin_items})
 
 
 def reward_conflict_runs() -> pd.DataFrame:
@@ -211,8 +181,9 @@ def test_effect_columns_against_dpo():
     assert not any(c.startswith(("**", "_")) for row in cells.values() for c in row[4:6])  # marks: mean ± std only
     caption = md.split("\n\n")[-1]
     assert "Δ vs DPO: the paired difference" in caption
-    assert "With 1 seed (evaluation noise only), differences smaller than ±" in caption
+    assert "With 1 seed (evaluation noise only) it is " in caption and "(noncentral t)" in caption
     assert caption.rstrip().endswith("are below the detection limit (80% power, 5% level).")
+    assert "crossed seed × item random-effects model" in caption
     tex = format_reward_conflict(reward_conflict_runs(), "latex")
     assert r"$\Delta$ oracle vs DPO [95\% CI]" in tex and r"detection limit (80\% power, 5\% level)" in tex
 
@@ -225,7 +196,7 @@ def test_effect_columns_against_another_reference():
     assert not cells["logits"][5].endswith(")")  # three paired seeds, as many as the row's runs
     assert cells["log_prob"][5].endswith("(n=2)")
     assert "(n=" not in cells["DPO"][5]  # one paired seed, DPO's only run
-    assert "With 1–3 seeds, differences smaller than" in md
+    assert "With 1–3 seeds it is " in md
     with pytest.raises(ValueError, match="no table row"):
         format_reward_conflict(reward_conflict_runs(), "markdown", reference="ipo")
 

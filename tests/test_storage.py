@@ -75,3 +75,20 @@ def test_only_dead_builders_temps_are_swept(tmp_path):
         d.mkdir()
     assert remove_stale_temps(tmp_path) == [dead]
     assert alive.exists() and other_host.exists()
+
+
+def test_store_files_are_readable_by_the_group(tmp_path):
+    """Atomic writes go through mkstemp (0600); the file moved in place has open()'s mode instead."""
+    import os
+    import stat
+
+    from tvkd.paths import atomic_write_text, default_file_mode
+
+    old = os.umask(0o002)
+    try:
+        assert default_file_mode() == 0o664
+        atomic_write_text(tmp_path / "metrics.json", "{}")
+        assert stat.S_IMODE((tmp_path / "metrics.json").stat().st_mode) == 0o664
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "metrics.json").stat().st_mode) & stat.S_IRGRP

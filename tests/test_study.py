@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 
 import tvkd.training.trainer as trainer_mod
-from studies import STUDIES, expand_study, load_study, run_study
+from studies import STUDIES
+from studies.engine import run_study
+from tests.report_checks import expand_study, load_study
 
 
 def tiny_spec(world):

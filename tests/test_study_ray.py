@@ -1,5 +1,6 @@
-"""The Ray Tune study backend (studies/ray_driver.py): a 4-run grid at 2 concurrent trials, a failed trial,
-and a driver SIGKILLed mid-study then restored, on the tiny models of `tiny_world` and a local Ray."""
+"""The Ray Tune executor (studies/ray_executor.py): a 4-run grid at 2 concurrent trials whose tables equal the
+sequential backend's byte for byte, a failed trial, a driver SIGKILLed mid-study then restored, and no secret
+in what Ray is given or logs; on the tiny models of `tiny_world` and a local Ray."""
 
 from __future__ import annotations
 
@@ -17,8 +18,15 @@ from tests.test_study import tiny_spec
 
 pytest.importorskip("ray.tune")
 
-from studies.ray_driver import load_ray_study, run_study_ray, trial_resources  # noqa: E402
+from studies.engine import Sequential, run_study  # noqa: E402
+from studies.ray_executor import RayExecutor  # noqa: E402
+from studies.ray_session import trial_env  # noqa: E402
+from studies.spec import Resources  # noqa: E402
 from tvkd.results import RunRecord  # noqa: E402
+
+
+def run_study_ray(spec, *, results, max_concurrent=None, progress=False, **kw):
+    return run_study(spec, RayExecutor(max_concurrent=max_concurrent, **kw), results=results, progress=progress)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -65,17 +73,45 @@ def end_session(sid: int) -> None:
             pass
 
 
-def test_trial_resources_come_from_the_spec():
-    assert trial_resources({"name": "s"}) == {"cpu": 1, "gpu": 0}
-    assert trial_resources({"name": "s", "resources": {"cpu": 2, "gpu": 0.5}}) == {"cpu": 2, "gpu": 0.5}
-    assert trial_resources({"name": "s", "resources": {"cpu": 2}}, {"gpu": 1}) == {"cpu": 2, "gpu": 1}
-    with pytest.raises(ValueError, match="Did you mean 'gpu'"):
-        trial_resources({"name": "s", "resources": {"gpus": 1}})
-    with pytest.raises(ValueError, match="> 0"):
-        trial_resources({"name": "s", "resources": {"cpu": 0}})
-    spec = {**tiny_spec({"student": "s", "teacher": "t", "data": "d.jsonl"}), "resources": {"cpu": 2}}
-    parsed, res = load_ray_study(spec)  # `resources:` is the Ray driver's key, the rest of the spec is validated
-    assert parsed.name == "tiny-study" and res == {"cpu": 2, "gpu": 0}
+def test_the_trial_environment_carries_no_secret(monkeypatch, tmp_path):
+    monkeypatch.setenv("TVKD_JUDGE_API_KEY", "sk-planted-judge-key")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-planted-openai-key")
+    monkeypatch.setenv("HF_TOKEN", "hf_planted")
+    monkeypatch.setenv("TVKD_GENERATION", "generate")
+    env = trial_env(tmp_path)
+    assert not [k for k in env if {"KEY", "TOKEN"} & set(k.split("_"))]
+    assert env["TVKD_GENERATION"] == "generate" and env["TVKD_RESULTS"] == str(tmp_path.resolve())
+    assert "sk-planted" not in json.dumps(env)
+
+
+def test_a_resources_override_takes_the_place_of_the_spec(tiny_world, tmp_path):
+    spec = {**ray_spec(tiny_world, "ray-res"), "resources": {"cpu": 64}}
+    with pytest.raises(ValueError, match="a trial needs 64 CPU / 0 GPU on one node"):
+        run_study_ray(spec, results=tmp_path / "results")  # refused before any trial waits for ever
+    assert not (tmp_path / "results" / "ray-res").exists()
+    assert RayExecutor(resources=Resources(cpu=2)).resources.as_tune() == {"cpu": 2.0, "gpu": 0.0}
+
+
+def test_sequential_and_ray_write_byte_identical_tables(tiny_world, tmp_path, monkeypatch):
+    """The same grid run one after another and as Ray trials, 2 at once: the same table files, byte for byte;
+    and the planted secret never reaches Ray's logs."""
+    monkeypatch.setenv("TVKD_JUDGE_API_KEY", "sk-planted-judge-key-123")
+    spec = ray_spec(tiny_world, "same-grid")
+    seq = run_study(spec, Sequential(), results=tmp_path / "seq", progress=False)
+    ray_out = run_study_ray(spec, results=tmp_path / "ray", max_concurrent=2)
+    assert ray_out["failed"] == [] and all(t["trained"] for t in ray_out["trials"])
+    seq_files = {p.relative_to(seq["out_dir"]): p.read_bytes() for p in sorted(seq["out_dir"].iterdir())}
+    ray_files = {p.relative_to(ray_out["out_dir"]): p.read_bytes() for p in sorted(ray_out["out_dir"].iterdir())}
+    assert len(seq_files) >= 3 and set(seq_files) == set(ray_files)  # table.md, table.tex, runs.csv
+    differ = [str(name) for name in seq_files if name.name != "runs.csv" and seq_files[name] != ray_files[name]]
+    assert not differ, differ
+    runs_csv = Path("runs.csv")  # the same rows but for the run folders' roots
+    assert (seq_files[runs_csv].replace(str((tmp_path / "seq").resolve()).encode(), b"<root>")
+            == ray_files[runs_csv].replace(str((tmp_path / "ray").resolve()).encode(), b"<root>"))
+    logs = Path("/tmp/ray/session_latest/logs")
+    if logs.is_dir():
+        leaked = [str(f) for f in logs.rglob("*") if f.is_file() and b"sk-planted-judge-key-123" in f.read_bytes()]
+        assert not leaked, leaked
 
 
 def test_four_runs_at_two_concurrent_trials_then_nothing_to_train(tiny_world, tmp_path):
@@ -116,8 +152,9 @@ def test_a_failed_trial_is_recorded_and_the_study_goes_on(tiny_world, tmp_path):
 
 DRIVER = """
 import json, sys
-from studies.ray_driver import run_study_ray
-run_study_ray(json.loads(open(sys.argv[1]).read()), results=sys.argv[2], max_concurrent=1)
+from studies.engine import run_study
+from studies.ray_executor import RayExecutor
+run_study(json.loads(open(sys.argv[1]).read()), RayExecutor(max_concurrent=1), results=sys.argv[2])
 """
 
 

@@ -317,7 +317,7 @@ def test_resuming_with_a_changed_spec_is_an_error(tiny_world, tmp_path):
     with pytest.raises(ConfigError, match="changed: params"):
         search_study(spec, storage=url, results=tmp_path / "results", progress=False)
     with pytest.raises(ConfigError, match="no `search` block"):
-        search_study({"name": "grid", "variants": []}, storage=url, results=tmp_path / "results")
+        search_study({**spec, "variants": [{"label": "a"}], "search": None}, storage=url, results=tmp_path / "results")
 
 
 def test_the_example_spec_parses_and_is_not_a_registered_study():
@@ -344,7 +344,7 @@ def test_search_through_ray_tune_uses_the_same_storage(tiny_world, tmp_path):
     pytest.importorskip("ray")
     url = sqlite(tmp_path)
     spec = tiny_search(tiny_world, name="ray-alpha", n_trials=2)
-    out = search_study(spec, storage=url, results=tmp_path / "results", progress=False, use_ray=True,
+    out = search_study(spec, storage=url, results=tmp_path / "results", progress=False, backend="ray",
                        max_concurrent=2)
     assert len(finished(url, "ray-alpha")) == 2
     assert {t["run_name"] for t in out["trials"]} == {"ray-alpha-trial0", "ray-alpha-trial1"}

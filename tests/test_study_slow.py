@@ -6,7 +6,8 @@ import time
 
 import pytest
 
-from studies import load_study, run_study
+from studies.engine import run_study
+from tests.report_checks import load_study
 
 pytestmark = pytest.mark.slow
 

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from studies import STUDIES, STUDY_DIR, StudySpecError, expand_study, load_spec, parse_spec, plan_study
-from studies.spec import format_plan
+from studies.plan import format_plan, plan_study
+from studies.spec import STUDIES, STUDY_DIR, StudySpecError, load_spec, parse_spec
+from tests.report_checks import expand_study
 from tvkd.config import ConfigError, RunConfig, config_from_dict
 
 EXAMPLE = STUDY_DIR / "examples" / "alpha_beta_grid.yaml"
@@ -166,7 +167,6 @@ def _set(spec, path, value):
     (("seeds",), [0, "1"], "study grid.yaml: seeds[1]: expected an integer, got '1'"),
     (("quick",), {"seedz": [0]}, "quick.seedz: unknown key (did you mean 'seeds'?)"),
     (("quick",), {"axes": {"loss.alpha": [2.0]}}, "quick.axes.loss.alpha: 2.0 is not a value of axes.loss.alpha"),
-    (("table",), "main_tabel", "table: unknown table 'main_tabel'"),
     (("axes", "method", 1, "losss"), {"name": "tvkd"}, "axes.method[1].losss: not a run-config key (did you mean 'loss'?)"),
 ])
 def test_validation_names_the_field(path, value, expected):
@@ -342,3 +342,68 @@ def test_plan_study_counts_complete_runs_and_estimates_the_rest(tiny_world, tmp_
         (0, "complete", None), (0, "missing", "study"), (1, "missing", "label"), (1, "missing", "study")]
     # --quick runs live in their own study folder: nothing of them is complete
     assert len(plan_study(spec, results, quick=True).complete) == 0
+
+
+def test_the_engine_checks_the_table_name_before_any_run():
+    """The format knows nothing of reports; `studies.engine.load` checks ``table`` against the generators."""
+    from studies.engine import load
+
+    spec = _set(grid(), ("table",), "main_tabel")
+    parse_spec(spec, "grid.yaml")  # the format alone accepts any string
+    with pytest.raises(StudySpecError) as e:
+        load(spec)
+    assert "table: unknown table 'main_tabel'" in str(e.value) and "Did you mean 'main_table'?" in str(e.value)
+
+
+def test_a_reference_variant_that_names_no_run_is_an_error():
+    spec = {**grid(), "reference_variant": "dpoo"}
+    assert parse_spec({**grid(), "reference_variant": "method=dpo,loss.beta=0.1"}).reference_variant
+    message = problems(spec)
+    assert "reference_variant: 'dpoo' is not the label of any run of this study" in message, message
+    assert "method=dpo,loss.beta=0.1" in message
+
+
+def test_resources_are_checked_like_run_config_keys():
+    assert parse_spec({**grid(), "resources": {"cpu": 2, "gpu": 0.5}}).resources.as_tune() == {"cpu": 2.0, "gpu": 0.5}
+    assert parse_spec(grid()).resources.as_tune() == {"cpu": 1.0, "gpu": 0.0}
+    assert "resources.gpus: unknown key; valid keys: cpu, gpu. Did you mean 'gpu'?" in problems(
+        {**grid(), "resources": {"gpus": 1}})
+    assert "resources: cpu must be > 0" in problems({**grid(), "resources": {"cpu": 0}})
+    assert "resources.cpu: expected a number, got 'two'" in problems({**grid(), "resources": {"cpu": "two"}})
+
+
+def test_top_level_types_are_checked_one_error_per_field():
+    message = problems({**grid(), "description": 3, "seeds": "0", "axes": [1]})
+    assert "description: expected a string, got 3" in message
+    assert "seeds: expected a list, got '0'" in message
+    assert "axes: expected a mapping, got [1]" in message
+    assert "not an axis" not in message and "needs variants" not in message  # one error per field, no echoes
+
+
+def test_a_profile_is_parsed_once():
+    """Loading a spec with a profile parses the spec and each of its profiles once (not again for the profile)."""
+    from unittest import mock
+
+    import studies.spec as spec_module
+
+    raw = {**grid(), "profiles": {"paper": {"seeds": [3]}}}
+    calls = []
+    real = spec_module.StudyFile._check_runs
+
+    def counting(self):
+        calls.append(self.name)
+        return real(self)
+
+    with mock.patch.object(spec_module.StudyFile, "_check_runs", counting):
+        out = parse_spec(raw, profile="paper")
+    assert out.name == "grid-paper" and [r.seed for r in out.runs()][:1] == [3]
+    assert sorted(calls) == ["grid", "grid-paper"]
+
+
+def test_a_study_file_reads_scientific_notation_as_numbers(tmp_path):
+    path = tmp_path / "sci.yaml"
+    path.write_text("name: sci\nbase: {train: {learning_rate: 5e-07}}\nvariants: [{label: a, loss: {name: dpo}}]\n"
+                    "axes: {loss.beta: [1e-2, 1e-1]}\n")
+    spec = load_spec(path)
+    assert spec.runs()[0].config.train.learning_rate == 5e-07
+    assert [r.config.loss.options["beta"] for r in spec.runs()] == [0.01, 0.1]

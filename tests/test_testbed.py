@@ -424,3 +424,32 @@ def test_estimates_follow_the_work(built):
     assert 60 < total < 600  # the default build: about 3 minutes on 2 cores, one thread
     assert total < sum(estimate_stage(base, s, trl_imported=False)[0] for s in STAGES)  # TRL imported once
     assert sum(sec(TINY, s) for s in STAGES) < 5
+
+
+def test_oracle_relabelled_pairs_order_every_pair_by_the_oracle(tmp_path):
+    """The ceiling control's pairs: a flipped label is swapped back, a right one and a tie stay; the file is
+    derived once per content of its source."""
+    from tvkd.testbed.build import oracle_relabelled, write_jsonl
+
+    def pair(chosen, rejected, a, b):
+        return {"prompt": [{"role": "user", "content": "sort : b a"}],
+                "chosen": [{"role": "assistant", "content": chosen}],
+                "rejected": [{"role": "assistant", "content": rejected}],
+                "meta": {"oracle_chosen": a, "oracle_rejected": b, "label_flipped": a < b, "task": "sort"}}
+
+    source = tmp_path / "student_pref_train.jsonl"
+    write_jsonl(source, [pair("b a", "a b", 0.0, 1.0), pair("a b", "a", 1.0, 0.5), pair("a a", "b b", 0.5, 0.5)])
+    out = oracle_relabelled(source, tmp_path / "derived")
+    rows = read_jsonl(out)
+    assert [(r["chosen"][0]["content"], r["rejected"][0]["content"]) for r in rows] == [
+        ("a b", "b a"), ("a b", "a"), ("a a", "b b")]
+    assert [(r["meta"]["oracle_chosen"], r["meta"]["oracle_rejected"]) for r in rows] == [
+        (1.0, 0.0), (1.0, 0.5), (0.5, 0.5)]
+    assert not any(r["meta"]["label_flipped"] for r in rows) and rows[0]["prompt"] == read_jsonl(source)[0]["prompt"]
+    assert oracle_relabelled(source, tmp_path / "derived") == out  # reused
+    write_jsonl(source, [pair("b a", "a b", 0.0, 1.0)])
+    assert oracle_relabelled(source, tmp_path / "derived") != out  # new content, new file
+    bare = tmp_path / "bare.jsonl"
+    write_jsonl(bare, [{"chosen": [], "rejected": [], "meta": {}}])
+    with pytest.raises(ValueError, match="cannot be relabelled"):
+        oracle_relabelled(bare, tmp_path / "derived")

@@ -69,12 +69,16 @@ def test_plain_text_ids_equal_trl(tiny_tokenizer, tiny_llama, tmp_path):
     assert ours.counts.get("eos_appended", 0) == 0  # TRL appended the eos string: same ids
 
 
-def test_template_tail_after_eos_is_dropped(tiny_tokenizer, tmp_path):
-    # A ChatML-like template renders a newline after the end-of-turn token; s_T must be "after EOS".
+def test_template_tail_after_eos_is_kept_by_default_and_dropped_on_request(tiny_tokenizer, tmp_path):
+    # A ChatML-like template renders text after the end-of-turn token: TRL keeps it (the default), end_at_eos cuts it.
     tiny_tokenizer.chat_template = tiny_tokenizer.chat_template.replace("' <eot> '", "' <eot> hello '")
-    out = tokenize_preferences([ex(0, *ROWS[0])], tiny_tokenizer, TokenizeConfig(64, 32), cache_dir=tmp_path,
-                               progress=False)
-    eot = tiny_tokenizer.convert_tokens_to_ids("<eot>")
+    eot, hello = tiny_tokenizer.convert_tokens_to_ids(["<eot>", "hello"])
+    kept = tokenize_preferences([ex(0, *ROWS[0])], tiny_tokenizer, TokenizeConfig(64, 32), cache_dir=tmp_path,
+                                progress=False)
+    assert kept.dataset["chosen_ids"][0][-2:] == [eot, hello]
+    assert kept.counts["template_tail_kept"] == 2 and "template_tail_dropped" not in kept.counts
+    out = tokenize_preferences([ex(0, *ROWS[0])], tiny_tokenizer, TokenizeConfig(64, 32, response_tail="end_at_eos"),
+                               cache_dir=tmp_path, progress=False)
     assert out.dataset["chosen_ids"][0][-1] == eot
     assert out.counts["template_tail_dropped"] == 2
 

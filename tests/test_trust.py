@@ -169,6 +169,8 @@ def test_a_killed_run_resumes_from_its_checkpoint_and_ends_like_an_uninterrupted
     for key in ("margin_accuracy", "oracle_margin_accuracy", "response_words"):
         assert got[key] == want[key], key
     assert got["implicit_reward_margin"] == pytest.approx(want["implicit_reward_margin"], abs=1e-5)
+    # the mean over every step, the ones before the checkpoint included (not only the resumed part's)
+    assert got["train_loss"] == pytest.approx(want["train_loss"], rel=1e-6) and "train_loss_steps" not in got
     outs = [json.loads(line) for line in (run / "outputs.jsonl").read_text().splitlines()]
     assert outs == [json.loads(line) for line in (clean_run / "outputs.jsonl").read_text().splitlines()]
     assert not (run / "checkpoint").exists()
@@ -261,6 +263,15 @@ def _bad_utf8(world, tmp_path):
     return {"data.source": str(p)}
 
 
+def _kd_with_a_teacher_of_another_tokenizer(world, tmp_path):
+    from tvkd.testbed.vocab import other_vocabulary
+
+    template = ("{{ bos_token }}{% for m in messages %}{{ '<|' + m['role'] + '|> ' + m['content'] + ' <|eot|> ' }}"
+                "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|> ' }}{% endif %}")
+    other = other_vocabulary(world["teacher"], tmp_path / "teacher_other", template=template)
+    return {"models.teacher": str(other), "loss": {"name": "vanilla_kd"}}
+
+
 BAD_CONFIGS = {
     "alpha -1": ({"loss": {"name": "tvkd", "alpha": -1}}, "alpha"),
     "gamma -1": ({"loss": {"name": "tvkd", "gamma": -1}}, "gamma"),
@@ -280,6 +291,8 @@ BAD_CONFIGS = {
     "unknown baseline flag": ({"loss": {"name": "dckd", "kl_weight": 1}}, "'dckd' has no option(s) 'kl_weight'"),
     "bad baseline value": ({"loss": {"name": "tis_dpo", "transform": "ranked"}}, "tis_dpo: transform"),
     "reference vocabulary": (_bad_reference_tokenizer, "zebra"),
+    "kd teacher of another tokenizer": (_kd_with_a_teacher_of_another_tokenizer, "its tokenizer differs from the "
+                                        "student's (22 vs 22 tokens), and loss 'vanilla_kd' distils the teacher's top-"),
     "reference rows": (_small_reference, "smaller than the tokenizer"),
     "truncated safetensors": (_truncated_teacher, "models.teacher"),
     "corrupt safetensors": (_corrupt_student, "models.student"),

@@ -312,6 +312,9 @@ class PreferenceLoss:
 
     name: ClassVar[str] = ""
     Config: ClassVar[type] = object
+    #: Options whose default changed in a release: when a config leaves one out, its resolved value joins the
+    #: run's identity, so a run stored under the old default is never taken for one under the new.
+    identity_defaults: ClassVar[tuple[str, ...]] = ()
 
     def needs(self, cfg: Any) -> Needs:
         return Needs()

@@ -21,6 +21,7 @@ import numpy as np
 
 from tvkd.api import TEACHER_REFERENCE_PREFIX, AuxSpec, Needs, PreferenceLoss
 from tvkd.cache.teacher import CacheResult, build_reference_cache, build_teacher_cache
+from tvkd.cross_tokenizer import CrossTokenizerError, TeacherTokens, join_by_id, token_level_reason
 from tvkd.modeling import ModelSource
 from tvkd.tokenize import TokenizedData
 from tvkd.training.trainer import training_columns
@@ -54,6 +55,7 @@ def assemble_training_set(
     student: ModelSource | None = None,
     eos_id: int | None = None,
     teacher_vocab: int | None = None,
+    teacher_tokens: TeacherTokens | None = None,
     cache: CacheOptions = CacheOptions(),
     subsample: float | None = None,
     seed: int = 0,
@@ -63,11 +65,16 @@ def assemble_training_set(
     """Compute (or load) exactly what `loss.needs(loss_cfg)` declares and join it to the pairs.
 
     `teacher_vocab`: the number of teacher logit rows shared with the student (checked by the
-    caller), or None for all of them.
+    caller), or None for all of them. `teacher_tokens`: the pairs in the teacher's own tokenization, for a
+    teacher with another tokenizer (`tvkd.cross_tokenizer`): its cache is built on them and joined to the
+    pairs by example id; only sequence-level teacher needs are allowed then.
     """
     import datasets
 
     needs = loss.needs(loss_cfg)
+    reason = token_level_reason(loss.name, loss_cfg, needs) if teacher_tokens is not None else None
+    if reason:
+        raise CrossTokenizerError(f"the teacher's tokenizer differs from the student's, and loss {loss.name!r} {reason}")
     tokenized = _with_rollouts(tokenized, needs, teacher=teacher, student=student, pad_id=pad_id, eos_id=eos_id,
                                cache=cache, progress=progress, say=say)
     parts = [tokenized.dataset]
@@ -84,13 +91,20 @@ def assemble_training_set(
     if needs.teacher and teacher is None:
         raise ValueError(f"loss {loss.name!r} needs a teacher: set models.teacher")
     if needs.aux or needs.topk:
-        tc = build_teacher_cache(tokenized.dataset, tokenized.fingerprint, teacher, teacher.key, needs.aux,
-                                 topk=needs.topk, also=cache.also, vocab_size=teacher_vocab, pad_id=pad_id,
+        own = teacher_tokens.train if teacher_tokens is not None else tokenized
+        tc = build_teacher_cache(own.dataset, own.fingerprint, teacher, teacher.key, needs.aux,
+                                 topk=needs.topk, also=cache.also,
+                                 vocab_size=teacher_vocab if teacher_tokens is None else None,
+                                 pad_id=pad_id if teacher_tokens is None else teacher_tokens.pad_id,
                                  batch_size=cache.batch_size, cache_dir=_sub(cache, "teacher"), progress=progress)
         built = f"computed {', '.join(tc.built)}" if tc.built else "cached"
-        say(f"  teacher cache ({built}): {tc.stats['bytes_per_token']:.1f} bytes per response token, {tc.path}")
+        say(f"  teacher cache ({built}): {tc.stats['bytes_per_token']:.1f} bytes per response token, {tc.path}"
+            + (" (on the teacher's own tokenization, joined by example id)" if teacher_tokens is not None else ""))
         caches["teacher"] = tc
-        parts.append(tc.dataset)
+        columns = tc.dataset
+        if teacher_tokens is not None:
+            columns = join_by_id(columns, list(own.dataset["id"]), list(tokenized.dataset["id"]))
+        parts.append(columns)
         teacher.release()  # free the teacher while the student trains
     if needs.teacher_reference:
         if teacher_reference is None:

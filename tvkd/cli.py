@@ -22,9 +22,13 @@ from textwrap import dedent
 def _setup_logging(verbose: bool) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    import transformers
-
-    transformers.logging.set_verbosity_error() if not verbose else None
+    if verbose:
+        return
+    # transformers reads this when it is imported; a command that never needs it (a config typo) never pays for it
+    os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+    transformers = sys.modules.get("transformers")
+    if transformers is not None:
+        transformers.logging.set_verbosity_error()
 
 
 def cmd_testbed_build(args: argparse.Namespace) -> int:
@@ -66,10 +70,11 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from tvkd.config import load_config
+
+    cfg = load_config(args.config, sets=args.set)  # checked before torch, transformers and datasets are imported
     from tvkd.pipeline import execute, plan_run
     from tvkd.results import ResultsStore
 
-    cfg = load_config(args.config, sets=args.set)
     store = ResultsStore(args.results)
     if args.dry_run:
         plan = plan_run(cfg, progress=not args.quiet)
@@ -90,33 +95,34 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from tvkd.benchmarks import BENCHMARKS
-    from tvkd.benchmarks._run import evaluate, parse_options
+    from tvkd.benchmarks._run import evaluate, list_text, parse_options
 
     if args.list or not args.target:
-        for name in sorted(BENCHMARKS.names()):
-            meta = BENCHMARKS.meta(name)
-            print(f"{name:<16} {meta.get('description', '')}")
-            for opt, text in (meta.get("options") or {}).items():
-                print(f"    --option {opt}=...: {text}")
+        print(list_text())
         return 0 if args.list else 2
     benches = [b.strip() for b in args.bench.split(",") if b.strip()]
-    run_dir, metrics = evaluate(args.target, benches, parse_options(args.option), results=args.results,
-                                progress=not args.quiet)
-    for key in sorted(metrics):
-        if any(key.startswith(b.replace("-", "_") + "/") or key.startswith(b + "/") for b in benches):
-            value = metrics[key]
-            print(f"  {key}: {value:.4f}" if isinstance(value, float) else f"  {key}: {value}")
-    print(f"metrics merged into {run_dir / 'metrics.json'}")
+    ev = evaluate(args.target, benches, parse_options(args.option), results=args.results, progress=not args.quiet,
+                  threads=args.threads, strict=False)
+    print(f"metrics merged into {ev.run_dir / 'metrics.json'}")
+    if ev.failed:
+        print(f"error: {ev.failure_message()}", file=sys.stderr)
+        return 1
     return 0
 
 
 def cmd_judge_server(args: argparse.Namespace) -> int:
     import time
 
-    from tvkd.benchmarks.judge_server import JudgeServer
+    from tvkd.benchmarks.judge_server import JudgeServer, log
 
-    server = JudgeServer(port=args.port, delay=args.delay, fail_first=args.fail_first).start()
+    handler = logging.StreamHandler(sys.stderr)  # one numbered line per request
+    handler.setFormatter(logging.Formatter("%(asctime)s judge-server %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    server = JudgeServer(port=args.port, delay=args.delay, slow_first=args.slow_first, fail_first=args.fail_first,
+                         fail_status=args.fail_status, drop_first=args.drop_first, garbage_first=args.garbage_first,
+                         max_body=args.max_body, max_n=args.max_n).start()
     print(f"judge server (the testbed oracle) at {server.base_url}; e.g. "
           f"tvkd eval <run> --bench mt-bench,alpaca-eval --option judge_base_url={server.base_url} "
           f"--option judge_model=tvkd-oracle-judge   (Ctrl-C stops it)", flush=True)
@@ -139,22 +145,37 @@ def cmd_results_gc(args: argparse.Namespace) -> int:
     return 0
 
 
+def _executor(args: argparse.Namespace):
+    """The executor of ``--backend`` (the same spelling for `study run` and `study search`)."""
+    if args.backend == "sequential":
+        if args.address:
+            raise ValueError("--address names a Ray cluster: give it with --backend ray")
+        from studies.engine import Sequential
+
+        return Sequential()
+    from studies.ray_executor import RayExecutor
+
+    return RayExecutor(address=args.address, max_concurrent=args.max_concurrent)
+
+
+def _backend_arguments(p: argparse.ArgumentParser) -> None:
+    """``--backend``, ``--address``, ``--max-concurrent``: where the runs of `study run` / `study search` happen."""
+    p.add_argument("--backend", choices=["sequential", "ray"], default="sequential",
+                   help="sequential (one run after another, here) or ray (Ray Tune trials: in parallel on this "
+                        "machine, or on a cluster with --address); finished runs are never trained again either way")
+    p.add_argument("--address", default=None, help="with --backend ray: an existing Ray cluster, HOST:PORT (the "
+                                                   "cluster's auth token, if it uses one, as Ray reads it: "
+                                                   "RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token)")
+    p.add_argument("--max-concurrent", type=int, default=None, help="with --backend ray: trials at once (default: "
+                                                                   "as many as the resources allow)")
+
+
 def cmd_study_run(args: argparse.Namespace) -> int:
-    from studies import STUDIES, run_study
+    from studies.engine import run_study
 
-    if not (args.name.endswith((".yaml", ".yml")) and Path(args.name).is_file()):
-        STUDIES.get(args.name)  # clear error for an unknown study before any work
-    if args.backend == "ray":
-        from studies import load_spec
-        from studies.ray_driver import run_study_ray
-
-        study = load_spec(args.name, args.profile) if args.profile else args.name
-        out = run_study_ray(study, seeds=args.seeds, results=args.results, out_dir=args.out, quick=args.quick,
-                            address=args.address, max_concurrent=args.max_concurrent, progress=not args.quiet)
-    else:
-        out = run_study(args.name, seeds=args.seeds, results=args.results, out_dir=args.out, quick=args.quick,
-                        progress=not args.quiet, profile=args.profile)
-    for paths in (out.get("outputs") or {"table": out.get("tables", {})}).values():
+    out = run_study(args.name, _executor(args), seeds=args.seeds, results=args.results, out_dir=args.out,
+                    quick=args.quick, progress=not args.quiet, profile=args.profile)
+    for paths in out["outputs"].values():
         for p in paths.values():
             print(f"table: {p}")
     return 1 if out.get("failed") else 0
@@ -169,7 +190,7 @@ def cmd_study_search(args: argparse.Namespace) -> int:
 def cmd_study_plan(args: argparse.Namespace) -> int:
     import json
 
-    from studies import format_plan, plan_study
+    from studies.plan import format_plan, plan_study
 
     plan = plan_study(args.spec, args.results, quick=args.quick, seeds=args.seeds, progress=not args.quiet,
                       profile=args.profile)
@@ -272,7 +293,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.sweeps:
         import json
 
-        from studies.ray_driver import bench_ray_speedup
+        from studies.ray_executor import bench_ray_speedup
 
         print("\nsweeps: the same 4-run testbed grid through Ray Tune at 1 and at 2 trials at once:", flush=True)
         res = bench_ray_speedup(concurrency=(1, 2), quick=True)
@@ -354,6 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a benchmark option, e.g. judge_model=gpt-4o-mini (values parsed as YAML)")
     ev.add_argument("--results", default=None, help="results store root (default $TVKD_RESULTS or ./results)")
     ev.add_argument("--list", action="store_true", help="list the benchmarks and their options")
+    ev.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads for generation and scoring (default: torch's, one per core)")
     ev.add_argument("--quiet", action="store_true")
     ev.set_defaults(func=cmd_eval)
 
@@ -363,7 +386,14 @@ def build_parser() -> argparse.ArgumentParser:
                                     "their real client paths on the testbed.")
     js.add_argument("--port", type=int, default=8765, help="port on 127.0.0.1 (default 8765; 0 picks a free one)")
     js.add_argument("--delay", type=float, default=0.0, help="seconds to wait before each answer (test timeouts)")
-    js.add_argument("--fail-first", type=int, default=0, help="answer HTTP 500 to the first N requests")
+    js.add_argument("--slow-first", type=int, default=None, help="delay only the first N requests (default: all)")
+    js.add_argument("--drop-first", type=int, default=0,
+                    help="close the connection without an answer for the first N requests")
+    js.add_argument("--fail-first", type=int, default=0, help="then answer HTTP --fail-status to the next N requests")
+    js.add_argument("--fail-status", type=int, default=500, help="the status of --fail-first (default 500)")
+    js.add_argument("--garbage-first", type=int, default=0, help="then answer unparseable text to the next N")
+    js.add_argument("--max-body", type=int, default=4 * 1024 * 1024, help="largest request body in bytes (413 above)")
+    js.add_argument("--max-n", type=int, default=8, help="largest 'n' (completions per request) accepted")
     js.set_defaults(func=cmd_judge_server)
 
     res = sub.add_parser("results", help="the results store").add_subparsers(dest="sub", required=True)
@@ -386,11 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quick", action="store_true", help="a much smaller grid for a smoke test")
     s.add_argument("--profile", default=None, help="a profile of the study, e.g. paper: the paper's models, data "
                                                    "sets and hyper-parameters by hub id (results in <study>-paper)")
-    s.add_argument("--backend", choices=["sequential", "ray"], default="sequential",
-                   help="sequential (one run after another, here) or ray (Ray Tune trials: in parallel on this "
-                        "machine, or on a cluster with --address); finished runs are never trained again either way")
-    s.add_argument("--address", default=None, help="with --backend ray: an existing Ray cluster, HOST:PORT")
-    s.add_argument("--max-concurrent", type=int, default=None, help="with --backend ray: trials at once")
+    _backend_arguments(s)
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_study_run)
     se = st.add_parser("search", help="hyperparameter search over one run config (Optuna TPE + median pruning; "
@@ -403,8 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--n-trials", type=int, default=None, help="complete + pruned trials wanted (default: the spec's)")
     se.add_argument("--study-name", default=None)
     se.add_argument("--results", default=None, help="results store root (default $TVKD_RESULTS or ./results)")
-    se.add_argument("--ray", action="store_true", help="run the trials through Ray Tune (OptunaSearch)")
-    se.add_argument("--max-concurrent", type=int, default=1)
+    _backend_arguments(se)
     se.add_argument("--quiet", action="store_true")
     se.set_defaults(func=cmd_study_search)
     sp = st.add_parser("plan", help="which runs of a study are done, what is left, and how long it should take",
@@ -471,12 +496,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that report a user's input or a state the user can fix: one `error:` line, no traceback."""
-    from tvkd.results import HashCollisionError, RunAlreadyCompleteError, RunInProgressError
-    from tvkd.training.trainer import NonFiniteLossError
+    """Exceptions that report a user's input or a state the user can fix: one `error:` line, no traceback.
 
-    return (ValueError, KeyError, OSError, ImportError, RunInProgressError, RunAlreadyCompleteError,
-            HashCollisionError, NonFiniteLossError)
+    Only the modules already imported are asked for their classes: an error raised before training
+    started cannot be the trainer's, and importing it (torch, transformers) costs seconds."""
+    names = {"tvkd.results": ("HashCollisionError", "RunAlreadyCompleteError", "RunInProgressError"),
+             "tvkd.training.trainer": ("NonFiniteLossError",), "jinja2.exceptions": ("TemplateError",)}
+    found: list[type[BaseException]] = [ValueError, KeyError, OSError, ImportError]
+    for module, classes in names.items():
+        if module in sys.modules:
+            found.extend(getattr(sys.modules[module], c) for c in classes)
+    return tuple(found)
 
 
 def _one_line(e: BaseException) -> str:
@@ -494,15 +524,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(getattr(args, "verbose", False))
-    user_errors = _user_errors()
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM during a run
         print(f"interrupted ({e or 'Ctrl-C'}): finished stages and runs are kept; rerun the same command to resume",
               file=sys.stderr)
         return 130
-    except user_errors as e:
-        if os.environ.get("TVKD_DEBUG"):
+    except Exception as e:
+        if not isinstance(e, _user_errors()) or os.environ.get("TVKD_DEBUG"):
             raise
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2

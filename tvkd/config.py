@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
+import re
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,8 +28,51 @@ from typing import Any
 
 import yaml
 
-from tvkd.api import ConfigError, checked_fields
 from tvkd.tokenize import TokenizeConfig
+
+# tvkd.api (and with it torch) is imported when a config is built, not when this module is: a
+# config file's key names and YAML are checked first (`load_config`), so a typo answers at once.
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading YAML 1.2 numbers: ``1e-5`` and ``5e-07`` are floats.
+
+    YAML 1.1 (PyYAML) takes a float only with a dot (``1.0e-5``) and reads ``1e-5`` as a string,
+    while Python, transformers and `tvkd config` write ``5e-07``.
+    """
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                   |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                   |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                   |[-+]?\.(?:inf|Inf|INF)
+                   |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(stream: Any) -> Any:
+    """YAML text (or a file object) as Python values, scientific notation read as numbers (`_YamlLoader`)."""
+    return yaml.load(stream, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+class ConfigKeyError(ValueError):
+    """An unknown config key found before `tvkd.api` is imported (then it is a `tvkd.api.ConfigError`)."""
+
+
+def __getattr__(name: str) -> Any:  # `from tvkd.config import ConfigError` still works (importing tvkd.api then)
+    if name in ("ConfigError", "checked_fields"):
+        import tvkd.api
+
+        return getattr(tvkd.api, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _config_error(message: str) -> ValueError:
+    api = sys.modules.get("tvkd.api")
+    return api.ConfigError(message) if api is not None else ConfigKeyError(message)
 
 DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 
@@ -57,8 +103,17 @@ def _one_of(key: str, value: Any, valid: tuple[str, ...]) -> None:
                          + (f". Did you mean {close[0]!r}?" if close else ""))
 
 
+def _hub_offline() -> bool:
+    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
 def check_training_arguments(extra: dict[str, Any]) -> None:
-    """`train.extra` keys against `transformers.TrainingArguments`, before anything is loaded."""
+    """`train.extra` keys against `transformers.TrainingArguments`, before anything is loaded (their values
+    are checked by building the arguments once at plan time: `tvkd.training.trainer.check_arguments`)."""
+    if extra.get("push_to_hub") and _hub_offline():
+        raise ValueError("extra.push_to_hub: the Hugging Face hub is offline here (HF_HUB_OFFLINE); nothing can be "
+                         "pushed. Drop it, keep the weights with train.save_model: true and upload them yourself")
     from transformers import TrainingArguments
 
     valid = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
@@ -88,6 +143,14 @@ def check_lora(options: dict[str, Any]) -> dict[str, Any]:
             close = difflib.get_close_matches(key, sorted(valid), n=1)
             raise ValueError(f"lora.{key}: not a peft.LoraConfig field" + (f". Did you mean {close[0]!r}?" if close else ""))
     kwargs = {**LORA_DEFAULTS, **options}
+    r = kwargs.get("r")
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ValueError(f"lora.r: the adapter's rank must be an integer >= 1, got {r!r}")
+    if isinstance(kwargs.get("lora_alpha"), (int, float)) and not kwargs["lora_alpha"] > 0:
+        raise ValueError(f"lora.lora_alpha must be > 0, got {kwargs['lora_alpha']!r}")
+    dropout = kwargs.get("lora_dropout")
+    if isinstance(dropout, (int, float)) and not 0 <= dropout < 1:
+        raise ValueError(f"lora.lora_dropout must lie in [0, 1), got {dropout!r}")
     try:
         LoraConfig(task_type="CAUSAL_LM", **kwargs)
     except (TypeError, ValueError) as e:
@@ -97,8 +160,13 @@ def check_lora(options: dict[str, Any]) -> dict[str, Any]:
 
 # New options whose default computes exactly what runs did before they existed: left out of a config's
 # dict (and so of its identity) while at that default, so adding them did not make every finished run new.
-IDENTITY_NEUTRAL_DEFAULTS = {"train": {"logprob_chunk": None, "padding_free": False, "gradient_checkpointing": False,
-                                       "lora": {}, "compile": False, "length_buckets": False}}
+IDENTITY_NEUTRAL_DEFAULTS = {"models": {"strict_weights": True},
+                             "train": {"logprob_chunk": None, "padding_free": False, "gradient_checkpointing": False,
+                                       "lora": {}, "compile": False, "length_buckets": False},
+                             # Runs before `response_tail` existed cut a template's text after end-of-turn; with the
+                             # testbed's template (nothing after it) and Llama-3's or Mistral's both forms give the
+                             # same ids. A run on a ChatML/Gemma model made before it keeps its key and its cut form.
+                             "tokenize": {"response_tail": "trl"}}
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -115,6 +183,9 @@ class ModelsConfig:
     teacher_reference: str | None = _f(None, "The teacher's SFT model π_Tref (DDPO, ADPA).")
     dtype: str = _f("auto", "Compute dtype: auto (bf16 on a GPU that has it, else fp32), float32, bfloat16.")
     trust_remote_code: bool = _f(False, "Allow model code from the hub; off unless you trust the source.")
+    strict_weights: bool = _f(
+        True, "A model folder whose weights miss a weight of its architecture, or hold one it does not have, is "
+              "an error before any work (a missing weight would train from a random init); false: a warning.")
 
     def __post_init__(self) -> None:
         _one_of("dtype", self.dtype, DTYPES)
@@ -145,7 +216,7 @@ class LossConfig:
     options: dict = _f({}, "The loss's own options (see its Config); given inline next to `name` in YAML.")
 
     def __post_init__(self) -> None:
-        from tvkd.api import LOSSES, build_config
+        from tvkd.api import LOSSES, ConfigError, build_config
 
         try:
             cls = LOSSES.get(self.name)
@@ -297,6 +368,9 @@ class RunConfig:
                     raise ValueError(f"testbed.{key}: not a testbed option"
                                      + (f". Did you mean {close[0]!r}?" if close else f"; valid: {', '.join(sorted(fields))}"))
         _at_least("num_threads", self.num_threads, 1)
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed must be an integer from 0 to 2**32 - 1 = {2**32 - 1} (the range numpy and torch "
+                             f"seed with), got {self.seed}")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -309,10 +383,13 @@ class RunConfig:
 
 def _build(cls: type, data: Any, file: str, path: str) -> Any:
     """A config dataclass from a mapping: every key, type and value checked, errors naming file and key."""
+    from tvkd.api import ConfigError, checked_fields
+
     if data is None:
         return cls()
     if not isinstance(data, dict):
         raise ConfigError(f"{file}: {path} must be a mapping of keys, got {data!r}")
+
     hints = typing.get_type_hints(cls)
     sections = {k for k in data if k in hints and dataclasses.is_dataclass(hints[k])}
     kwargs = checked_fields(cls, {k: v for k, v in data.items() if k not in sections}, f"{file}: {path}")
@@ -326,8 +403,28 @@ def _build(cls: type, data: Any, file: str, path: str) -> Any:
         raise ConfigError(f"{file}: {path.rstrip('.') or 'config'}: {e}") from None
 
 
+def check_keys(data: Any, where: str = "config", cls: type | None = None, path: str = "") -> None:
+    """Every key of a config mapping names a field (the same message `build` gives), without importing
+    `tvkd.api`, torch or transformers: a misspelt key answers in a fraction of a second. Values, and the
+    loss's own options, are checked when the config is built."""
+    cls = cls or RunConfig
+    if not isinstance(data, dict):
+        return
+    hints = typing.get_type_hints(cls)
+    fields = [f.name for f in dataclasses.fields(cls)]
+    for key, value in data.items():
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise _config_error(f"{where}: {path}{key}: unknown key; valid keys: {', '.join(fields)}.{hint}")
+        if dataclasses.is_dataclass(hints[key]) and hints[key] is not LossConfig:  # loss options: the loss's own
+            check_keys(value, where, hints[key], f"{path}{key}.")
+
+
 def config_from_dict(data: Any, where: str = "config") -> RunConfig:
     """A `RunConfig` from a parsed YAML mapping; `where` (the file name) prefixes every error."""
+    from tvkd.api import ConfigError
+
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -348,17 +445,17 @@ def apply_sets(data: dict[str, Any], sets: list[str] | None) -> dict[str, Any]:
     for item in sets or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE with a dotted key, e.g. loss.alpha=0.5")
+            raise _config_error(f"--set {item!r}: expected KEY=VALUE with a dotted key, e.g. loss.alpha=0.5")
         try:
-            parsed = yaml.safe_load(value)
+            parsed = load_yaml(value)
         except yaml.YAMLError as e:
-            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({e.problem})") from None
+            raise _config_error(f"--set {item!r}: the value is not valid YAML ({e.problem})") from None
         node = data
         parts = key.split(".")
         for i, p in enumerate(parts[:-1]):
             child = node.setdefault(p, {})
             if not isinstance(child, dict):
-                raise ConfigError(f"--set {item!r}: {'.'.join(parts[: i + 1])} is a value ({child!r}), not a "
+                raise _config_error(f"--set {item!r}: {'.'.join(parts[: i + 1])} is a value ({child!r}), not a "
                                   f"section; set it directly, e.g. --set {'.'.join(parts[: i + 1])}=...")
             node = child
         node[parts[-1]] = parsed
@@ -370,22 +467,23 @@ def load_config(path: str | Path, sets: list[str] | None = None) -> RunConfig:
     path = Path(path)
     try:
         with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
+            data = load_yaml(f)
     except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
+        raise _config_error(f"config file not found: {path}") from None
     except IsADirectoryError:
-        raise ConfigError(f"{path} is a folder; give a YAML run config file") from None
+        raise _config_error(f"{path} is a folder; give a YAML run config file") from None
     except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); save the config as UTF-8") from None
+        raise _config_error(f"{path}: not UTF-8 text (byte {e.start}); save the config as UTF-8") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(f"{path}: not valid YAML{at}: {problem}") from None
+        raise _config_error(f"{path}: not valid YAML{at}: {problem}") from None
     if data is None:
         data = {}
     if isinstance(data, dict):
         data = apply_sets(data, sets)
+        check_keys(data, str(path))
     return config_from_dict(data, where=str(path))
 
 

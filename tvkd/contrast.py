@@ -8,6 +8,11 @@ loss (the reference is the initialisation, its log-probs from the reference cach
 folders, and content-addressed by (tokenized pairs, initialisation, training settings), so every
 TIS-DPO run on the same data reuses them. The per-token log-probs come from the reference-cache
 pass over each model.
+
+The schedule is cosine with no warm-up: a linear warm-up starts at a learning rate of 0, so on a
+small data set (one or a few batches) the models would take their only step at 0, stay equal to
+the initialisation, and every raw importance would be tied at 0, leaving the token weights to
+the tie-breaking rule. The mean |log π_model − log π_ref| per token is reported for both models.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from tvkd.paths import cache_root, fingerprint
 from tvkd.storage import cached_stage
 from tvkd.tokenize import TokenizedData
 
-CONTRAST_VERSION = 1
+CONTRAST_VERSION = 2  # 2: no warm-up (version 1 could take its only step at a learning rate of 0)
 SIDES = ("chosen", "rejected")
 
 
@@ -50,7 +55,7 @@ def _train_dpo(dataset: Any, init: Any, spec: ContrastModels, pad_id: int, out: 
     args = TrainingArguments(output_dir=str(out / "trainer"), seed=seed, data_seed=seed,
                              learning_rate=spec.learning_rate, num_train_epochs=spec.epochs,
                              per_device_train_batch_size=spec.batch_size, lr_scheduler_type="cosine",
-                             warmup_steps=0.1, save_strategy="no", report_to="none", remove_unused_columns=False,
+                             warmup_steps=0, save_strategy="no", report_to="none", remove_unused_columns=False,
                              use_cpu=next(policy.parameters()).device.type == "cpu", disable_tqdm=not progress,
                              logging_steps=10_000)
     trainer = PreferenceTrainer(model=policy, args=args, train_dataset=training_columns(dataset, {}, True),
@@ -59,6 +64,18 @@ def _train_dpo(dataset: Any, init: Any, spec: ContrastModels, pad_id: int, out: 
     trainer.train()
     shutil.rmtree(out / "trainer", ignore_errors=True)
     policy.save_pretrained(str(out))
+
+
+def _mean_abs_shift(model_logps: Any, reference_logps: Any) -> float:
+    """Mean over response tokens of |log π_model − log π_ref| (0: the model did not move)."""
+    import numpy as np
+
+    total, count = 0.0, 0
+    for side in SIDES:
+        for m, r in zip(model_logps[f"{side}/ref_logps"], reference_logps[f"{side}/ref_logps"]):
+            total += float(np.abs(np.asarray(m, float) - np.asarray(r, float)).sum())
+            count += len(m)
+    return total / max(count, 1)
 
 
 def contrast_logps(tokenized: TokenizedData, reference_logps: Any, init: Any, spec: ContrastModels, *, pad_id: int,
@@ -89,4 +106,6 @@ def contrast_logps(tokenized: TokenizedData, reference_logps: Any, init: Any, sp
                                    batch_size=batch_size, progress=progress)
         parts.append(lp.dataset.rename_columns({f"{s}/ref_logps": f"{s}/{CONTRAST_PREFIX}{name}_logps"
                                                 for s in SIDES}))
+        shift = _mean_abs_shift(lp.dataset, reference_logps)
+        say(f"  contrast model {name}: mean |log-ratio to the initialisation| {shift:.3g} per token")
     return datasets.concatenate_datasets(parts, axis=1)

@@ -113,10 +113,64 @@ def check_model_folder(path: str | Path, what: str) -> None:
         hint = (f" (it holds pickled weights {pickles}, which are never unpickled here; re-save the model with "
                 "save_pretrained(safe_serialization=True))") if pickles else ""
         raise ModelLoadError(f"{what}: {path} has no .safetensors weights{hint}")
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text()).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ValueError("no weight_map")
+        except (OSError, ValueError, AttributeError) as e:
+            raise ModelLoadError(f"{what}: {index} is not a readable shard index ({e}); re-save or re-download "
+                                 "the model") from None
+        missing = sorted({str(f) for f in weight_map.values()} - {w.name for w in weights})
+        if missing:
+            raise ModelLoadError(f"{what}: {index} lists shard(s) {missing[:3]} that are not in {path} "
+                                 f"({len(missing)} missing); re-download the model's files (every shard)")
     for w in weights:
         problem = _safetensors_problem(w)
         if problem:
             raise ModelLoadError(f"{what}: {w} is not a valid safetensors file ({problem}); re-save or re-download it")
+
+
+def check_model_weights(path: str | Path, what: str, *, trust_remote_code: bool = False, strict: bool = True) -> None:
+    """Every weight the model's architecture has is in its files, and no file holds a weight it does not have.
+
+    transformers' own loader computes the missing and unexpected names (its renames and tied weights
+    included) with the model on the meta device: no weight is materialised, so this costs milliseconds
+    where loading the model would cost its size. A model missing a weight would otherwise train from
+    a random initialisation of it, silently (transformers reports it only through its logging).
+    `strict=False` (``models.strict_weights: false``): such names are logged as a warning instead.
+    """
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        _, info = AutoModelForCausalLM.from_pretrained(
+            str(path), device_map="meta", output_loading_info=True, trust_remote_code=trust_remote_code,
+            use_safetensors=True)
+    except Exception as e:  # noqa: BLE001 - a config or a shape that does not fit the weights: name the model
+        raise ModelLoadError(f"{what}: {path} cannot be loaded as a causal LM ({type(e).__name__}: "
+                             f"{' '.join(str(e).split())[:300]}); re-save or re-download it") from None
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    problems = []
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        names = sorted(str(k) for k in info.get(kind) or ())
+        if names:
+            shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+            problems.append(f"{len(names)} {kind.replace('_keys', '')} weight(s): {shown}")
+    if not problems:
+        return
+    message = (f"{what}: the weights in {path} do not match its config.json ({'; '.join(problems)}); a missing weight "
+               "would train from a random initialisation. Re-save or re-download the model, or set "
+               "models.strict_weights: false to accept it")
+    if strict:
+        raise ModelLoadError(message)
+    log.warning(message.replace("; a missing weight would", ": models.strict_weights is false, so a missing weight"
+                                " will"))
 
 
 def _safetensors_problem(path: Path) -> str | None:
@@ -142,7 +196,26 @@ def _safetensors_problem(path: Path) -> str | None:
         return "a tensor entry has no data offsets"
     if ends and 8 + n + max(ends) > size:
         return f"truncated: the header needs {8 + n + max(ends)} bytes, the file has {size}"
+    for name, t in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = t["data_offsets"]
+        width = _DTYPE_BYTES.get(str(t.get("dtype")))
+        shape = t.get("shape")
+        if width is None or not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+            continue  # a dtype this check does not know: safetensors itself judges it at load
+        want = width
+        for d in shape:
+            want *= d
+        if not (isinstance(start, int) and isinstance(end, int)) or end - start != want:
+            return (f"tensor {name!r} of shape {shape} and dtype {t['dtype']} needs {want} bytes, its data offsets "
+                    f"{[start, end]} give {end - start if isinstance(end, int) and isinstance(start, int) else '?'}")
     return None
+
+
+# Bytes per element of the safetensors dtypes (the format's own names).
+_DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "C64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
+                "U16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1}
 
 
 def reference_vocab_check(reference: str | Path, student: str | Path, student_tokenizer: Any, *,
@@ -174,8 +247,9 @@ def shared_vocab_size(teacher_tok: Any, student_tok: Any, teacher_rows: int, stu
         raise VocabularyMismatchError(
             f"{teacher_name} and {student_name} do not share a vocabulary ({len(tv)} vs {len(sv)} tokens; "
             f"only in {teacher_name}: {only_t}, only in {student_name}: {only_s}, different ids: {moved}). "
-            "Token-level teacher signals (aux rewards, top-k) need the same tokenizer; pick a teacher/student "
-            "pair of one model family."
+            "Token-level signals (per-position log-probs, aux rewards, top-k) need the same tokenizer; pick a "
+            "pair of one model family (a teacher of another tokenizer serves only sequence-level values: "
+            "tvkd.cross_tokenizer)."
         )
     n = len(teacher_tok)
     if teacher_rows < n or student_rows < n:

@@ -40,18 +40,20 @@ log = logging.getLogger(__name__)
 TESTBED_PREFIX = "testbed:"
 TESTBED_PARTS = {
     "student_sft": "student_sft_dir", "teacher_sft": "teacher_sft_dir", "teacher_dpo": "teacher_dpo_dir",
-    "student_dpo": "student_dpo_dir", "tokenizer": "tokenizer_dir", "pref_train": "pref_train",
+    "student_dpo": "student_dpo_dir", "teacher_dpo_other_vocab": "teacher_dpo_other_vocab_dir",
+    "tokenizer": "tokenizer_dir", "pref_train": "pref_train",
     "pref_test": "pref_test", "student_pref_train": "student_pref_train", "student_pref_test": "student_pref_test",
     "sft_train": "sft_train", "test_prompts": "test_prompts",
 }
 
 
 class Echo:
-    """Prints one line per stage with its wall time (what a user watching a long run wants)."""
+    """Prints one line per stage; records its wall time and peak memory (`tvkd.memory.peak_memory`)."""
 
     def __init__(self, enabled: bool = True):
         self.enabled = enabled
         self.timings: dict[str, float] = {}
+        self.peaks: dict[str, dict[str, Any]] = {}
 
     def __call__(self, msg: str) -> None:
         if self.enabled:
@@ -59,9 +61,13 @@ class Echo:
 
     @contextmanager
     def stage(self, name: str):
+        from tvkd.memory import peak_memory
+
         t0 = time.perf_counter()
-        yield
+        with peak_memory() as peak:
+            yield
         self.timings[name] = round(time.perf_counter() - t0, 3)
+        self.peaks[name] = peak
 
 
 def uses_testbed(cfg: RunConfig) -> bool:
@@ -120,15 +126,17 @@ class RunPlan:
     pad_id: int = 0
     eos_id: int | None = None
     teacher_vocab: int | None = None
+    teacher_tokens: Any = None  # cross_tokenizer.TeacherTokens: a teacher whose tokenizer differs from the student's
     train_data: Any = None  # LoadResult
     test_data: Any = None  # LoadResult | None
     tokenized_train: Any = None  # TokenizedData
     tokenized_test: Any = None
 
 
-def _check_model(role: str, value: str, trust_remote_code: bool) -> Path:
-    """The local folder of a model, with its config and safetensors weights readable, or a clear error."""
-    from tvkd.modeling import check_model_folder, local_model_path
+def _check_model(role: str, value: str, trust_remote_code: bool, strict_weights: bool = True) -> Path:
+    """The local folder of a model, with its config and safetensors weights readable and matching its
+    architecture (no weight missing, none unexpected: `modeling.check_model_weights`), or a clear error."""
+    from tvkd.modeling import check_model_folder, check_model_weights, local_model_path
 
     path = local_model_path(value)
     if path is None:
@@ -136,6 +144,7 @@ def _check_model(role: str, value: str, trust_remote_code: bool) -> Path:
                          "Face cache (this harness runs offline); download it where there is network access "
                          f"(huggingface-cli download {value}) or give a local folder")
     check_model_folder(path, f"models.{role}")
+    check_model_weights(path, f"models.{role}", trust_remote_code=trust_remote_code, strict=strict_weights)
     return path
 
 
@@ -167,12 +176,30 @@ def run_identity(cfg: RunConfig, paths: dict[str, str | None], testbed: dict[str
         if paths.get(role):
             inputs[f"data.{role}"] = _data_fingerprint(paths[role])
     key = {**cfg.to_dict(), "inputs": inputs}
+    implied = _implied_loss_defaults(cfg)
+    if implied:
+        key["loss_defaults"] = implied
+    # Identity by content: a local model folder or data file is in the key by its fingerprint (`inputs`);
+    # its path stays in the record (config.yaml) but not in the hash (`results._content_keyed`), so a copy of
+    # the same files at another path is the same run.
     if testbed:
         key["testbed"] = testbed
     processes = launched_world_size()
     if processes > 1:  # per_device_train_batch_size is per process: N processes train on N x the batch
         key["processes"] = processes
     return key, inputs
+
+
+def _implied_loss_defaults(cfg: RunConfig) -> dict[str, Any]:
+    """The loss's `identity_defaults` that the config leaves out, with the values they resolve to."""
+    from tvkd.api import LOSSES, build_config
+
+    cls = LOSSES.get(cfg.loss.name)
+    left_out = [k for k in getattr(cls, "identity_defaults", ()) if k not in cfg.loss.options]
+    if not left_out:
+        return {}
+    resolved = build_config(cls, cfg.loss.options)
+    return {k: getattr(resolved, k) for k in left_out}
 
 
 def identity(cfg: RunConfig, testbed: dict[str, Any] | None = None, progress: bool = True) -> dict[str, Any]:
@@ -200,8 +227,13 @@ def plan_run(cfg: RunConfig, *, testbed: dict[str, Any] | None = None, progress:
     weights readable), the reference's and the teacher's vocabulary against the student's, the
     data (loaded and tokenized: a malformed row is named here), and the content fingerprints.
     """
-    from tvkd.modeling import load_tokenizer, reference_vocab_check, teacher_vocab_size
-    from tvkd.tokenize import tokenize_preferences
+    from tvkd.cross_tokenizer import CrossTokenizerError, template_label, token_level_reason
+    from tvkd.modeling import (
+        VocabularyMismatchError,
+        load_tokenizer,
+        reference_vocab_check,
+        teacher_vocab_size,
+    )
 
     echo = echo or Echo(progress)
     testbed = testbed if testbed is not None else (dict(cfg.testbed) or None)
@@ -233,12 +265,29 @@ def plan_run(cfg: RunConfig, *, testbed: dict[str, Any] | None = None, progress:
     paths["test_source"] = resolve(cfg.data.test_source, testbed, progress) or paths["source"]
     for role in MODEL_ROLES:
         if paths[role]:
-            paths[role] = str(_check_model(role, paths[role], m.trust_remote_code))
+            paths[role] = str(_check_model(role, paths[role], m.trust_remote_code, m.strict_weights))
+    if not cfg.eval_only:
+        from tvkd.training.trainer import check_arguments
+
+        check_arguments(cfg)  # transformers' own checks of every train value, before the run folder exists
     tokenizer = load_tokenizer(paths["student"], trust_remote_code=m.trust_remote_code)
     reference_vocab_check(paths["reference"], paths["student"], tokenizer, trust_remote_code=m.trust_remote_code)
-    vocab = teacher_vocab_size(paths["teacher"], paths["student"], tokenizer,
-                               trust_remote_code=m.trust_remote_code) if paths["teacher"] else None
-    if paths["teacher_reference"]:
+    vocab, teacher_tok = None, None
+    if paths["teacher"]:
+        try:
+            vocab = teacher_vocab_size(paths["teacher"], paths["student"], tokenizer,
+                                       trust_remote_code=m.trust_remote_code)
+        except VocabularyMismatchError as e:
+            # A teacher of another tokenizer: fine for what reads only sequence-level teacher values, and for
+            # a loss that never reads the teacher (its token-level evaluators are skipped, saying why).
+            teacher_tok = load_tokenizer(paths["teacher"], trust_remote_code=m.trust_remote_code)
+            reason = token_level_reason(cfg.loss.name, loss_cfg, needs)
+            if reason:
+                raise InputError(f"models.teacher: its tokenizer differs from the student's ({len(teacher_tok)} vs "
+                                 f"{len(tokenizer)} tokens), and loss {cfg.loss.name!r} {reason}; that needs one "
+                                 "vocabulary: pick a teacher of the student's family, or a loss that reads only "
+                                 "sequence-level teacher values (tvkd with a state aux, gamma 1, shaping pbrs)") from e
+    if paths["teacher_reference"] and needs.teacher_reference:
         tref_vocab = teacher_vocab_size(paths["teacher_reference"], paths["student"], tokenizer,
                                         trust_remote_code=m.trust_remote_code)
         if paths["teacher"] and tref_vocab != vocab:
@@ -252,9 +301,15 @@ def plan_run(cfg: RunConfig, *, testbed: dict[str, Any] | None = None, progress:
         if k >= rows:
             raise InputError(f"loss {cfg.loss.name!r}: top-k {k} must be smaller than the teacher's vocabulary "
                              f"({rows} tokens), or the rest bin is empty; set loss.topk below {rows}")
+    for role in ("teacher", "teacher_reference"):
+        if paths[role] and not cfg.tokenize.chat_template:
+            _template_notice(role, paths[role], tokenizer, m.trust_remote_code)
     key, inputs = run_identity(cfg, paths, testbed)
     plan = RunPlan(cfg=cfg, loss=loss, loss_cfg=loss_cfg, paths=paths, inputs=inputs, key=key, testbed=testbed,
                    tokenizer=tokenizer, teacher_vocab=vocab)
+    echo(f"  chat template: student: {template_label(tokenizer, cfg.tokenize.chat_template)}" + (
+        "" if not paths["teacher"] else "; teacher: the student's (one tokenizer)" if teacher_tok is None
+        else f"; teacher (another tokenizer): {template_label(teacher_tok)}"))
     plan.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     plan.eos_id = tokenizer.convert_tokens_to_ids(cfg.tokenize.eos_token or tokenizer.eos_token)
     plan.train_data = _load_pairs(paths["source"], cfg.data.split, cfg.data.limit, cfg.data.adapter, echo)
@@ -265,15 +320,99 @@ def plan_run(cfg: RunConfig, *, testbed: dict[str, Any] | None = None, progress:
                                      cfg.data.adapter, echo)
     for key in (loss.meta_keys(loss_cfg) if not cfg.eval_only else ()):
         _check_meta_key(plan.train_data.examples, key, paths["source"], cfg.loss.name)
-    plan.tokenized_train = tokenize_preferences(plan.train_data.examples, tokenizer, cfg.tokenize, progress=progress)
+    plan.tokenized_train = _tokenize(plan.train_data.examples, tokenizer, cfg, progress, "data.source",
+                                     paths["source"], paths["student"])
     echo(f"  tokenized train: {plan.tokenized_train.summary()}")
-    if len(plan.tokenized_train.dataset) == 0:
-        raise InputError(f"data.source: no pair of {paths['source']} fits the tokenize limits "
-                         f"({plan.tokenized_train.summary()}); raise tokenize.max_length / max_prompt_length")
     if plan.test_data is not None:
-        plan.tokenized_test = tokenize_preferences(plan.test_data.examples, tokenizer, cfg.tokenize,
-                                                   progress=progress)
+        plan.tokenized_test = _tokenize(plan.test_data.examples, tokenizer, cfg, progress, "data.test_source",
+                                        paths["test_source"], paths["student"])
+    if teacher_tok is not None:
+        try:
+            plan.teacher_tokens = _teacher_tokens(plan, teacher_tok, needs, progress)
+        except CrossTokenizerError as e:
+            raise InputError(f"models.teacher (another tokenizer): {e}") from None
+        if plan.teacher_tokens.train is not None:
+            echo(f"  tokenized train for the teacher: {plan.teacher_tokens.train.summary()}")
     return plan
+
+
+def _teacher_tokens(plan: RunPlan, teacher_tok: Any, needs: Any, progress: bool) -> Any:
+    """The pairs in the teacher's own tokenization, where something reads its sequence-level values."""
+    from tvkd.cross_tokenizer import TeacherTokens, template_label, tokenize_for_teacher
+    from tvkd.evaluation import enabled
+
+    cfg = plan.cfg
+    pad = teacher_tok.pad_token_id if teacher_tok.pad_token_id is not None else teacher_tok.eos_token_id
+    train = test = None
+    if needs.aux:
+        train = tokenize_for_teacher(plan.train_data.examples, teacher_tok, cfg.tokenize, plan.tokenized_train,
+                                     where="data.source", progress=progress)
+    if needs.teacher and plan.tokenized_test is not None and enabled(cfg.eval, "teacher_scores"):
+        test = tokenize_for_teacher(plan.test_data.examples, teacher_tok, cfg.tokenize, plan.tokenized_test,
+                                    where="data.test_source", progress=progress)
+    return TeacherTokens(tokenizer=teacher_tok, train=train, test=test, pad_id=pad, template=template_label(teacher_tok))
+
+
+def _tokenize(examples: list, tokenizer: Any, cfg: RunConfig, progress: bool, key: str, source: str,
+              model: str) -> Any:
+    """`tokenize_preferences`, with a row the chat template refuses, or a set of which no pair fits the
+    length limits, named as one error."""
+    from tvkd.tokenize import NoPairFitsError, tokenize_preferences
+
+    try:
+        return tokenize_preferences(examples, tokenizer, cfg.tokenize, progress=progress)
+    except NoPairFitsError as e:
+        raise InputError(f"{key}: {source}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - find the row a template error (or any rendering error) comes from
+        problem = _template_problem(examples, tokenizer, cfg, e)
+        if problem is None:
+            raise
+        where = "tokenize.chat_template" if cfg.tokenize.chat_template else f"the chat template of {model}"
+        if problem.startswith("the chat template does not compile"):
+            raise InputError(f"{where}: {problem}; fix it, or set tokenize.chat_template to one that compiles"
+                             ) from None
+        raise InputError(f"{key}: {source}: {problem}; {where} cannot render it. Fix or drop the row, or set "
+                         "tokenize.chat_template to a template that accepts it") from None
+
+
+def _template_problem(examples: list, tokenizer: Any, cfg: RunConfig, error: BaseException) -> str | None:
+    """Which row a tokenization error comes from and the template's own message, or None when it is not
+    a rendering error of a row (then the error is not the data's)."""
+    from collections import Counter
+
+    from jinja2 import TemplateError, TemplateSyntaxError
+
+    from tvkd.tokenize import tokenize_example
+
+    def said(e: BaseException) -> str:
+        at = f" (template line {e.lineno})" if isinstance(e, TemplateSyntaxError) and e.lineno else ""
+        return f"{type(e).__name__}{at}: {' '.join(str(e).split())[:300]}"
+
+    if isinstance(error, TemplateSyntaxError):  # the template itself, whatever the row
+        return f"the chat template does not compile: {said(error)}"
+    eos_id = tokenizer.convert_tokens_to_ids(cfg.tokenize.eos_token or tokenizer.eos_token)
+    for i, ex in enumerate(examples):
+        try:
+            tokenize_example(ex, tokenizer, eos_id, Counter())
+        except (TemplateError, TypeError, KeyError, IndexError, AttributeError, ValueError) as e:
+            roles = [m.get("role") for m in [*ex.prompt, *ex.chosen]] if isinstance(ex.prompt, list) else None
+            return f"row {i} (id {ex.id!r}{f', roles {roles}' if roles else ''}): {said(e)}"
+    return None
+
+
+def _template_notice(role: str, path: str, student_tokenizer: Any, trust_remote_code: bool) -> None:
+    """Say (stderr, one line) when a teacher's chat template differs from the student's: the teacher then
+    scores responses rendered in the student's format, not its own."""
+    import sys
+
+    from tvkd.modeling import load_tokenizer
+
+    theirs = getattr(load_tokenizer(path, trust_remote_code=trust_remote_code), "chat_template", None)
+    ours = getattr(student_tokenizer, "chat_template", None)
+    if theirs != ours:
+        what = "has no chat template" if not theirs else "has a chat template that differs from the student's"
+        print(f"notice: models.{role} ({path}) {what}; its signal is computed on pairs rendered with the "
+              "student's template", file=sys.stderr, flush=True)
 
 
 def _check_meta_key(examples: list, key: str, source: str, loss: str) -> None:
@@ -376,11 +515,11 @@ def execute(cfg: RunConfig, *, store: Any = None, force: bool = False, progress:
             dist.from_main(finish)  # the others wait here for the main process's evaluation
     except KeyboardInterrupt as e:
         if handle is not None:
-            handle.interrupt(e)
+            _record_end(handle, handle.interrupt, e)
         raise
     except BaseException as e:
         if handle is not None:
-            handle.fail(e)
+            _record_end(handle, handle.fail, e)
         raise
     dist.remove_scratch(run_dir)
     rec = store.load(plan.key, study=cfg.study, name=cfg.name)
@@ -391,10 +530,22 @@ def execute(cfg: RunConfig, *, store: Any = None, force: bool = False, progress:
     return rec
 
 
+def _record_end(handle: Any, mark: Any, error: BaseException) -> None:
+    """Mark a run failed / interrupted; when even that write fails (a full disk), release the run and let
+    the first error, which names what could not be written, be the one reported."""
+    if handle.finished:
+        return
+    try:
+        mark(error)
+    except OSError:
+        handle.abandon()
+
+
 def _evaluate_only(plan: RunPlan, echo: Echo, progress: bool, ref_source: Any, teacher_source: Any
                    ) -> tuple[dict[str, Any], list | None, dict[str, list]]:
     """Evaluate models.student as it is (`eval_only`): the evaluators of a trained run, no caches, no training."""
-    from tvkd.evaluation import EvalContext, run_evaluators
+    from tvkd.cross_tokenizer import run_evaluators_with
+    from tvkd.evaluation import EvalContext
     from tvkd.modeling import load_causal_lm
 
     cfg = plan.cfg
@@ -406,10 +557,21 @@ def _evaluate_only(plan: RunPlan, echo: Echo, progress: bool, ref_source: Any, t
                           test=plan.tokenized_test, test_examples=plan.test_data.examples if plan.test_data else None,
                           reference=ref_source, teacher=teacher_source, teacher_vocab=plan.teacher_vocab,
                           teacher_signal=False, testbed=uses_testbed(cfg), progress=progress)
-        metrics = run_evaluators(ctx, say=echo)
+        metrics = run_evaluators_with(ctx, plan.teacher_tokens, say=echo)
     metrics["seconds"] = dict(echo.timings)
+    metrics["peak_memory_mb"] = dict(echo.peaks)
+    metrics["tokenize"] = tokenize_counts(plan)
     metrics["eval_only"] = True
     return metrics, ctx.outputs, ctx.items
+
+
+def tokenize_counts(plan: RunPlan) -> dict[str, Any]:
+    """What the tokenization of the training pairs changed or kept (`tvkd.tokenize`), for metrics.json."""
+    counts = plan.tokenized_train.counts
+    out: dict[str, Any] = {"response_tail": plan.cfg.tokenize.response_tail}
+    for key in ("template_tail_kept", "template_tail_dropped", "eos_missing", "eos_appended", "prompt_not_prefix"):
+        out[key] = int(counts.get(key, 0))
+    return out
 
 
 def _load_pairs(source: str, split: str, limit: int | None, adapter: str | None, echo: Echo) -> Any:
@@ -439,8 +601,9 @@ def _train(plan: RunPlan, run_dir: Path, echo: Echo, progress: bool, callbacks: 
 
     from tvkd.assemble import CacheOptions, assemble_training_set
     from tvkd.cache.teacher import aux_specs
+    from tvkd.cross_tokenizer import run_evaluators_with
     from tvkd.distributed import current
-    from tvkd.evaluation import EvalContext, run_evaluators
+    from tvkd.evaluation import EvalContext
     from tvkd.evaluation.metrics import teacher_signal
     from tvkd.modeling import ModelSource
     from tvkd.training.trainer import train_policy
@@ -466,6 +629,7 @@ def _train(plan: RunPlan, run_dir: Path, echo: Echo, progress: bool, callbacks: 
                                    teacher_reference=tref_source, pad_id=plan.pad_id, eos_id=plan.eos_id,
                                    student=ModelSource.from_path(plan.paths["student"], dtype=m.dtype,
                                                                  trust_remote_code=m.trust_remote_code), teacher_vocab=plan.teacher_vocab, cache=cache,
+                                   teacher_tokens=plan.teacher_tokens,
                                    subsample=cfg.data.subsample, seed=cfg.seed, progress=progress, say=echo)
     if dist.enabled:
         built = dist.gather({name: list(c.built) for name, c in ts.caches.items()})
@@ -503,8 +667,10 @@ def _train(plan: RunPlan, run_dir: Path, echo: Echo, progress: bool, callbacks: 
                               test_examples=plan.test_data.examples if plan.test_data else None,
                               reference=ref_source, teacher=teacher_source, teacher_vocab=plan.teacher_vocab,
                               teacher_signal=ts.needs.teacher, testbed=uses_testbed(cfg), progress=progress)
-            metrics.update(run_evaluators(ctx, say=echo))
+            metrics.update(run_evaluators_with(ctx, plan.teacher_tokens, say=echo))
         metrics["seconds"] = dict(echo.timings)
+        metrics["peak_memory_mb"] = dict(echo.peaks)
+        metrics["tokenize"] = tokenize_counts(plan)
         metrics["loss_config"] = asdict(loss_cfg)
         return metrics, ctx.outputs, ctx.items
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import enum
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -50,7 +51,7 @@ from typing import Any
 
 import yaml
 
-from tvkd.paths import atomic_write_text, fingerprint, results_root
+from tvkd.paths import atomic_write_text, default_file_mode, fingerprint, results_root
 from tvkd.storage import fsync_dir
 
 try:  # POSIX only; elsewhere runs are not protected against two concurrent writers
@@ -98,6 +99,8 @@ ENVIRONMENT_PACKAGES: tuple[str, ...] = (
 
 STATUS_RUNNING, STATUS_COMPLETE, STATUS_FAILED = "running", "complete", "failed"
 STATUS_INTERRUPTED = "interrupted"  # stopped by Ctrl-C or SIGTERM; redone (or resumed) by the next start
+# status.json says complete but metrics.json is missing, truncated or not an object: not a finished run
+STATUS_UNREADABLE = "unreadable metrics"
 _DEFAULT_STUDY = "runs"
 _LOCK_NAME = ".lock"
 
@@ -275,8 +278,27 @@ def config_hash(config: Mapping[str, Any] | Any, *, ignore: Iterable[str] | None
     change it; neither do secrets, which `redact` removes first. ``length`` ≤ 64 hex digits.
     """
     ignore_set = DEFAULT_IGNORE if ignore is None else frozenset(ignore)
-    plain = _plain(redact(config))
+    plain = _content_keyed(_plain(redact(config)))
     return fingerprint(_drop_ignored(plain, ignore_set), length=64)[:length]
+
+
+def _content_keyed(plain: Any) -> Any:
+    """Identity by content: a config holding ``inputs: {"models.student": <fingerprint>, ...}`` (what
+    `tvkd.pipeline.run_identity` records) is hashed with those fingerprints, not with the paths at the
+    dotted keys they name, so a copy of the same files at another path is the same run. The paths stay
+    in the record (config.yaml)."""
+    inputs = plain.get("inputs") if isinstance(plain, dict) else None
+    if not isinstance(inputs, dict):
+        return plain
+    out = json.loads(json.dumps(plain))  # a deep copy of plain data
+    for dotted in inputs:
+        *parents, last = str(dotted).split(".")
+        node = out
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(last, None)
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -433,8 +455,15 @@ _SAFE_NAME = re.compile(r"[^A-Za-z0-9._=+-]+")
 
 
 def _safe_component(text: str, what: str) -> str:
-    """A single, harmless path component (no separators, no leading dots, bounded length)."""
-    safe = _SAFE_NAME.sub("_", str(text)).strip("._")[:80]
+    """A single, harmless path component (no separators, no leading dots, bounded length).
+
+    A name with non-ASCII characters (``実験``) keeps its ASCII part and gets 8 hex digits of the
+    name's hash, so two such names never share a label (``実験`` -> ``u-3f2a…``)."""
+    text = str(text)
+    safe = _SAFE_NAME.sub("_", text).strip("._")[:80]
+    if not text.isascii() and text.strip():
+        digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:8]
+        safe = f"{safe[:71] or 'u'}-{digest}"
     if not safe:
         raise ValueError(f"{what} {text!r} has no usable characters for a directory name")
     return safe
@@ -486,8 +515,12 @@ class RunRecord:
 
     @property
     def state(self) -> str:
-        """The status state ("running", "complete", "failed"); "unknown" if status.json is unreadable."""
+        """The status state ("running", "complete", "failed", "interrupted"); "unknown" if status.json is
+        unreadable, and "unreadable metrics" when it says complete but metrics.json does not parse (a
+        truncated file): such a run is not complete, and the next start redoes it."""
         state = self.status.get("state")
+        if state == STATUS_COMPLETE and self.metrics is None:
+            return STATUS_UNREADABLE
         return state if isinstance(state, str) else "unknown"
 
     @property
@@ -548,6 +581,11 @@ class RunHandle:
     def state(self) -> str:
         return self._status["state"]
 
+    @property
+    def finished(self) -> bool:
+        """Whether its final status was written (complete, failed, interrupted) or it was abandoned."""
+        return self._finished
+
     def _check_open(self) -> None:
         if self._finished:
             raise RuntimeError(f"run {self.run_dir} is already {self._status['state']}; start it again to redo it")
@@ -572,6 +610,7 @@ class RunHandle:
         path = self.run_dir / name
         fd, tmp = tempfile.mkstemp(dir=self.run_dir, prefix=f".{name}.", suffix=".tmp")
         try:
+            os.fchmod(fd, default_file_mode())  # readable by the group, as open() would make it
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 for i, row in enumerate(rows):
                     plain = _plain(row, f"outputs[{i}]")
@@ -588,12 +627,25 @@ class RunHandle:
         return path
 
     def _finish(self, state: str, **fields: Any) -> None:
+        """Write the final status, then mark the handle finished. A failed write (a full disk) leaves the
+        handle open, so the caller can still record the failure, and names the folder."""
         now = _now()
-        self._status = {**self._status, "state": state, "updated_at": now, "finished_at": now,
-                        "duration_s": round(time.monotonic() - self._t0, 3), **fields}
+        status = {**self._status, "state": state, "updated_at": now, "finished_at": now,
+                  "duration_s": round(time.monotonic() - self._t0, 3), **fields}
         try:
-            _write_json(self.run_dir / "status.json", self._status)
-        finally:
+            _write_json(self.run_dir / "status.json", status)
+        except OSError as e:
+            if e.filename is None:
+                e.filename = str(self.run_dir / "status.json")
+            raise
+        self._status = status
+        self._finished = True
+        self._lock.release()
+
+    def abandon(self) -> None:
+        """Release the run's lock without writing its status (when even that write fails): the folder keeps
+        what it had, its status says "running", and the next start (or `gc`) takes it over."""
+        if not self._finished:
             self._finished = True
             self._lock.release()
 
@@ -695,13 +747,27 @@ class ResultsStore:
     def load(self, config: Any, study: str | None = None, name: str | None = None, *,
              complete_only: bool = True) -> RunRecord | None:
         """The run of this configuration, or None if it has no directory (or, by default, is not complete)."""
-        _, full, run_dir = self._resolve(config, study, name)
+        safe, full, run_dir = self._resolve(config, study, name)
         if not run_dir.is_dir():
-            return None
+            legacy = self._path_keyed_run(safe, run_dir)
+            if legacy is None:
+                return None
+            run_dir, full = legacy
         record = self._read_checked(run_dir, full)
         if complete_only and not record.complete:
             return None
         return record
+
+    def _path_keyed_run(self, safe: dict, run_dir: Path) -> tuple[Path, str] | None:
+        """A complete run of this configuration stored before inputs were keyed by content alone (its hash
+        also held the input paths, `_content_keyed`): found, so that it is not trained again."""
+        if not isinstance(safe.get("inputs"), dict):
+            return None
+        full = fingerprint(_drop_ignored(safe, self.ignore), length=64)
+        legacy = run_dir.with_name(f"{_name_of(run_dir)}-{full[:12]}")
+        if legacy == run_dir or not legacy.is_dir() or not RunRecord.read(legacy).complete:
+            return None
+        return legacy, full
 
     def is_complete(self, config: Any, study: str | None = None, name: str | None = None) -> bool:
         """Whether this configuration has a finished run (status complete and metrics readable)."""
@@ -768,16 +834,22 @@ class ResultsStore:
             )
         return runs
 
-    def merge_metrics(self, run_dir: str | os.PathLike, metrics: Mapping[str, Any]) -> dict[str, Any]:
+    def merge_metrics(self, run_dir: str | os.PathLike, metrics: Mapping[str, Any], *,
+                      replace: Iterable[str] = (), replace_prefixes: Iterable[str] = ()) -> dict[str, Any]:
         """Add metrics to a finished run's metrics.json (atomically, under the run's lock); returns the merged
-        metrics. What was there is kept unless a key is measured again; an interrupted merge leaves the old file."""
+        metrics. The keys in ``replace`` and those starting with one of ``replace_prefixes`` are removed first (an
+        evaluation's results replace all of its earlier ones at once, never a part of them); any other key is kept
+        unless measured again. An interrupted merge leaves the old file."""
         run_dir = Path(run_dir)
         record = RunRecord.read(run_dir)
         if not record.complete:
             raise ValueError(f"{run_dir} is not a finished run (state {record.state!r}); run it first")
+        drop, prefixes = set(replace), tuple(replace_prefixes)
         lock = _RunLock(run_dir)
         try:
-            merged = {**(_read_json(run_dir / "metrics.json") or {}), **_plain(metrics, "metrics")}
+            old = {k: v for k, v in (_read_json(run_dir / "metrics.json") or {}).items()
+                   if k not in drop and not (prefixes and k.startswith(prefixes))}
+            merged = {**old, **_plain(metrics, "metrics")}
             _write_json(run_dir / "metrics.json", merged)
         finally:
             lock.release()
@@ -800,7 +872,7 @@ class ResultsStore:
                     continue  # a live process is writing it
                 lock.release()
                 found.append((run_dir, "left running by a process that is gone"))
-            elif state == STATUS_COMPLETE and record.metrics is None or state == "unknown":
+            elif state in (STATUS_UNREADABLE, "unknown"):
                 found.append((run_dir, "unreadable status or metrics"))
             elif state == STATUS_COMPLETE and (run_dir / "checkpoint").is_dir():
                 keep = ((record.config or {}).get("train") or {}).get("keep_checkpoints")

@@ -5,10 +5,16 @@ The convention (docs/methods.md §A.1) is TRL's DPO preprocessing, so our batche
   each response = the suffix of the templated prompt+response after the common prefix;
 - plain-text rows: the tokenizer's ``eos_token`` is appended to each completion, then the same
   prefix split.
-Responses end at the end-of-turn token (the tokenizer's eos, or ``eos_token`` in the config):
-whatever a template renders after it (e.g. a trailing newline) is dropped, because the state
-after EOS is the terminal state s_T whose teacher value TVKD reads. A response without an
-end-of-turn token gets one appended (counted).
+By default (``response_tail: trl``) a response is exactly TRL's: whatever the template renders
+after the end-of-turn token (ChatML's and Gemma's ``\n`` after ``<|im_end|>`` / ``<end_of_turn>``)
+stays in it, so the claim "our batches equal TRL's" holds for any template; the terminal state
+s_T whose teacher value TVKD reads is then the state after that tail (counted:
+``template_tail_kept``). ``response_tail: end_at_eos`` keeps the older convention: each response
+ends at its last end-of-turn token (the tokenizer's eos, or ``eos_token`` in the config), what
+follows is dropped (``template_tail_dropped``), and a response without one gets one appended
+(``eos_appended``). Under ``trl`` a conversational response without the end-of-turn token is
+kept as TRL keeps it (``eos_missing``). Templates that render nothing after end-of-turn (the
+testbed's, Llama-3's, Mistral's) give the same ids under both.
 
 The result is keyed by a fingerprint of (examples, tokenizer files, template, lengths) and
 saved under the cache, so a second call with the same inputs only loads it.
@@ -38,7 +44,9 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
 )
 
-TOKENIZATION_VERSION = 1  # bump when the output of this module changes for the same inputs
+RESPONSE_TAILS = ("trl", "end_at_eos")
+
+TOKENIZATION_VERSION = 2  # bump when the output of this module changes for the same inputs
 
 
 @dataclass
@@ -63,7 +71,16 @@ class TokenizeConfig:
         default=None, metadata={"help": "End-of-turn token ending each response; default: tokenizer.eos_token."}
     )
 
+    response_tail: str = field(
+        default="trl",
+        metadata={"help": "trl: responses exactly as TRL's DPO preprocessing makes them (a template's text after "
+                          "end-of-turn, e.g. ChatML's newline, kept); end_at_eos: cut each response after its last "
+                          "end-of-turn token (appended if missing)."},
+    )
+
     def __post_init__(self) -> None:
+        if self.response_tail not in RESPONSE_TAILS:
+            raise ValueError(f"response_tail must be one of {', '.join(RESPONSE_TAILS)}, got {self.response_tail!r}")
         if self.max_prompt_length < 1:
             raise ValueError(f"max_prompt_length must be >= 1, got {self.max_prompt_length}")
         if self.truncation not in ("keep_start", "drop"):
@@ -86,7 +103,8 @@ class TokenizedData:
     def summary(self) -> str:
         c = self.counts
         parts = [f"{c.get('kept', 0)} pairs tokenized"]
-        for key in ("skipped_long_prompt", "skipped_truncated", "truncated_responses", "eos_appended"):
+        for key in ("skipped_long_prompt", "skipped_truncated", "truncated_responses", "eos_appended",
+                    "eos_missing", "template_tail_kept", "template_tail_dropped"):
             if c.get(key):
                 parts.append(f"{key.replace('_', ' ')}: {c[key]}")
         return ", ".join(parts) + ("" if not self.cached else " (cached)")
@@ -155,8 +173,19 @@ def _end_at_eos(ids: list[int], eos_id: int, counts: Counter) -> list[int]:
     return ids + [eos_id]
 
 
-def tokenize_example(example: Any, tokenizer: Any, eos_id: int, counts: Counter) -> tuple[list, list, list]:
-    """(prompt_ids, chosen_ids, rejected_ids) for one example, TRL's way."""
+def _trl_tail(ids: list[int], eos_id: int, counts: Counter) -> list[int]:
+    """TRL's response as it is; counts a tail after the last end-of-turn token, or its absence."""
+    last = max((i for i, t in enumerate(ids) if t == eos_id), default=None)
+    if last is None:
+        counts["eos_missing"] += 1
+    elif last < len(ids) - 1:
+        counts["template_tail_kept"] += 1
+    return ids
+
+
+def tokenize_example(example: Any, tokenizer: Any, eos_id: int, counts: Counter,
+                     response_tail: str = "trl") -> tuple[list, list, list]:
+    """(prompt_ids, chosen_ids, rejected_ids) for one example, TRL's way (`response_tail`: see the module doc)."""
     is_text = (example.meta or {}).get("format") == "text"
     if is_text:
         prompt = example.prompt[-1]["content"]
@@ -176,7 +205,8 @@ def tokenize_example(example: Any, tokenizer: Any, eos_id: int, counts: Counter)
     p = min(_common_prefix(prompt_ids, pc), _common_prefix(prompt_ids, pr))
     if p < len(prompt_ids):
         counts["prompt_not_prefix"] += 1
-    return list(prompt_ids[:p]), _end_at_eos(list(pc[p:]), eos_id, counts), _end_at_eos(list(pr[p:]), eos_id, counts)
+    end = _trl_tail if response_tail == "trl" else _end_at_eos
+    return list(prompt_ids[:p]), end(list(pc[p:]), eos_id, counts), end(list(pr[p:]), eos_id, counts)
 
 
 def examples_fingerprint(examples: Sequence[Any]) -> str:
@@ -211,12 +241,32 @@ def tokenize_preferences(
 
     def build(tmp: Path) -> dict[str, Any]:
         counts, rows = _tokenize_rows(examples, tokenizer, config, eos_id, progress)
+        if not counts["kept"]:  # raised before anything is saved: an empty stage is never cached
+            raise NoPairFitsError(counts, config)
         save_dataset(datasets.Dataset.from_dict(rows, features=_features()), tmp / "data")
         return {"counts": counts, "config": asdict(config), "eos_token": eos_token}
 
     stage = cached_stage(root / key, build, describe="the tokenized data")
+    if not stage.record["counts"].get("kept"):  # an empty stage cached by an older version
+        raise NoPairFitsError(stage.record["counts"], config)
     ds = datasets.load_from_disk(str(stage.path / "data"))
     return TokenizedData(ds, stage.path, key, stage.record["counts"], cached=stage.cached)
+
+
+class NoPairFitsError(ValueError):
+    """Every pair was dropped by the length limits; the message says how many, why, and the fix."""
+
+    def __init__(self, counts: dict[str, int], config: TokenizeConfig):
+        why = []
+        if counts.get("skipped_long_prompt"):
+            why.append(f"{counts['skipped_long_prompt']} prompt(s) longer than tokenize.max_prompt_length "
+                       f"({config.max_prompt_length} tokens)")
+        if counts.get("skipped_truncated"):
+            why.append(f"{counts['skipped_truncated']} pair(s) whose responses exceed tokenize.max_length "
+                       f"({config.max_length} tokens) with tokenize.truncation: drop")
+        super().__init__(f"no pair fits the tokenize limits: all {counts.get('input', 0)} dropped ("
+                         f"{'; '.join(why) or 'no reason counted'}); raise tokenize.max_prompt_length / max_length"
+                         + (" or set tokenize.truncation: keep_start" if counts.get("skipped_truncated") else ""))
 
 
 def _tokenize_rows(examples: Sequence[Any], tokenizer: Any, config: TokenizeConfig, eos_id: int,
@@ -226,7 +276,7 @@ def _tokenize_rows(examples: Sequence[Any], tokenizer: Any, config: TokenizeConf
     counts: Counter = Counter()
     rows: dict[str, list] = {"id": [], "prompt_ids": [], "chosen_ids": [], "rejected_ids": [], "meta": []}
     for ex in tqdm(examples, desc="tokenize", disable=not progress, unit="pair", leave=False):
-        prompt_ids, chosen_ids, rejected_ids = tokenize_example(ex, tokenizer, eos_id, counts)
+        prompt_ids, chosen_ids, rejected_ids = tokenize_example(ex, tokenizer, eos_id, counts, config.response_tail)
         if len(prompt_ids) > config.max_prompt_length:
             counts["skipped_long_prompt"] += 1
             continue

@@ -38,6 +38,7 @@ class BenchContext:
     progress: bool = True
     say: Callable[[str], None] = print
     config: Any = None  # the run's RunConfig (None for a bare model folder)
+    prompts_error: str | None = None  # why test_prompts could not be read (benchmarks that need them fail with it)
     _model: Any = None
     _tokenizer: Any = None
 

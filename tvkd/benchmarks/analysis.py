@@ -15,7 +15,8 @@ from typing import Any
 from tvkd.benchmarks import BENCHMARKS, BenchContext
 
 
-def _evaluate(ctx: BenchContext, evaluator: str, overrides: dict[str, Any]) -> dict[str, Any]:
+def _evaluate(ctx: BenchContext, evaluator: str, overrides: dict[str, Any], n_key: str) -> dict[str, Any]:
+    """The evaluator's metrics and its sample size under ``n_key`` (test pairs, or training responses measured)."""
     from dataclasses import replace
 
     from tvkd.evaluation import EVALUATORS, EvalContext
@@ -38,20 +39,33 @@ def _evaluate(ctx: BenchContext, evaluator: str, overrides: dict[str, Any]) -> d
                        reference=ModelSource.from_path(plan.paths["reference"], dtype=m.dtype), teacher=teacher,
                        teacher_vocab=plan.teacher_vocab, teacher_signal=True, testbed=uses_testbed(cfg),
                        progress=ctx.progress)
-    return EVALUATORS.get(evaluator)(ectx)
+    from tvkd.cross_tokenizer import for_evaluator
+
+    # a teacher of another tokenizer: its own tokenization of the test pairs, or a refusal naming why
+    out = dict(EVALUATORS.get(evaluator)(for_evaluator(ectx, plan.teacher_tokens, evaluator)))
+    if evaluator == "value_alignment":
+        n = min(int(cfg.eval.value_alignment), len(plan.tokenized_train.dataset))
+    else:
+        n = len(plan.tokenized_test.dataset) if plan.tokenized_test is not None else 0
+    out[n_key] = int(n)
+    return out
 
 
-@BENCHMARKS.register("margin", description="implicit-reward margin accuracy on the run's test pairs (Table 5)")
+@BENCHMARKS.register("margin", description="implicit-reward margin accuracy on the run's test pairs (Table 5)",
+                     prefixes=("margin_accuracy/",))
 def margin(ctx: BenchContext) -> dict[str, Any]:
-    return _evaluate(ctx, "margin_accuracy", {"margin_accuracy": True})
+    return _evaluate(ctx, "margin_accuracy", {"margin_accuracy": True}, "margin_accuracy/n")
 
 
 @BENCHMARKS.register("value-kl", description="value-alignment KL and policy KL to the run's teacher (Table 4)",
-                     options={"n": "chosen training responses to measure on (default 200)"})
+                     options={"n": "chosen training responses to measure on (default 200)"}, prefixes=("value_kl/",))
 def value_kl(ctx: BenchContext) -> dict[str, Any]:
-    return _evaluate(ctx, "value_alignment", {"value_alignment": int(ctx.option("n", 200))})
+    n = int(ctx.option("n", 200))
+    if n < 1:
+        raise ValueError(f"value-kl: n must be >= 1, got {n}")
+    return _evaluate(ctx, "value_alignment", {"value_alignment": n}, "value_kl/n")
 
 
 @BENCHMARKS.register("teacher-scores", description="the teacher's margin accuracy by score (Table 3)")
 def teacher_scores(ctx: BenchContext) -> dict[str, Any]:
-    return _evaluate(ctx, "teacher_scores", {"teacher_scores": True})
+    return _evaluate(ctx, "teacher_scores", {"teacher_scores": True}, "teacher_scores/n")

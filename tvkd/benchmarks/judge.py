@@ -23,7 +23,9 @@ so its answers never stand in for a real judge's.
 Failures never raise. A timeout, a connection error, an HTTP 408/409/429/5xx, an empty answer or one the
 caller's parser rejects (it raises or returns None) is retried up to ``tries`` attempts in all, sleeping
 ``backoff * 2**k`` seconds (capped at ``max_backoff``) between them; any other error (400, 401, 404) is not
-retried. Whatever is still unanswered is *missing*: returned as None and counted in `JudgeReport`.
+retried; after a 401 or 403 (the key is refused) nothing more is asked and the reason is kept in
+``report.refused``. Whatever is still unanswered is *missing*: returned as None and counted in `JudgeReport`.
+`JudgeClient.check` turns "nothing judged" (every prompt missing, or the key refused) into `JudgeUnavailable`.
 
 Concurrency. ``judge_many`` runs at most ``max_concurrency`` requests at once (a thread pool, plus a
 semaphore around each request, so concurrent callers share the limit); identical prompts in one call are
@@ -62,6 +64,14 @@ class _Permanent(Exception):
     """An error that another try would not fix (bad request, bad key)."""
 
 
+class _Refused(_Permanent):
+    """The endpoint refuses the key (HTTP 401/403): no later request can succeed, so none is made."""
+
+
+class JudgeUnavailable(RuntimeError):
+    """No judgement could be had (every one missing, or the endpoint refused the key): the benchmark has no score."""
+
+
 @dataclass
 class JudgeReport:
     """What a client did: HTTP requests (every attempt), cache hits, retries, answers still missing."""
@@ -74,6 +84,7 @@ class JudgeReport:
     rejected: int = 0  # answers the parser rejected (each attempt counts)
     errors: dict[str, int] = field(default_factory=dict)  # failed attempts by error type
     last_error: str | None = None
+    refused: str | None = None  # the endpoint refused the key (401/403): why; nothing was asked after it
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -302,6 +313,8 @@ class JudgeClient:
                         return Judgement(text=text, value=value, cached=True, attempts=0)
             msgs = [dict(m) for m in messages]
             for attempt in range(self.tries):
+                if self.report.refused:
+                    break
                 if attempt:
                     self._count(retries=1)
                     time.sleep(min(self.max_backoff, self.backoff * 2 ** (attempt - 1)))
@@ -311,6 +324,9 @@ class JudgeClient:
                         text = self._request(msgs)
                 except _Permanent as e:
                     self._error(e.__cause__ or e)
+                    if isinstance(e, _Refused):
+                        with self._report_lock:
+                            self.report.refused = self.report.refused or self.report.last_error
                     break
                 except Exception as e:  # noqa: BLE001 - timeouts, connection errors, 5xx: try again
                     self._error(e)
@@ -355,12 +371,26 @@ class JudgeClient:
         except openai.APIStatusError as e:
             if e.status_code in (408, 409, 429) or e.status_code >= 500:
                 raise
+            if e.status_code in (401, 403):
+                raise _Refused(str(e)) from e
             raise _Permanent(str(e)) from e
         choice = resp.choices[0]
         content = choice.message.content
         if content is None and getattr(choice.message, "tool_calls", None):
             content = choice.message.tool_calls[0].function.arguments
         return content
+
+    def check(self, asked: int, benchmark: str) -> None:
+        """Raise `JudgeUnavailable` when none of ``asked`` judgements came back (or the key was refused)."""
+        r = self.report
+        if r.refused:
+            raise JudgeUnavailable(f"{benchmark}: the judge at {sanitize_url(self.base_url) or 'its endpoint'} refused "
+                                   f"the key ({r.refused}); set a valid one in {ENV_API_KEY} (or OPENAI_API_KEY)")
+        if asked and r.missing >= asked:
+            raise JudgeUnavailable(f"{benchmark}: none of the {asked} judgements came back from {self.model} at "
+                                   f"{sanitize_url(self.base_url) or self.backend} after {self.tries} tries each "
+                                   f"(last error: {r.last_error}); no score. Check the endpoint and rerun: "
+                                   "judgements already made are cached")
 
     def close(self) -> None:
         if self._client is not None:

@@ -41,16 +41,23 @@ Formats understood (anything else is answered HTTP 400, counted in ``unrecognise
   without tools is answered ``Output (a)`` / ``Output (b)`` as text.
 
 Misbehaviour, to test a client's retry path: ``delay`` seconds before answering (the first ``slow_first``
-requests, or all when None), HTTP ``fail_status`` (500) for the first ``fail_first`` requests, an unparseable
-answer (``garbage_text``) for the first ``garbage_first`` requests, and ``require_key`` (401 unless the
-``Authorization: Bearer`` header matches; the key is compared, never stored). ``counters`` counts requests
-(every POST), what was done with them, and the most requests in flight at once.
+requests, or all when None), the connection closed without an answer for the first ``drop_first`` requests, then
+HTTP ``fail_status`` (500) for the next ``fail_first``, then an unparseable answer (``garbage_text``) for the next
+``garbage_first``, and ``require_key`` (401 unless the ``Authorization: Bearer`` header matches; the key is
+compared, never stored). ``counters`` counts requests (every POST), what was done with them, and the most requests
+in flight at once.
+
+Limits. A body over ``max_body`` bytes (default 4 MiB) is answered 413 without being read, a missing or malformed
+``Content-Length`` 400 (411 when absent), a body that is not a JSON chat-completion request (not an object,
+``messages`` not a list of objects, ``n`` not an integer in 1..``max_n``) 400; each closes the connection. Every
+request is logged (logger ``tvkd.judge_server``, INFO) with its number, status, what was done and the time taken.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import re
 import threading
@@ -63,7 +70,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, NamedTuple
 
 MODEL_NAME = "tvkd-oracle-judge"
+MAX_BODY = 4 * 1024 * 1024  # bytes: judge prompts are a few kB; MT-Bench's longest is ~20 kB
+MAX_N = 8  # completions per request
+log = logging.getLogger("tvkd.judge_server")
 GARBAGE_TEXT = "I am not able to evaluate this response."
+STUB_MARK = "No testbed oracle for this question"  # in every judgement the stub scored: a client can flag it
 Scorer = Callable[[str, str], "tuple[float, str] | float"]
 
 
@@ -90,9 +101,11 @@ def rating(r: float) -> int:
 class JudgeCounters:
     """What the server saw. Read the fields directly, or `snapshot()` for a consistent copy."""
 
-    requests: int = 0  # POSTs to /v1/chat/completions
+    requests: int = 0  # POSTs (each numbered in the log)
     answered: int = 0  # judgements returned (HTTP 200, well-formed)
     failed: int = 0  # answered with fail_status (fail_first)
+    dropped: int = 0  # connection closed without an answer (drop_first)
+    bad_requests: int = 0  # refused before judging: body too large, bad Content-Length, bad JSON, bad n
     garbage: int = 0  # answered with garbage_text (garbage_first)
     slow: int = 0  # delayed by `delay`
     unauthorized: int = 0  # wrong or absent key with require_key
@@ -123,6 +136,36 @@ class JudgeCounters:
 
 class Unrecognised(ValueError):
     pass
+
+
+class BadRequest(ValueError):
+    """A request this server refuses before judging it: (HTTP status, message)."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def parse_request(body: bytes, max_n: int = MAX_N) -> dict[str, Any]:
+    """The JSON chat-completion request in ``body``; `BadRequest` (400) when it is not one."""
+    try:
+        request = json.loads(body or b"{}")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BadRequest(400, f"the body is not JSON: {e}") from None
+    if not isinstance(request, dict):
+        raise BadRequest(400, f"the body is a JSON {type(request).__name__}, not a chat completion request object")
+    messages = request.get("messages")
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        raise BadRequest(400, "'messages' must be a list of message objects")
+    n = request.get("n", 1)
+    if n is None:
+        n = 1
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= max_n:
+        raise BadRequest(400, f"'n' must be an integer in 1..{max_n}, got {n!r}")
+    for key in ("tools", "top_logprobs"):
+        if request.get(key) is not None and not isinstance(request[key], list if key == "tools" else int):
+            raise BadRequest(400, f"{key!r} has the wrong type")
+    return request
 
 
 @dataclass
@@ -248,7 +291,7 @@ def answer_for(task: JudgeTask, scores: list[float], request: dict[str, Any],
     if task.format.startswith("mt-bench-single"):
         r = scores[0]
         why = f"The testbed oracle gives this answer r* = {r:.3f}." if sources[0] == "oracle" else \
-            f"No testbed oracle for this question; the stub scores the answer {r:.3f}."
+            f"{STUB_MARK}; the stub scores the answer {r:.3f}."
         return {"content": f"{why} Rating: [[{rating(r)}]]"}
     r1, r2 = scores
     best = 0 if r1 >= r2 else 1
@@ -287,13 +330,17 @@ class JudgeServer:
     def __init__(self, *, scorer: Scorer = oracle_or_stub, delay: float = 0.0, slow_first: int | None = None,
                  fail_first: int = 0, fail_status: int = 500, garbage_first: int = 0,
                  garbage_text: str = GARBAGE_TEXT, require_key: str | None = None, model: str = MODEL_NAME,
-                 host: str = "127.0.0.1", port: int = 0):
+                 host: str = "127.0.0.1", port: int = 0, drop_first: int = 0, max_body: int = MAX_BODY,
+                 max_n: int = MAX_N):
         self.scorer = scorer
         self.delay = float(delay)
         self.slow_first = slow_first
         self.fail_first = int(fail_first)
         self.fail_status = int(fail_status)
         self.garbage_first = int(garbage_first)
+        self.drop_first = int(drop_first)
+        self.max_body = int(max_body)
+        self.max_n = int(max_n)
         self.garbage_text = garbage_text
         self._require_key = require_key
         self.model = model
@@ -324,28 +371,34 @@ class JudgeServer:
 
     # the request path ------------------------------------------------------------------------------------
 
-    def _respond(self, n: int, headers: Any, body: bytes) -> tuple[int, dict[str, Any]]:
+    def _respond(self, n: int, headers: Any, body: bytes) -> tuple[int, dict[str, Any] | None, str]:
+        """(status, payload, what was done); payload None: close the connection without an answer."""
         if self._require_key is not None and headers.get("Authorization", "") != f"Bearer {self._require_key}":
             self.counters.add("unauthorized")
-            return 401, _error("invalid api key", "invalid_request_error", "invalid_api_key")
+            return 401, _error("invalid api key", "invalid_request_error", "invalid_api_key"), "unauthorized"
         if self.delay > 0 and (self.slow_first is None or n <= self.slow_first):
             self.counters.add("slow")
             if self._stop.wait(self.delay):
-                return 503, _error("server shutting down", "server_error")
-        if n <= self.fail_first:
+                return 503, _error("server shutting down", "server_error"), "shutting down"
+        if n <= self.drop_first:
+            self.counters.add("dropped")
+            return 0, None, f"dropped (injected {n}/{self.drop_first})"
+        if n <= self.drop_first + self.fail_first:
             self.counters.add("failed")
-            return self.fail_status, _error(f"injected failure {n}/{self.fail_first}", "server_error")
+            k = n - self.drop_first
+            return self.fail_status, _error(f"injected failure {k}/{self.fail_first}", "server_error"), "failed"
         try:
-            request = json.loads(body or b"{}")
-            messages = list(request.get("messages") or [])
-        except (ValueError, AttributeError):
-            return 400, _error("the body is not a JSON chat completion request", "invalid_request_error")
+            request = parse_request(body, self.max_n)
+        except BadRequest as e:
+            self.counters.add("bad_requests")
+            return e.status, _error(str(e), "invalid_request_error"), f"bad request: {e}"
+        messages = list(request["messages"])
         if request.get("stream"):
-            return 400, _error("streaming is not supported", "invalid_request_error")
-        model = request.get("model") or self.model
-        if n <= self.fail_first + self.garbage_first:
+            return 400, _error("streaming is not supported", "invalid_request_error"), "streaming refused"
+        model = str(request.get("model") or self.model)
+        if n <= self.drop_first + self.fail_first + self.garbage_first:
             self.counters.add("garbage")
-            return 200, _completion(model, [{"content": self.garbage_text}], messages)
+            return 200, _completion(model, [{"content": self.garbage_text}], messages), "garbage"
         try:
             task = read_task(messages, request.get("tools"))
             scores, sources = [], []
@@ -359,10 +412,11 @@ class JudgeServer:
             message = answer_for(task, scores, request, sources)
         except Unrecognised as e:
             self.counters.add("unrecognised")
-            return 400, _error(f"unrecognised judge prompt: {e}", "invalid_request_error")
+            return 400, _error(f"unrecognised judge prompt: {e}", "invalid_request_error"), "unrecognised"
         self.counters.add_format(task.format)
         self.counters.add("answered")
-        return 200, _completion(model, [message] * int(request.get("n") or 1), messages)
+        return 200, _completion(model, [message] * int(request.get("n") or 1), messages), \
+            f"{task.format} by the {'/'.join(sorted(set(sources)))}"
 
     def _handler_class(self) -> type[BaseHTTPRequestHandler]:
         server = self
@@ -370,18 +424,22 @@ class JudgeServer:
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
-            def log_message(self, format: str, *args: Any) -> None:  # quiet
+            def log_message(self, format: str, *args: Any) -> None:  # our own log line per request instead
                 pass
 
-            def _send(self, status: int, payload: dict[str, Any]) -> None:
+            def _send(self, status: int, payload: dict[str, Any], *, close: bool = False) -> None:
                 data = json.dumps(payload).encode()
                 try:
                     self.send_response(status)
                     self.send_header("Content-Type", "application/json")
                     self.send_header("Content-Length", str(len(data)))
+                    if close:
+                        self.send_header("Connection", "close")
                     self.end_headers()
                     self.wfile.write(data)
                 except OSError:  # the client gave up (timeout): nothing to tell it
+                    pass
+                if close:
                     self.close_connection = True
 
             def do_GET(self) -> None:  # noqa: N802
@@ -391,19 +449,57 @@ class JudgeServer:
                 else:
                     self._send(404, _error(f"no route {self.path}", "invalid_request_error"))
 
+            def _refuse(self, n: int, t0: float, status: int, message: str) -> None:
+                server.counters.add("bad_requests")
+                self._send(status, _error(message, "invalid_request_error"), close=True)  # the body is unread
+                log.info("#%d POST %s -> %d bad request: %s (%.0f ms)", n, self.path, status, message,
+                         1000 * (time.perf_counter() - t0))
+
             def do_POST(self) -> None:  # noqa: N802
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length) if length else b""
+                t0 = time.perf_counter()
+                n = server.counters.add("requests")
+                raw = self.headers.get("Content-Length")
+                if raw is None:
+                    self._refuse(n, t0, 411, "a Content-Length header is required")
+                    return
+                try:
+                    length = int(raw)
+                    if length < 0:
+                        raise ValueError(raw)
+                except ValueError:
+                    self._refuse(n, t0, 400, f"bad Content-Length {raw[:40]!r}")
+                    return
+                if length > server.max_body:
+                    self._refuse(n, t0, 413, f"body of {length} bytes is over this server's {server.max_body}")
+                    return
+                try:
+                    body = self.rfile.read(length) if length else b""
+                except OSError:
+                    return
+                if len(body) < length:  # the client closed before sending what it announced
+                    self._refuse(n, t0, 400, f"body ended after {len(body)} of its {length} bytes")
+                    return
                 if not self.path.rstrip("/").endswith("/chat/completions"):
                     self._send(404, _error(f"no route {self.path}", "invalid_request_error"))
+                    log.info("#%d POST %s -> 404 no route", n, self.path)
                     return
-                n = server.counters.add("requests")
                 server.counters.add("in_flight")
                 try:
-                    status, payload = server._respond(n, self.headers, body)
+                    status, payload, what = server._respond(n, self.headers, body)
                 finally:
                     server.counters.add("in_flight", -1)
+                if payload is None:  # drop: close the connection, no status line
+                    self.close_connection = True
+                    try:
+                        self.connection.shutdown(2)
+                    except OSError:
+                        pass
+                    log.info("#%d POST %s -> no answer, connection closed: %s (%.0f ms)", n, self.path, what,
+                             1000 * (time.perf_counter() - t0))
+                    return
                 self._send(status, payload)
+                log.info("#%d POST %s -> %d %s (%.0f ms)", n, self.path, status, what,
+                         1000 * (time.perf_counter() - t0))
 
         return Handler
 

@@ -23,14 +23,16 @@ categories FastChat marks as needing one (``NEED_REF_CATS``: math, reasoning, co
 FastChat's system message + the filled template (`fastchat`'s conversation template for OpenAI judges),
 temperature 0, max_tokens 2048; the rating is read with FastChat's ``[[rating]]`` patterns. Requests go
 through `tvkd.benchmarks.judge.JudgeClient` (cached on disk, ``max_concurrency`` at once, retried; an answer
-without a rating is retried, then counted missing). FastChat's code is imported where it can be (its
+without a rating is retried, then counted missing; when none comes back, or the endpoint refuses the key, the
+benchmark fails with the reason instead of reporting no score). FastChat's code is imported where it can be (its
 constants, loaders, conversation template and patterns); the same values are used when it cannot.
 
 Outputs. ``<run>/mt_bench/judgment-<judge>_single.jsonl`` (FastChat's judgment rows: question_id, model,
 judge, user_prompt, judgment, score (-1 when missing), turn, plus category, missing, cached) and the metrics
 ``mt_bench/score`` (mean over judged turns, 1-10, FastChat's ``show_result``), ``mt_bench/turn1``,
 ``mt_bench/turn2``, ``mt_bench/category/<c>`` (mean over both turns: the radar figure), ``mt_bench/missing``,
-``mt_bench/judged``, ``mt_bench/questions`` and ``mt_bench/judge`` (the judge record: model, base URL, prompt
+``mt_bench/judged`` (= ``mt_bench/n``), ``mt_bench/questions``, ``mt_bench/stand_in_judge`` (only when the
+loopback stand-in judged: why the score measures nothing) and ``mt_bench/judge`` (the judge record: model, base URL, prompt
 template version, package versions, request report).
 """
 
@@ -238,6 +240,19 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
 
 
+def stand_in_reason(judge_model: str, judgments: Sequence[str | None]) -> str | None:
+    """Why the score measures nothing, when the judge is the loopback stand-in (`judge_server`) and it had no
+    oracle for the questions (MT-Bench's own): it rated answers by a hash. None for a real judge, and for the
+    loopback judge on testbed questions, which the oracle scores."""
+    from tvkd.benchmarks.judge_server import STUB_MARK
+
+    stubbed = sum(1 for j in judgments if j and STUB_MARK in j)
+    if stubbed:
+        return (f"judged by the stand-in {judge_model!r} (the testbed's loopback judge): {stubbed} of "
+                f"{len(judgments)} ratings are a hash of the answer, not a judgement; this score measures nothing")
+    return None
+
+
 # ------------------------------------------------------------------------------------------- the benchmark
 
 
@@ -310,6 +325,7 @@ def mt_bench(ctx: BenchContext) -> dict[str, Any]:
                 jobs.append((q, turn, name, messages, user))
         ctx.say(f"[mt-bench] judging {len(jobs)} turns with {judge.model} ({judge.record()['base_url']})")
         results = judge.judge_many([j[3] for j in jobs], parse_rating, progress=ctx.progress, desc="mt-bench judge")
+        judge.check(len(jobs), "mt-bench")  # no score at all (or a refused key) is an error, not a None score
 
         rows = []
         for (q, turn, name, _, user), res in zip(jobs, results):
@@ -330,12 +346,17 @@ def mt_bench(ctx: BenchContext) -> dict[str, Any]:
             metrics[f"mt_bench/category/{cat}"] = _mean([r["score"] for r in judged if r["category"] == cat])
         metrics["mt_bench/missing"] = len(rows) - len(judged)
         metrics["mt_bench/judged"] = len(judged)
+        metrics["mt_bench/n"] = len(judged)  # the sample size behind mt_bench/score: judged turns
         metrics["mt_bench/questions"] = len(questions)
         metrics["mt_bench/judge"] = {
             **judge.record(), "judge_prompts": sorted({r["judge"][1] for r in rows}),
             "reference_answers": reference_model,
             "generation": {"max_new_tokens": max_new_tokens, "temperatures": temperature_config(), "seed": 0},
         }
+        stand_in = stand_in_reason(judge.model, [r["judgment"] for r in judged])
+        if stand_in:
+            metrics["mt_bench/stand_in_judge"] = stand_in
+            ctx.say(f"[mt-bench] WARNING: {stand_in}")
         if metrics["mt_bench/missing"]:
             ctx.say(f"[mt-bench] {metrics['mt_bench/missing']} of {len(rows)} judgements missing "
                     f"(last error: {judge.report.last_error})")

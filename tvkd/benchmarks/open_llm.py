@@ -203,7 +203,7 @@ def run_lm_eval(model_dir: str | Path, table: Mapping[str, OllTask], *, tasks_pa
                 batch_size: int | str = "auto", max_batch_size: int = 64, dtype: str | None = "auto",
                 device: str | None = "auto", limit: int | float | None = None, max_length: int | None = None,
                 gen_kwargs: dict[str, Any] | None = None, apply_chat_template: bool = False,
-                trust_remote_code: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
+                trust_remote_code: bool = False, say: Any = print) -> tuple[dict[str, Any], dict[str, Any]]:
     """One `lm_eval.simple_evaluate` over the table's tasks with their shot counts; (results, settings).
 
     The tasks are built by a `TaskManager` (lm-eval's tasks plus `tasks_path`) and each leaf task is given its
@@ -237,13 +237,20 @@ def run_lm_eval(model_dir: str | Path, table: Mapping[str, OllTask], *, tasks_pa
     # relative data_files in the YAMLs of tasks_path are read relative to tasks_path
     with contextlib.chdir(include) if include else contextlib.nullcontext():
         loaded = manager.load(wanted)
-    objects = []
+    objects, all_leaves = [], []
     for spec in table.values():
         leaves = [t for name, t in loaded["tasks"].items()
                   if name == spec.task or name in _leaf_names(spec.task, loaded)]
         for task in leaves:
             task.set_config(key="num_fewshot", value=int(spec.num_fewshot))
+        all_leaves.extend(leaves)
         objects.append(loaded["groups"].get(spec.task) or loaded["tasks"][spec.task])
+    context = int(max_length) if max_length is not None else model_context(model_dir, trust_remote_code)
+    fitted = fit_generation_lengths(all_leaves, context, gen_kwargs)
+    for name, (asked, given) in fitted.items():
+        say(f"oll: {name} asks for {asked} new tokens but the model's context is {context} tokens: generating at "
+            f"most {given} (lm-eval keeps the last {context - given} tokens of its few-shot prompt); not the "
+            "leaderboard's setting")
     t0 = time.perf_counter()
     results = lm_eval.simple_evaluate(
         model="hf", model_args=model_args, tasks=objects, num_fewshot=None, batch_size=batch_size,
@@ -260,9 +267,50 @@ def run_lm_eval(model_dir: str | Path, table: Mapping[str, OllTask], *, tasks_pa
         "device": str(dev), "dtype": dtype_name, "limit": limit, "max_length": max_length,
         "gen_kwargs": gen_kwargs, "apply_chat_template": bool(apply_chat_template), "tasks_path": include,
         "seeds": {k: cfg.get(k) for k in ("random_seed", "numpy_seed", "torch_seed", "fewshot_seed")},
+        "context_length": context,
+        "fitted_generation_lengths": {k: {"asked": a, "given": g} for k, (a, g) in fitted.items()},
         "seconds": seconds,
     }
     return results, settings
+
+
+LM_EVAL_MAX_GEN_TOKS = 256  # lm-eval's HFLM.max_gen_toks: a generative task's budget when it names none
+
+
+def model_context(model_dir: str | Path, trust_remote_code: bool = False) -> int:
+    """The model's context length as lm-eval's ``hf`` model resolves it (`lm_eval.models.utils.resolve_max_length`:
+    its config's n_positions / max_position_embeddings / n_ctx, else the tokenizer's model_max_length)."""
+    from lm_eval.models.utils import resolve_max_length
+    from transformers import AutoConfig, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+    except Exception:  # noqa: BLE001 - the config alone usually says it
+        tokenizer = None
+    return int(resolve_max_length(config, tokenizer))
+
+
+def fit_generation_lengths(tasks: list[Any], context: int, gen_kwargs: dict[str, Any] | None
+                           ) -> dict[str, tuple[int, int]]:
+    """Cap the generative tasks' ``max_gen_toks`` at half the model's context (lm-eval asserts it is below it, and
+    the prompt needs the rest): {task: (asked, given)} for each task changed. ``gen_kwargs`` (the user's, applied
+    by lm-eval over the task's) is capped in place too."""
+    fitted: dict[str, tuple[int, int]] = {}
+    cap = max(1, context // 2)
+    if gen_kwargs and gen_kwargs.get("max_gen_toks") is not None and int(gen_kwargs["max_gen_toks"]) >= context:
+        fitted["gen_kwargs"] = (int(gen_kwargs["max_gen_toks"]), cap)
+        gen_kwargs["max_gen_toks"] = cap
+    for task in tasks:
+        if getattr(task, "OUTPUT_TYPE", None) != "generate_until" and \
+                getattr(task.config, "output_type", None) != "generate_until":
+            continue
+        gk = dict(task.config.generation_kwargs or {})
+        asked = int((gen_kwargs or {}).get("max_gen_toks") or gk.get("max_gen_toks") or LM_EVAL_MAX_GEN_TOKS)
+        if asked >= context:
+            task.set_config(key="generation_kwargs", value={"max_gen_toks": cap}, update=True)
+            fitted[str(task.config.task)] = (asked, cap)
+    return fitted
 
 
 def _leaf_names(name: str, loaded: Mapping[str, Any]) -> set[str]:
@@ -301,7 +349,7 @@ def open_llm(ctx: BenchContext) -> dict[str, Any]:
         max_length=int(ctx.option("max_length")) if ctx.option("max_length") is not None else None,
         gen_kwargs=_gen_kwargs(ctx.option("gen_kwargs")),
         apply_chat_template=_bool(ctx.option("apply_chat_template", False)),
-        trust_remote_code=bool(getattr(getattr(cfg, "models", None), "trust_remote_code", False)),
+        trust_remote_code=bool(getattr(getattr(cfg, "models", None), "trust_remote_code", False)), say=ctx.say,
     )
     scores = scores_from_results(results, table)
     out_dir = Path(ctx.run_dir) / "oll"
@@ -311,6 +359,8 @@ def open_llm(ctx: BenchContext) -> dict[str, Any]:
     (out_dir / "results.json").write_text(json.dumps(detail, indent=2, default=handle_non_serializable,
                                                      ensure_ascii=False) + "\n", encoding="utf-8")
     metrics: dict[str, Any] = {f"oll/{k}": s["value"] for k, s in scores.items()}
+    for k, sc in scores.items():
+        metrics[f"oll/{k}/n"] = int(sc["documents"])  # the documents behind the number
     metrics["oll/average"] = sum(s["value"] for s in scores.values()) / len(scores)
     metrics["oll/config"] = {
         **settings, "task_map": task_map if isinstance(task_map, str) else dict(task_map),
@@ -318,7 +368,7 @@ def open_llm(ctx: BenchContext) -> dict[str, Any]:
         # the paper's numbers: all six of lm-eval's tasks, every document, the tasks' own generation settings
         "paper_setting": (list(scores) == list(PAPER_TASKS) and task_map in (None, "paper") and limit is None
                           and not settings["gen_kwargs"] and settings["max_length"] is None
-                          and not settings["apply_chat_template"]),
+                          and not settings["apply_chat_template"] and not settings["fitted_generation_lengths"]),
         "tasks": {k: {kk: vv for kk, vv in s.items() if kk != "value"} for k, s in scores.items()},
         "results_file": str(out_dir / "results.json"),
     }

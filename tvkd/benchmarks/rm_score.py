@@ -63,7 +63,8 @@ class _Lazy:
 def run_prompts(ctx: BenchContext) -> list[list[dict[str, Any]]]:
     prompts = [list(p) for p in ctx.test_prompts]
     if not prompts:
-        raise ValueError(f"no test prompts to answer for {ctx.run_dir}: the benchmark context holds none")
+        why = f" (reading them failed: {ctx.prompts_error})" if getattr(ctx, "prompts_error", None) else ""
+        raise ValueError(f"no test prompts to answer{why} for {ctx.run_dir}: the benchmark context holds none")
     return prompts
 
 

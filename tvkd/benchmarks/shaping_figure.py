@@ -1,4 +1,4 @@
-"""``shaping``: the paper's Figure 1, the teacher's per-token shaping ψ_t of a response with its top 3 marked.
+"""``shaping``: the paper's Figure 1, the teacher's per-token shaping ψ_t of a response with its top 3 (positive) marked.
 
 For a (prompt, response) and a teacher, `shaping_profile` computes ψ_t for every response token a_t
 (t = 0..T−1, the last one the end-of-turn token) exactly as the teacher cache does (docs/methods.md §A.2,
@@ -52,8 +52,9 @@ class ShapingProfile:
 
 
 def top_positions(psi: Sequence[float], k: int = TOP) -> list[int]:
-    """Positions of the k largest ψ_t, largest first (the earlier token first on a tie)."""
-    order = sorted(range(len(psi)), key=lambda t: (-float(psi[t]), t))
+    """Positions of the k largest positive ψ_t, largest first (the earlier token first on a tie): the tokens the
+    teacher rewards most. A ψ_t ≤ 0 is never among them (all of them negative: none is marked)."""
+    order = sorted((t for t in range(len(psi)) if float(psi[t]) > 0), key=lambda t: (-float(psi[t]), t))
     return order[: max(0, int(k))]
 
 
@@ -73,8 +74,8 @@ def token_strings(tokenizer: Any, ids: Sequence[int]) -> list[str]:
 
 def tokenize_response(tokenizer: Any, prompt: Sequence[dict[str, Any]], response: str,
                       config: Any = None) -> tuple[list[int], list[int]]:
-    """(prompt ids, response ids ending in the end-of-turn token), as `tvkd.tokenize.tokenize_preferences`
-    tokenizes a pair (same template, end-of-turn token and length budget)."""
+    """(prompt ids, response ids), as `tvkd.tokenize.tokenize_preferences` tokenizes a pair (same template,
+    end-of-turn token, `response_tail` and length budget)."""
     from collections import Counter
 
     from tvkd.data.examples import PreferenceExample
@@ -86,7 +87,7 @@ def tokenize_response(tokenizer: Any, prompt: Sequence[dict[str, Any]], response
     eos_id = tokenizer.convert_tokens_to_ids(eos_token)
     answer = [{"role": "assistant", "content": response}]
     example = PreferenceExample(id="shaping", prompt=[dict(m) for m in prompt], chosen=answer, rejected=answer)
-    prompt_ids, response_ids, _ = tokenize_example(example, tokenizer, eos_id, Counter())
+    prompt_ids, response_ids, _ = tokenize_example(example, tokenizer, eos_id, Counter(), config.response_tail)
     budget = config.max_length - len(prompt_ids)
     if budget < 1:
         raise ValueError(f"the prompt has {len(prompt_ids)} tokens: no room for a response within max_length "
@@ -198,7 +199,7 @@ body {{ font-family: sans-serif; max-width: 60em; margin: 2em auto; line-height:
 <div class="prompt">{html.escape(_prompt_text(profile.prompt))}</div>
 <p class="response">{''.join(spans)}</p>
 <div class="legend"><span>ψ_t:</span><span>{-scale:+.4g}</span><span class="bar"></span><span>{scale:+.4g}</span>
-<span class="tok top">bold, framed</span><span>= the top {len(top)} ψ_t</span></div>
+<span class="tok top">bold, framed</span><span>= {f"the top {len(top)} ψ_t > 0" if top else "none: no ψ_t > 0"}</span></div>
 <ol class="toplist">{top_rows}</ol>
 <p>Σ_t ψ_t = {sum(psi):+.6g} over {len(psi)} tokens.</p>
 </body></html>
@@ -212,29 +213,47 @@ def _label(tok: str) -> str:
     return tok.replace("\n", "\\n").replace("\t", "\\t").strip() or repr(tok)
 
 
-def draw_png(profile: ShapingProfile, path: str | Path, title: str | None = None) -> Path:
-    """A bar per token of ψ_t along the x axis (tokens as tick labels), the top ones highlighted."""
-    import warnings
+POSITIVE, NEGATIVE, TOP_COLOR = "#8fd1bb", "#f3b38a", "#009e73"  # the HTML's green / orange, the top darker green
 
+
+def _wrap(text: str, width: int, lines: int) -> str:
+    import textwrap
+
+    out = []
+    for para in text.splitlines() or [""]:
+        out.extend(textwrap.wrap(para, width) or [""])
+    return "\n".join(out[:lines] + (["..."] if len(out) > lines else []))
+
+
+def png_figure(profile: ShapingProfile, title: str | None = None) -> Any:
+    """The matplotlib Figure of `draw_png`: the prompt and the response above a bar per token of ψ_t."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
-    path = Path(path)
     psi, top = profile.psi, profile.top
     T = len(psi)
     rank = {t: r for r, t in enumerate(top, 1)}
-    fig = Figure(figsize=(min(48.0, max(6.0, 0.32 * T + 1.5)), 4.2))
+    width = min(48.0, max(8.0, 0.32 * T + 1.5))
+    chars = int(width * 13)
+    prompt = _wrap(_prompt_text(profile.prompt), chars, 3)
+    response = _wrap(profile.response, chars, 3)
+    fig = Figure(figsize=(width, 6.0))
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    colors = ["#d55e00" if t in rank else ("#8fd1bb" if x >= 0 else "#f3b38a") for t, x in enumerate(psi)]
+    grid = fig.add_gridspec(2, 1, height_ratios=[1.0, 3.0])
+    text_ax = fig.add_subplot(grid[0])
+    text_ax.axis("off")
+    text_ax.text(0.0, 1.0, f"Prompt — {prompt}\n\nResponse — {response}", va="top", ha="left", fontsize=9,
+                 family="monospace", transform=text_ax.transAxes)
+    ax = fig.add_subplot(grid[1])
+    colors = [TOP_COLOR if t in rank else (POSITIVE if x >= 0 else NEGATIVE) for t, x in enumerate(psi)]
     edges = ["black" if t in rank else "none" for t in range(T)]
     ax.bar(range(T), psi, color=colors, edgecolor=edges, linewidth=1.5)
     ax.axhline(0.0, color="#555", linewidth=0.8)
     span = max((abs(x) for x in psi), default=1.0) or 1.0
     for t, r in rank.items():
-        ax.annotate(str(r), (t, psi[t]), xytext=(0, 3 if psi[t] >= 0 else -11), textcoords="offset points",
-                    ha="center", fontsize=8, fontweight="bold")
+        ax.annotate(str(r), (t, psi[t]), xytext=(0, 3), textcoords="offset points", ha="center", fontsize=8,
+                    fontweight="bold")
     ax.set_ylim(min(0.0, min(psi, default=0.0)) - 0.12 * span, max(0.0, max(psi, default=0.0)) + 0.15 * span)
     ax.set_xticks(range(T))
     ax.set_xticklabels([_label(tok) for tok in profile.tokens], rotation=90, fontsize=8 if T <= 80 else 6)
@@ -243,15 +262,29 @@ def draw_png(profile: ShapingProfile, path: str | Path, title: str | None = None
             lab.set_fontweight("bold")
     ax.set_xlim(-0.6, T - 0.4)
     ax.set_ylabel("ψ_t")
-    ax.set_title(title or describe(profile.settings), fontsize=10)
-    ax.legend(handles=[Patch(facecolor="#d55e00", edgecolor="black", label=f"top {len(top)} ψ_t"),
-                       Patch(facecolor="#8fd1bb", label="ψ_t ≥ 0"), Patch(facecolor="#f3b38a", label="ψ_t < 0")],
-              fontsize=8, loc="best")
+    ax.set_xlabel("response tokens")
+    handles = [Patch(facecolor=POSITIVE, label="ψ_t ≥ 0"), Patch(facecolor=NEGATIVE, label="ψ_t < 0")]
+    handles.insert(0, Patch(facecolor=TOP_COLOR, edgecolor="black", label=f"top {len(top)} ψ_t > 0 (numbered)")
+                   if top else Patch(facecolor="white", edgecolor="none", label="no ψ_t > 0: no top tokens"))
+    ax.legend(handles=handles, fontsize=8, loc="best")
+    fig.suptitle(title or "Per-token shaping ψ_t of the response", fontsize=12, fontweight="bold")
+    ax.set_title(f"{describe(profile.settings)};  Σ_t ψ_t = {sum(psi):+.4g} over {T} tokens", fontsize=10)
     fig.tight_layout()
+    return fig
+
+
+def draw_png(profile: ShapingProfile, path: str | Path, title: str | None = None) -> Path:
+    """A bar per token of ψ_t along the x axis (tokens as tick labels, the prompt and the response above), the
+    top positive ones framed and numbered; bar colours as in the legend (and the HTML's)."""
+    import warnings
+
+    path = Path(path)
+    fig = png_figure(profile, title)
     path.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():  # a token the font has no glyph for draws as a box; say nothing
         warnings.filterwarnings("ignore", message="Glyph .* missing")
-        fig.savefig(path, dpi=120 if T <= 200 else 80)
+        warnings.filterwarnings("ignore", message="Tight layout not applied")
+        fig.savefig(path, dpi=120 if len(profile.psi) <= 200 else 80)
     return path
 
 

@@ -12,8 +12,10 @@ each bin clamped to [1e-8, 1 − 1e-8] and *not* renormalised:
 bin(a) is the index of a among the teacher's top-k ids at s_t, or k (the rest bin) if absent.
 The entropy at the EOS position (the state s_{T−1} that predicts EOS) is exactly 0 (A.7: the
 released code zeroes the probabilities there before the entropy), so the last content token
-gets r = Q only. The rest bin is the released code's 1 − Σ top-k in fp32, floored at 1e-8
-(`rest_bin="complement"`, the default, so this row reproduces the release); `rest_bin="logsumexp"`
+gets r = Q only. The rest bin is the released code's 1 − Σ top-k of the student's fp32 softmax,
+by the same operations in the same order (`official_bins`), floored at 1e-8 (`rest_bin="complement"`,
+the default, so this row reproduces the release: on a peaked student that bin is mostly rounding,
+and any other fp32 route to it moves the loss by up to 0.1 nats at logit scale 12); `rest_bin="logsumexp"`
 takes logsumexp over the non-top-k student logits minus logsumexp over all of them (stable;
 docs/methods.md §B.8), which differs when the student's mass outside the top-k is below ~6e-8.
 """
@@ -35,20 +37,39 @@ CLAMP_MAX = 1.0 - 1e-8
 REST_BINS = ("complement", "logsumexp")
 
 
+def official_bins(logits: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+    """[..., k+1] q_θ as the released code builds it (``load_input_and_target_probs_fast``), unclamped.
+
+    The student's fp32 ``softmax`` gathered at the teacher's top-k ids, written into a k+1 buffer
+    whose last bin is ``1 − buffer[..., :k].sum(-1)``, the same operations in the same order.
+    When the student's mass outside the top-k is near fp32 resolution (a peaked student), that
+    difference is dominated by rounding, so only this exact sequence gives the released numbers:
+    computing 1 − Σ from ``exp(z − logsumexp z)`` instead moves the loss by 0.1 nats at logit
+    scale 12 (docs/methods.md §A.4).
+    """
+    probs = torch.softmax(logits.float(), dim=-1)
+    k = topk_ids.shape[-1]
+    out = probs.new_zeros(*topk_ids.shape[:-1], k + 1)
+    out[..., :k] = probs.gather(-1, topk_ids.long())
+    out[..., k] = 1 - out[..., :k].sum(-1)
+    return out
+
+
 def binned_log_probs(logits: torch.Tensor, topk_ids: torch.Tensor, rest_bin: str = "logsumexp") -> torch.Tensor:
     """[..., k+1] log q_θ: the student's log-probs of the teacher's top-k ids, then the rest bin.
 
-    fp32 throughout. `rest_bin="logsumexp"`: the rest bin is logsumexp(z with the top-k ids set to
-    −inf) − logsumexp(z), exact however little mass is left. `rest_bin="complement"`: the released
-    code's log(max(1 − Σ_top q, 1e-8)) in fp32, which rounds a rest mass below ~6e-8 to 0 and then
-    to 1e-8 (up to 1.6 nats off per token on a peaked student).
+    fp32 throughout; the top-k bins are log-softmax values either way. `rest_bin="logsumexp"`: the
+    rest bin is logsumexp(z with the top-k ids set to −inf) − logsumexp(z), exact however little
+    mass is left. `rest_bin="complement"`: the released code's 1 − Σ top-k of the fp32 softmax
+    (`official_bins`, bit for bit), floored at 1e-8 before the log; it rounds a rest mass below
+    ~6e-8 to 0 and then to 1e-8 (up to 1.6 nats off per token on a peaked student).
     """
     z = logits.float()
     ids = topk_ids.long()
     lse = torch.logsumexp(z, dim=-1, keepdim=True)
     top = z.gather(-1, ids) - lse
     if rest_bin == "complement":
-        rest = (1.0 - top.exp().sum(-1, keepdim=True)).clamp(min=CLAMP_MIN).log()
+        rest = official_bins(z, ids)[..., -1:].clamp(min=CLAMP_MIN).log()
     elif rest_bin == "logsumexp":
         rest = torch.logsumexp(z.scatter(-1, ids, float("-inf")), dim=-1, keepdim=True) - lse
     else:
@@ -86,7 +107,8 @@ class TVKDReleased(PreferenceLoss):
         )
         rest_bin: str = field(
             default="complement",
-            metadata={"help": "The 51st bin: complement (released code: 1 − Σ top-k in fp32, floored at 1e-8) | "
+            metadata={"help": "The 51st bin: complement (released code: 1 − Σ top-k of the fp32 softmax, by its own "
+                              "operations, floored at 1e-8) | "
                               "logsumexp (exact: logsumexp over the logits outside the top-k)."},
         )
 

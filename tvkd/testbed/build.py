@@ -246,8 +246,59 @@ class Testbed:
         return self.stage_dirs["student_pairs"] / "student_pref_test.jsonl"
 
     @property
+    def student_pref_train_oracle(self) -> Path:
+        """The student's training pairs relabelled by the oracle (`oracle_relabelled`): DPO on them is the
+        ceiling control, a student trained on noise-free preferences of the same pairs."""
+        return oracle_relabelled(self.student_pref_train, self.cache_dir / "derived")
+
+    @property
+    def teacher_dpo_other_vocab_dir(self) -> Path:
+        """The DPO teacher behind another vocabulary and template (`tvkd.testbed.vocab`), built once, cached."""
+        from tvkd.storage import cached_stage
+        from tvkd.testbed.vocab import other_vocabulary
+
+        source = self.teacher_dpo_dir
+        def build(tmp: Path) -> dict[str, Any]:
+            other_vocabulary(source, tmp / "model")
+            return {"source": str(source)}
+
+        stage = cached_stage(self.cache_dir / "other_vocab" / f"v1-{source.name}", build,
+                             describe="the testbed teacher with another vocabulary")
+        return stage.path / "model"
+
+    @property
     def report_path(self) -> Path:
         return self.root / "report.json"
+
+
+def oracle_relabelled(source: Path, out_dir: Path) -> Path:
+    """A copy of the pairs file ``source`` with every pair ordered by the oracle: where the label chose the
+    lower-scored response (``meta.oracle_chosen < meta.oracle_rejected``, a Bradley–Terry label flip) the
+    two responses and their scores swap and ``meta.label_flipped`` becomes false; ties stay as labelled.
+    Written once per content of ``source`` (``<out_dir>/<stem>_oracle-<digest>.jsonl``, atomically), so
+    the file follows the stage it derives from and is never stale."""
+    out = Path(out_dir) / f"{Path(source).stem}_oracle-{content_digest(source)}.jsonl"
+    if out.exists():
+        return out
+    rows = []
+    for row in read_jsonl(source):
+        meta = dict(row.get("meta") or {})
+        chosen, rejected = meta.get("oracle_chosen"), meta.get("oracle_rejected")
+        if chosen is None or rejected is None:
+            raise ValueError(f"{source}: a pair without meta.oracle_chosen/oracle_rejected cannot be relabelled "
+                             "by the oracle; rebuild the testbed's pairs stage")
+        row = dict(row)
+        if chosen < rejected:
+            row["chosen"], row["rejected"] = row["rejected"], row["chosen"]
+            meta["oracle_chosen"], meta["oracle_rejected"] = rejected, chosen
+        meta["label_flipped"] = False
+        row["meta"] = meta
+        rows.append(row)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    write_jsonl(tmp, rows)
+    os.replace(tmp, out)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ resume, `report_to`) comes from `transformers.Trainer` unchanged.
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from collections import defaultdict
@@ -121,7 +122,37 @@ class PreferenceTrainer(Trainer):
         self.eos_id = eos_id
         if on_policy is not None and eos_id is None:
             raise ValueError("on-policy sampling needs the end-of-turn id (eos_id)")
-        self._metric_sums: dict[str, list[float]] = defaultdict(list)
+        # per training batch: (value, weight); the weight is 1, or a DDP process's share of an uneven last step
+        # (`_real_rows`), so that the logged means are those of one process
+        self._metric_sums: dict[str, list[tuple[float, float]]] = defaultdict(list)
+        self._micro = (-1, 0)  # (global step, micro-batch within its gradient accumulation): see _real_rows
+
+    def _real_rows(self, rows: int) -> tuple[int, int] | None:
+        """Under DDP, for the local batch about to be trained on: (pairs of it that are real, real pairs in the
+        global batch), or None when the global batch is full.
+
+        accelerate evens the last batches of an epoch out by appending pairs from the epoch's start
+        (`BatchSamplerShard`, ``even_batches``): the local batch of micro-step m on process k holds the pairs at
+        positions (m·W + k)·B ... of the epoch's order, the real ones first, then those repeats. One process
+        trains on the short last batch alone; here each process keeps its real pairs only and weighs its loss
+        by W·r_k / N, so that DDP's mean over processes is the mean over the N real pairs, as one process has it.
+        """
+        world = int(self.args.world_size)
+        if world <= 1 or self.train_dataset is None:
+            return None
+        gs = int(self.state.global_step)
+        step, j = self._micro
+        self._micro = (gs, j + 1 if step == gs else 0)
+        b, ga, n = int(self.args.per_device_train_batch_size), int(self.args.gradient_accumulation_steps), \
+            len(self.train_dataset)
+        local_batches = math.ceil(math.ceil(n / b) / world)  # per process per epoch, evened out
+        updates = max(1, math.ceil(local_batches / ga))
+        m = (gs % updates) * ga + self._micro[1]  # the micro-batch's place in the epoch
+        real_global = min(world * b, max(0, n - m * world * b))
+        if real_global >= world * b or rows != b:
+            return None
+        mine = min(b, max(0, n - (m * world + int(self.args.process_index)) * b))
+        return mine, real_global
 
     def _get_train_sampler(self, train_dataset: Any = None) -> Any:
         if not self.length_buckets:
@@ -220,6 +251,14 @@ class PreferenceTrainer(Trainer):
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
+        real = self._real_rows(int(inputs["input_ids"].shape[0]) // 2) if model.training else None
+        if real is not None:
+            mine, total = real
+            if mine == 0:  # only repeats here: a zero loss that still takes part in DDP's gradient reduction
+                return self.scored_batch(model, inputs).logps.sum() * 0.0
+            inputs = _first_pairs(inputs, mine, getattr(self.data_collator, "batch_columns", {}))
+            weight = float(self.args.world_size) * mine / total
+        w = weight if real is not None else 1.0
         sampled = False
         if self.on_policy is not None and model.training and random.random() < self.on_policy.fraction:
             inputs, sampled = self._sample_on_policy(model, inputs), True
@@ -231,13 +270,15 @@ class PreferenceTrainer(Trainer):
             with torch.no_grad():
                 seq = batch.sequence_logps()
                 cw, rj = batch.split(seq)
-                self._metric_sums["logps/chosen"].append(cw.mean().item())
-                self._metric_sums["logps/rejected"].append(rj.mean().item())
+                self._metric_sums["logps/chosen"].append((cw.mean().item(), w))
+                self._metric_sums["logps/rejected"].append((rj.mean().item(), w))
                 if self.on_policy is not None:
-                    self._metric_sums["on_policy"].append(float(sampled))
+                    self._metric_sums["on_policy"].append((float(sampled), w))
                 for k, v in out.metrics.items():
-                    self._metric_sums[k].append(float(v.detach().float().mean().item()) if torch.is_tensor(v) else float(v))
-        return (out.loss, {"margins": out.margins}) if return_outputs else out.loss
+                    self._metric_sums[k].append(
+                        (float(v.detach().float().mean().item()) if torch.is_tensor(v) else float(v), w))
+        loss = out.loss * weight if real is not None else out.loss
+        return (loss, {"margins": out.margins}) if return_outputs else loss
 
     def _raise_non_finite(self, out: LossOutput, inputs: dict[str, Any]) -> None:
         import glob
@@ -255,10 +296,10 @@ class PreferenceTrainer(Trainer):
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if "loss" in logs:  # a training log (every process logs together): add the loss's own metrics
-            sums: dict[str, tuple[float, int]] = {}
+            sums: dict[str, tuple[float, float]] = {}
             for k, vals in self._metric_sums.items():
-                finite = [v for v in vals if math.isfinite(v)]
-                sums[k] = (sum(finite), len(finite))
+                finite = [(v, w) for v, w in vals if math.isfinite(v)]
+                sums[k] = (sum(v * w for v, w in finite), sum(w for _, w in finite))
             if self.args.world_size > 1:  # DDP: the means over every process's pairs, as the loss is
                 sums = _merge_across_processes(sums, self.args.world_size)
             for k, (total, n) in sums.items():
@@ -266,6 +307,20 @@ class PreferenceTrainer(Trainer):
                     logs[k] = total / n
             self._metric_sums.clear()
         super().log(logs, *args, **kwargs)
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        super()._save_checkpoint(model, trial)
+        # The loss summed over every step so far (this process's share): the Trainer's train_loss of a
+        # resumed attempt covers only the steps after the checkpoint, this file gives the steps before.
+        from pathlib import Path
+
+        folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+        folder.mkdir(parents=True, exist_ok=True)
+        total = self.loss_before_resume + self._total_loss_scalar + float(self._tr_loss.item())
+        (folder / LOSS_SUM_FILE.format(rank=self.args.process_index)).write_text(
+            json.dumps({"global_step": self.state.global_step, "loss_sum": total}) + "\n")
+
+    loss_before_resume: float = 0.0  # the loss summed over the steps before the checkpoint resumed from
 
     def _load_rng_state(self, checkpoint: str | None) -> None:
         # A non-main DDP process resumes from the main process's checkpoint but keeps its RNG state in
@@ -279,18 +334,64 @@ class PreferenceTrainer(Trainer):
         super()._load_rng_state(checkpoint)
 
 
-def _merge_across_processes(sums: dict[str, tuple[float, int]], world_size: int) -> dict[str, tuple[float, int]]:
+def _first_pairs(inputs: dict[str, Any], k: int, columns: dict[str, str]) -> dict[str, Any]:
+    """The batch `PreferenceCollator` makes of the first ``k`` pairs alone: rows [0, k) and [B, B + k) of the
+    [2B, ...] tensors (chosen first), [0, k) of the per-pair ones, cut to these rows' own padded widths."""
+    b = int(inputs["input_ids"].shape[0]) // 2
+    out: dict[str, Any] = {}
+    for key, v in inputs.items():
+        if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == 2 * b:
+            out[key] = torch.cat([v[:k], v[b: b + k]])
+        elif torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == b:
+            out[key] = v[:k]
+        else:
+            out[key] = v
+    t = int(out["resp_lens"].max())  # the widths collate_pairs gives these rows
+    width = int((out["prompt_lens"] + out["resp_lens"]).max())
+    for key in ("input_ids", "attention_mask"):
+        out[key] = out[key][:, :width]
+    for key in ("response_ids", "response_mask", "ref_logps"):
+        if key in out:
+            out[key] = out[key][:, :t]
+    for name, kind in columns.items():
+        key = f"col:{name}"
+        if key in out and kind in ("token", "topk", "state"):
+            out[key] = out[key][:, : t + (kind == "state")]
+    return out
+
+
+def _merge_across_processes(sums: dict[str, tuple[float, float]], world_size: int
+                            ) -> dict[str, tuple[float, float]]:
     """{metric: (sum, count)} summed over every process (a collective on the default group)."""
     import torch.distributed as dist
 
     gathered: list[Any] = [None] * world_size
     dist.all_gather_object(gathered, sums)
-    out: dict[str, tuple[float, int]] = {}
+    out: dict[str, tuple[float, float]] = {}
     for part in gathered:
         for k, (total, n) in (part or {}).items():
-            t, c = out.get(k, (0.0, 0))
+            t, c = out.get(k, (0.0, 0.0))
             out[k] = (t + total, c + n)
     return out
+
+
+LOSS_SUM_FILE = "tvkd_loss_sum_{rank}.json"
+
+
+def _loss_sum_before(resume: Any, out_dir: Any, rank: int) -> float | None:
+    """The training loss summed over the steps before checkpoint `resume` (this process's share), or None
+    for a checkpoint that does not record it. A non-main DDP process reads its own copy (`out_dir`)."""
+    from pathlib import Path
+
+    for folder in (Path(out_dir) / Path(resume).name, Path(resume)):
+        path = folder / LOSS_SUM_FILE.format(rank=rank)
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(record, dict) and isinstance(record.get("loss_sum"), (int, float)):
+            return float(record["loss_sum"])
+    return None
 
 
 def last_checkpoint(out_dir: Any) -> Any:
@@ -332,6 +433,64 @@ def _checkpointing_arguments(on: bool) -> dict[str, Any]:
     fields = {f.name for f in dataclasses.fields(TrainingArguments)}
     name = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
     return {name: on, f"{name}_kwargs": {"use_reentrant": False} if on else None}
+
+
+def training_arguments(cfg: Any, out_dir: Any, *, progress: bool = False) -> Any:
+    """The `transformers.TrainingArguments` of a run (`cfg`: its `RunConfig`), checkpointing into `out_dir`."""
+    from transformers import TrainingArguments
+
+    from tvkd.modeling import resolve_device
+
+    m, t = cfg.models, cfg.train
+    device = resolve_device("auto")
+    return TrainingArguments(
+        output_dir=str(out_dir), seed=cfg.seed, data_seed=cfg.seed, learning_rate=t.learning_rate,
+        num_train_epochs=t.num_train_epochs, per_device_train_batch_size=t.per_device_train_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps, lr_scheduler_type=t.lr_scheduler_type,
+        warmup_steps=t.warmup_steps, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
+        logging_steps=t.logging_steps, save_strategy=t.save_strategy, save_steps=t.save_steps,
+        report_to=list(t.report_to) or "none", remove_unused_columns=False, use_cpu=device.type == "cpu",
+        bf16=device.type == "cuda" and m.dtype in ("auto", "bf16", "bfloat16") and torch.cuda.is_bf16_supported(),
+        disable_tqdm=not progress, dataloader_num_workers=0, **_checkpointing_arguments(t.gradient_checkpointing),
+        # DDP: every weight of the student gets a gradient each step, so DDP need not search the graph
+        # for unused ones (transformers' default for a model without gradient checkpointing is to)
+        **{"ddp_find_unused_parameters": False, **t.extra},
+    )
+
+
+def check_arguments(cfg: Any) -> None:
+    """Build the run's `TrainingArguments` once, in a dry mode (nothing is written), so that transformers' own
+    checks of every value (`train.lr_scheduler_type`, `train.extra.optim`, ...) and of the `train.report_to`
+    integrations run before the run folder exists. A refusal is a ValueError naming the key."""
+    import tempfile
+    from pathlib import Path
+
+    from transformers.integrations import get_reporting_integration_callbacks
+
+    t = cfg.train
+    try:
+        args = training_arguments(cfg, Path(tempfile.gettempdir()) / "tvkd-dry-run-not-written")
+    except Exception as e:  # noqa: BLE001 - transformers raises ValueError, TypeError, ImportError, ...
+        raise ValueError(f"{_argument_key(e, cfg)}: transformers.TrainingArguments refuses it: "
+                         f"{' '.join(str(e).split())}") from None
+    try:
+        for callback in get_reporting_integration_callbacks(args.report_to):
+            callback()  # each checks that its package is installed (WandbCallback needs wandb)
+    except Exception as e:  # noqa: BLE001 - RuntimeError for a missing package, ValueError for an unknown name
+        raise ValueError(f"train.report_to {list(t.report_to)}: {' '.join(str(e).split())}; install it, or remove "
+                         "it from train.report_to") from None
+
+
+def _argument_key(error: BaseException, cfg: Any) -> str:
+    """The config key whose value a TrainingArguments error names (its value appears in the message)."""
+    text = str(error)
+    t = cfg.train
+    candidates = [(f"train.extra.{k}", v) for k, v in (t.extra or {}).items()] + [
+        (f"train.{k}", getattr(t, k)) for k in ("lr_scheduler_type", "save_strategy", "warmup_steps")]
+    for key, value in candidates:
+        if key.rsplit(".", 1)[-1] in text or (isinstance(value, str) and value and value in text):
+            return key
+    return "train"
 
 
 def varlen_attention(padding_free: bool, device_type: str, dtype: Any) -> bool:
@@ -400,30 +559,16 @@ def train_policy(student: str, train: Any, loss: PreferenceLoss, loss_cfg: Any, 
     """
     from pathlib import Path
 
-    from transformers import TrainingArguments
     from transformers.trainer_callback import PrinterCallback
 
-    from tvkd.modeling import load_causal_lm, resolve_device
+    from tvkd.modeling import load_causal_lm
 
     m, t = cfg.models, cfg.train
-    device = resolve_device("auto")
     needs = loss.needs(loss_cfg)
     policy = load_causal_lm(student, dtype=m.dtype, trust_remote_code=m.trust_remote_code, eval_mode=False)
     policy, options = prepare_policy(policy, t)
     out_dir = Path(out_dir)
-    args = TrainingArguments(
-        output_dir=str(out_dir), seed=cfg.seed, data_seed=cfg.seed, learning_rate=t.learning_rate,
-        num_train_epochs=t.num_train_epochs, per_device_train_batch_size=t.per_device_train_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps, lr_scheduler_type=t.lr_scheduler_type,
-        warmup_steps=t.warmup_steps, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
-        logging_steps=t.logging_steps, save_strategy=t.save_strategy, save_steps=t.save_steps,
-        report_to=list(t.report_to) or "none", remove_unused_columns=False, use_cpu=device.type == "cpu",
-        bf16=device.type == "cuda" and m.dtype in ("auto", "bf16", "bfloat16") and torch.cuda.is_bf16_supported(),
-        disable_tqdm=not progress, dataloader_num_workers=0, **_checkpointing_arguments(t.gradient_checkpointing),
-        # DDP: every weight of the student gets a gradient each step, so DDP need not search the graph
-        # for unused ones (transformers' default for a model without gradient checkpointing is to)
-        **{"ddp_find_unused_parameters": False, **t.extra},
-    )
+    args = training_arguments(cfg, out_dir, progress=progress)
     collator = PreferenceCollator(pad_id=pad_id, batch_columns=loss.batch_columns(loss_cfg), reference=needs.reference)
     online = {}
     if needs.reference_logits and t.lora:
@@ -446,9 +591,15 @@ def train_policy(student: str, train: Any, loss: PreferenceLoss, loss_cfg: Any, 
     resume = Path(resume) if resume is not None else None
     if resume is not None:
         say(f"  resuming from {resume.name} (step {resume.name.split('-')[-1]} of an interrupted attempt)")
+    resumed_step = int(resume.name.split("-")[-1]) if resume is not None else 0
+    before = _loss_sum_before(resume, out_dir, args.process_index) if resume is not None else 0.0
+    trainer.loss_before_resume = before or 0.0
     result = trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
     world = max(1, int(args.world_size))
-    train_loss = float(result.training_loss)
+    train_loss = float(result.training_loss)  # the Trainer's: the mean over the steps of this attempt only
+    if resume is not None and before is not None:
+        steps_now = int(result.global_step) - resumed_step
+        train_loss = (before + train_loss * steps_now) / max(int(result.global_step), 1)
     if world > 1:
         # The Trainer's train_loss adds each process's own loss of the steps after the last log; the
         # logged part is already the all-process mean, so the mean over processes is the global value.
@@ -458,7 +609,7 @@ def train_policy(student: str, train: Any, loss: PreferenceLoss, loss_cfg: Any, 
         dist.all_reduce(total)
         train_loss = float(total.item()) / world
     metrics: dict[str, Any] = {
-        "resumed_from_step": int(resume.name.split("-")[-1]) if resume is not None else 0,
+        "resumed_from_step": resumed_step,
         "train_loss": train_loss,
         "train_steps": int(result.global_step),
         "train_pairs": len(train),
@@ -466,6 +617,8 @@ def train_policy(student: str, train: Any, loss: PreferenceLoss, loss_cfg: Any, 
         "train_processes": world,
         "train_global_batch": t.per_device_train_batch_size * world * t.gradient_accumulation_steps,
     }
+    if resume is not None and before is None:  # a checkpoint written before the loss sum was recorded
+        metrics["train_loss_steps"] = f"{resumed_step + 1}-{int(result.global_step)} (the resumed part only)"
     metrics["train_options"] = {**options, "bf16_autocast": bool(args.bf16), "logprob_path": trainer.logprob_path}
     logged = [h for h in trainer.state.log_history if "loss" in h]
     if logged:
