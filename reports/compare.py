@@ -49,6 +49,7 @@ from typing import Any
 
 import pandas as pd
 
+from reports.effects import EFFECT_METRICS, crossed_effect, effects_by_row, items_column
 from reports.figures import save_figure
 from reports.paper import PAPER_TABLES, load_table
 from reports.tables import discover
@@ -235,8 +236,6 @@ def _paired_effects(frame: pd.DataFrame, keys: pd.Series, column: str, rows: lis
     """Per row, its paired effect against ``baseline`` in ``column`` (`reports.effects`): over the per-item
     results when the frame has them (the crossed seed × item interval), else over the per-seed values
     (a t-interval over the seeds); None without a paired seed."""
-    from reports.effects import EFFECT_METRICS, crossed_effect, effects_by_row, items_column
-
     if "seed" not in frame.columns:
         return [None] * len(rows)
     keyed = frame.assign(_paper_row=keys)

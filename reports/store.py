@@ -126,7 +126,8 @@ def _config_key(config: dict[str, Any] | None, ignore: frozenset[str]) -> str | 
     """The hash of a run's config without its inputs' fingerprints (what the spec alone determines)."""
     if not isinstance(config, dict):
         return None
-    return config_hash({k: v for k, v in config.items() if k not in ("inputs", "processes")}, ignore=ignore)
+    return config_hash({k: v for k, v in config.items() if k not in ("inputs", "processes", "loss_defaults")},
+                       ignore=ignore)
 
 
 def _finished(record: Any) -> str:

@@ -128,7 +128,7 @@ def _trial_label(trial: Any) -> str:
     runs = _ACTIVE.get("runs") or []
     i = (trial.config or {}).get("run")
     if isinstance(i, int) and 0 <= i < len(runs):
-        return f"{runs[i][1].name} seed {runs[i][1].seed}"
+        return f"{runs[i].label} seed {runs[i].seed}"
     return str(trial)
 
 

@@ -53,7 +53,7 @@ def test_a_failing_benchmark_is_recorded_and_the_others_run(tiny_world, tmp_path
 
     run, results = _trained_run(tiny_world, tmp_path, capsys)
 
-    def unreadable(run_dir):
+    def unreadable(run_dir, *args, **kwargs):
         raise OSError("outputs.jsonl: input/output error")
 
     # test prompts that cannot be read fail the benchmarks that need them, with the reason, and no other

@@ -136,7 +136,7 @@ def test_four_runs_at_two_concurrent_trials_then_nothing_to_train(tiny_world, tm
 
 def test_a_failed_trial_is_recorded_and_the_study_goes_on(tiny_world, tmp_path):
     spec = ray_spec(tiny_world, "ray-fail")
-    spec.update(table=None, seeds=[0])
+    spec.update(table=None, seeds=[0], reference_variant=None)
     # fails inside training, after the run folder is started: the Trainer wants an eval set for it
     spec["variants"] = [{"label": "broken", "loss": {"name": "dpo"},
                          "train": {"extra": {"eval_strategy": "steps", "eval_steps": 1}}}, spec["variants"][0]]

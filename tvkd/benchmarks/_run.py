@@ -228,7 +228,8 @@ def evaluate(target: str | Path, benches: list[str], options: dict[str, Any], *,
     if not record.complete:
         raise ValueError(f"{run_dir} is not a finished run (state {record.state!r}); run it first")
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
-    saved.pop("inputs", None)  # the run's identity, not a config key
+    for key in ("inputs", "processes", "loss_defaults"):  # the run's identity (`run_identity`), not config keys
+        saved.pop(key, None)
     cfg = config_from_dict(saved, where=str(run_dir / "config.yaml"))
     from tvkd.pipeline import resolve, uses_testbed
 
