@@ -15,8 +15,9 @@ searches (`studies.search`) connect, reserve and forward their environment the s
   (no address) follows ``RAY_AUTH_MODE`` when it is set and otherwise lets Ray create its token
   (``~/.ray/auth_token``). With ``--address`` the token must reach every node and the driver the way
   Ray reads it: ``RAY_AUTH_TOKEN`` / ``RAY_AUTH_TOKEN_PATH`` in their environment, or the same
-  ``~/.ray/auth_token`` (``ray get-auth-token`` prints the head's). A cluster that refuses the
-  driver is one `RaySessionError` that says this, not a loop of "Failed to get cluster ID".
+  ``~/.ray/auth_token`` (``ray get-auth-token`` prints the head's); a node joining with ``ray start
+  --address`` also needs ``RAY_AUTH_MODE=token``, which the driver sets for itself when it finds a
+  token and no mode. A cluster that refuses the driver is one `RaySessionError` that says this.
 - Resources: `check_resources` refuses (locally) or warns (on a cluster that may autoscale) when no
   node can hold one trial.
 """
@@ -71,10 +72,26 @@ def _cpus() -> int:
         return os.cpu_count() or 1
 
 
+def _token_available() -> bool:
+    """A Ray auth token where Ray reads one: RAY_AUTH_TOKEN, the file RAY_AUTH_TOKEN_PATH names, ~/.ray/auth_token."""
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    return bool(os.environ.get("RAY_AUTH_TOKEN")) or (Path(path).is_file() if path else
+                                                     (Path.home() / ".ray" / "auth_token").is_file())
+
+
 def _connect(address: str, kwargs: dict[str, Any]) -> None:
-    """`ray.init(address=...)`; what Ray raises becomes one `RaySessionError` saying what to check."""
+    """`ray.init(address=...)`; what Ray raises becomes one `RaySessionError` saying what to check.
+
+    A driver that has a token but no RAY_AUTH_MODE sends it (RAY_AUTH_MODE=token for this process): Ray 2.60's
+    driver does not turn token mode on by itself when it joins a cluster, and a token cluster then answers
+    "missing authorization header" until the connection times out."""
     import ray
 
+    if "RAY_AUTH_MODE" not in os.environ and _token_available():
+        from ray._raylet import Config  # lazy: ray
+
+        os.environ["RAY_AUTH_MODE"] = "token"
+        Config.initialize("")  # Ray caches its config per process: re-read, as Ray's own token setup does
     try:
         ray.init(address=address, **kwargs)
     except Exception as e:  # noqa: BLE001 - Ray raises ConnectionError, RuntimeError, AuthenticationError, ...

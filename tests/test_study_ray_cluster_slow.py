@@ -89,6 +89,7 @@ def test_a_grid_and_a_search_on_a_two_node_cluster_with_token_auth(tiny_world, t
         assert sum(t["state"] in ("complete", "pruned") for t in found["trials"]) == 2, found["trials"]
         assert (results / "cluster-alpha" / "tables" / "runs.csv").is_file()
     finally:
+        monkeypatch.delenv("RAY_AUTH_MODE", raising=False)  # the driver set it for itself (token found, no mode)
         for sid in reversed(sessions):  # `ray stop --force`, for these two nodes only
             end_session(sid)
         deadline = time.monotonic() + 30
