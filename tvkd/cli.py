@@ -293,7 +293,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.sweeps:
         import json
 
-        from studies.ray_executor import bench_ray_speedup
+        from tvkd.bench.sweeps import bench_ray_speedup
 
         print("\nsweeps: the same 4-run testbed grid through Ray Tune at 1 and at 2 trials at once:", flush=True)
         res = bench_ray_speedup(concurrency=(1, 2), quick=True)
