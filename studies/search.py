@@ -48,7 +48,8 @@ What a search does
     intermediate): resuming with a changed spec is an error (use another study name).
   * The sampler is seeded with ``seed + <trials already in the storage>``: an uninterrupted search is
     reproducible, and a resumed one does not redraw the points of the first process.
-  * ``use_ray=True``: the same trials through Ray Tune (`ray.tune.Tuner` with `OptunaSearch` on the
+  * ``backend="ray"`` (``--backend ray [--address HOST:PORT]``): the same trials through Ray Tune in the one
+    Ray session of `studies.ray_session`, each reserving the study file's ``resources`` (`ray.tune.Tuner` with `OptunaSearch` on the
     same storage, `ConcurrencyLimiter(max_concurrent)`, and Ray's `MedianStoppingRule` on the
     intermediate metric instead of Optuna's pruner, which `OptunaSearch` does not run; its grace
     period is n_warmup_steps / train.logging_steps reports). A trial that fails there is not
@@ -57,7 +58,8 @@ What a search does
     ``variants`` / ``axes``; here use ``choices``.
   * At the end the best trial's run config is written to ``<results>/<study>/best.yaml`` (first line:
     the ``tvkd run`` command that runs it; as written it is that trial's own config, so the command
-    finds its run in the store).
+    finds its run in the store), and, as every study ends (`studies.engine.write_outputs`), runs.csv
+    with one row per trial (its params, its run's config and metrics) under ``<results>/<study>/tables``.
 
 Entry points: `search_study` (Python), `add_search_arguments` + `cli_search` (for ``tvkd study
 search``), and ``python -m studies.search SPEC [--storage URL] [--n-trials N]``.

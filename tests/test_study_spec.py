@@ -226,7 +226,7 @@ def _old_deep_merge(base, over):
 
 
 def old_expand_study(spec, *, seeds=None, quick=False):
-    """studies/runner.py's expand_study before specs had axes (kept to pin the shipped studies' expansion)."""
+    """The expansion of a variants-only study as it was before specs had axes (pins the shipped studies')."""
     base = spec.get("base", {})
     seeds_given = seeds is not None
     seeds = list(seeds if seeds_given else spec.get("seeds", [0]))
