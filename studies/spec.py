@@ -1034,6 +1034,9 @@ def read_study(name: str | Path) -> tuple[Any, str]:
     path = Path(name)
     if path.suffix in (".yaml", ".yml") and path.exists():
         source = str(name)
+    elif path.suffix in (".yaml", ".yml"):
+        raise StudySpecError(str(name), ["file not found (give a study YAML that exists, or a registered study: "
+                                         f"{', '.join(STUDIES.names())})"])
     else:
         path = STUDIES.get(str(name))
         source = path.name

@@ -407,3 +407,8 @@ def test_a_study_file_reads_scientific_notation_as_numbers(tmp_path):
     spec = load_spec(path)
     assert spec.runs()[0].config.train.learning_rate == 5e-07
     assert [r.config.loss.options["beta"] for r in spec.runs()] == [0.01, 0.1]
+
+
+def test_a_missing_study_file_is_named_as_a_missing_file(tmp_path):
+    with pytest.raises(StudySpecError, match="nothere.yaml: file not found"):
+        load_spec(tmp_path / "nothere.yaml")
