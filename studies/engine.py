@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 from reports.store import NoCompleteRuns, store_frame, write_study_outputs
 from reports.tables import discover
-from studies.spec import STUDIES, StudyFile, StudyRun, StudySpecError, load_spec
+from studies.spec import StudyFile, StudyRun, StudySpecError, load_spec
 from tvkd.paths import results_root
 from tvkd.results import ResultsStore
 
@@ -36,6 +36,10 @@ class Executor(Protocol):
 
     def run(self, spec: StudyFile, runs: list[StudyRun], store: ResultsStore, *, progress: bool
             ) -> list[dict[str, Any]]: ...
+
+    def summary(self) -> dict[str, Any]:
+        """What `run_study` returns beside the tables (the Ray executor: its trials and experiment)."""
+        ...
 
 
 class Sequential:
@@ -59,9 +63,7 @@ class Sequential:
 def load(study: str | Path | dict[str, Any] | StudyFile, profile: str | None = None) -> StudyFile:
     """The checked study file (`studies.spec.load_spec`) whose ``table``, if it names one, is a registered
     table generator: every problem is found here, before any run or Ray session starts."""
-    if isinstance(study, str) and not study.endswith((".yaml", ".yml")):
-        STUDIES.get(study)  # an unknown name: the registry's error, with the valid names
-    spec = load_spec(study, profile)
+    spec = load_spec(study, profile)  # an unknown name: the registry's error, with the valid names
     tables = discover()
     if spec.table and spec.table not in tables:
         raise StudySpecError(spec.source, [f"table: {tables.unknown_message(spec.table)}"])
