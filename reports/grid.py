@@ -25,6 +25,7 @@ from reports.effects import (
     paired_effect,
 )
 from reports.tables import MetricSpec, format_table, summarize, write_table_files
+from studies.spec import reference_label
 
 __all__ = ["GRID_METRICS", "grid_summary", "write_grid_tables"]
 
@@ -43,15 +44,6 @@ def _label_columns(spec: Any, df: pd.DataFrame) -> list[str]:
     """The variant and axis columns of the frame (``label`` for a variants-only study)."""
     cols = (["variant"] if spec.variants and spec.axes else []) + [a.name for a in spec.axes]
     return [c for c in cols if c in df.columns] or ["label"]
-
-
-def _reference_of(label: str, variant: Any, reference: str, labels: set[str]) -> str | None:
-    if reference in labels:
-        return reference
-    if isinstance(variant, str):  # a variant label: its run with this row's axis values
-        candidate = ",".join([reference, *label.split(",")[1:]])
-        return candidate if candidate in labels else None
-    return None
 
 
 def grid_summary(spec: Any, df: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, MetricSpec], list[str], list[str]]:
@@ -78,7 +70,7 @@ def grid_summary(spec: Any, df: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, M
                     by_label.setdefault(label, {})[seed] = items
             effects = []
             for label in summary["label"]:
-                ref = _reference_of(label, first.loc[label].get("variant"), reference, labels)
+                ref = reference_label(reference, label, first.loc[label].get("variant"), labels)
                 effects.append(None if ref is None or ref == label else paired_effect(
                     by_label.get(label, {}), by_label.get(ref, {}), where=f"grid: {column} of row {label!r}"))
             header = effect_header(metric, reference, metrics[metric])

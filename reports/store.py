@@ -37,7 +37,7 @@ import pandas as pd
 from reports.compare import compare_study, format_comparison, write_comparison
 from reports.grid import write_grid_tables
 from reports.tables import TABLES, discover
-from studies.spec import load_spec
+from studies.spec import load_spec, reference_label
 from tvkd.evaluation.metrics import win_rate
 from tvkd.paths import results_root
 from tvkd.results import ResultsStore, config_hash
@@ -57,6 +57,7 @@ def frame_from_records(spec: dict[str, Any], rows: list[dict[str, Any]]) -> pd.D
     """
     ref_label = spec.get("reference_variant")
     by_seed_label = {(r["seed"], r["label"]): r for r in rows}
+    labels = {r["label"] for r in rows}
     records = []
     for r in rows:
         rec = r["record"]
@@ -77,9 +78,8 @@ def frame_from_records(spec: dict[str, Any], rows: list[dict[str, Any]]) -> pd.D
         pairs = rec.outputs("pairs.jsonl")
         row["items.margin_accuracy"] = [p["margin_accuracy"] for p in pairs] or None
         if ref_label:
-            ref = by_seed_label.get((r["seed"], ref_label))
-            if ref is None and r.get("variant") is not None:  # a variant: its run with this row's axis values
-                ref = by_seed_label.get((r["seed"], ",".join([ref_label, *r["label"].split(",")[1:]])))
+            ref_run = reference_label(ref_label, r["label"], r.get("variant"), labels)
+            ref = by_seed_label.get((r["seed"], ref_run)) if ref_run else None
             if ref is not None:
                 mine = {o["prompt"]: o.get("oracle") for o in outputs}
                 theirs = {o["prompt"]: o.get("oracle") for o in ref["record"].outputs()}

@@ -98,7 +98,7 @@ from tvkd.registry import Registry
 
 __all__ = [
     "RUN_KEYS", "STUDIES", "Axis", "Resources", "StudyFile", "StudyRun", "StudySpecError", "deep_merge", "format_value",
-    "load_spec", "parse_spec", "read_study",
+    "load_spec", "parse_spec", "read_study", "reference_label",
 ]
 
 #: The paper's studies: every ``studies/*.yaml`` by its name (the examples under ``studies/examples/`` run by path).
@@ -150,6 +150,17 @@ class StudySpecError(ConfigError):
 
     def __reduce__(self) -> tuple[Any, ...]:  # picklable (e.g. across processes) despite its own arguments
         return (type(self), (self.source, self.problems))
+
+
+def reference_label(reference: str, label: str, variant: Any, labels: Any) -> str | None:
+    """The run label a row is compared with: ``reference`` itself when it is a run label, else (a variant label)
+    that variant's run with this row's axis values; None when the study has no such run."""
+    if reference in labels:
+        return reference
+    if isinstance(variant, str):
+        candidate = ",".join([reference, *label.split(",")[1:]])
+        return candidate if candidate in labels else None
+    return None
 
 
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
