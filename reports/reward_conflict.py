@@ -5,7 +5,8 @@ Input: one row per finished run with the columns
 
     method                  "tvkd" or "dpo"
     aux                     the aux reward of a TVKD run (None for DPO)
-    control                 "none" | "shuffled" (missing/None reads as "none")
+    control                 "none" | "shuffled" | "ceiling" (missing/None reads as "none"; "ceiling": a DPO run
+                            on the oracle-relabelled pairs, `testbed:student_pref_train_oracle`)
     offset_source           where a TVKD run's offsets come from: "teacher" (missing/None reads as that)
                             or "data:…" (e.g. "data:oracle_chosen,oracle_rejected": the oracle's score gaps)
     seed
@@ -17,7 +18,9 @@ Input: one row per finished run with the columns
 
 Other columns are ignored. Rows: the six aux rewards of docs/methods.md §A.2 in the paper's order, then
 "oracle gap (positive control)" (a TVKD run whose offsets are the oracle's own score gaps, whatever
-its aux: what a perfect teacher would give), "DPO" (no teacher) and "soft_value (shuffled Ψ)" (the
+its aux: what a perfect teacher would give), "DPO on oracle labels (ceiling)" (DPO on the same pairs
+with every label set by the oracle: what noise-free preferences give, so the room any teacher has is
+the gap between DPO and this row), "DPO" (no teacher) and "soft_value (shuffled Ψ)" (the
 teacher offsets permuted across pairs; a gain it also shows is not teacher knowledge). The teacher
 rows match only runs with teacher offsets. Each cell is mean ± std over seeds; a row without finished
 runs stays in the table with "–". Only the aux rewards and DPO are ranked for the bold/second marks:
@@ -97,6 +100,8 @@ ROWS: tuple[TableRow, ...] = (
     TableRow("soft_value", "state", "soft_value", _SOFT_VALUE_TEX, _SOFT_VALUE_TEXT, "tvkd", "soft_value", "none"),
     TableRow("oracle_gap", "control+", "oracle gap (positive control)", r"$r^*(x, y_w) - r^*(x, y_l)$",
              "r*(x, y_w) − r*(x, y_l)", "tvkd", None, "none", ranked=False, offset_source="data:"),
+    TableRow("ceiling", "control+", "DPO on oracle labels (ceiling)", None, None, "dpo", None, "ceiling",
+             ranked=False),
     TableRow("dpo", "–", "DPO", None, None, "dpo", None, "none"),
     TableRow("soft_value_shuffled", "control", "soft_value (shuffled Ψ)", _SOFT_VALUE_TEX, _SOFT_VALUE_TEXT,
              "tvkd", "soft_value", "shuffled", ranked=False),
@@ -196,7 +201,8 @@ def _caption(df: pd.DataFrame, fmt: str, summary: pd.DataFrame, reference_name: 
     second = "underlined" if fmt == "latex" else "italic"
     caption = (
         "Reward conflict (the paper's Table 5): TVKD with each auxiliary reward, the positive control (TVKD "
-        "with the oracle's own score gaps as offsets: a perfect teacher), DPO, and the shuffled "
+        "with the oracle's own score gaps as offsets: a perfect teacher), the ceiling control (DPO on the same "
+        "pairs relabelled by the oracle: noise-free preferences), DPO, and the shuffled "
         f"control. Mean ± std over seeds {', '.join(map(str, seeds)) or '(none)'}; n = runs per row "
         "(std 0 when n = 1). Margin accuracy and win rate in %. "
         f"Bold: best, {second}: second best among the aux rewards and DPO (not ranked: the controls, and "

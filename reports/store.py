@@ -12,7 +12,8 @@ run, in run order, with the columns every table generator reads:
     run_dir, record        the run folder and its `tvkd.results.RunRecord`
     <metric>               every numeric metric of metrics.json (``margin_accuracy``, ``oracle_score``,
                            ``mt_bench/score``, ...)
-    method, aux, control, offset_source   from the loss config the run recorded
+    method, aux, control, offset_source   from the loss config the run recorded (``control``: the variant's
+                           descriptive ``control`` key when the loss ran none, e.g. ``ceiling``)
     items.oracle_score     {prompt: oracle score} from outputs.jsonl (None without one)
     items.margin_accuracy  per-test-pair outcomes from pairs.jsonl (None without one)
     win_rate_vs_<ref>      against the spec's ``reference_variant``, same seed, from both runs' outputs
@@ -69,7 +70,9 @@ def frame_from_records(spec: dict[str, Any], rows: list[dict[str, Any]]) -> pd.D
         loss_cfg = m.get("loss_config", {}) or {}
         row.setdefault("method", "tvkd" if "aux" in loss_cfg else r["label"])
         row["aux"] = loss_cfg.get("aux")
-        row["control"] = loss_cfg.get("control", "none") or "none"
+        # a control the loss ran (shuffled offsets), else the variant's own word for it (``control: ceiling``:
+        # plain DPO on oracle-relabelled pairs, whose loss config has no control)
+        row["control"] = loss_cfg.get("control") or r.get("control") or "none"
         row["offset_source"] = loss_cfg.get("offset_source")
         # per-item results behind oracle_score and margin_accuracy, for paired effect sizes (reports/effects.py)
         outputs = rec.outputs()

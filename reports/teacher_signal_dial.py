@@ -1,7 +1,7 @@
 """The teacher-signal dial: how good must a teacher's signal be before it helps a student?
 
 Input: the study frame of `studies/teacher_signal_dial.yaml`, one row per run with `label` (``dpo``,
-``rho=<ρ>``, or an aux reward's name), `seed`, the metrics `oracle_score`, `margin_accuracy` and
+``dpo-oracle-labels`` (the ceiling control), ``rho=<ρ>``, or an aux reward's name), `seed`, the metrics `oracle_score`, `margin_accuracy` and
 `teacher_signal/oracle_gap_correlation` (the measured Spearman correlation of the run's pair offsets with
 the oracle gap), and the per-item columns `items.oracle_score` / `items.margin_accuracy`.
 
@@ -9,7 +9,7 @@ Output: `teacher_signal_dial.md` / `.tex` (per row: the offsets' measured correl
 and the paired gains over DPO with 95% crossed seed × item intervals, `reports.effects`) and the figure
 `teacher_signal_dial.png` / `.pdf`: the oracle-score gain over DPO against the measured correlation, the
 dial's points joined by a line, each of the six aux rewards placed on the same axes at its own measured
-correlation.
+correlation, and the ceiling control's gain (DPO on oracle-relabelled pairs) as a band: the room a teacher has.
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ from tvkd.aux_rewards import TABLE5
 
 STUDY = "teacher-signal-dial"
 REFERENCE = "dpo"
+#: The ceiling control's label: DPO on the same pairs with every label set by the oracle.
+CEILING = "dpo-oracle-labels"
 CORRELATION = "teacher_signal/oracle_gap_correlation"
 EFFECTS = {
     "oracle_score": MetricSpec("Oracle score", higher_is_better=True, digits=3),
@@ -51,10 +53,11 @@ def _rows(df: pd.DataFrame) -> tuple[list[str], list[str], list[str]]:
     labels = list(dict.fromkeys(df["label"]))
     dial = sorted((lab for lab in labels if _RHO.match(lab)), key=lambda lab: -float(_RHO.match(lab).group(1)))
     aux = [a for a in TABLE5 if a in labels]
-    keys = ([REFERENCE] if REFERENCE in labels else []) + dial + aux
-    names = ["DPO" if k == REFERENCE else f"dial ρ = {float(_RHO.match(k).group(1)):.2f}" if _RHO.match(k)
-             else f"aux {k}" for k in keys]
-    kinds = ["reference" if k == REFERENCE else "dial" if _RHO.match(k) else "aux" for k in keys]
+    keys = ([REFERENCE] if REFERENCE in labels else []) + ([CEILING] if CEILING in labels else []) + dial + aux
+    names = ["DPO" if k == REFERENCE else "DPO on oracle labels (ceiling)" if k == CEILING
+             else f"dial ρ = {float(_RHO.match(k).group(1)):.2f}" if _RHO.match(k) else f"aux {k}" for k in keys]
+    kinds = ["reference" if k == REFERENCE else "ceiling" if k == CEILING else "dial" if _RHO.match(k) else "aux"
+             for k in keys]
     return keys, names, kinds
 
 
@@ -88,7 +91,8 @@ def format_dial(df: pd.DataFrame, fmt: str = "markdown") -> str:
     caption = (
         "The teacher-signal dial: TVKD trained with the oracle's own score gaps as pair offsets (ρ = 1: a perfect "
         "teacher, the positive control), with a fraction 1 − ρ of the pairs' offsets permuted among themselves "
-        "(ρ = 0: the shuffled negative control), and with each of the six aux rewards of Table 5; offsets scaled to "
+        "(ρ = 0: the shuffled negative control), and with each of the six aux rewards of Table 5, beside the ceiling "
+        "control (DPO on the same pairs relabelled by the oracle: noise-free preferences); offsets scaled to "
         "unit spread (offset_norm std), α 0.7, β 0.1. ρ(offset, oracle gap): the measured Spearman correlation of "
         "the run's offsets with the oracle gap. "
         + effects_caption("DPO")
@@ -111,6 +115,12 @@ def plot_dial(df: pd.DataFrame, out_dir: Path) -> dict[str, Path]:
     summary = dial_summary(df)
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     ax.axhline(0.0, color="0.6", lw=0.8, zorder=0)
+    ceiling = summary[(summary["kind"] == "ceiling") & summary["oracle_score.effect"].notna()]
+    if not ceiling.empty:  # the room a teacher has: DPO on noise-free labels, as a band across the axis
+        effect = ceiling["oracle_score.effect"].iloc[0]
+        ax.axhspan(effect.low, effect.high, color="C2", alpha=0.15, lw=0, zorder=0)
+        ax.axhline(effect.estimate, color="C2", lw=1.0, ls="--", zorder=0,
+                   label="ceiling: DPO on oracle labels (95% CI)")
     for kind, style in (("dial", dict(color="C0", marker="o", ls="-", label="dial: oracle offsets, (1−ρ) shuffled")),
                         ("aux", dict(color="C3", marker="s", ls="none", label="aux rewards of Table 5"))):
         part = summary[(summary["kind"] == kind) & summary["oracle_score.effect"].notna()]

@@ -34,7 +34,7 @@ PAPER_TABLE5 = Path(__file__).parents[1] / "reports" / "paper_data" / "table5.cs
 def test_the_fixture_is_small_and_complete():
     files = [p for p in (STORE / "reward-conflict").rglob("*") if p.is_file()]
     assert sum(p.stat().st_size for p in files) < 200_000
-    assert len(list((STORE / "reward-conflict").iterdir())) == 27  # 9 variants x 3 seeds
+    assert len(list((STORE / "reward-conflict").iterdir())) == 30  # 10 variants x 3 seeds
 
 
 def test_store_frame_has_the_columns_of_a_run_and_its_order():
@@ -172,11 +172,11 @@ def test_a_missing_and_a_stale_run_are_noticed_and_the_table_still_built(tmp_pat
     config = (stale / "config.yaml").read_text()
     (stale / "config.yaml").write_text(config.replace("learning_rate: 3.0e-05", "learning_rate: 1.0e-05"))
     sf = store_frame("reward-conflict", store)
-    assert len(sf.frame) == 26 and len(sf.missing) == 1 and sf.missing[0][0] == "logits"
+    assert len(sf.frame) == 29 and len(sf.missing) == 1 and sf.missing[0][0] == "logits"
     assert len(sf.stale) == 1 and sf.stale[0][0] == "max"
     rc = main(["report", "--study", "reward-conflict", "--results", str(store), "--out", str(tmp_path / "out")])
     out = capsys.readouterr().out
-    assert rc == 0 and "notice: 1 of 27 runs of reward-conflict have no complete run" in out
+    assert rc == 0 and "notice: 1 of 30 runs of reward-conflict have no complete run" in out
     assert "notice: 1 rows come from runs whose config differs" in out and "max (seed" in out
     assert (tmp_path / "out" / "reward_conflict.md").exists()
 
@@ -189,6 +189,6 @@ def test_seeds_run_beyond_the_spec_are_shown(tmp_path):
     shutil.copytree(source, extra)
     (extra / "config.yaml").write_text((source / "config.yaml").read_text().replace("seed: 1\n", "seed: 5\n", 1))
     sf = store_frame("reward-conflict", store)
-    assert sorted(set(sf.frame["seed"])) == [0, 1, 2, 5] and len(sf.frame) == 28 and not sf.stale
+    assert sorted(set(sf.frame["seed"])) == [0, 1, 2, 5] and len(sf.frame) == 31 and not sf.stale
     assert len(sf.missing) == 8 and {s for _, s in sf.missing} == {5}  # the other variants of seed 5
-    assert len(store_frame("reward-conflict", store, seeds=[0, 1, 2]).frame) == 27
+    assert len(store_frame("reward-conflict", store, seeds=[0, 1, 2]).frame) == 30

@@ -138,7 +138,8 @@ POSITIVE = "oracle gap (positive control)"
 def test_the_positive_control_is_its_own_row_and_not_ranked():
     df = reward_conflict_runs()
     keys = [r.key for r in ROWS]
-    assert keys.index("oracle_gap") == keys.index("soft_value") + 1 and keys.index("dpo") == keys.index("oracle_gap") + 1
+    assert keys.index("oracle_gap") == keys.index("soft_value") + 1 and keys.index("ceiling") == keys.index("oracle_gap") + 1
+    assert keys.index("dpo") == keys.index("ceiling") + 1
     by_key = reward_conflict_summary(df).set_index("key")
     assert by_key.loc["oracle_gap", "Type"] == "control+" and by_key.loc["oracle_gap", "Name"] == POSITIVE
     assert by_key.loc["oracle_gap", "n"] == 3
@@ -151,7 +152,7 @@ def test_the_positive_control_is_its_own_row_and_not_ranked():
     cells = _rows(format_reward_conflict(df, "markdown"))
     assert cells[POSITIVE][1:4] == ["75.0 ± 1.0", "0.561 ± 0.002", "58.0 ± 1.0"]
     lines = format_reward_conflict(df, "latex").splitlines()
-    line = next(x for x in lines if x.startswith("control+"))
+    line = next(x for x in lines if x.startswith("control+ & oracle gap"))
     assert r"\textbf" not in line and r"\underline" not in line
     assert lines[lines.index(line) - 1] == r"\midrule"
 
@@ -352,3 +353,17 @@ def test_extra_columns_hold_preformatted_text():
     assert r"b|x & \textbf{0.90 $\pm$ 0.00} & -- & 1 \\" in tex
     with pytest.raises(KeyError, match="absent"):
         format_table(s, metrics=SCORE, row_label_cols=["name"], extra_cols=["absent"])
+
+
+def test_a_dpo_run_on_oracle_labels_is_the_ceiling_row_not_dpo():
+    ceiling = [{"method": "dpo", "control": "ceiling", "seed": s, "margin_accuracy": 0.9, "oracle_score": 0.7}
+               for s in (0, 1, 2)]
+    df = pd.concat([reward_conflict_runs(), pd.DataFrame(ceiling)], ignore_index=True)
+    by_key = reward_conflict_summary(df).set_index("key")
+    assert by_key.loc["ceiling", "n"] == 3 and by_key.loc["ceiling", "oracle_score.mean"] == pytest.approx(0.7)
+    plain = reward_conflict_summary(reward_conflict_runs()).set_index("key")
+    assert by_key.loc["dpo", "n"] == plain.loc["dpo", "n"]  # DPO's row keeps only control-free DPO runs
+    assert by_key.loc["dpo", "oracle_score.mean"] == pytest.approx(plain.loc["dpo", "oracle_score.mean"])
+    lines = format_reward_conflict(df, "latex").splitlines()
+    line = next(x for x in lines if x.startswith("control+ & DPO on oracle labels"))
+    assert r"\textbf" not in line and r"\underline" not in line  # a control: never ranked

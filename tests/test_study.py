@@ -36,10 +36,11 @@ def test_reward_conflict_study_is_registered_and_expands():
     spec = load_study("reward-conflict")
     runs = expand_study(spec)
     labels = {info["label"] for info, _ in runs} if runs and "label" in runs[0][0] else {c.name for _, c in runs}
-    assert {"dpo", "logits", "log_prob", "max", "margin", "expectation", "soft_value", "soft_value-shuffled"} <= labels
-    assert len(runs) == 9 * len(spec["seeds"]) and len(spec["seeds"]) >= 3
+    assert {"dpo", "logits", "log_prob", "max", "margin", "expectation", "soft_value", "soft_value-shuffled",
+            "oracle-gap", "dpo-oracle-labels"} <= labels
+    assert len(runs) == 10 * len(spec["seeds"]) and len(spec["seeds"]) >= 3
     quick = expand_study(spec, quick=True)
-    assert len(quick) == 9 and quick[0][1].data.subsample < runs[0][1].data.subsample
+    assert len(quick) == 10 and quick[0][1].data.subsample < runs[0][1].data.subsample
     with pytest.raises(KeyError, match="did you mean|Did you mean"):
         load_study("reward-conflit")
 

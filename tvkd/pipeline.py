@@ -43,7 +43,7 @@ TESTBED_PARTS = {
     "student_dpo": "student_dpo_dir", "teacher_dpo_other_vocab": "teacher_dpo_other_vocab_dir",
     "tokenizer": "tokenizer_dir", "pref_train": "pref_train",
     "pref_test": "pref_test", "student_pref_train": "student_pref_train", "student_pref_test": "student_pref_test",
-    "sft_train": "sft_train", "test_prompts": "test_prompts",
+    "student_pref_train_oracle": "student_pref_train_oracle", "sft_train": "sft_train", "test_prompts": "test_prompts",
 }
 
 
