@@ -13,6 +13,9 @@ run, in run order, with the columns every table generator reads:
     <metric>               every numeric metric of metrics.json (``margin_accuracy``, ``oracle_score``,
                            ``mt_bench/score``, ...)
     method, aux, control, offset_source   from the loss config the run recorded
+    config/<section>.<key> the settings a caption states (``config/loss.alpha``, ``config/loss.beta``,
+                           ``config/loss.value_temperature``, ``config/train.learning_rate``, ...), as the run
+                           recorded them (`reports.settings.config_columns`); absent when it did not
     items.oracle_score     {prompt: oracle score} from outputs.jsonl (None without one)
     items.margin_accuracy  per-test-pair outcomes from pairs.jsonl (None without one)
     win_rate_vs_<ref>      against the spec's ``reference_variant``, same seed, from both runs' outputs
@@ -36,6 +39,7 @@ import pandas as pd
 
 from reports.compare import compare_study, format_comparison, write_comparison
 from reports.grid import write_grid_tables
+from reports.settings import config_columns
 from reports.tables import TABLES, discover
 from studies.spec import load_spec, reference_label
 from tvkd.evaluation.metrics import win_rate
@@ -71,6 +75,8 @@ def frame_from_records(spec: dict[str, Any], rows: list[dict[str, Any]]) -> pd.D
         row["aux"] = loss_cfg.get("aux")
         row["control"] = loss_cfg.get("control", "none") or "none"
         row["offset_source"] = loss_cfg.get("offset_source")
+        # the settings the captions state (α, β, β_V, learning rate, ...), as this run recorded them
+        row.update(config_columns(rec.config if isinstance(rec.config, dict) else None, loss_cfg))
         # per-item results behind oracle_score and margin_accuracy, for paired effect sizes (reports/effects.py)
         outputs = rec.outputs()
         row["items.oracle_score"] = ({o["prompt"]: o["oracle"] for o in outputs if o.get("oracle") is not None}
