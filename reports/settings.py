@@ -86,7 +86,7 @@ def _missing(value: object) -> bool:
         return True
     if isinstance(value, float) and math.isnan(value):
         return True
-    return isinstance(value, str) and value.strip().lower() in ("", "none", "nan")
+    return isinstance(value, str) and value.strip().lower() in ("", "nan")
 
 
 def _text(value: object) -> str:
