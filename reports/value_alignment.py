@@ -178,12 +178,14 @@ def _value_temperature(df: pd.DataFrame) -> str:
 
 #: ``tvkd report --study value-alignment --compare-paper``: Table 4 beside ours (reports/compare.py). On the testbed
 #: the oracle score stands in for MT-Bench unless the runs were benchmarked; the teacher's KL cell is blank in the paper.
+#: The value KL is compared only by TVKD's sign against DPO through the table's paired per-seed t-interval (the Δ value
+#: KL column): a difference whose interval includes 0 is "not shown", never "reversed".
 PAPER_MAPS = (
     PaperMap(name="table4", table="table4", row_column="model", column_column="metric",
              rows={"teacher_dpo": "DPO Teacher", "dpo": "DPO Student", "tvkd": "Ours"},
              columns={"KL-div. with Teacher Value": ("value_kl",), "MT-Bench": ("mt_bench/score", "oracle_score")},
              row_key="label", baseline="dpo", unranked=("teacher_dpo",), lower_is_better=("KL-div. with Teacher Value",),
-             subject="students", baseline_is_subject=True),
+             by_sign=("KL-div. with Teacher Value",), subject="students", baseline_is_subject=True),
 )
 
 
