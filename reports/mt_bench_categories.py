@@ -27,6 +27,7 @@ import pandas as pd
 
 from reports.effects import Effect, crossed_effect, format_effect
 from reports.figures import save_figure
+from reports.settings import settings_sentence
 from reports.tables import (
     MISSING,
     TABLES,
@@ -36,7 +37,6 @@ from reports.tables import (
     summarize,
     write_table_files,
 )
-from reports.settings import settings_sentence
 from tvkd.testbed.tasks import TASKS
 
 __all__ = ["categories", "format_mt_bench_categories", "mt_bench_summary", "plot_radar", "write_mt_bench_categories"]

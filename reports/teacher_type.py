@@ -23,7 +23,15 @@ import pandas as pd
 
 from reports.compare import PaperMap
 from reports.effects import effects_caption, items_column
-from reports.model_ablation import METRICS, Group, Method, _groups, format_grouped, grouped_summary, method_settings
+from reports.model_ablation import (
+    METRICS,
+    Group,
+    Method,
+    _groups,
+    format_grouped,
+    grouped_summary,
+    method_settings,
+)
 from reports.settings import CONFIG, describe
 from reports.tables import TABLES, format_seeds, write_table_files
 

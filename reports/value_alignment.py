@@ -43,7 +43,16 @@ from reports.effects import (
     effects_caption,
     items_column,
 )
-from reports.settings import ALPHA, BETA, EPOCHS, LEARNING_RATE, SETTINGS, VALUE_TEMPERATURE, describe, settings_sentence
+from reports.settings import (
+    ALPHA,
+    BETA,
+    EPOCHS,
+    LEARNING_RATE,
+    SETTINGS,
+    VALUE_TEMPERATURE,
+    describe,
+    settings_sentence,
+)
 from reports.tables import TABLES, MetricSpec, format_seeds, format_table, summarize, write_table_files
 from tvkd.evaluation.value_alignment import DEFAULT_VALUE_TEMPERATURE
 

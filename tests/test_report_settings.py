@@ -21,7 +21,15 @@ from reports.reward_conflict import format_reward_conflict
 from reports.sensitivity import ALPHA, BETA, format_sensitivity
 from reports.settings import ALPHA as ALPHA_COL
 from reports.settings import BETA as BETA_COL
-from reports.settings import CONFIG, EPOCHS, LEARNING_RATE, VALUE_TEMPERATURE, config_columns, describe, settings_sentence
+from reports.settings import (
+    CONFIG,
+    EPOCHS,
+    LEARNING_RATE,
+    VALUE_TEMPERATURE,
+    config_columns,
+    describe,
+    settings_sentence,
+)
 from reports.store import store_frame
 from reports.teacher_signal_dial import format_dial
 from reports.teacher_type import format_teacher_type
