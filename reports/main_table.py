@@ -164,7 +164,7 @@ def _caption(df: pd.DataFrame, summary: pd.DataFrame, reference_name: str) -> st
         "Bold: best, underlined: second best among the student methods (not ranked: the two teachers, and "
         "ADPA in its own win-rate column); – : no finished run. " + effects_caption(reference_name)
     )
-    names = {r.label: r.name for r in ROWS}
+    names = {r.label: r.name for r in ROWS if r.ranked}  # the trained students: the teachers are evaluated as they are
     settings = settings_sentence(df, [names.get(_label(v)) for v in df["label"]]) if "label" in df.columns else ""
     limit = detection_limit_sentence({m: summary[f"effect.{m}"].tolist() for m in _EFFECTS},
                                      {m: METRICS[m] for m in _EFFECTS})

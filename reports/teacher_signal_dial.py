@@ -107,11 +107,11 @@ def format_dial(df: pd.DataFrame, fmt: str = "markdown") -> str:
 
 
 def _caption_rows(df: pd.DataFrame) -> list[str | None]:
-    """Per run, the group of rows its settings are named by in the caption: DPO, the dial, the aux rewards."""
+    """Per run, the name its settings go by in the caption: "dial rows" for every ρ, else its row's name."""
     if "label" not in df.columns:
         return [None] * len(df)
     keys, names, kinds = _rows(df)
-    group = {"dial": "dial rows", "aux": "aux rows"}  # any other row: by its own name
+    group = {"dial": "dial rows"}  # one setting for every ρ; any other row by its own name
     by_key = {k: group.get(kind, name) for k, name, kind in zip(keys, names, kinds)}
     return [by_key.get(v) for v in df["label"]]
 
