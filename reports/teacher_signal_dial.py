@@ -93,7 +93,8 @@ def format_dial(df: pd.DataFrame, fmt: str = "markdown") -> str:
         "The teacher-signal dial: TVKD trained with the oracle's own score gaps as pair offsets (ρ = 1: a perfect "
         "teacher, the positive control), with a fraction 1 − ρ of the pairs' offsets permuted among themselves "
         "(ρ = 0: the shuffled negative control), and with each of the six aux rewards of Table 5"
-        + (f"; {norm} (std: offsets scaled to unit spread, none: raw)" if norm else "")
+        + (f"; {norm} (std: the offsets scaled to unit spread; none: as they are)".replace(") (", "; ")
+           if norm else "")
         + ". ρ(offset, oracle gap): the measured Spearman correlation of the run's offsets with the oracle gap. "
         + effects_caption("DPO")
         + f" Seeds {', '.join(map(str, seeds))}."
