@@ -30,6 +30,8 @@ theirs, below)::
                                              # cells of a row taken from another paper table
         unranked=("teacher_dpo",),           # rows shown but left out of ranks and τ (references)
         lower_is_better=("KL",),             # paper metrics where lower is better
+        by_sign=("KL",),                     # paper metrics compared only by each row's sign against the
+                                             # baseline, through its paired 95% interval (no ranks, no τ)
         profiles=(None, "paper"),            # where it applies: None is the testbed; omitted: everywhere
         subject="aux rewards",               # for the sentence: "the paper's ordering of the six aux rewards"
         baseline_is_subject=False,           # the baseline is not one of them: "... and DPO"
@@ -37,6 +39,11 @@ theirs, below)::
 
 Our value of a cell is the mean over the study's runs (seeds) of that row and column; a row or
 column that the store does not have is left out, and a map with no column of ours says so.
+
+A metric in ``by_sign`` (Table 4's value KL: two students, where a rank order is a sign with no
+interval) is compared only through each row's paired difference to the baseline and its 95% interval
+(`reports.effects`: per item when the frame has per-item results, else a t-interval over the seeds):
+the paper's sign is reproduced or contradicted only when the interval excludes 0, else "not shown".
 """
 
 from __future__ import annotations
@@ -81,6 +88,7 @@ class PaperMap:
     borrow: Mapping[str, Mapping[str, tuple[str, Mapping[str, str]]]] = field(default_factory=dict)
     unranked: tuple[str, ...] = ()
     lower_is_better: tuple[str, ...] = ()
+    by_sign: tuple[str, ...] = ()  # paper metrics compared only by sign against the baseline, through the interval
     profiles: tuple[str | None, ...] | None = None
     subject: str = "rows"
     baseline_is_subject: bool = False  # the baseline is one of the `subject` (DPO among the student methods)
@@ -128,6 +136,10 @@ class MetricComparison:
     signs_total: int = 0
     tau_needed: float | None = None  # the smallest |τ| with p < ALPHA at this n (None: none reaches it)
     signs_unresolved: int = 0  # rows whose paired interval against the baseline includes 0: not compared
+    by_sign: bool = False  # compared only by each row's sign against the baseline (`PaperMap.by_sign`)
+    #: per row compared with the baseline: row, paper_row, paper_diff, effect (an `Effect` or None), verdict
+    #: ("reproduces" | "contradicted" | "not shown" | "no paired runs" | "no sign in the paper")
+    sign_rows: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -208,25 +220,31 @@ def compare_to_paper(frame: pd.DataFrame, pmap: PaperMap, *, study: str = "", pr
         cells["ours_rank"] = pd.Series(pd.NA, index=cells.index, dtype="Int64")
         cells.loc[ranked, "paper_rank"] = _rank(cells.loc[ranked, "paper"], higher)
         cells.loc[ranked, "ours_rank"] = _rank(cells.loc[ranked, "ours"], higher)
-        mc = MetricComparison(paper_metric, column, higher, cells)
+        mc = MetricComparison(paper_metric, column, higher, cells, by_sign=paper_metric in pmap.by_sign)
+        if mc.by_sign:  # no rank order: it would state a sign without its interval
+            cells["paper_rank"] = pd.Series(pd.NA, index=cells.index, dtype="Int64")
+            cells["ours_rank"] = pd.Series(pd.NA, index=cells.index, dtype="Int64")
         sub = cells[ranked]
         mc.n = len(sub)
-        if mc.n >= 2:
+        if mc.n >= 2 and not mc.by_sign:
             result = kendalltau(sub["paper"].to_numpy(), sub["ours"].to_numpy())
             tau, p = float(result.statistic), float(result.pvalue)
             mc.tau, mc.p_value = (None, None) if math.isnan(tau) else (tau, p)
-        mc.tau_needed = minimal_tau(mc.n) if mc.n >= 2 else None
+        mc.tau_needed = minimal_tau(mc.n) if mc.n >= 2 and not mc.by_sign else None
         if pmap.baseline is not None and (cells["row"] == pmap.baseline).any():
             base = cells[cells["row"] == pmap.baseline].iloc[0]
             others = cells[(cells["row"] != pmap.baseline) & ranked]
             effects = _paired_effects(frame, keys, column, list(others["row"]), pmap.baseline)
             for (_, r), effect in zip(others.iterrows(), effects):
+                paper_diff = r["paper"] - base["paper"]
+                mc.sign_rows.append({"row": r["row"], "paper_row": r["paper_row"], "paper_diff": paper_diff,
+                                     "effect": effect, "verdict": sign_verdict(paper_diff, effect)})
                 # only a row whose paired interval against the baseline excludes 0 has a sign of ours
                 if effect is None or not (effect.low > 0 or effect.high < 0):
                     mc.signs_unresolved += 1
                     continue
                 mc.signs_total += 1
-                mc.signs_agree += int(math.copysign(1, r["paper"] - base["paper"]) * (r["paper"] != base["paper"])
+                mc.signs_agree += int(math.copysign(1, paper_diff) * (paper_diff != 0)
                                       == math.copysign(1, effect.estimate))
         metrics.append(mc)
     return Comparison(pmap, study, profile, seeds, metrics, absent)
@@ -249,6 +267,18 @@ def _paired_effects(frame: pd.DataFrame, keys: pd.Series, column: str, rows: lis
         diffs = [[v - ref[s]] for s, v in by_seed.get(row, {}).items() if s in ref and not math.isnan(v)]
         out.append(crossed_effect(diffs) if diffs else None)
     return out
+
+
+def sign_verdict(paper_diff: float, effect: Any) -> str:
+    """Whether our paired difference (an `Effect` with its 95% interval, or None) shows the paper's sign of
+    ``paper_diff``: "reproduces" or "contradicted" only when the interval excludes 0, else "not shown"."""
+    if effect is None:
+        return "no paired runs"
+    if paper_diff == 0:
+        return "no sign in the paper"
+    if not (effect.low > 0 or effect.high < 0):
+        return "not shown"
+    return "reproduces" if (effect.estimate > 0) == (paper_diff > 0) else "contradicted"
 
 
 def minimal_tau(n: int, alpha: float = ALPHA) -> float | None:
@@ -294,6 +324,53 @@ def verdict(mc: MetricComparison, subject: str, where: str, baseline: str | None
     return f"{head}: {what} is not shown {where}, neither reproduced nor contradicted ({needed})"
 
 
+_SIGN_WORDS = {
+    "reproduces": "the paper's sign reproduces {where} (the 95% interval excludes 0)",
+    "contradicted": "the paper's sign is contradicted {where} (the 95% interval excludes 0, on the other side)",
+    "not shown": "the paper's sign is not shown {where}, neither reproduced nor contradicted (the 95% interval "
+                 "includes 0)",
+    "no paired runs": "no run of both rows on a common seed: not compared",
+    "no sign in the paper": "the paper's two values are equal: no sign to compare",
+}
+
+
+def _effect_text(effect: Any, digits: int = 4) -> str:
+    if effect is None:
+        return "–"
+    if math.isnan(effect.low) or math.isnan(effect.high):
+        return f"{effect.estimate:+.{digits}f} [no interval: {effect.n_seeds} seed(s)]"
+    return f"{effect.estimate:+.{digits}f} [{effect.low:+.{digits}f}, {effect.high:+.{digits}f}]"
+
+
+def _sign_section(c: Comparison, mc: MetricComparison, where: str) -> list[str]:
+    """A `PaperMap.by_sign` metric: per row the paper's value, ours, our paired difference to the baseline with
+    its 95% interval, and whether the paper's sign is shown (no ranks: a rank order is a sign without an interval)."""
+    base = c.map.rows[c.map.baseline] if c.map.baseline else ""
+    verdicts = {r["row"]: r for r in mc.sign_rows}
+    header = ["row", "paper", "ours", f"ours − {base} [95% CI]", "the paper's sign"]
+    body = []
+    for _, r in mc.cells.iterrows():
+        sign = verdicts.get(r["row"])
+        body.append([f"{r['paper_row']}{'*' if r['uncertain'] else ''}", _num(r["paper"]), f"{r['ours']:.4f}",
+                     _effect_text(sign["effect"]) if sign else "–", sign["verdict"] if sign else "–"])
+    widths = [max(len(x) for x in col) for col in zip(header, *body)] if body else [len(h) for h in header]
+    lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |",
+             "|" + "|".join(f" {':' + '-' * (w - 1) if i == 0 else '-' * (w - 1) + ':'} " for i, w in enumerate(widths))
+             + "|"]
+    lines += ["| " + " | ".join(x.ljust(w) for x, w in zip(row, widths)) + " |" for row in body]
+    lines.append("")
+    if not mc.sign_rows:
+        lines.append(f"Not compared: no row beside {base} in both tables.")
+    for r in mc.sign_rows:
+        effect = r["effect"]
+        paper_side = "below" if r["paper_diff"] < 0 else "above" if r["paper_diff"] > 0 else "equal to"
+        seeds = f", paired over {effect.n_seeds} seed(s)" if effect is not None else ""
+        lines.append(f"{r['paper_row']} − {base}: the paper's {mc.paper_metric} is {paper_side} {base}'s "
+                     f"({r['paper_diff']:+.4g}); ours {_effect_text(effect)}{seeds}: "
+                     + _SIGN_WORDS[r["verdict"]].format(where=where) + ".")
+    return lines
+
+
 def format_comparison(c: Comparison) -> str:
     """The comparison as Markdown: one table per metric, then τ, the sentence and the sign agreement."""
     pmap = c.map
@@ -311,6 +388,11 @@ def format_comparison(c: Comparison) -> str:
         ours_label = mc.ours_column + (f" ×{scale:g}" if scale != 1 else "")
         arrow = "↑" if mc.higher_is_better else "↓"
         lines += ["", f"### {mc.paper_metric} {arrow} (paper) / {ours_label} (ours)", ""]
+        if mc.by_sign:
+            lines += _sign_section(c, mc, where)
+            if mc.paper_metric in pmap.notes:
+                lines.append(f"Note on the paper's {mc.paper_metric}: {pmap.notes[mc.paper_metric]}")
+            continue
         if c.profile is None:
             header = ["row", "paper", "ours", "paper rank", "our rank", "Δ rank"]
         else:

@@ -24,6 +24,7 @@ from reports.effects import (
     items_column,
     paired_effect,
 )
+from reports.settings import CONFIG, SETTINGS, settings_sentence
 from reports.tables import MetricSpec, format_table, summarize, write_table_files
 from studies.spec import reference_label
 
@@ -85,6 +86,10 @@ def write_grid_tables(spec: Any, df: pd.DataFrame, out_dir: str | Path) -> dict[
     seeds = sorted({int(s) for s in df["seed"] if pd.notna(s)})
     caption = (f"{spec.name}: mean ± std over seeds ({', '.join(map(str, seeds))}) per configuration; n: runs."
                + (" " + effects_caption(spec.reference_variant) if delta_cols else ""))
+    swept = {CONFIG + a.name for a in spec.axes}  # a setting an axis sweeps is the rows' own: not restated
+    settings = settings_sentence(df, df["label"].tolist(), {c: s for c, s in SETTINGS.items() if c not in swept}
+                                 ) if "label" in df.columns else ""
+    caption += f" {settings}" if settings else ""
     return write_table_files(out_dir, "grid", "reports/grid.py", lambda fmt: format_table(
         summary, metrics=metrics, row_label_cols=label_cols, fmt=fmt, extra_cols=delta_cols, caption=caption,
         label=f"tab:{spec.name}" if fmt == "latex" else None))

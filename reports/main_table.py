@@ -40,6 +40,7 @@ from reports.effects import (
     effects_caption,
     items_column,
 )
+from reports.settings import settings_sentence
 from reports.tables import TABLES, MetricSpec, format_table, seeds_of, summarize, write_table_files
 
 __all__ = ["METRICS", "ROWS", "TableRow", "format_main_table", "main_table_summary", "write_main_table_tables"]
@@ -163,9 +164,11 @@ def _caption(df: pd.DataFrame, summary: pd.DataFrame, reference_name: str) -> st
         "Bold: best, underlined: second best among the student methods (not ranked: the two teachers, and "
         "ADPA in its own win-rate column); – : no finished run. " + effects_caption(reference_name)
     )
+    names = {r.label: r.name for r in ROWS if r.ranked}  # the trained students: the teachers are evaluated as they are
+    settings = settings_sentence(df, [names.get(_label(v)) for v in df["label"]]) if "label" in df.columns else ""
     limit = detection_limit_sentence({m: summary[f"effect.{m}"].tolist() for m in _EFFECTS},
                                      {m: METRICS[m] for m in _EFFECTS})
-    return caption + (f" {limit}" if limit else "")
+    return caption + "".join(f" {text}" for text in (settings, limit) if text)
 
 
 def _ranked(summary: pd.DataFrame) -> dict[str, list[bool]]:

@@ -36,6 +36,7 @@ from reports.effects import (
     format_effect,
     items_column,
 )
+from reports.settings import settings_sentence
 from reports.tables import TABLES, MetricSpec, format_seeds, format_table, summarize, write_table_files
 
 __all__ = ["METRICS", "Group", "Method", "format_grouped", "format_model_ablation", "grouped_summary",
@@ -168,7 +169,14 @@ def format_model_ablation(df: pd.DataFrame, fmt: str = "markdown") -> str:
         f"accuracy, mean ± std over seeds {format_seeds(df['seed'])}; n = runs per row. Bold: best, {second}: second best per "
         "column. " + effects_caption("DPO") + " Each pair's Δ is against DPO under the same pair."
     )
-    return format_grouped(summary, groups, fmt, caption, "tab:model_ablation")
+    settings = method_settings(df, METHODS)
+    return format_grouped(summary, groups, fmt, caption + (f" {settings}" if settings else ""), "tab:model_ablation")
+
+
+def method_settings(df: pd.DataFrame, methods: Sequence[Method]) -> str:
+    """The caption's settings sentence (α, β, β_V, learning rate, epochs from the runs), per method row."""
+    names = {m.variant: m.name for m in methods}
+    return settings_sentence(df, [names.get(v) for v in _variants(df)])
 
 
 #: The paper's pairs (its Table 2, left to right) and the study's pair labels for them: the testbed's, then the

@@ -27,6 +27,7 @@ import pandas as pd
 
 from reports.effects import Effect, crossed_effect, format_effect
 from reports.figures import save_figure
+from reports.settings import settings_sentence
 from reports.tables import (
     MISSING,
     TABLES,
@@ -126,6 +127,9 @@ def format_mt_bench_categories(df: pd.DataFrame, fmt: str = "markdown") -> str:
         "TVKD. Δ MT-Bench vs DPO: the per-seed difference in overall score, averaged, with a 95% t-interval over the "
         "seeds (df = seeds − 1)."
     )
+    if "label" in df.columns:
+        settings = settings_sentence(df, [METHODS.get(str(k), (str(k), True))[0] for k in df["label"]])
+        caption += f" {settings}" if settings else ""
     stand_in = df.get("mt_bench/stand_in_judge", pd.Series(dtype=object)).dropna()
     if len(stand_in):  # a hash, not a judgement: the table must not read as a score
         caption = (f"WARNING: {len(stand_in)} of {len(df)} runs were rated by a stand-in judge, not a model "

@@ -48,6 +48,7 @@ from reports.effects import (
     effects_caption,
     items_column,
 )
+from reports.settings import settings_sentence
 from reports.tables import TABLES, MetricSpec, format_table, seeds_of, summarize, write_table_files
 
 __all__ = ["METRICS", "ROWS", "TableRow", "format_reward_conflict", "reward_conflict_summary",
@@ -197,7 +198,8 @@ def reward_conflict_summary(df: pd.DataFrame, reference: str = EFFECT_REFERENCE)
 
 
 def _caption(df: pd.DataFrame, fmt: str, summary: pd.DataFrame, reference_name: str) -> str:
-    seeds = seeds_of(df.loc[_assign_rows(df).notna(), "seed"])
+    rows = _assign_rows(df)
+    seeds = seeds_of(df.loc[rows.notna(), "seed"])
     second = "underlined" if fmt == "latex" else "italic"
     caption = (
         "Reward conflict (the paper's Table 5): TVKD with each auxiliary reward, the positive control (TVKD "
@@ -209,9 +211,11 @@ def _caption(df: pd.DataFrame, fmt: str, summary: pd.DataFrame, reference_name: 
         "soft_value in its own win-rate column); "
         "– : no finished run. " + effects_caption(reference_name)
     )
+    names = {r.key: r.name for r in ROWS}
+    settings = settings_sentence(df, [names.get(k) for k in rows])
     limit = detection_limit_sentence({m: summary[f"effect.{m}"].tolist() for m in _EFFECTS},
                                      {m: METRICS[m] for m in _EFFECTS})
-    return caption + (f" {limit}" if limit else "")
+    return caption + "".join(f" {text}" for text in (settings, limit) if text)
 
 
 def _ranked(summary: pd.DataFrame) -> dict[str, list[bool]]:

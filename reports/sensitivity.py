@@ -46,6 +46,7 @@ from reports.effects import (
     items_column,
 )
 from reports.figures import save_figure
+from reports.settings import CONFIG, SETTINGS, settings_sentence
 from reports.tables import TABLES, MetricSpec, format_seeds, format_table, summarize, write_table_files
 
 __all__ = ["ALPHA", "BETA", "METRICS", "Sweep", "format_sensitivity", "plot_sensitivity", "sensitivity_summary",
@@ -183,9 +184,11 @@ def format_sensitivity(df: pd.DataFrame, fmt: str = "markdown", sweep: Sweep = A
         f"Bold: best, {second}: second best among TVKD and DPO (the controls are not ranked); – : no finished run. "
         + effects_caption("DPO")
     )
+    # the settings held fixed (the swept one is the rows' own)
+    settings = settings_sentence(shown, [KINDS[k] for k in shown["_kind"]],
+                                 {c: s for c, s in SETTINGS.items() if c != CONFIG + sweep.axis})
     limit = detection_limit_sentence({m: summary[f"effect.{m}"].tolist() for m in METRICS}, METRICS)
-    if limit:
-        caption += " " + limit
+    caption += "".join(f" {text}" for text in (settings, limit) if text)
     rules = [i for i in range(1, len(summary)) if summary["kind"].iloc[i] != summary["kind"].iloc[i - 1]]
     return format_table(summary, metrics=METRICS, row_label_cols={"Row": "Method", "Param": sweep.symbol}, fmt=fmt,
                         ranked=summary["ranked"].tolist(),

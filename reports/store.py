@@ -14,6 +14,9 @@ run, in run order, with the columns every table generator reads:
                            ``mt_bench/score``, ...)
     method, aux, control, offset_source   from the loss config the run recorded (``control``: the variant's
                            descriptive ``control`` key when the loss ran none, e.g. ``ceiling``)
+    config/<section>.<key> the settings a caption states (``config/loss.alpha``, ``config/loss.beta``,
+                           ``config/loss.value_temperature``, ``config/train.learning_rate``, ...), as the run
+                           recorded them (`reports.settings.config_columns`); absent when it did not
     items.oracle_score     {prompt: oracle score} from outputs.jsonl (None without one)
     items.margin_accuracy  per-test-pair outcomes from pairs.jsonl (None without one)
     win_rate_vs_<ref>      against the spec's ``reference_variant``, same seed, from both runs' outputs
@@ -37,6 +40,7 @@ import pandas as pd
 
 from reports.compare import compare_study, format_comparison, write_comparison
 from reports.grid import write_grid_tables
+from reports.settings import config_columns
 from reports.tables import TABLES, discover
 from studies.spec import load_spec, reference_label
 from tvkd.evaluation.metrics import win_rate
@@ -74,6 +78,8 @@ def frame_from_records(spec: dict[str, Any], rows: list[dict[str, Any]]) -> pd.D
         # plain DPO on oracle-relabelled pairs, whose loss config has no control)
         row["control"] = loss_cfg.get("control") or r.get("control") or "none"
         row["offset_source"] = loss_cfg.get("offset_source")
+        # the settings the captions state (α, β, β_V, learning rate, ...), as this run recorded them
+        row.update(config_columns(rec.config if isinstance(rec.config, dict) else None, loss_cfg))
         # per-item results behind oracle_score and margin_accuracy, for paired effect sizes (reports/effects.py)
         outputs = rec.outputs()
         row["items.oracle_score"] = ({o["prompt"]: o["oracle"] for o in outputs if o.get("oracle") is not None}

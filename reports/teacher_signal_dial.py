@@ -29,6 +29,7 @@ from reports.effects import (
     effects_caption,
     items_column,
 )
+from reports.settings import CONFIG, SETTINGS, describe, settings_sentence
 from reports.tables import TABLES, MetricSpec, format_table, summarize, write_table_files
 from tvkd.aux_rewards import TABLE5
 
@@ -88,21 +89,36 @@ def format_dial(df: pd.DataFrame, fmt: str = "markdown") -> str:
         summary[header] = effect_cells(effects[metric], spec, summary["n"])
         extra[header] = header
     seeds = sorted(set(df["seed"])) if "seed" in df.columns else []
+    rows = _caption_rows(df)
+    norm = describe(df, CONFIG + "loss.offset_norm", rows, "offset_norm")
+    settings = settings_sentence(df, rows, SETTINGS)
     caption = (
         "The teacher-signal dial: TVKD trained with the oracle's own score gaps as pair offsets (ρ = 1: a perfect "
         "teacher, the positive control), with a fraction 1 − ρ of the pairs' offsets permuted among themselves "
         "(ρ = 0: the shuffled negative control), and with each of the six aux rewards of Table 5, beside the ceiling "
-        "control (DPO on the same pairs relabelled by the oracle: noise-free preferences); offsets scaled to "
-        "unit spread (offset_norm std), α 0.7, β 0.1. ρ(offset, oracle gap): the measured Spearman correlation of "
-        "the run's offsets with the oracle gap. "
+        "control (DPO on the same pairs relabelled by the oracle: noise-free preferences)"
+        + (f"; {norm} (std: the offsets scaled to unit spread; none: as they are)".replace(") (", "; ")
+           if norm else "")
+        + ". ρ(offset, oracle gap): the measured Spearman correlation of the run's offsets with the oracle gap. "
         + effects_caption("DPO")
         + f" Seeds {', '.join(map(str, seeds))}."
+        + (f" {settings}" if settings else "")
     )
     limit = detection_limit_sentence(effects, EFFECTS)
     if limit:
         caption += " " + limit
     return format_table(summary, metrics=METRICS, row_label_cols={"Name": "Row"}, fmt=fmt, highlight=False,
                         extra_cols=extra, caption=caption, label="tab:teacher-signal-dial")
+
+
+def _caption_rows(df: pd.DataFrame) -> list[str | None]:
+    """Per run, the name its settings go by in the caption: "dial rows" for every ρ, else its row's name."""
+    if "label" not in df.columns:
+        return [None] * len(df)
+    keys, names, kinds = _rows(df)
+    group = {"dial": "dial rows"}  # one setting for every ρ; any other row by its own name
+    by_key = {k: group.get(kind, name) for k, name, kind in zip(keys, names, kinds)}
+    return [by_key.get(v) for v in df["label"]]
 
 
 def plot_dial(df: pd.DataFrame, out_dir: Path) -> dict[str, Path]:

@@ -23,7 +23,16 @@ import pandas as pd
 
 from reports.compare import PaperMap
 from reports.effects import effects_caption, items_column
-from reports.model_ablation import METRICS, Group, Method, _groups, format_grouped, grouped_summary
+from reports.model_ablation import (
+    METRICS,
+    Group,
+    Method,
+    _groups,
+    format_grouped,
+    grouped_summary,
+    method_settings,
+)
+from reports.settings import CONFIG, describe
 from reports.tables import TABLES, format_seeds, write_table_files
 
 __all__ = ["METHODS", "TEACHERS", "format_teacher_type", "write_teacher_type"]
@@ -40,15 +49,32 @@ def format_teacher_type(df: pd.DataFrame, fmt: str = "markdown") -> str:
     groups = _groups(df, "teacher", TEACHERS) if "teacher" in df.columns else list(TEACHERS)
     summary = grouped_summary(df, "teacher", groups, METHODS, shared_reference=True, table="teacher_type")
     second = "underlined" if fmt == "latex" else "italic"
+    recipe = _instruct_recipe(df)
     caption = (
         "Teacher types (the paper's Tables 8 and 9): DCKD and TVKD distilled from the DPO teacher, the SFT teacher "
-        "(before its DPO stage) and an instruct-like teacher (the SFT teacher aligned by another recipe: 3 DPO "
-        "epochs at lr 1e-4, β 0.1, a vendor's heavier alignment rather than the paper's careful one), against the "
-        "student's own DPO (no teacher, the same runs in every group). Oracle score (the testbed's reward model, "
-        f"Table 8's RM) and margin accuracy, mean ± std over seeds {format_seeds(df['seed'])}; n = runs per row. Bold: best, "
-        f"{second}: second best per column. " + effects_caption("DPO")
+        "(before its DPO stage) and an instruct-like teacher"
+        + (f" (the SFT teacher aligned by another recipe: {recipe}, a vendor's heavier alignment rather than the "
+           "paper's careful one)" if recipe else "")
+        + ", against the student's own DPO (no teacher, the same runs in every group). Oracle score (the testbed's "
+        f"reward model, Table 8's RM) and margin accuracy, mean ± std over seeds {format_seeds(df['seed'])}; n = runs "
+        f"per row. Bold: best, {second}: second best per column. " + effects_caption("DPO")
     )
-    return format_grouped(summary, groups, fmt, caption, "tab:teacher_type")
+    settings = method_settings(df, METHODS)
+    return format_grouped(summary, groups, fmt, caption + (f" {settings}" if settings else ""), "tab:teacher_type")
+
+
+#: The testbed settings that rebuild the instruct-like teacher's DPO stage, and how the caption names them.
+_RECIPE = {"dpo_epochs": "DPO epochs", "dpo_lr": "learning rate", "dpo_beta": "β"}
+
+
+def _instruct_recipe(df: pd.DataFrame) -> str:
+    """The instruct-like teacher's DPO recipe as its runs' configs override the testbed ("DPO epochs 3, learning
+    rate 0.0001, β 0.1"), or "" when they record none (a real instruct model, a frame without config columns)."""
+    if "teacher" not in df.columns:
+        return ""
+    rows = ["instruct" if t == "instruct" else None for t in df["teacher"]]
+    parts = [describe(df, f"{CONFIG}testbed.{key}", rows, name) for key, name in _RECIPE.items()]
+    return ", ".join(p for p in parts if p)
 
 
 def _teacher_rows(variant: str):

@@ -43,7 +43,18 @@ from reports.effects import (
     effects_caption,
     items_column,
 )
+from reports.settings import (
+    ALPHA,
+    BETA,
+    EPOCHS,
+    LEARNING_RATE,
+    SETTINGS,
+    VALUE_TEMPERATURE,
+    describe,
+    settings_sentence,
+)
 from reports.tables import TABLES, MetricSpec, format_seeds, format_table, summarize, write_table_files
+from tvkd.evaluation.value_alignment import DEFAULT_VALUE_TEMPERATURE
 
 __all__ = ["METRICS", "ROWS", "format_value_alignment", "value_alignment_summary", "write_value_alignment"]
 
@@ -140,7 +151,7 @@ def format_value_alignment(df: pd.DataFrame, fmt: str = "markdown") -> str:
     second = "underlined" if latex else "italic"
     caption = (
         "Value alignment with the DPO teacher (the paper's Table 4): KL between the softmax over positions of "
-        "the teacher's and the model's soft values (β_V = 2) along the same chosen training responses, the "
+        f"the teacher's and the model's soft values{_value_temperature(df)} along the same chosen training responses, the "
         "token-level policy KL, and the scores. The DPO teacher's KL to itself is 0 by definition; the teacher and "
         "the SFT student are evaluated as they are (std 0). "
         f"Mean ± std over seeds {format_seeds(df.loc[df['label'].isin([r.label for r in ROWS]), 'seed'])}; n = runs per row. "
@@ -148,23 +159,42 @@ def format_value_alignment(df: pd.DataFrame, fmt: str = "markdown") -> str:
         + effects_caption("DPO")
         + " Δ value KL: the per-seed difference, averaged, with a 95% t-interval over the seeds (df = seeds − 1)."
     )
+    names = {r.label: r.name for r in ROWS}
+    settings = settings_sentence(df, [names.get(v) for v in df["label"]],
+                                 {c: SETTINGS[c] for c in (ALPHA, BETA, LEARNING_RATE, EPOCHS)})
     limit = detection_limit_sentence({m: summary[f"effect.{m}"].tolist() for m in ITEM_EFFECTS},
                                      {m: METRICS[m] for m in ITEM_EFFECTS})
-    if limit:
-        caption += " " + limit
+    caption += "".join(f" {text}" for text in (settings, limit) if text)
     return format_table(summary, metrics=METRICS, row_label_cols={"Name": "Model"}, fmt=fmt,
                         ranked=summary["ranked"].tolist(), caption=caption,
                         label="tab:value_alignment" if latex else None, rules_before={1, 2, 4}, extra_cols=extra)
 
 
+def _value_temperature(df: pd.DataFrame) -> str:
+    """" (β_V 2)" as the runs' configs give the soft values' temperature, the rows whose loss has none (DPO) at
+    the evaluator's default; "" when the frame records none."""
+    names = {r.label: r.name for r in ROWS}
+    rows = [names.get(v) for v in df["label"]]
+    text = describe(df, VALUE_TEMPERATURE, rows, "β_V")
+    if text is None:
+        return ""
+    have = {n for n, v in zip(rows, df[VALUE_TEMPERATURE]) if n and v is not None and v == v}
+    without = [n for n in dict.fromkeys(rows) if n and n not in have]
+    if without:
+        text += f"; {', '.join(without)}: the evaluator's default β_V {DEFAULT_VALUE_TEMPERATURE:g}, its loss having none"
+    return f" ({text})"
+
+
 #: ``tvkd report --study value-alignment --compare-paper``: Table 4 beside ours (reports/compare.py). On the testbed
 #: the oracle score stands in for MT-Bench unless the runs were benchmarked; the teacher's KL cell is blank in the paper.
+#: The value KL is compared only by TVKD's sign against DPO through the table's paired per-seed t-interval (the Δ value
+#: KL column): a difference whose interval includes 0 is "not shown", never "reversed".
 PAPER_MAPS = (
     PaperMap(name="table4", table="table4", row_column="model", column_column="metric",
              rows={"teacher_dpo": "DPO Teacher", "dpo": "DPO Student", "tvkd": "Ours"},
              columns={"KL-div. with Teacher Value": ("value_kl",), "MT-Bench": ("mt_bench/score", "oracle_score")},
              row_key="label", baseline="dpo", unranked=("teacher_dpo",), lower_is_better=("KL-div. with Teacher Value",),
-             subject="students", baseline_is_subject=True),
+             by_sign=("KL-div. with Teacher Value",), subject="students", baseline_is_subject=True),
 )
 
 

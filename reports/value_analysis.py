@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 
 from reports.effects import Effect, crossed_effect, format_effect
+from reports.settings import CONFIG, VALUE_TEMPERATURE, describe
 from reports.tables import MISSING, TABLES, MetricSpec, format_table, summarize, write_table_files
 from tvkd.aux_rewards import TABLE5
 
@@ -167,7 +168,7 @@ def format_value_analysis(df: pd.DataFrame, fmt: str = "markdown") -> str:
     caption = (
         "The teacher's margin accuracy on the held-out preference pairs by score (the paper's Table 3): the "
         "sequence log-prob (DPO's implicit reward), its length-normalised form (SimPO's), and the shaping sum Ψ "
-        "of the TVKD signal (ours: soft_value, β_V = 2, pbrs, γ = 1; then Ψ of each other aux reward). Accuracy "
+        f"of the TVKD signal (ours: soft_value{_signal_settings(df)}; then Ψ of each other aux reward). Accuracy "
         "against the pair's (noisy) label and against the oracle's preference; chance is 50%, ties count 1/2. "
         "The SFT teacher (before its DPO stage) is the control. "
         f"Mean ± std over testbed seeds {', '.join(map(str, seeds)) or '(none)'} (each a whole testbed build); "
@@ -179,6 +180,16 @@ def format_value_analysis(df: pd.DataFrame, fmt: str = "markdown") -> str:
     return format_table(summary, metrics=METRICS, row_label_cols=["Score", "Formulation"], fmt=fmt,
                         caption=caption, label="tab:value_analysis" if latex else None, rules_before=rules,
                         extra_cols=extra)
+
+
+def _signal_settings(df: pd.DataFrame) -> str:
+    """", β_V 2, shaping pbrs, γ 1" as the runs' configs give the signal (β_V of the soft_value runs; the shaping
+    and γ of every aux's runs, named per row where they differ), or "" when the frame has none of them."""
+    auxes = [_text(a) for a in df["aux"]] if "aux" in df.columns else [None] * len(df)
+    ours = [OURS if a == OURS else None for a in auxes]
+    parts = [describe(df, VALUE_TEMPERATURE, ours, "β_V"),
+             describe(df, CONFIG + "loss.shaping", auxes, "shaping"), describe(df, CONFIG + "loss.gamma", auxes, "γ")]
+    return "".join(f", {p}" for p in parts if p)
 
 
 @TABLES.register("value_analysis", study=STUDY, paper="Table 3",

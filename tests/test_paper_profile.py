@@ -150,3 +150,21 @@ def test_plan_with_an_unknown_profile_is_one_error_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1
     assert "no profile 'papr'" in err and "did you mean 'paper'" in err
+
+
+#: The paper's judge for MT-Bench and AlpacaEval, dated (Sec. 4.1, line 171; footnote 4, line 179).
+PAPER_JUDGE = "gpt-4o-mini-2024-07-18"
+
+
+@pytest.mark.parametrize("path", sorted(STUDY_DIR.glob("*.yaml")), ids=lambda p: p.stem)
+def test_a_paper_profile_scored_by_an_llm_judge_names_the_papers_dated_judge(path):
+    """Every study whose paper profile ends in MT-Bench or AlpacaEval says which judge the paper used, dated: the
+    config has no judge key, so its comment names the model and the `--option judge_model=` that runs it."""
+    text = path.read_text()
+    raw = yaml.safe_load(text)
+    if "paper" not in (raw.get("profiles") or {}) or not re.search(r"mt-bench|alpaca", text, re.IGNORECASE):
+        return
+    assert f"judge_model={PAPER_JUDGE}" in text, f"{path.name}: its paper profile does not name the judge {PAPER_JUDGE}"
+    assert "Sec. 4.1" in text and "single-turn" in text  # where the paper says so, and what it scores
+    undated = [m.start() for m in re.finditer(r"gpt-4o-mini(?!-2024-07-18)", text)]
+    assert not undated, f"{path.name}: an undated gpt-4o-mini"

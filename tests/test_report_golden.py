@@ -190,5 +190,5 @@ def test_seeds_run_beyond_the_spec_are_shown(tmp_path):
     (extra / "config.yaml").write_text((source / "config.yaml").read_text().replace("seed: 1\n", "seed: 5\n", 1))
     sf = store_frame("reward-conflict", store)
     assert sorted(set(sf.frame["seed"])) == [0, 1, 2, 5] and len(sf.frame) == 31 and not sf.stale
-    assert len(sf.missing) == 8 and {s for _, s in sf.missing} == {5}  # the other variants of seed 5
+    assert len(sf.missing) == 9 and {s for _, s in sf.missing} == {5}  # the other variants of seed 5
     assert len(store_frame("reward-conflict", store, seeds=[0, 1, 2]).frame) == 30

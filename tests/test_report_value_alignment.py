@@ -7,6 +7,7 @@ Regenerate the golden files after an intended change with
 
 from __future__ import annotations
 
+import math
 import statistics
 
 import numpy as np
@@ -137,3 +138,68 @@ def test_compare_paper_maps_the_papers_table_4():
     expected = statistics.mean(r["value_kl"] for r in records() if r["label"] == "tvkd")
     assert cells.loc["tvkd", "ours"] == pytest.approx(expected) and cells.loc["tvkd", "paper"] == pytest.approx(1.202)
     assert score.ours_column == "oracle_score" and set(score.cells["row"]) == {"teacher_dpo", "dpo", "tvkd"}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# --compare-paper: Table 4's value-KL sign only through the paired interval
+# ------------------------------------------------------------------------------------------------------------
+
+def _kl_frame(diffs: list[float]) -> pd.DataFrame:
+    """DPO's value KL per seed (std 0.0003) and TVKD's, DPO's plus ``diffs`` on the same seed."""
+    dpo = [0.0400, 0.0403, 0.0397]
+    rows = []
+    for seed, (base, diff) in enumerate(zip(dpo, diffs)):
+        rows.append({"label": "dpo", "seed": seed, "value_kl": base, "oracle_score": 0.6})
+        rows.append({"label": "tvkd", "seed": seed, "value_kl": round(base + diff, 6), "oracle_score": 0.6})
+    return pd.DataFrame(rows)
+
+
+def _kl_comparison(df: pd.DataFrame):
+    from reports.compare import compare_to_paper, format_comparison
+    from reports.value_alignment import PAPER_MAPS
+
+    c = compare_to_paper(df, PAPER_MAPS[0], study="value-alignment")
+    return next(m for m in c.metrics if m.ours_column == "value_kl"), format_comparison(c)
+
+
+def _t_interval(diffs: list[float]) -> tuple[float, float]:
+    from scipy import stats
+
+    mean, sd, n = statistics.mean(diffs), statistics.stdev(diffs), len(diffs)
+    half = stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)
+    return mean - half, mean + half
+
+
+@pytest.mark.parametrize("diffs, verdict", [
+    ([0.0001, 0.0004, 0.0007], "not shown"),       # +0.0004, seed std 0.0003, 3 seeds: the interval covers 0
+    ([-0.0040, -0.0043, -0.0037], "reproduces"),   # TVKD clearly below DPO, as the paper has it
+    ([0.0040, 0.0043, 0.0037], "contradicted"),    # clearly above
+])
+def test_compare_paper_judges_the_value_kl_sign_only_through_the_paired_interval(diffs, verdict):
+    df = _kl_frame(diffs)
+    assert statistics.stdev(df.loc[df["label"] == "dpo", "value_kl"]) == pytest.approx(0.0003)
+    mc, text = _kl_comparison(df)
+    low, high = _t_interval([t - d for t, d in zip(df.loc[df["label"] == "tvkd", "value_kl"],
+                                                     df.loc[df["label"] == "dpo", "value_kl"])])
+    assert (low < 0 < high) == (verdict == "not shown")
+    [row] = mc.sign_rows
+    assert row["verdict"] == verdict and row["paper_diff"] < 0  # the paper: TVKD below DPO
+    assert row["effect"].low == pytest.approx(low, abs=1e-9) and row["effect"].high == pytest.approx(high, abs=1e-9)
+    # the same interval as the table's Δ value KL column
+    table = value_alignment_summary(df).set_index("label")
+    assert table.loc["tvkd", "effect.value_kl"].low == pytest.approx(low, abs=1e-9)
+    # no rank order for the value KL (it would state the sign without the interval), and no "reversed"
+    assert mc.cells["ours_rank"].isna().all() and mc.tau is None and "revers" not in text.lower()
+    section = text.split("### KL-div. with Teacher Value")[1].split("###")[0]
+    assert "paper rank" not in section and f"| {verdict}" in section
+    words = {"not shown": "the paper's sign is not shown on the testbed, neither reproduced nor contradicted (the "
+                          "95% interval includes 0)",
+             "reproduces": "the paper's sign reproduces on the testbed (the 95% interval excludes 0)",
+             "contradicted": "the paper's sign is contradicted on the testbed (the 95% interval excludes 0, on the "
+                             "other side)"}
+    assert words[verdict] in section and f"[{low:+.4f}, {high:+.4f}], paired over 3 seed(s)" in section
+
+
+def test_one_seed_has_no_interval_so_no_sign():
+    mc, text = _kl_comparison(_kl_frame([0.004])[lambda d: d["seed"] == 0])
+    assert mc.sign_rows[0]["verdict"] == "not shown" and "no interval: 1 seed(s)" in text
