@@ -65,7 +65,7 @@ from reports.tables import MISSING, MetricSpec
 
 __all__ = [
     "BOOTSTRAP_SEED", "DEFAULT_INTERVAL", "EFFECT_METRICS", "INTERVALS", "N_BOOT", "CrossedFit", "Effect",
-    "crossed_effect", "crossed_interval", "detection_limit_sentence", "effect_cells", "effect_header",
+    "across_builds_effect", "builds_fixed_effect", "crossed_effect", "crossed_interval", "detection_limit_sentence", "effect_cells", "effect_header",
     "effects_by_row", "effects_caption", "format_effect", "hierarchical_bootstrap", "items_column",
     "minimal_detectable_effect", "paired_differences", "paired_effect", "paired_items",
 ]
@@ -288,6 +288,49 @@ def crossed_effect(diffs: Iterable[Mapping[Any, float] | np.ndarray], *, level: 
             se, df = float(np.sqrt(var)), float(df)
     low, high = _t_ends(estimate, se, df, level)
     return Effect(estimate, float(low), float(high), se, n_seeds, n_items, df)
+
+
+# --------------------------------------------------------------------------------------------
+# Pooling over testbed builds
+# --------------------------------------------------------------------------------------------
+
+
+def builds_fixed_effect(per_build: Sequence[Effect], *, level: float = 0.95) -> Effect | None:
+    """The mean of per-build effects as an inference about *these* builds (builds fixed): the estimate is
+    the mean of the builds' estimates, its variance Σ SE_b² / B², with Satterthwaite's degrees of freedom
+    (Σ SE_b²)² / Σ (SE_b⁴ / df_b). Each build has its own test prompts, so the builds' estimates are
+    independent. None without builds; no interval when a build has none."""
+    effects = [e for e in per_build if e is not None]
+    if not effects:
+        return None
+    n = len(effects)
+    estimate = float(np.mean([e.estimate for e in effects]))
+    n_seeds, n_items = sum(e.n_seeds for e in effects), sum(e.n_items for e in effects)
+    se2 = np.array([e.se ** 2 for e in effects])
+    dfs = np.array([e.df for e in effects])
+    if np.isnan(se2).any() or np.isnan(dfs).any():
+        return Effect(estimate, math.nan, math.nan, math.nan, n_seeds, n_items, math.nan)
+    se = float(math.sqrt(se2.sum()) / n)
+    denom = float(np.sum(se2 ** 2 / dfs))
+    df = float(se2.sum() ** 2 / denom) if denom > 0 else float(dfs.min())
+    low, high = _t_ends(estimate, se, df, level)
+    return Effect(estimate, float(low), float(high), se, n_seeds, n_items, df)
+
+
+def across_builds_effect(per_build: Sequence[Effect], *, level: float = 0.95) -> Effect | None:
+    """The mean of per-build effects as an inference about a *new* build (builds random): a t-interval over
+    the B builds' estimates (df = B − 1). Each estimate carries its build's seed and prompt noise as well as
+    the build's own effect, so with balanced builds the interval is exact under normality whatever the
+    share of each source (tests/test_effects.py simulates it). None with fewer than 2 builds."""
+    effects = [e for e in per_build if e is not None]
+    if len(effects) < 2:
+        return None
+    values = np.array([e.estimate for e in effects])
+    estimate, df = float(values.mean()), float(len(values) - 1)
+    se = float(values.std(ddof=1) / math.sqrt(len(values)))
+    low, high = _t_ends(estimate, se, df, level)
+    return Effect(estimate, float(low), float(high), se, sum(e.n_seeds for e in effects),
+                  sum(e.n_items for e in effects), df)
 
 
 # --------------------------------------------------------------------------------------------

@@ -13,6 +13,8 @@ from scipy import stats
 
 from reports.effects import (
     Effect,
+    across_builds_effect,
+    builds_fixed_effect,
     crossed_effect,
     crossed_interval,
     detection_limit_sentence,
@@ -307,3 +309,63 @@ def test_effects_by_row_pairs_runs_of_the_same_seed():
     assert ref is None and b is None and absent is None  # the reference itself; no items; no runs
     assert c.estimate == pytest.approx(2.0) and c.n_seeds == 1
     assert effects["margin_accuracy"] == [None] * 5  # no items column
+
+
+#: Builds: the build's own effect c_b (sd), on top of the within-build regime; three builds of 10 seeds.
+BUILD_SD = {"no build effect": 0.0, "builds like seeds": 0.01, "builds dominate": 0.03}
+
+
+def _build_studies(regime: str, build_sd: float, *, studies: int, builds: int = 3, seeds: int = 10, items: int = 50,
+                   rng_seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(d: studies × builds × seeds × items, c: studies × builds): each build its own prompts, seeds and effect."""
+    rng = np.random.default_rng(rng_seed)
+    c = rng.normal(0, build_sd, (studies, builds))
+    d = np.stack([_studies(regime, seeds, studies=studies, items=items, mu=0.0, rng_seed=rng_seed * 100 + b + 1)
+                  for b in range(builds)], axis=1)
+    return TRUE_DIFFERENCE + c[..., None, None] + d, c
+
+
+def _pooled(d: np.ndarray) -> tuple[list[Effect], list[Effect]]:
+    fit = crossed_interval(d)  # per study and build
+    fixed, random = [], []
+    for k in range(d.shape[0]):
+        per_build = [Effect(float(fit.estimate[k, b]), float(fit.low[k, b]), float(fit.high[k, b]),
+                            float(fit.se[k, b]), d.shape[2], d.shape[2] * d.shape[3], float(fit.df[k, b]))
+                     for b in range(d.shape[1])]
+        fixed.append(builds_fixed_effect(per_build))
+        random.append(across_builds_effect(per_build))
+    return fixed, random
+
+
+@pytest.mark.parametrize("build", sorted(BUILD_SD))
+@pytest.mark.parametrize("regime", ["seed-only", "mixed"])
+def test_pooled_build_intervals_hold_their_coverage(regime, build):
+    """Across builds (a new build: the mean effect over the builds' population) and over these builds (the mean
+    of the realised builds' effects): 95% intervals cover 0.93–0.97 of 2000 simulated 3-build × 10-seed studies."""
+    d, c = _build_studies(regime, BUILD_SD[build], studies=2000, rng_seed=7)
+    fixed, random = _pooled(d)
+    target_fixed = TRUE_DIFFERENCE + c.mean(axis=1)
+    cover_random = np.mean([e.low <= TRUE_DIFFERENCE <= e.high for e in random])
+    cover_fixed = np.mean([e.low <= t <= e.high for e, t in zip(fixed, target_fixed)])
+    assert 0.93 <= cover_random <= 0.97, (regime, build, cover_random)
+    assert 0.93 <= cover_fixed <= 0.97, (regime, build, cover_fixed)
+    if BUILD_SD[build] >= 0.03:  # where builds differ, the fixed-build interval does not speak for a new build
+        assert np.mean([e.low <= TRUE_DIFFERENCE <= e.high for e in fixed]) < 0.8
+
+
+def test_pooled_build_intervals_against_independent_formulas():
+    per_build = [Effect(0.02, 0.0, 0.04, 0.010, 10, 500, 9.0), Effect(0.01, -0.01, 0.03, 0.008, 10, 500, 12.0),
+                 Effect(0.04, 0.02, 0.06, 0.012, 10, 500, 20.0)]
+    random = across_builds_effect(per_build)
+    values = np.array([0.02, 0.01, 0.04])
+    half = stats.t.ppf(0.975, 2) * values.std(ddof=1) / math.sqrt(3)
+    assert random.estimate == pytest.approx(values.mean()) and random.df == 2
+    assert (random.low, random.high) == pytest.approx((values.mean() - half, values.mean() + half))
+    fixed = builds_fixed_effect(per_build)
+    se2 = np.array([0.010, 0.008, 0.012]) ** 2
+    df = se2.sum() ** 2 / np.sum(se2 ** 2 / np.array([9.0, 12.0, 20.0]))
+    half = stats.t.ppf(0.975, df) * math.sqrt(se2.sum()) / 3
+    assert fixed.df == pytest.approx(df) and fixed.se == pytest.approx(math.sqrt(se2.sum()) / 3)
+    assert (fixed.low, fixed.high) == pytest.approx((values.mean() - half, values.mean() + half))
+    assert fixed.n_seeds == 30 and random.n_seeds == 30
+    assert across_builds_effect(per_build[:1]) is None and builds_fixed_effect([]) is None
