@@ -152,6 +152,8 @@ STUDY_SESSIONS = {
     "main-table": "The paper's Table 1: teachers + SFT, preference and KD baselines, ADPA, TVKD -> tables.",
     "teacher-signal-dial": "The positive control and the teacher-signal dial: table and figure of the gain over DPO "
                            "against ρ.",
+    "testbed-power": "The testbed's power over builds: Table 5's controls and state rewards, the ceiling and the dial "
+                     "over 3 builds x 10 seeds -> table (330 runs: pass --backend ray --max-concurrent N).",
     "model-ablation": "The paper's Table 2: three teacher -> student size pairs (testbed builds), DPO, SimPO, DCKD, "
                       "TVKD -> tables.",
     "value-analysis": "The paper's Table 3: the teacher's margin accuracy by Σ log π_T, length-normalised, and Ψ "
