@@ -97,7 +97,7 @@ from tvkd.config import LossConfig, RunConfig, config_from_dict, load_yaml
 from tvkd.registry import Registry
 
 __all__ = [
-    "RUN_KEYS", "STUDIES", "Axis", "Resources", "StudyFile", "StudyRun", "StudySpecError", "deep_merge", "format_value",
+    "RUN_KEYS", "STUDIES", "Axis", "Resources", "Selection", "StudyFile", "StudyRun", "StudySpecError", "deep_merge", "format_value",
     "load_spec", "parse_spec", "read_study", "reference_label",
 ]
 
@@ -124,13 +124,19 @@ TOP_TYPES: dict[str, Any] = {
     "name": str, "description": str | None, "table": str | None, "seeds": list, "reference_variant": str | None,
     "base": dict | None, "variants": list | None, "axes": dict | None, "exclude": list | None,
     "include": list | None, "quick": dict | None, "resources": dict | None, "profiles": dict | None,
-    "search": dict | None,
+    "search": dict | None, "select": dict | None,
 }
 TOP_KEYS = tuple(TOP_TYPES)
 QUICK_KEYS = ("seeds", "base", "axes")
 #: What a ``profiles.<name>`` block may set (see "Profiles" above).
 PROFILE_KEYS = ("description", "seeds", "base", "variants", "axes", "exclude", "include", "reference_variant",
-                "resources", "quick")
+                "resources", "quick", "select")
+#: ``select``: its keys, the validation metrics it may pick by, and what it may pick among.
+SELECT_KEYS = ("metric", "over", "values")
+SELECT_METRICS = ("oracle_score", "rm_score")
+SELECT_OVER = ("learning_rate", "checkpoints")
+#: The run-config key each kind of ``select.over`` sweeps (an implicit axis of the study).
+SELECT_AXES = {"learning_rate": "train.learning_rate"}
 #: Columns every run's info may hold; no axis or descriptive key may take these names.
 RESERVED_COLUMNS = ("label", "seed", "variant", "run_dir", "record")
 VARIANT = "variant"  # the pseudo-axis a rule uses to name variant labels
@@ -409,6 +415,28 @@ class Axis:
 
 
 @dataclass(frozen=True)
+class Selection:
+    """A study's ``select`` block: per variant, the value of ``over`` with the best mean ``val/<metric>`` over seeds.
+
+    ``over: learning_rate`` adds the axis ``train.learning_rate`` (`axis`) with ``values``; the tables then
+    show the test numbers of each variant's picked runs (`reports.selection`)."""
+
+    metric: str  # oracle_score | rm_score
+    over: str  # learning_rate
+    values: tuple[Any, ...]
+
+    @property
+    def axis(self) -> str:
+        """The run-config key (an axis of the study) the selection picks a value of."""
+        return SELECT_AXES[self.over]
+
+    @property
+    def column(self) -> str:
+        """The validation metric picked by (higher is better)."""
+        return f"val/{self.metric}"
+
+
+@dataclass(frozen=True)
 class StudyRun:
     """One expanded run: its label, seed, variant and axis values, table columns and run config."""
 
@@ -450,6 +478,7 @@ class StudyFile:
     profiles: tuple[str, ...] = ()  # the profiles the spec declares
     resources: Resources = field(default_factory=Resources)  # what one run reserves under the Ray backend
     search: dict[str, Any] | None = None  # an Optuna search block (checked by `studies.search`)
+    select: Selection | None = None  # per-variant selection on validation (its axis is in `axes`)
     merged: dict[str, StudyFile] = field(default_factory=dict, repr=False)  # each profile, parsed once
 
     @property
@@ -776,6 +805,80 @@ def _parse_rule(rule: Any, where: str, axes: list[Axis], variant_labels: list[st
     return out
 
 
+def _parse_select(spec: dict[str, Any], axes: list[Axis], problems: list[str]) -> Selection | None:
+    """The ``select`` block (its keys, metric, what it picks among and the values), or None (problems named)."""
+    block = spec["select"]
+    if not isinstance(block, dict):
+        problems.append(f"select: expected a mapping ({', '.join(SELECT_KEYS)}), got {_given(block)}")
+        return None
+    n = len(problems)
+    for k in block:
+        if k not in SELECT_KEYS:
+            problems.append(f"select.{k}: unknown key{_close(str(k), list(SELECT_KEYS))}; valid keys: "
+                            f"{', '.join(SELECT_KEYS)}")
+    for k, valid in (("metric", SELECT_METRICS), ("over", SELECT_OVER)):
+        if k not in block:
+            problems.append(f"select.{k}: missing; one of {', '.join(valid)}")
+        elif block[k] not in valid:
+            problems.append(f"select.{k}: {_given(block[k])} is not one of {', '.join(valid)}"
+                            f"{_close(str(block[k]), list(valid))}")
+    over = block.get("over")
+    if over == "checkpoints":
+        problems.append("select.over: checkpoints is not available yet (picking among the checkpoints saved during "
+                        "training); pick a learning rate instead: over: learning_rate, values: [...]")
+    if spec.get("search") is not None:
+        problems.append("select: a study with a search block picks by its own objective; drop one of search / select")
+    if over in SELECT_AXES:
+        axis = SELECT_AXES[over]
+        if any(a.name == axis for a in axes):
+            problems.append(f"select: over {over} sweeps {axis} itself (select.values); drop axes.{axis}")
+        values = block.get("values")
+        if values is None:
+            problems.append(f"select.values: missing; the {over.replace('_', ' ')}s to pick among, e.g. "
+                            "[1.0e-5, 3.0e-5, 1.0e-4]")
+        else:
+            found: list[str] = []
+            parsed = _parse_axis(axis, values, found)
+            problems.extend(p.replace(f"axes.{axis}", "select.values", 1) for p in found)
+            if parsed is not None and not found and len(parsed.values) < 2:
+                problems.append(f"select.values: {_given(values)}; a selection needs at least two values to pick among")
+    if len(problems) > n:
+        return None
+    return Selection(metric=block["metric"], over=over, values=tuple(block["values"]))
+
+
+def _uses_testbed(cfg: RunConfig) -> bool:
+    """Whether a run reads the testbed (as `tvkd.pipeline.uses_testbed`: any testbed:<part> among its inputs)."""
+    m, d = cfg.models, cfg.data
+    return any(isinstance(v, str) and v.startswith("testbed:")
+               for v in (m.student, m.reference, m.teacher, m.teacher_reference, d.source, d.test_source))
+
+
+def _check_select_runs(spec: StudyFile) -> list[str]:
+    """Every run of a study with ``select`` has the validation split and can compute the metric picked by."""
+    problems: list[str] = []
+    sel = spec.select
+    for quick in (False, True) if spec.has_quick else (False,):
+        seeds = spec.quick_seeds if quick and spec.quick_seeds else spec.seeds
+        flag = " (--quick)" if quick else ""
+        runs = spec.runs(seeds=[seeds[0]], quick=quick)
+        no_split = [r.label for r in runs if r.config.data.validation_fraction is None]
+        if no_split:
+            problems.append(f"select{flag}: picks on a validation split, but run(s) {', '.join(no_split[:3])}"
+                            f"{' ...' if len(no_split) > 3 else ''} have none; set base.data.validation_fraction "
+                            "(e.g. 0.1)")
+        if sel.metric == "rm_score":
+            no_rm = [r.label for r in runs if r.config.eval.validation_reward_model is None
+                     and not _uses_testbed(r.config)]
+            if no_rm:
+                problems.append(f"select.metric{flag}: rm_score needs a reward model outside the testbed; run(s) "
+                                f"{', '.join(no_rm[:3])}{' ...' if len(no_rm) > 3 else ''} set none: set "
+                                "base.eval.validation_reward_model (a hub id or folder)")
+        if problems:
+            break
+    return problems
+
+
 def _check_profiles(spec: dict[str, Any], problems: list[str], requested: str | None = None) -> list[str]:
     """The shape of the ``profiles`` block; returns the names of the profiles that can be merged.
 
@@ -846,6 +949,8 @@ def apply_profile(spec: dict[str, Any], profile: str) -> dict[str, Any]:
     for key, value in block.items():
         if key in ("base", "quick"):
             out[key] = deep_merge(out.get(key) or {}, value or {})
+        elif key == "select" and isinstance(value, dict) and isinstance(out.get("select"), dict):
+            out["select"] = {**out["select"], **copy.deepcopy(value)}
         elif key == "variants" and isinstance(value, dict):
             out["variants"] = [deep_merge(v, value[v["label"]]) if isinstance(v, dict) and v.get("label") in value
                                else v for v in out.get("variants") or []]
@@ -947,6 +1052,11 @@ def parse_spec(spec: Any, source: str | None = None, profile: str | None = None)
                     axes.append(axis)
                 else:
                     broken.add(axis_name)
+    selection = None
+    if spec.get("select") is not None:
+        selection = _parse_select(spec, axes, problems)
+        if selection is not None:
+            axes.append(Axis(selection.axis, "key", selection.values, tuple(format_value(v) for v in selection.values)))
     if variants is None and raw_axes is None and spec.get("search") is None and not {"variants", "axes"} & mistyped:
         problems.append("variants / axes: a study needs variants, axes or both (or a search block)")
     # descriptive keys must not take an axis's column
@@ -1019,8 +1129,11 @@ def parse_spec(spec: Any, source: str | None = None, profile: str | None = None)
         exclude=[{k: set(v) for k, v in r.items()} for r in rules["exclude"]], include=rules["include"],
         quick_seeds=list(quick_seeds) if quick_seeds is not None else None, quick_base=quick_base,
         quick_axes=quick_axes, has_quick=bool(quick), resources=resources, search=spec.get("search"),
+        select=selection,
     )
     problems = out._check_runs()
+    if selection is not None and not problems:
+        problems.extend(_check_select_runs(out))
     ref = out.reference_variant
     if ref is not None and not problems:
         known = list(dict.fromkeys([v["label"] for v in out.variants] + out.labels()
