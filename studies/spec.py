@@ -26,6 +26,8 @@ A spec holds the keys below; only ``name`` and one of ``variants`` / ``axes`` ar
 
     resources: {cpu: 1, gpu: 0}            # optional: what one run reserves under the Ray backend
     search: {params: ..., metric: ...}     # optional: an Optuna search over the base (`studies.search`)
+    select:                                # optional: per variant, the learning rate picked on validation
+      {metric: oracle_score, over: learning_rate, values: [1.0e-5, 3.0e-5, 1.0e-4]}
 
 This module is the format only: `parse_spec` / `load_spec` check all of it before anything runs
 (the top-level keys through the same typed machinery as run configs, `tvkd.api.check_value`; each
@@ -51,9 +53,10 @@ Profiles. ``profiles`` maps a profile name to a block that ``--profile <name>`` 
 run|plan``, ``tvkd report``) merges over the spec before anything else happens; ``paper`` is the
 profile of the paper's own models, data sets and hyper-parameters (hub ids), the default being the
 embedded testbed. A block may hold ``description``, ``seeds``, ``base``, ``variants``, ``axes``,
-``exclude``, ``include``, ``reference_variant``, ``resources`` and ``quick``, and merges thus:
+``exclude``, ``include``, ``reference_variant``, ``resources``, ``quick`` and ``select``, and merges thus:
 
     base, quick        deep-merged over the spec's (as `deep_merge`: ``loss`` is replaced whole)
+    select             merged key by key over the spec's (e.g. only ``metric``)
     variants           a list replaces the variants; a mapping {label: {keys}} deep-merges the keys
                        into the variant of that label (an unknown label is an error)
     axes               a mapping {axis: values} replaces (or adds) those axes, the others stay
@@ -69,6 +72,17 @@ a spec is checked whenever the spec is, each problem named ``profiles.<name>: <f
         base: {models: {student: meta-llama/Llama-3.2-1B, teacher: my-org/llama-3.1-8b-dpo},
                data: {source: argilla/dpo-mix-7k}, train: {learning_rate: 5.0e-7}}
         variants: {adpa: {loss: {name: adpa, topk: 50}}}      # one variant's keys changed
+
+Selection. ``select`` picks, for each variant, the value with the best mean validation metric over the
+seeds (``metric``: ``oracle_score`` or ``rm_score``, read from each run's ``val/<metric>``; higher is better,
+a tie goes to the value listed first). ``over: learning_rate`` adds the axis ``train.learning_rate`` with
+``values`` (at least two; the spec may not sweep that key itself), so every variant runs at every rate; the
+runs need a validation split (``base.data.validation_fraction``), and ``rm_score`` off the testbed needs
+``eval.validation_reward_model``. The picking is done where every study's tables are built
+(`reports.store.write_study_outputs`, `reports.selection`), whichever backend ran the runs: the tables hold
+the picked runs only (their test numbers, each labelled as its variant), plus ``selection.md`` /
+``selection.csv``. ``over: checkpoints`` (among the checkpoints saved during training) is not available yet:
+it is an error. A profile's ``select`` is merged key by key over the spec's.
 
 Labels and columns. A run's label is its variant's label followed by ``axis=value`` for each axis
 it sets, joined by commas (``soft_value,loss.alpha=0.5``, ``method=tvkd,loss.alpha=0.5``), and it
@@ -904,7 +918,7 @@ def _check_profiles(spec: dict[str, Any], problems: list[str], requested: str | 
         for k in bad:
             problems.append(f"{where}.{k}: not a key a profile may set{_close(str(k), list(PROFILE_KEYS))}; "
                             f"valid keys: {', '.join(PROFILE_KEYS)}")
-        for k in ("base", "quick"):
+        for k in ("base", "quick", "select"):
             if block.get(k) is not None and not isinstance(block[k], dict):
                 problems.append(f"{where}.{k}: expected a mapping (merged over the spec's {k}), got {_given(block[k])}")
                 bad.append(k)
