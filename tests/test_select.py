@@ -258,3 +258,17 @@ def test_the_quick_select_study_runs_end_to_end_through_the_engine(tmp_path):
         assert row["val/oracle_score.mean"] == same["val/oracle_score.mean"].max()
     grid = (out["out_dir"] / "grid.md").read_text()
     assert sum(line.startswith(("| dpo ", "| soft_value ")) for line in grid.splitlines()) == 2
+
+
+def test_the_compute_estimate_counts_the_held_out_pairs_as_validation_not_training():
+    from reports.paper_compute import estimate_run
+    from studies.spec import load_spec
+
+    cfg = load_spec("select-learning-rate", "paper").runs()[0].config
+    with_split = estimate_run(cfg, "a", 0, set())
+    cfg.data.validation_fraction = None
+    without = estimate_run(cfg, "a", 0, set())
+    assert with_split.train_tokens == pytest.approx(without.train_tokens * 0.95, rel=1e-3)  # 5% held out
+    n_s = with_split.student_params
+    held = round(6750 * 0.05)
+    assert with_split.flops["evaluation"] - without.flops["evaluation"] == pytest.approx(2.0 * n_s * held * 512)
