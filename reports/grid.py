@@ -86,9 +86,12 @@ def write_grid_tables(spec: Any, df: pd.DataFrame, out_dir: str | Path) -> dict[
     caption = (f"{spec.name}: mean ± std over seeds ({', '.join(map(str, seeds))}) per configuration; n: runs."
                + (" " + effects_caption(spec.reference_variant) if delta_cols else ""))
     select = getattr(spec, "select", None)
-    if select is not None:  # the frame holds the picked runs (reports.selection)
+    if select is not None and select.axis is not None:  # the frame holds the picked runs (reports.selection)
         caption += (f" Each row: test numbers at the {select.axis} picked on the validation split by the best mean "
                     f"{select.column} over seeds (selection.md lists every candidate).")
+    elif select is not None:
+        caption += (f" Each run: test numbers of its checkpoint picked on the validation split by the best "
+                    f"{select.column} (selection.md lists every candidate).")
     return write_table_files(out_dir, "grid", "reports/grid.py", lambda fmt: format_table(
         summary, metrics=metrics, row_label_cols=label_cols, fmt=fmt, extra_cols=delta_cols, caption=caption,
         label=f"tab:{spec.name}" if fmt == "latex" else None))

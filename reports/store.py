@@ -36,7 +36,7 @@ import pandas as pd
 
 from reports.compare import compare_study, format_comparison, write_comparison
 from reports.grid import write_grid_tables
-from reports.selection import select_runs, write_selection
+from reports.selection import select_runs, write_checkpoint_selection, write_selection
 from reports.tables import TABLES, discover
 from studies.spec import load_spec, reference_label
 from tvkd.evaluation.metrics import win_rate
@@ -194,15 +194,18 @@ def write_study_outputs(spec: Any, frame: pd.DataFrame, out_dir: str | Path) -> 
     columns); returns ``{generator: {format: path}}``, with ``{"runs": {"csv": path}}`` last.
 
     A study with ``select`` (`reports.selection`): its picks first (``{"selection": {"md", "csv"}}``), then the
-    tables of the picked runs only; runs.csv holds every run, the picked ones marked."""
+    tables of the picked runs only (over learning rates; over checkpoints every run is its own pick); runs.csv
+    holds every run, the picked ones marked."""
     out = Path(out_dir)
     written: dict[str, dict[str, Path]] = {}
-    if getattr(spec, "select", None) is not None and len(frame):
+    every_run = frame
+    select = getattr(spec, "select", None)
+    if select is not None and select.axis is None and len(frame):  # checkpoints: every run picked its own
+        written["selection"] = write_checkpoint_selection(spec, frame, out)
+    elif select is not None and len(frame):
         selection = select_runs(spec, frame)
         written["selection"] = write_selection(selection, spec, out)
         frame, every_run = selection.picked, selection.frame
-    else:
-        every_run = frame
     generators = generators_for(spec)
     for name in generators:
         written[name] = {fmt: Path(path) for fmt, path in TABLES.get(name)(frame, out).items()}

@@ -433,16 +433,19 @@ class Selection:
     """A study's ``select`` block: per variant, the value of ``over`` with the best mean ``val/<metric>`` over seeds.
 
     ``over: learning_rate`` adds the axis ``train.learning_rate`` (`axis`) with ``values``; the tables then
-    show the test numbers of each variant's picked runs (`reports.selection`)."""
+    show the test numbers of each variant's picked runs (`reports.selection`). ``over: checkpoints`` sets
+    ``eval.checkpoints`` (``values``: fractions of the training steps) in every run, which keeps the weights of
+    its best validation checkpoint (`tvkd.evaluation.validation`): every run is then its own pick."""
 
     metric: str  # oracle_score | rm_score
     over: str  # learning_rate
     values: tuple[Any, ...]
 
     @property
-    def axis(self) -> str:
-        """The run-config key (an axis of the study) the selection picks a value of."""
-        return SELECT_AXES[self.over]
+    def axis(self) -> str | None:
+        """The run-config key (an axis of the study) the selection picks a value of; None for checkpoints (each
+        run picks its own, `eval.checkpoints`)."""
+        return SELECT_AXES.get(self.over)
 
     @property
     def column(self) -> str:
@@ -838,8 +841,24 @@ def _parse_select(spec: dict[str, Any], axes: list[Axis], problems: list[str]) -
                             f"{_close(str(block[k]), list(valid))}")
     over = block.get("over")
     if over == "checkpoints":
-        problems.append("select.over: checkpoints is not available yet (picking among the checkpoints saved during "
-                        "training); pick a learning rate instead: over: learning_rate, values: [...]")
+        values = block.get("values")
+        if values is None:
+            problems.append("select.values: missing; the fractions of the training steps at which to evaluate a "
+                            "checkpoint, e.g. [0.25, 0.5, 0.75, 1.0]")
+        elif not isinstance(values, list) or len(values) < 2:
+            problems.append(f"select.values: {_given(values)}; a list of at least two fractions of the training "
+                            "steps in (0, 1], e.g. [0.25, 0.5, 0.75, 1.0]")
+        else:
+            for i, f in enumerate(values):
+                if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1:
+                    problems.append(f"select.values[{i}]: {_given(f)} is not a fraction of the training steps in "
+                                    "(0, 1]")
+                elif f in values[:i]:
+                    problems.append(f"select.values[{i}]: {_given(f)} repeats select.values[{values.index(f)}]")
+        base_eval = (spec.get("base") or {}).get("eval") if isinstance(spec.get("base"), dict) else None
+        if isinstance(base_eval, dict) and ("checkpoints" in base_eval or "checkpoint_metric" in base_eval):
+            problems.append("select: over checkpoints sets eval.checkpoints and eval.checkpoint_metric itself; drop "
+                            "them from base.eval")
     if spec.get("search") is not None:
         problems.append("select: a study with a search block picks by its own objective; drop one of search / select")
     if over in SELECT_AXES:
@@ -881,6 +900,11 @@ def _check_select_runs(spec: StudyFile) -> list[str]:
             problems.append(f"select{flag}: picks on a validation split, but run(s) {', '.join(no_split[:3])}"
                             f"{' ...' if len(no_split) > 3 else ''} have none; set base.data.validation_fraction "
                             "(e.g. 0.1)")
+        off = [r.label for r in runs if not _uses_testbed(r.config)]
+        if sel.metric == "oracle_score" and off:
+            problems.append(f"select.metric{flag}: oracle_score exists on testbed runs only; run(s) "
+                            f"{', '.join(off[:3])}{' ...' if len(off) > 3 else ''} read no testbed part: pick by "
+                            "rm_score (with base.eval.validation_reward_model)")
         if sel.metric == "rm_score":
             no_rm = [r.label for r in runs if r.config.eval.validation_reward_model is None
                      and not _uses_testbed(r.config)]
@@ -1069,8 +1093,11 @@ def parse_spec(spec: Any, source: str | None = None, profile: str | None = None)
     selection = None
     if spec.get("select") is not None:
         selection = _parse_select(spec, axes, problems)
-        if selection is not None:
+        if selection is not None and selection.axis is not None:
             axes.append(Axis(selection.axis, "key", selection.values, tuple(format_value(v) for v in selection.values)))
+        elif selection is not None and isinstance(base, dict):  # every run evaluates them, keeps the best
+            base = deep_merge(base, {"eval": {"checkpoints": list(selection.values),
+                                              "checkpoint_metric": selection.metric}})
     if variants is None and raw_axes is None and spec.get("search") is None and not {"variants", "axes"} & mistyped:
         problems.append("variants / axes: a study needs variants, axes or both (or a search block)")
     # descriptive keys must not take an axis's column

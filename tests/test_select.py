@@ -134,7 +134,10 @@ def test_select_over_learning_rate_is_an_axis_of_every_variant():
      "select.metrc: unknown key (did you mean 'metric'?)"),
     ({"metric": "oracle_score", "over": "learning_rates", "values": [1e-5, 1e-4]},
      "select.over: 'learning_rates' is not one of learning_rate, checkpoints (did you mean 'learning_rate'?)"),
-    ({"metric": "oracle_score", "over": "checkpoints"}, "select.over: checkpoints is not available yet"),
+    ({"metric": "oracle_score", "over": "checkpoints"}, "select.values: missing; the fractions of the training"),
+    ({"metric": "oracle_score", "over": "checkpoints", "values": [0.5, 1.5]},
+     "select.values[1]: 1.5 is not a fraction of the training steps in (0, 1]"),
+    ({"metric": "oracle_score", "over": "checkpoints", "values": [0.5]}, "a list of at least two fractions"),
     ({"metric": "oracle_score", "over": "learning_rate"}, "select.values: missing"),
     ({"metric": "oracle_score", "over": "learning_rate", "values": [1e-5]}, "at least two values"),
     ({"metric": "oracle_score", "over": "learning_rate", "values": [1e-5, "x"]},
@@ -252,12 +255,12 @@ def test_the_quick_select_study_runs_end_to_end_through_the_engine(tmp_path):
     frame = out["frame"]
     assert frame["val/oracle_score"].notna().all() and frame["oracle_score"].notna().all()
     selection = pd.read_csv(out["out_dir"] / "selection.csv")
-    assert selection.groupby("label")["picked"].sum().to_dict() == {"dpo": 1, "soft_value": 1}
+    assert selection.groupby("label")["picked"].sum().to_dict() == {"dpo": 1, "simpo": 1, "soft_value": 1}
     for row in selection[selection["picked"]].to_dict("records"):
         same = selection[selection["label"] == row["label"]]
         assert row["val/oracle_score.mean"] == same["val/oracle_score.mean"].max()
     grid = (out["out_dir"] / "grid.md").read_text()
-    assert sum(line.startswith(("| dpo ", "| soft_value ")) for line in grid.splitlines()) == 2
+    assert sum(line.startswith(("| dpo ", "| simpo ", "| soft_value ")) for line in grid.splitlines()) == 3
 
 
 def test_the_compute_estimate_counts_the_held_out_pairs_as_validation_not_training():
@@ -272,3 +275,79 @@ def test_the_compute_estimate_counts_the_held_out_pairs_as_validation_not_traini
     n_s = with_split.student_params
     held = round(6750 * 0.05)
     assert with_split.flops["evaluation"] - without.flops["evaluation"] == pytest.approx(2.0 * n_s * held * 512)
+
+
+# -- over checkpoints ----------------------------------------------------------------------------------------------
+
+
+def test_select_over_checkpoints_sets_the_checkpoints_of_every_run():
+    from tvkd.evaluation.validation import checkpoint_steps
+
+    spec = parse_spec({**SPEC, "select": {"metric": "oracle_score", "over": "checkpoints", "values": [0.5, 1.0]}})
+    runs = spec.runs()
+    assert [r.label for r in runs[:2]] == ["dpo", "sv"] and spec.select.axis is None  # no axis: one run each
+    assert all(r.config.eval.checkpoints == [0.5, 1.0] and r.config.eval.checkpoint_metric == "oracle_score"
+               for r in runs)
+    with pytest.raises(StudySpecError, match="select: over checkpoints sets eval.checkpoints"):
+        parse_spec({**SPEC, "base": {**BASE, "eval": {"checkpoints": [1.0]}},
+                    "select": {"metric": "oracle_score", "over": "checkpoints", "values": [0.5, 1.0]}})
+    assert checkpoint_steps([0.25, 0.5, 0.75, 1.0], 182) == [46, 91, 136, 182]
+    assert checkpoint_steps([0.01, 0.02, 1.0], 10) == [1, 10]
+    assert "checkpoints" not in config_from_dict({}).to_dict()["eval"]
+
+
+def test_a_run_keeps_and_is_tested_with_the_weights_of_its_best_validation_checkpoint(tiny_world, tmp_path):
+    from tests.test_bench_rm_score import _tiny_rm
+    from tvkd.pipeline import InputError, execute, plan_run
+    from tvkd.results import ResultsStore
+
+    rm_dir = _tiny_rm(tmp_path / "rm", adds_bos=False)
+    store = ResultsStore(tmp_path / "results")
+    cfg = _cfg(tiny_world, validation_fraction=0.4)
+    cfg.eval.validation_reward_model = rm_dir
+    cfg.train.extra = {"max_steps": 4}
+    plain = execute(cfg, store=store, progress=False)
+    cfg.eval.checkpoints, cfg.eval.checkpoint_metric = [0.25, 0.5, 1.0], "rm_score"
+    picked = execute(cfg, store=store, progress=False)
+    history = picked.metrics["val/checkpoints"]
+    assert [h["step"] for h in history] == [1, 2, 4]
+    scores = [h["val/rm_score"] for h in history]
+    best = history[scores.index(max(scores))]  # the first of equal bests
+    assert picked.metrics["val/checkpoint_step"] == best["step"]
+    # the run was tested and validated with the picked weights: its validation score is that step's
+    assert picked.metrics["val/rm_score"] == pytest.approx(best["val/rm_score"], abs=1e-6)
+    # evaluating along the way changes nothing of the training: the last step is the run without selection
+    assert history[-1]["val/rm_score"] == pytest.approx(plain.metrics["val/rm_score"], abs=1e-6)
+    assert picked.metrics["train_loss"] == pytest.approx(plain.metrics["train_loss"], abs=1e-7)
+    cfg.data.validation_fraction = None
+    with pytest.raises(InputError, match="eval.checkpoints: checkpoints are picked on the validation split"):
+        plan_run(cfg, progress=False)
+
+
+def test_the_checkpoint_selection_lists_each_steps_validation_mean_and_the_picks(tmp_path):
+    from types import SimpleNamespace
+
+    from reports.store import write_study_outputs
+
+    spec = parse_spec({**SPEC, "select": {"metric": "oracle_score", "over": "checkpoints", "values": [0.5, 1.0]}})
+    rows = []
+    for r in spec.runs():
+        shift = 0.1 if r.variant == "sv" else 0.0
+        hist = [{"step": 5, "val/oracle_score": 0.5 + shift + r.seed / 100},
+                {"step": 10, "val/oracle_score": 0.55 - 2 * shift}]
+        best = max(hist, key=lambda h: h["val/oracle_score"])["step"]
+        rows.append({**r.info, "label": r.label, "oracle_score": 0.6 + shift, "val/oracle_score": 0.5,
+                     "record": SimpleNamespace(metrics={"val/checkpoints": hist, "val/checkpoint_step": best})})
+    written = write_study_outputs(spec, pd.DataFrame(rows), tmp_path)
+    assert list(written) == ["selection", "grid", "runs"]
+    cands = pd.read_csv(tmp_path / "selection.csv")
+    assert cands.to_dict("records") == [
+        {"label": "dpo", "step": 5, "val/oracle_score.mean": pytest.approx(0.505), "val/oracle_score.std":
+         pytest.approx(np.std([0.5, 0.51], ddof=1)), "seeds": 2, "picked_by_seeds": 0},
+        {"label": "dpo", "step": 10, "val/oracle_score.mean": pytest.approx(0.55), "val/oracle_score.std": 0.0,
+         "seeds": 2, "picked_by_seeds": 2},
+        {"label": "sv", "step": 5, "val/oracle_score.mean": pytest.approx(0.605), "val/oracle_score.std":
+         pytest.approx(np.std([0.6, 0.61], ddof=1)), "seeds": 2, "picked_by_seeds": 2},
+        {"label": "sv", "step": 10, "val/oracle_score.mean": pytest.approx(0.35), "val/oracle_score.std": 0.0,
+         "seeds": 2, "picked_by_seeds": 0}]
+    assert "checkpoint picked on the validation split" in (tmp_path / "grid.md").read_text()

@@ -162,7 +162,8 @@ def check_lora(options: dict[str, Any]) -> dict[str, Any]:
 # dict (and so of its identity) while at that default, so adding them did not make every finished run new.
 IDENTITY_NEUTRAL_DEFAULTS = {"models": {"strict_weights": True},
                              "data": {"validation_fraction": None},
-                             "eval": {"validation_reward_model": None},
+                             "eval": {"validation_reward_model": None, "checkpoints": [],
+                                      "checkpoint_metric": "oracle_score"},
                              "train": {"logprob_chunk": None, "padding_free": False, "gradient_checkpointing": False,
                                        "lora": {}, "compile": False, "length_buckets": False},
                              # Runs before `response_tail` existed cut a template's text after end-of-turn; with the
@@ -344,12 +345,25 @@ class EvalConfig:
               "data.validation_fraction): 'oracle' (the testbed's r*), or the hub id / folder of a 1-output "
               "sequence-classification reward model (as `tvkd eval --bench rm`). null: the oracle on testbed runs, "
               "no val/rm_score elsewhere.")
+    checkpoints: list = _f(
+        [], "Checkpoint selection on validation (with data.validation_fraction): at each of these fractions of the "
+            "training steps (in (0, 1], e.g. [0.25, 0.5, 0.75, 1.0]) the policy is evaluated on the validation "
+            "split, and the run keeps (and is tested with) the weights of the best val/<checkpoint_metric>; the "
+            "candidates' scores go to metrics.json (val/checkpoints). []: the final weights.")
+    checkpoint_metric: str = _f("oracle_score", "What `checkpoints` picks by: oracle_score | rm_score (higher is "
+                                                "better).")
 
     def __post_init__(self) -> None:
         _at_least("max_new_tokens", self.max_new_tokens, 1)
         _at_least("batch_size", self.batch_size, 1)
         _at_least("value_alignment", self.value_alignment, 0)
         _one_of("ties", self.ties, ("half", "loss"))
+        _one_of("checkpoint_metric", self.checkpoint_metric, ("oracle_score", "rm_score"))
+        for i, f in enumerate(self.checkpoints):
+            if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1:
+                raise ValueError(f"checkpoints[{i}] must be a fraction of the training steps in (0, 1], got {f!r}")
+            if f in self.checkpoints[:i]:
+                raise ValueError(f"checkpoints[{i}]: {f!r} is listed twice")
 
 
 @dataclass

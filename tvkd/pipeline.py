@@ -313,6 +313,8 @@ def plan_run(cfg: RunConfig, *, testbed: dict[str, Any] | None = None, progress:
         else f"; teacher (another tokenizer): {template_label(teacher_tok)}"))
     plan.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     plan.eos_id = tokenizer.convert_tokens_to_ids(cfg.tokenize.eos_token or tokenizer.eos_token)
+    if cfg.eval.checkpoints:
+        _check_checkpoint_selection(cfg)
     plan.train_data = _load_pairs(paths["source"], cfg.data.split, cfg.data.limit, cfg.data.adapter, echo)
     if cfg.data.validation_fraction is not None:
         _hold_out_validation(plan, paths["source"], testbed=uses_testbed(cfg), echo=echo)
@@ -372,6 +374,28 @@ def _hold_out_validation(plan: RunPlan, source: str, *, testbed: bool, echo: Ech
             raise InputError(f"eval.validation_reward_model: {name!r} is neither a local folder nor a model in the "
                              "local Hugging Face cache (this harness runs offline); download it where there is "
                              f"network access (hf download {name}) or give a local folder")
+
+
+def _check_checkpoint_selection(cfg: RunConfig) -> None:
+    """``eval.checkpoints`` picks on the validation split, in one process, within one uninterrupted attempt."""
+    if cfg.data.validation_fraction is None:
+        raise InputError("eval.checkpoints: checkpoints are picked on the validation split; set "
+                         "data.validation_fraction (e.g. 0.1)")
+    if cfg.eval_only:
+        raise InputError("eval.checkpoints: an eval_only run trains nothing, so there is no checkpoint to pick; "
+                         "drop eval.checkpoints")
+    if cfg.eval.checkpoint_metric == "oracle_score" and not uses_testbed(cfg):
+        raise InputError("eval.checkpoint_metric: oracle_score exists on testbed runs only; pick by rm_score "
+                         "(with eval.validation_reward_model)")
+    if cfg.eval.checkpoint_metric == "rm_score" and not uses_testbed(cfg) and not cfg.eval.validation_reward_model:
+        raise InputError("eval.checkpoint_metric: rm_score needs a reward model off the testbed; set "
+                         "eval.validation_reward_model (a hub id or folder)")
+    if cfg.train.save_strategy != "no":
+        raise InputError("eval.checkpoints: the candidates' weights are kept in memory, so a run resumed from a "
+                         "checkpoint would lose those evaluated before; set train.save_strategy: no")
+    if launched_world_size() > 1:
+        raise InputError("eval.checkpoints: not available under a multi-process launch yet (the validation "
+                         "evaluation runs in one process); run it in one process, or drop eval.checkpoints")
 
 
 def _prompt_key(example: Any) -> str:
@@ -704,6 +728,12 @@ def _train(plan: RunPlan, run_dir: Path, echo: Echo, progress: bool, callbacks: 
     out_dir = run_dir / "checkpoint" if dist.is_main else dist.scratch_dir(run_dir)
     if not dist.is_main and resume is None:
         shutil.rmtree(out_dir, ignore_errors=True)  # an older attempt's RNG states
+    selector = None
+    if cfg.eval.checkpoints:
+        from tvkd.evaluation.validation import checkpoint_selector
+
+        selector = checkpoint_selector(plan, testbed=uses_testbed(cfg), say=echo)
+        callbacks = [*(callbacks or []), selector]
     with echo.stage("train"):
         policy, train_metrics = train_policy(plan.paths["student"], ts.train, loss, loss_cfg, cfg=cfg,
                                              out_dir=out_dir, pad_id=plan.pad_id, progress=progress,
@@ -711,6 +741,10 @@ def _train(plan: RunPlan, run_dir: Path, echo: Echo, progress: bool, callbacks: 
                                              teacher_vocab=plan.teacher_vocab, eos_id=plan.eos_id,
                                              callbacks=callbacks, resume=resume)
         metrics.update(train_metrics)
+    if selector is not None:
+        metrics["val/checkpoints"] = selector.history
+        metrics["val/checkpoint_step"] = selector.best_step
+        echo(f"  checkpoint picked on validation: step {selector.best_step} of {train_metrics['train_steps']}")
     if not dist.is_main:
         return None  # evaluation and the run folder are the main process's
 
