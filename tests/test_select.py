@@ -296,7 +296,12 @@ def test_select_over_checkpoints_sets_the_checkpoints_of_every_run():
     assert "checkpoints" not in config_from_dict({}).to_dict()["eval"]
 
 
-def test_a_run_keeps_and_is_tested_with_the_weights_of_its_best_validation_checkpoint(tiny_world, tmp_path):
+def test_a_run_keeps_and_is_tested_with_the_weights_of_its_best_validation_checkpoint(tiny_world, tmp_path,
+                                                                                      monkeypatch):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import tvkd.evaluation.validation as validation
     from tests.test_bench_rm_score import _tiny_rm
     from tvkd.pipeline import InputError, execute, plan_run
     from tvkd.results import ResultsStore
@@ -305,17 +310,34 @@ def test_a_run_keeps_and_is_tested_with_the_weights_of_its_best_validation_check
     store = ResultsStore(tmp_path / "results")
     cfg = _cfg(tiny_world, validation_fraction=0.4)
     cfg.eval.validation_reward_model = rm_dir
-    cfg.train.extra = {"max_steps": 4}
+    cfg.train.extra = {"max_steps": 6}
+    cfg.train.learning_rate = 0.01
     plain = execute(cfg, store=store, progress=False)
-    cfg.eval.checkpoints, cfg.eval.checkpoint_metric = [0.25, 0.5, 1.0], "rm_score"
+
+    # the reward model's score, then a score that tells the weights apart: minus their distance from the start,
+    # so the earliest checkpoint is the best, and only its weights give its score again
+    start = {k: v.detach().clone() for k, v in AutoModelForCausalLM.from_pretrained(tiny_world["student"])
+             .state_dict().items()}
+    real = validation.evaluate_validation
+
+    def distance_scored(policy, *args, **kwargs):
+        metrics, rows = real(policy, *args, **kwargs)
+        with torch.no_grad():
+            far = sum(float((v.float() - start[k]).abs().sum()) for k, v in policy.state_dict().items())
+        return {**metrics, "val/distance": -far}, rows
+
+    monkeypatch.setattr(validation, "evaluate_validation", distance_scored)
+    cfg.eval.checkpoints = [0.3, 0.5, 1.0]
+    cfg.eval.checkpoint_metric = "distance"  # picked by val/distance (set after the config's own check)
     picked = execute(cfg, store=store, progress=False)
     history = picked.metrics["val/checkpoints"]
-    assert [h["step"] for h in history] == [1, 2, 4]
-    scores = [h["val/rm_score"] for h in history]
-    best = history[scores.index(max(scores))]  # the first of equal bests
-    assert picked.metrics["val/checkpoint_step"] == best["step"]
-    # the run was tested and validated with the picked weights: its validation score is that step's
-    assert picked.metrics["val/rm_score"] == pytest.approx(best["val/rm_score"], abs=1e-6)
+    assert [h["step"] for h in history] == [2, 3, 6]
+    distances = [h["val/distance"] for h in history]
+    assert distances[0] > distances[1] > distances[2]  # training moves away from the start
+    assert picked.metrics["val/checkpoint_step"] == 2
+    # tested and validated with the picked weights: the final evaluation finds step 2's weights, not step 6's
+    assert picked.metrics["val/distance"] == pytest.approx(distances[0], rel=1e-6)
+    assert picked.metrics["val/rm_score"] == pytest.approx(history[0]["val/rm_score"], abs=1e-6)
     # evaluating along the way changes nothing of the training: the last step is the run without selection
     assert history[-1]["val/rm_score"] == pytest.approx(plain.metrics["val/rm_score"], abs=1e-6)
     assert picked.metrics["train_loss"] == pytest.approx(plain.metrics["train_loss"], abs=1e-7)
