@@ -19,8 +19,9 @@ For one run with N_s student parameters and T = pairs × 2 sequences × tokens p
     contrast models          TIS-DPO's DPO and reverse-DPO estimators: 2 × 6 · N_s · T · their epochs
     evaluation               2 · N_s · T_test (margin accuracy; + the reference when the loss has one)
                              + 2 · N_s · test prompts · eval.max_new_tokens (greedy generations)
-                             + 2 · N_s · validation prompts · eval.max_new_tokens (data.validation_fraction;
-                             the validation reward model's forward is not counted)
+                             + 2 · N_s · validation prompts · eval.max_new_tokens (data.validation_fraction),
+                             once more per checkpoint evaluated (eval.checkpoints); the validation reward
+                             model's forward is not counted
 
 GPU-hours = FLOPs / (an H100's dense bf16 peak, 989 TFLOP/s, × 40% model FLOPs utilisation) / 3600.
 It ignores attention's quadratic term (small at these lengths), the benchmarks run afterwards by
@@ -259,7 +260,8 @@ def estimate_run(cfg: Any, label: str, seed: int, cached: set[tuple[str, ...]]) 
         evaluation += 2 * 2.0 * n_s * test_tokens
     if cfg.eval.generate:
         evaluation += 2.0 * n_s * test_pairs * cfg.eval.max_new_tokens
-    evaluation += 2.0 * n_s * val_pairs * cfg.eval.max_new_tokens  # greedy answers to the validation prompts
+    # greedy answers to the validation prompts: after training, and at each checkpoint evaluated (eval.checkpoints)
+    evaluation += (1 + len(cfg.eval.checkpoints)) * 2.0 * n_s * val_pairs * cfg.eval.max_new_tokens
     est.flops["evaluation"] = evaluation
     return est
 

@@ -26,8 +26,8 @@ A spec holds the keys below; only ``name`` and one of ``variants`` / ``axes`` ar
 
     resources: {cpu: 1, gpu: 0}            # optional: what one run reserves under the Ray backend
     search: {params: ..., metric: ...}     # optional: an Optuna search over the base (`studies.search`)
-    select:                                # optional: per variant, the learning rate picked on validation
-      {metric: oracle_score, over: learning_rate, values: [1.0e-5, 3.0e-5, 1.0e-4]}
+    select:                                # optional: per variant, the learning rate (or checkpoint) picked on
+      {metric: oracle_score, over: learning_rate, values: [1.0e-5, 3.0e-5, 1.0e-4]}   # validation
 
 This module is the format only: `parse_spec` / `load_spec` check all of it before anything runs
 (the top-level keys through the same typed machinery as run configs, `tvkd.api.check_value`; each
@@ -81,8 +81,11 @@ runs need a validation split (``base.data.validation_fraction``), and ``rm_score
 ``eval.validation_reward_model``. The picking is done where every study's tables are built
 (`reports.store.write_study_outputs`, `reports.selection`), whichever backend ran the runs: the tables hold
 the picked runs only (their test numbers, each labelled as its variant), plus ``selection.md`` /
-``selection.csv``. ``over: checkpoints`` (among the checkpoints saved during training) is not available yet:
-it is an error. A profile's ``select`` is merged key by key over the spec's.
+``selection.csv``. ``over: checkpoints`` with ``values`` fractions of the training steps (e.g. [0.25, 0.5,
+0.75, 1.0]; at least two) sets ``eval.checkpoints`` and ``eval.checkpoint_metric`` in every run (the base
+may not set them): each run evaluates its policy on validation at those steps and keeps the weights of its
+best one, so each run (each seed) is its own pick, and ``selection.md`` lists each step's validation mean and
+how many seeds picked it. A profile's ``select`` is merged key by key over the spec's.
 
 Labels and columns. A run's label is its variant's label followed by ``axis=value`` for each axis
 it sets, joined by commas (``soft_value,loss.alpha=0.5``, ``method=tvkd,loss.alpha=0.5``), and it

@@ -275,6 +275,9 @@ def test_the_compute_estimate_counts_the_held_out_pairs_as_validation_not_traini
     n_s = with_split.student_params
     held = round(6750 * 0.05)
     assert with_split.flops["evaluation"] - without.flops["evaluation"] == pytest.approx(2.0 * n_s * held * 512)
+    cfg.data.validation_fraction, cfg.eval.checkpoints = 0.05, [0.5, 1.0]
+    checkpoints = estimate_run(cfg, "a", 0, set())
+    assert checkpoints.flops["evaluation"] - with_split.flops["evaluation"] == pytest.approx(2 * 2.0 * n_s * held * 512)
 
 
 # -- over checkpoints ----------------------------------------------------------------------------------------------
