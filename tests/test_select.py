@@ -344,9 +344,28 @@ def test_a_run_keeps_and_is_tested_with_the_weights_of_its_best_validation_check
     # evaluating along the way changes nothing of the training: the last step is the run without selection
     assert history[-1]["val/rm_score"] == pytest.approx(plain.metrics["val/rm_score"], abs=1e-6)
     assert picked.metrics["train_loss"] == pytest.approx(plain.metrics["train_loss"], abs=1e-7)
-    cfg.data.validation_fraction = None
-    with pytest.raises(InputError, match="eval.checkpoints: checkpoints are picked on the validation split"):
+    cfg.eval.checkpoint_metric = "oracle_score"
+    with pytest.raises(InputError, match="eval.checkpoint_metric: oracle_score exists on testbed runs only"):
         plan_run(cfg, progress=False)
+
+
+@pytest.mark.parametrize(("over", "message"), [
+    ({"data": {"validation_fraction": None}}, "eval.checkpoints: checkpoints are picked on the validation split"),
+    ({"eval_only": True}, "an eval_only run trains nothing"),
+    ({"train": {"save_strategy": "steps"}}, "set train.save_strategy: no"),
+])
+def test_checkpoint_selection_needs_a_validation_split_and_one_uninterrupted_training(over, message):
+    from studies.spec import deep_merge
+    from tvkd.api import ConfigError
+
+    ok = {"data": {"validation_fraction": 0.1}, "eval": {"checkpoints": [0.5, 1.0]}}
+    assert config_from_dict(ok).eval.checkpoints == [0.5, 1.0]
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict(deep_merge(ok, over))
+    with pytest.raises(ConfigError, match=r"checkpoints\[1\] must be a fraction of the training steps"):
+        config_from_dict({"data": {"validation_fraction": 0.1}, "eval": {"checkpoints": [0.5, 2]}})
+    with pytest.raises(ConfigError, match="checkpoint_metric must be one of oracle_score, rm_score"):
+        config_from_dict({"eval": {"checkpoint_metric": "oracle"}})
 
 
 def test_the_checkpoint_selection_lists_each_steps_validation_mean_and_the_picks(tmp_path):

@@ -399,6 +399,15 @@ class RunConfig:
                     raise ValueError(f"testbed.{key}: not a testbed option"
                                      + (f". Did you mean {close[0]!r}?" if close else f"; valid: {', '.join(sorted(fields))}"))
         _at_least("num_threads", self.num_threads, 1)
+        if self.eval.checkpoints and self.data.validation_fraction is None:
+            raise ValueError("eval.checkpoints: checkpoints are picked on the validation split; set "
+                             "data.validation_fraction (e.g. 0.1)")
+        if self.eval.checkpoints and self.eval_only:
+            raise ValueError("eval.checkpoints: an eval_only run trains nothing, so there is no checkpoint to pick; "
+                             "drop eval.checkpoints")
+        if self.eval.checkpoints and self.train.save_strategy != "no":
+            raise ValueError("eval.checkpoints: the candidates' weights are kept in memory, so a run resumed from a "
+                             "checkpoint would lose those evaluated before; set train.save_strategy: no")
         if not 0 <= self.seed < 2**32:
             raise ValueError(f"seed must be an integer from 0 to 2**32 - 1 = {2**32 - 1} (the range numpy and torch "
                              f"seed with), got {self.seed}")

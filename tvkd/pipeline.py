@@ -377,22 +377,14 @@ def _hold_out_validation(plan: RunPlan, source: str, *, testbed: bool, echo: Ech
 
 
 def _check_checkpoint_selection(cfg: RunConfig) -> None:
-    """``eval.checkpoints`` picks on the validation split, in one process, within one uninterrupted attempt."""
-    if cfg.data.validation_fraction is None:
-        raise InputError("eval.checkpoints: checkpoints are picked on the validation split; set "
-                         "data.validation_fraction (e.g. 0.1)")
-    if cfg.eval_only:
-        raise InputError("eval.checkpoints: an eval_only run trains nothing, so there is no checkpoint to pick; "
-                         "drop eval.checkpoints")
+    """``eval.checkpoints`` picks by a metric the run can compute, in one process (the config itself checked that
+    it has a validation split, trains, and keeps no resumable checkpoints)."""
     if cfg.eval.checkpoint_metric == "oracle_score" and not uses_testbed(cfg):
         raise InputError("eval.checkpoint_metric: oracle_score exists on testbed runs only; pick by rm_score "
                          "(with eval.validation_reward_model)")
     if cfg.eval.checkpoint_metric == "rm_score" and not uses_testbed(cfg) and not cfg.eval.validation_reward_model:
         raise InputError("eval.checkpoint_metric: rm_score needs a reward model off the testbed; set "
                          "eval.validation_reward_model (a hub id or folder)")
-    if cfg.train.save_strategy != "no":
-        raise InputError("eval.checkpoints: the candidates' weights are kept in memory, so a run resumed from a "
-                         "checkpoint would lose those evaluated before; set train.save_strategy: no")
     if launched_world_size() > 1:
         raise InputError("eval.checkpoints: not available under a multi-process launch yet (the validation "
                          "evaluation runs in one process); run it in one process, or drop eval.checkpoints")
