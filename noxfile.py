@@ -165,6 +165,8 @@ STUDY_SESSIONS = {
                         "-> table, figure.",
     "teacher-type": "The paper's Tables 8 and 9: DCKD and TVKD from a DPO, an SFT and an instruct-like teacher "
                     "-> tables.",
+    "select-learning-rate": "Each method's learning rate picked on a validation split (the paper's selection "
+                            "protocol): DPO, SimPO, TVKD -> the picks' test table, selection.md.",
 }
 
 

@@ -90,6 +90,13 @@ def write_grid_tables(spec: Any, df: pd.DataFrame, out_dir: str | Path) -> dict[
     settings = settings_sentence(df, df["label"].tolist(), {c: s for c, s in SETTINGS.items() if c not in swept}
                                  ) if "label" in df.columns else ""
     caption += f" {settings}" if settings else ""
+    select = getattr(spec, "select", None)
+    if select is not None and select.axis is not None:  # the frame holds the picked runs (reports.selection)
+        caption += (f" Each row: test numbers at the {select.axis} picked on the validation split by the best mean "
+                    f"{select.column} over seeds (selection.md lists every candidate).")
+    elif select is not None:
+        caption += (f" Each run: test numbers of its checkpoint picked on the validation split by the best "
+                    f"{select.column} (selection.md lists every candidate).")
     return write_table_files(out_dir, "grid", "reports/grid.py", lambda fmt: format_table(
         summary, metrics=metrics, row_label_cols=label_cols, fmt=fmt, extra_cols=delta_cols, caption=caption,
         label=f"tab:{spec.name}" if fmt == "latex" else None))

@@ -19,6 +19,9 @@ For one run with N_s student parameters and T = pairs × 2 sequences × tokens p
     contrast models          TIS-DPO's DPO and reverse-DPO estimators: 2 × 6 · N_s · T · their epochs
     evaluation               2 · N_s · T_test (margin accuracy; + the reference when the loss has one)
                              + 2 · N_s · test prompts · eval.max_new_tokens (greedy generations)
+                             + 2 · N_s · validation prompts · eval.max_new_tokens (data.validation_fraction),
+                             once more per checkpoint evaluated (eval.checkpoints); the validation reward
+                             model's forward is not counted
 
 GPU-hours = FLOPs / (an H100's dense bf16 peak, 989 TFLOP/s, × 40% model FLOPs utilisation) / 3600.
 It ignores attention's quadratic term (small at these lengths), the benchmarks run afterwards by
@@ -158,12 +161,17 @@ class RunEstimate:
         return None if self.unknown else self.total_flops / (PEAK_FLOPS * MFU) / 3600
 
 
-def _tokens(cfg: Any) -> tuple[int, int, float, str] | None:
-    """(train pairs, test pairs, tokens per sequence) for the run's data, or None when unknown."""
+def _tokens(cfg: Any) -> tuple[int, int, float, str, int] | None:
+    """(train pairs, test pairs, tokens per sequence, basis, validation pairs) for the run's data, or None when
+    unknown."""
     size = DATASETS.get(str(cfg.data.source).strip().lower())
     if size is None:
         return None
     pairs = size.train_pairs
+    validation = 0
+    if cfg.data.validation_fraction:  # held out of the pairs read, before the subsample (tvkd.data.holdout)
+        validation = int(round(min(pairs, cfg.data.limit or pairs) * cfg.data.validation_fraction))
+        pairs -= validation
     if cfg.data.subsample:
         pairs = int(round(pairs * cfg.data.subsample))
     if cfg.data.limit:
@@ -176,7 +184,7 @@ def _tokens(cfg: Any) -> tuple[int, int, float, str] | None:
     if cfg.eval.margin_accuracy or cfg.eval.generate:
         test = min(test, cfg.data.test_limit) if cfg.data.test_limit else test
     per_sequence = min(size.tokens_per_sequence, cfg.tokenize.max_length)
-    return pairs, test, per_sequence, size.basis
+    return pairs, test, per_sequence, size.basis, validation
 
 
 def estimate_run(cfg: Any, label: str, seed: int, cached: set[tuple[str, ...]]) -> RunEstimate:
@@ -194,7 +202,7 @@ def estimate_run(cfg: Any, label: str, seed: int, cached: set[tuple[str, ...]]) 
         est.unknown.append(f"data {cfg.data.source}: not a data set of known size (reports/paper_compute.py DATASETS)")
     if est.unknown:
         return est
-    pairs, test_pairs, per_seq, _ = tokens
+    pairs, test_pairs, per_seq, _, val_pairs = tokens
     train_tokens = pairs * 2 * per_seq
     test_tokens = test_pairs * 2 * per_seq
     est.train_tokens = float(train_tokens)
@@ -252,6 +260,8 @@ def estimate_run(cfg: Any, label: str, seed: int, cached: set[tuple[str, ...]]) 
         evaluation += 2 * 2.0 * n_s * test_tokens
     if cfg.eval.generate:
         evaluation += 2.0 * n_s * test_pairs * cfg.eval.max_new_tokens
+    # greedy answers to the validation prompts: after training, and at each checkpoint evaluated (eval.checkpoints)
+    evaluation += (1 + len(cfg.eval.checkpoints)) * 2.0 * n_s * val_pairs * cfg.eval.max_new_tokens
     est.flops["evaluation"] = evaluation
     return est
 

@@ -41,6 +41,7 @@ import pandas as pd
 from reports.compare import compare_study, format_comparison, write_comparison
 from reports.grid import write_grid_tables
 from reports.settings import config_columns
+from reports.selection import select_runs, write_checkpoint_selection, write_selection
 from reports.tables import TABLES, discover
 from studies.spec import load_spec, reference_label
 from tvkd.evaluation.metrics import win_rate
@@ -199,16 +200,29 @@ def generators_for(spec: Any) -> list[str]:
 def write_study_outputs(spec: Any, frame: pd.DataFrame, out_dir: str | Path) -> dict[str, dict[str, Path]]:
     """Run the study's table generators on ``frame`` into ``out_dir`` (a study with none gets the generic
     table of `reports.grid`) and write ``runs.csv`` (one row per run, without the record and per-item
-    columns); returns ``{generator: {format: path}}``, with ``{"runs": {"csv": path}}`` last."""
+    columns); returns ``{generator: {format: path}}``, with ``{"runs": {"csv": path}}`` last.
+
+    A study with ``select`` (`reports.selection`): its picks first (``{"selection": {"md", "csv"}}``), then the
+    tables of the picked runs only (over learning rates; over checkpoints every run is its own pick); runs.csv
+    holds every run, the picked ones marked."""
     out = Path(out_dir)
     written: dict[str, dict[str, Path]] = {}
-    for name in generators_for(spec):
+    every_run = frame
+    select = getattr(spec, "select", None)
+    if select is not None and select.axis is None and len(frame):  # checkpoints: every run picked its own
+        written["selection"] = write_checkpoint_selection(spec, frame, out)
+    elif select is not None and len(frame):
+        selection = select_runs(spec, frame)
+        written["selection"] = write_selection(selection, spec, out)
+        frame, every_run = selection.picked, selection.frame
+    generators = generators_for(spec)
+    for name in generators:
         written[name] = {fmt: Path(path) for fmt, path in TABLES.get(name)(frame, out).items()}
-    if not written and (spec.variants or spec.axes) and len(frame):  # a grid of one's own: the generic table
+    if not generators and (spec.variants or spec.axes) and len(frame):  # a grid of one's own: the generic table
         written["grid"] = write_grid_tables(spec, frame, out)
-    items = [c for c in frame.columns if c.startswith("items.")]
+    items = [c for c in every_run.columns if c.startswith("items.")]
     out.mkdir(parents=True, exist_ok=True)  # a grid without a table still gets its runs.csv
-    frame.drop(columns=["record", *items], errors="ignore").to_csv(out / "runs.csv", index=False)
+    every_run.drop(columns=["record", *items], errors="ignore").to_csv(out / "runs.csv", index=False)
     written["runs"] = {"csv": out / "runs.csv"}
     return written
 

@@ -10,7 +10,8 @@ Optuna executor of a study's ``search`` block). Every run, whoever runs it, is t
 `tvkd.pipeline.execute`, keyed by its content in the results store, so a finished run is never
 trained again. Every study ends with the same call, `write_outputs`: the tables are built from the
 results store alone (`reports.store`), so they are byte for byte the same whichever backend ran the
-runs, and the same as ``tvkd report`` writes later.
+runs, and the same as ``tvkd report`` writes later. A study's ``select`` (per-variant picks on validation,
+`reports.selection`) is applied there too, so every backend's picks come from the one code path.
 """
 
 from __future__ import annotations

@@ -26,6 +26,8 @@ A spec holds the keys below; only ``name`` and one of ``variants`` / ``axes`` ar
 
     resources: {cpu: 1, gpu: 0}            # optional: what one run reserves under the Ray backend
     search: {params: ..., metric: ...}     # optional: an Optuna search over the base (`studies.search`)
+    select:                                # optional: per variant, the learning rate (or checkpoint) picked on
+      {metric: oracle_score, over: learning_rate, values: [1.0e-5, 3.0e-5, 1.0e-4]}   # validation
 
 This module is the format only: `parse_spec` / `load_spec` check all of it before anything runs
 (the top-level keys through the same typed machinery as run configs, `tvkd.api.check_value`; each
@@ -51,9 +53,10 @@ Profiles. ``profiles`` maps a profile name to a block that ``--profile <name>`` 
 run|plan``, ``tvkd report``) merges over the spec before anything else happens; ``paper`` is the
 profile of the paper's own models, data sets and hyper-parameters (hub ids), the default being the
 embedded testbed. A block may hold ``description``, ``seeds``, ``base``, ``variants``, ``axes``,
-``exclude``, ``include``, ``reference_variant``, ``resources`` and ``quick``, and merges thus:
+``exclude``, ``include``, ``reference_variant``, ``resources``, ``quick`` and ``select``, and merges thus:
 
     base, quick        deep-merged over the spec's (as `deep_merge`: ``loss`` is replaced whole)
+    select             merged key by key over the spec's (e.g. only ``metric``)
     variants           a list replaces the variants; a mapping {label: {keys}} deep-merges the keys
                        into the variant of that label (an unknown label is an error)
     axes               a mapping {axis: values} replaces (or adds) those axes, the others stay
@@ -69,6 +72,20 @@ a spec is checked whenever the spec is, each problem named ``profiles.<name>: <f
         base: {models: {student: meta-llama/Llama-3.2-1B, teacher: my-org/llama-3.1-8b-dpo},
                data: {source: argilla/dpo-mix-7k}, train: {learning_rate: 5.0e-7}}
         variants: {adpa: {loss: {name: adpa, topk: 50}}}      # one variant's keys changed
+
+Selection. ``select`` picks, for each variant, the value with the best mean validation metric over the
+seeds (``metric``: ``oracle_score`` or ``rm_score``, read from each run's ``val/<metric>``; higher is better,
+a tie goes to the value listed first). ``over: learning_rate`` adds the axis ``train.learning_rate`` with
+``values`` (at least two; the spec may not sweep that key itself), so every variant runs at every rate; the
+runs need a validation split (``base.data.validation_fraction``), and ``rm_score`` off the testbed needs
+``eval.validation_reward_model``. The picking is done where every study's tables are built
+(`reports.store.write_study_outputs`, `reports.selection`), whichever backend ran the runs: the tables hold
+the picked runs only (their test numbers, each labelled as its variant), plus ``selection.md`` /
+``selection.csv``. ``over: checkpoints`` with ``values`` fractions of the training steps (e.g. [0.25, 0.5,
+0.75, 1.0]; at least two) sets ``eval.checkpoints`` and ``eval.checkpoint_metric`` in every run (the base
+may not set them): each run evaluates its policy on validation at those steps and keeps the weights of its
+best one, so each run (each seed) is its own pick, and ``selection.md`` lists each step's validation mean and
+how many seeds picked it. A profile's ``select`` is merged key by key over the spec's.
 
 Labels and columns. A run's label is its variant's label followed by ``axis=value`` for each axis
 it sets, joined by commas (``soft_value,loss.alpha=0.5``, ``method=tvkd,loss.alpha=0.5``), and it
@@ -97,7 +114,7 @@ from tvkd.config import LossConfig, RunConfig, config_from_dict, load_yaml
 from tvkd.registry import Registry
 
 __all__ = [
-    "RUN_KEYS", "STUDIES", "Axis", "Resources", "StudyFile", "StudyRun", "StudySpecError", "deep_merge", "format_value",
+    "RUN_KEYS", "STUDIES", "Axis", "Resources", "Selection", "StudyFile", "StudyRun", "StudySpecError", "deep_merge", "format_value",
     "load_spec", "parse_spec", "read_study", "reference_label",
 ]
 
@@ -124,13 +141,19 @@ TOP_TYPES: dict[str, Any] = {
     "name": str, "description": str | None, "table": str | None, "seeds": list, "reference_variant": str | None,
     "base": dict | None, "variants": list | None, "axes": dict | None, "exclude": list | None,
     "include": list | None, "quick": dict | None, "resources": dict | None, "profiles": dict | None,
-    "search": dict | None,
+    "search": dict | None, "select": dict | None,
 }
 TOP_KEYS = tuple(TOP_TYPES)
 QUICK_KEYS = ("seeds", "base", "axes")
 #: What a ``profiles.<name>`` block may set (see "Profiles" above).
 PROFILE_KEYS = ("description", "seeds", "base", "variants", "axes", "exclude", "include", "reference_variant",
-                "resources", "quick")
+                "resources", "quick", "select")
+#: ``select``: its keys, the validation metrics it may pick by, and what it may pick among.
+SELECT_KEYS = ("metric", "over", "values")
+SELECT_METRICS = ("oracle_score", "rm_score")
+SELECT_OVER = ("learning_rate", "checkpoints")
+#: The run-config key each kind of ``select.over`` sweeps (an implicit axis of the study).
+SELECT_AXES = {"learning_rate": "train.learning_rate"}
 #: Columns every run's info may hold; no axis or descriptive key may take these names.
 RESERVED_COLUMNS = ("label", "seed", "variant", "run_dir", "record")
 VARIANT = "variant"  # the pseudo-axis a rule uses to name variant labels
@@ -409,6 +432,31 @@ class Axis:
 
 
 @dataclass(frozen=True)
+class Selection:
+    """A study's ``select`` block: per variant, the value of ``over`` with the best mean ``val/<metric>`` over seeds.
+
+    ``over: learning_rate`` adds the axis ``train.learning_rate`` (`axis`) with ``values``; the tables then
+    show the test numbers of each variant's picked runs (`reports.selection`). ``over: checkpoints`` sets
+    ``eval.checkpoints`` (``values``: fractions of the training steps) in every run, which keeps the weights of
+    its best validation checkpoint (`tvkd.evaluation.validation`): every run is then its own pick."""
+
+    metric: str  # oracle_score | rm_score
+    over: str  # learning_rate
+    values: tuple[Any, ...]
+
+    @property
+    def axis(self) -> str | None:
+        """The run-config key (an axis of the study) the selection picks a value of; None for checkpoints (each
+        run picks its own, `eval.checkpoints`)."""
+        return SELECT_AXES.get(self.over)
+
+    @property
+    def column(self) -> str:
+        """The validation metric picked by (higher is better)."""
+        return f"val/{self.metric}"
+
+
+@dataclass(frozen=True)
 class StudyRun:
     """One expanded run: its label, seed, variant and axis values, table columns and run config."""
 
@@ -450,6 +498,7 @@ class StudyFile:
     profiles: tuple[str, ...] = ()  # the profiles the spec declares
     resources: Resources = field(default_factory=Resources)  # what one run reserves under the Ray backend
     search: dict[str, Any] | None = None  # an Optuna search block (checked by `studies.search`)
+    select: Selection | None = None  # per-variant selection on validation (its axis is in `axes`)
     merged: dict[str, StudyFile] = field(default_factory=dict, repr=False)  # each profile, parsed once
 
     @property
@@ -776,6 +825,101 @@ def _parse_rule(rule: Any, where: str, axes: list[Axis], variant_labels: list[st
     return out
 
 
+def _parse_select(spec: dict[str, Any], axes: list[Axis], problems: list[str]) -> Selection | None:
+    """The ``select`` block (its keys, metric, what it picks among and the values), or None (problems named)."""
+    block = spec["select"]
+    if not isinstance(block, dict):
+        problems.append(f"select: expected a mapping ({', '.join(SELECT_KEYS)}), got {_given(block)}")
+        return None
+    n = len(problems)
+    for k in block:
+        if k not in SELECT_KEYS:
+            problems.append(f"select.{k}: unknown key{_close(str(k), list(SELECT_KEYS))}; valid keys: "
+                            f"{', '.join(SELECT_KEYS)}")
+    for k, valid in (("metric", SELECT_METRICS), ("over", SELECT_OVER)):
+        if k not in block:
+            problems.append(f"select.{k}: missing; one of {', '.join(valid)}")
+        elif block[k] not in valid:
+            problems.append(f"select.{k}: {_given(block[k])} is not one of {', '.join(valid)}"
+                            f"{_close(str(block[k]), list(valid))}")
+    over = block.get("over")
+    if over == "checkpoints":
+        values = block.get("values")
+        if values is None:
+            problems.append("select.values: missing; the fractions of the training steps at which to evaluate a "
+                            "checkpoint, e.g. [0.25, 0.5, 0.75, 1.0]")
+        elif not isinstance(values, list) or len(values) < 2:
+            problems.append(f"select.values: {_given(values)}; a list of at least two fractions of the training "
+                            "steps in (0, 1], e.g. [0.25, 0.5, 0.75, 1.0]")
+        else:
+            for i, f in enumerate(values):
+                if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1:
+                    problems.append(f"select.values[{i}]: {_given(f)} is not a fraction of the training steps in "
+                                    "(0, 1]")
+                elif f in values[:i]:
+                    problems.append(f"select.values[{i}]: {_given(f)} repeats select.values[{values.index(f)}]")
+        base_eval = (spec.get("base") or {}).get("eval") if isinstance(spec.get("base"), dict) else None
+        if isinstance(base_eval, dict) and ("checkpoints" in base_eval or "checkpoint_metric" in base_eval):
+            problems.append("select: over checkpoints sets eval.checkpoints and eval.checkpoint_metric itself; drop "
+                            "them from base.eval")
+    if spec.get("search") is not None:
+        problems.append("select: a study with a search block picks by its own objective; drop one of search / select")
+    if over in SELECT_AXES:
+        axis = SELECT_AXES[over]
+        if any(a.name == axis for a in axes):
+            problems.append(f"select: over {over} sweeps {axis} itself (select.values); drop axes.{axis}")
+        values = block.get("values")
+        if values is None:
+            problems.append(f"select.values: missing; the {over.replace('_', ' ')}s to pick among, e.g. "
+                            "[1.0e-5, 3.0e-5, 1.0e-4]")
+        else:
+            found: list[str] = []
+            parsed = _parse_axis(axis, values, found)
+            problems.extend(p.replace(f"axes.{axis}", "select.values", 1) for p in found)
+            if parsed is not None and not found and len(parsed.values) < 2:
+                problems.append(f"select.values: {_given(values)}; a selection needs at least two values to pick among")
+    if len(problems) > n:
+        return None
+    return Selection(metric=block["metric"], over=over, values=tuple(block["values"]))
+
+
+def _uses_testbed(cfg: RunConfig) -> bool:
+    """Whether a run reads the testbed (as `tvkd.pipeline.uses_testbed`: any testbed:<part> among its inputs)."""
+    m, d = cfg.models, cfg.data
+    return any(isinstance(v, str) and v.startswith("testbed:")
+               for v in (m.student, m.reference, m.teacher, m.teacher_reference, d.source, d.test_source))
+
+
+def _check_select_runs(spec: StudyFile) -> list[str]:
+    """Every run of a study with ``select`` has the validation split and can compute the metric picked by."""
+    problems: list[str] = []
+    sel = spec.select
+    for quick in (False, True) if spec.has_quick else (False,):
+        seeds = spec.quick_seeds if quick and spec.quick_seeds else spec.seeds
+        flag = " (--quick)" if quick else ""
+        runs = spec.runs(seeds=[seeds[0]], quick=quick)
+        no_split = [r.label for r in runs if r.config.data.validation_fraction is None]
+        if no_split:
+            problems.append(f"select{flag}: picks on a validation split, but run(s) {', '.join(no_split[:3])}"
+                            f"{' ...' if len(no_split) > 3 else ''} have none; set base.data.validation_fraction "
+                            "(e.g. 0.1)")
+        off = [r.label for r in runs if not _uses_testbed(r.config)]
+        if sel.metric == "oracle_score" and off:
+            problems.append(f"select.metric{flag}: oracle_score exists on testbed runs only; run(s) "
+                            f"{', '.join(off[:3])}{' ...' if len(off) > 3 else ''} read no testbed part: pick by "
+                            "rm_score (with base.eval.validation_reward_model)")
+        if sel.metric == "rm_score":
+            no_rm = [r.label for r in runs if r.config.eval.validation_reward_model is None
+                     and not _uses_testbed(r.config)]
+            if no_rm:
+                problems.append(f"select.metric{flag}: rm_score needs a reward model outside the testbed; run(s) "
+                                f"{', '.join(no_rm[:3])}{' ...' if len(no_rm) > 3 else ''} set none: set "
+                                "base.eval.validation_reward_model (a hub id or folder)")
+        if problems:
+            break
+    return problems
+
+
 def _check_profiles(spec: dict[str, Any], problems: list[str], requested: str | None = None) -> list[str]:
     """The shape of the ``profiles`` block; returns the names of the profiles that can be merged.
 
@@ -801,7 +945,7 @@ def _check_profiles(spec: dict[str, Any], problems: list[str], requested: str | 
         for k in bad:
             problems.append(f"{where}.{k}: not a key a profile may set{_close(str(k), list(PROFILE_KEYS))}; "
                             f"valid keys: {', '.join(PROFILE_KEYS)}")
-        for k in ("base", "quick"):
+        for k in ("base", "quick", "select"):
             if block.get(k) is not None and not isinstance(block[k], dict):
                 problems.append(f"{where}.{k}: expected a mapping (merged over the spec's {k}), got {_given(block[k])}")
                 bad.append(k)
@@ -846,6 +990,8 @@ def apply_profile(spec: dict[str, Any], profile: str) -> dict[str, Any]:
     for key, value in block.items():
         if key in ("base", "quick"):
             out[key] = deep_merge(out.get(key) or {}, value or {})
+        elif key == "select" and isinstance(value, dict) and isinstance(out.get("select"), dict):
+            out["select"] = {**out["select"], **copy.deepcopy(value)}
         elif key == "variants" and isinstance(value, dict):
             out["variants"] = [deep_merge(v, value[v["label"]]) if isinstance(v, dict) and v.get("label") in value
                                else v for v in out.get("variants") or []]
@@ -947,6 +1093,14 @@ def parse_spec(spec: Any, source: str | None = None, profile: str | None = None)
                     axes.append(axis)
                 else:
                     broken.add(axis_name)
+    selection = None
+    if spec.get("select") is not None:
+        selection = _parse_select(spec, axes, problems)
+        if selection is not None and selection.axis is not None:
+            axes.append(Axis(selection.axis, "key", selection.values, tuple(format_value(v) for v in selection.values)))
+        elif selection is not None and isinstance(base, dict):  # every run evaluates them, keeps the best
+            base = deep_merge(base, {"eval": {"checkpoints": list(selection.values),
+                                              "checkpoint_metric": selection.metric}})
     if variants is None and raw_axes is None and spec.get("search") is None and not {"variants", "axes"} & mistyped:
         problems.append("variants / axes: a study needs variants, axes or both (or a search block)")
     # descriptive keys must not take an axis's column
@@ -1019,8 +1173,11 @@ def parse_spec(spec: Any, source: str | None = None, profile: str | None = None)
         exclude=[{k: set(v) for k, v in r.items()} for r in rules["exclude"]], include=rules["include"],
         quick_seeds=list(quick_seeds) if quick_seeds is not None else None, quick_base=quick_base,
         quick_axes=quick_axes, has_quick=bool(quick), resources=resources, search=spec.get("search"),
+        select=selection,
     )
     problems = out._check_runs()
+    if selection is not None and not problems:
+        problems.extend(_check_select_runs(out))
     ref = out.reference_variant
     if ref is not None and not problems:
         known = list(dict.fromkeys([v["label"] for v in out.variants] + out.labels()

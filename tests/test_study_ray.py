@@ -204,3 +204,24 @@ def test_driver_killed_mid_study_is_restored_without_retraining(tiny_world, tmp_
             driver.wait()
         end_session(driver.pid)  # what the killed driver's local Ray left (raylet agents, workers)
         log.close()
+
+
+@pytest.mark.slow  # ~60 s: a Ray session
+def test_sequential_and_ray_pick_the_same_rates_through_the_one_selection(tiny_world, tmp_path):
+    """A study with `select` over learning rates: both backends end in `write_outputs`, so the picks
+    (selection.md / .csv) and the table of the picked runs are the same files."""
+    from tests.test_bench_rm_score import _tiny_rm
+
+    spec = ray_spec(tiny_world, "select-grid")
+    spec.update(seeds=[0], reference_variant="dpo",
+                select={"metric": "rm_score", "over": "learning_rate", "values": [1e-4, 1e-2]})
+    spec.pop("table")  # the generic grid table of the picked runs
+    spec["base"]["data"]["validation_fraction"] = 0.4
+    spec["base"]["eval"]["validation_reward_model"] = _tiny_rm(tmp_path / "rm", adds_bos=False)
+    del spec["base"]["train"]["learning_rate"]
+    seq = run_study(spec, Sequential(), results=tmp_path / "seq", progress=False)
+    ray_out = run_study_ray(spec, results=tmp_path / "ray", max_concurrent=2)
+    assert ray_out["failed"] == [] and len(ray_out["trials"]) == 4
+    for name in ("selection.md", "selection.csv", "grid.md", "grid.tex"):
+        assert (seq["out_dir"] / name).read_bytes() == (ray_out["out_dir"] / name).read_bytes(), name
+    assert (seq["out_dir"] / "selection.md").read_text().count("**picked**") == 2

@@ -161,6 +161,9 @@ def check_lora(options: dict[str, Any]) -> dict[str, Any]:
 # New options whose default computes exactly what runs did before they existed: left out of a config's
 # dict (and so of its identity) while at that default, so adding them did not make every finished run new.
 IDENTITY_NEUTRAL_DEFAULTS = {"models": {"strict_weights": True},
+                             "data": {"validation_fraction": None},
+                             "eval": {"validation_reward_model": None, "checkpoints": [],
+                                      "checkpoint_metric": "oracle_score"},
                              "train": {"logprob_chunk": None, "padding_free": False, "gradient_checkpointing": False,
                                        "lora": {}, "compile": False, "length_buckets": False},
                              # Runs before `response_tail` existed cut a template's text after end-of-turn; with the
@@ -202,10 +205,20 @@ class DataConfig:
     test_limit: int | None = _f(500, "Evaluate on at most N test pairs / prompts.")
     subsample: float | None = _f(
         None, "Train on a random fraction of the pairs drawn with the run's seed (so seeds resample the data).")
+    validation_fraction: float | None = _f(
+        None, "Hold out about this fraction of the training prompts (every pair of a held-out prompt) as a "
+              "validation split, never trained on: chosen by a content hash of the prompt, so every seed and method "
+              "holds out the same prompts; taken out before `subsample`. The run is also evaluated on it (val/ "
+              "metrics: val/oracle_score on the testbed, val/rm_score with eval.validation_reward_model), what a "
+              "study's `select` picks by. null: no validation split.")
 
     def __post_init__(self) -> None:
         if self.subsample is not None and not 0 < self.subsample <= 1:
             raise ValueError(f"subsample must lie in (0, 1] (a fraction of the pairs), got {self.subsample}")
+        if self.validation_fraction is not None and (
+                isinstance(self.validation_fraction, bool) or not 0 < self.validation_fraction < 1):
+            raise ValueError(f"validation_fraction must lie in (0, 1) (a fraction of the training prompts held out), "
+                             f"got {self.validation_fraction!r}; null: no validation split")
         _at_least("limit", self.limit, 1)
         _at_least("test_limit", self.test_limit, 1)
 
@@ -327,12 +340,30 @@ class EvalConfig:
         True, "Table 3: margin accuracy of the teacher's sum / mean log-prob and shaping sum on the test pairs.")
     value_alignment: int = _f(0, "Value-alignment and policy KL on N training chosen responses (0: off).")
     ties: str = _f("half", "Margin-accuracy ties: half (count 1/2) | loss (count 0).")
+    validation_reward_model: str | None = _f(
+        None, "The reward model that scores the greedy answers to the validation prompts (val/rm_score; with "
+              "data.validation_fraction): 'oracle' (the testbed's r*), or the hub id / folder of a 1-output "
+              "sequence-classification reward model (as `tvkd eval --bench rm`). null: the oracle on testbed runs, "
+              "no val/rm_score elsewhere.")
+    checkpoints: list = _f(
+        [], "Checkpoint selection on validation (with data.validation_fraction): at each of these fractions of the "
+            "training steps (in (0, 1], e.g. [0.25, 0.5, 0.75, 1.0]) the policy is evaluated on the validation "
+            "split, and the run keeps (and is tested with) the weights of the best val/<checkpoint_metric>; the "
+            "candidates' scores go to metrics.json (val/checkpoints). []: the final weights.")
+    checkpoint_metric: str = _f("oracle_score", "What `checkpoints` picks by: oracle_score | rm_score (higher is "
+                                                "better).")
 
     def __post_init__(self) -> None:
         _at_least("max_new_tokens", self.max_new_tokens, 1)
         _at_least("batch_size", self.batch_size, 1)
         _at_least("value_alignment", self.value_alignment, 0)
         _one_of("ties", self.ties, ("half", "loss"))
+        _one_of("checkpoint_metric", self.checkpoint_metric, ("oracle_score", "rm_score"))
+        for i, f in enumerate(self.checkpoints):
+            if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1:
+                raise ValueError(f"checkpoints[{i}] must be a fraction of the training steps in (0, 1], got {f!r}")
+            if f in self.checkpoints[:i]:
+                raise ValueError(f"checkpoints[{i}]: {f!r} is listed twice")
 
 
 @dataclass
@@ -368,6 +399,15 @@ class RunConfig:
                     raise ValueError(f"testbed.{key}: not a testbed option"
                                      + (f". Did you mean {close[0]!r}?" if close else f"; valid: {', '.join(sorted(fields))}"))
         _at_least("num_threads", self.num_threads, 1)
+        if self.eval.checkpoints and self.data.validation_fraction is None:
+            raise ValueError("eval.checkpoints: checkpoints are picked on the validation split; set "
+                             "data.validation_fraction (e.g. 0.1)")
+        if self.eval.checkpoints and self.eval_only:
+            raise ValueError("eval.checkpoints: an eval_only run trains nothing, so there is no checkpoint to pick; "
+                             "drop eval.checkpoints")
+        if self.eval.checkpoints and self.train.save_strategy != "no":
+            raise ValueError("eval.checkpoints: the candidates' weights are kept in memory, so a run resumed from a "
+                             "checkpoint would lose those evaluated before; set train.save_strategy: no")
         if not 0 <= self.seed < 2**32:
             raise ValueError(f"seed must be an integer from 0 to 2**32 - 1 = {2**32 - 1} (the range numpy and torch "
                              f"seed with), got {self.seed}")

@@ -131,6 +131,7 @@ class RunPlan:
     test_data: Any = None  # LoadResult | None
     tokenized_train: Any = None  # TokenizedData
     tokenized_test: Any = None
+    validation: list | None = None  # the held-out validation pairs (data.validation_fraction), never trained on
 
 
 def _check_model(role: str, value: str, trust_remote_code: bool, strict_weights: bool = True) -> Path:
@@ -312,7 +313,11 @@ def plan_run(cfg: RunConfig, *, testbed: dict[str, Any] | None = None, progress:
         else f"; teacher (another tokenizer): {template_label(teacher_tok)}"))
     plan.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     plan.eos_id = tokenizer.convert_tokens_to_ids(cfg.tokenize.eos_token or tokenizer.eos_token)
+    if cfg.eval.checkpoints:
+        _check_checkpoint_selection(cfg)
     plan.train_data = _load_pairs(paths["source"], cfg.data.split, cfg.data.limit, cfg.data.adapter, echo)
+    if cfg.data.validation_fraction is not None:
+        _hold_out_validation(plan, paths["source"], testbed=uses_testbed(cfg), echo=echo)
     from tvkd.evaluation import wanted_inputs
 
     if "test_pairs" in wanted_inputs(cfg.eval):  # any evaluator turned on that reads the held-out pairs
@@ -334,6 +339,73 @@ def plan_run(cfg: RunConfig, *, testbed: dict[str, Any] | None = None, progress:
         if plan.teacher_tokens.train is not None:
             echo(f"  tokenized train for the teacher: {plan.teacher_tokens.train.summary()}")
     return plan
+
+
+def _hold_out_validation(plan: RunPlan, source: str, *, testbed: bool, echo: Echo) -> None:
+    """Take the validation pairs (`tvkd.data.holdout`) out of the training pairs, checking that both sides keep
+    pairs and that what scores val/rm_score can be loaded, before any model loads."""
+    import dataclasses
+
+    from tvkd.data.holdout import split_validation
+    from tvkd.evaluation.validation import ORACLE, validation_reward_model
+
+    cfg = plan.cfg
+    fraction = cfg.data.validation_fraction
+    pairs = plan.train_data.examples
+    train, validation = split_validation(pairs, fraction)
+    if not validation or not train:
+        side, fix = ("no validation pair", "raise it") if not validation else ("no training pair", "lower it")
+        raise InputError(f"data.validation_fraction: {fraction} of the {len(pairs)} pairs of {source} leaves {side} "
+                         f"(the held-out prompts are chosen by their content hash); {fix}, or train on more pairs "
+                         "(data.limit)")
+    prompts = len({p for p in map(_prompt_key, validation)})
+    echo(f"  validation: {len(validation)} pairs ({prompts} prompts) of {len(pairs)} held out "
+         f"(data.validation_fraction {fraction}); {len(train)} left to train on")
+    plan.train_data = dataclasses.replace(plan.train_data, examples=train)
+    plan.validation = validation
+    name = validation_reward_model(cfg, testbed)
+    if name == ORACLE and not testbed:
+        raise InputError("eval.validation_reward_model: 'oracle' needs a testbed run (the oracle r* only exists on "
+                         "testbed data); give a reward model (hub id or folder), or null")
+    if name is not None and name != ORACLE:
+        from tvkd.modeling import local_model_path
+
+        if local_model_path(name) is None:
+            raise InputError(f"eval.validation_reward_model: {name!r} is neither a local folder nor a model in the "
+                             "local Hugging Face cache (this harness runs offline); download it where there is "
+                             f"network access (hf download {name}) or give a local folder")
+
+
+def _check_checkpoint_selection(cfg: RunConfig) -> None:
+    """``eval.checkpoints`` picks by a metric the run can compute, in one process (the config itself checked that
+    it has a validation split, trains, and keeps no resumable checkpoints)."""
+    if cfg.eval.checkpoint_metric == "oracle_score" and not uses_testbed(cfg):
+        raise InputError("eval.checkpoint_metric: oracle_score exists on testbed runs only; pick by rm_score "
+                         "(with eval.validation_reward_model)")
+    if cfg.eval.checkpoint_metric == "rm_score" and not uses_testbed(cfg) and not cfg.eval.validation_reward_model:
+        raise InputError("eval.checkpoint_metric: rm_score needs a reward model off the testbed; set "
+                         "eval.validation_reward_model (a hub id or folder)")
+    if launched_world_size() > 1:
+        raise InputError("eval.checkpoints: not available under a multi-process launch yet (the validation "
+                         "evaluation runs in one process); run it in one process, or drop eval.checkpoints")
+
+
+def _prompt_key(example: Any) -> str:
+    from tvkd.data.holdout import prompt_key
+
+    return prompt_key(example.prompt)
+
+
+def _validate(plan: RunPlan, policy: Any, echo: Echo, progress: bool, ctx: Any) -> dict[str, Any]:
+    """The val/ metrics of the trained policy (`tvkd.evaluation.validation`); its rows go to validation.jsonl."""
+    if not plan.validation:
+        return {}
+    from tvkd.evaluation.validation import evaluate_validation
+
+    metrics, rows = evaluate_validation(policy, plan.tokenizer, plan.validation, plan.cfg,
+                                        testbed=uses_testbed(plan.cfg), progress=progress, say=echo)
+    ctx.items["validation"] = rows
+    return metrics
 
 
 def _teacher_tokens(plan: RunPlan, teacher_tok: Any, needs: Any, progress: bool) -> Any:
@@ -525,7 +597,7 @@ def execute(cfg: RunConfig, *, store: Any = None, force: bool = False, progress:
     rec = store.load(plan.key, study=cfg.study, name=cfg.name)
     if dist.is_main:
         echo(f"[{cfg.name}] done in {sum(echo.timings.values()):.1f}s: " + ", ".join(
-            f"{k}={v:.4f}" for k, v in done["metrics"].items() if k in ("margin_accuracy", "oracle_score", "train_loss")
+            f"{k}={v:.4f}" for k, v in done["metrics"].items() if k in ("margin_accuracy", "oracle_score", "val/oracle_score", "val/rm_score", "train_loss")
         ))
     return rec
 
@@ -558,6 +630,7 @@ def _evaluate_only(plan: RunPlan, echo: Echo, progress: bool, ref_source: Any, t
                           reference=ref_source, teacher=teacher_source, teacher_vocab=plan.teacher_vocab,
                           teacher_signal=False, testbed=uses_testbed(cfg), progress=progress)
         metrics = run_evaluators_with(ctx, plan.teacher_tokens, say=echo)
+        metrics.update(_validate(plan, policy, echo, progress, ctx))
     metrics["seconds"] = dict(echo.timings)
     metrics["peak_memory_mb"] = dict(echo.peaks)
     metrics["tokenize"] = tokenize_counts(plan)
@@ -647,6 +720,12 @@ def _train(plan: RunPlan, run_dir: Path, echo: Echo, progress: bool, callbacks: 
     out_dir = run_dir / "checkpoint" if dist.is_main else dist.scratch_dir(run_dir)
     if not dist.is_main and resume is None:
         shutil.rmtree(out_dir, ignore_errors=True)  # an older attempt's RNG states
+    selector = None
+    if cfg.eval.checkpoints:
+        from tvkd.evaluation.validation import checkpoint_selector
+
+        selector = checkpoint_selector(plan, testbed=uses_testbed(cfg), say=echo)
+        callbacks = [*(callbacks or []), selector]
     with echo.stage("train"):
         policy, train_metrics = train_policy(plan.paths["student"], ts.train, loss, loss_cfg, cfg=cfg,
                                              out_dir=out_dir, pad_id=plan.pad_id, progress=progress,
@@ -654,6 +733,10 @@ def _train(plan: RunPlan, run_dir: Path, echo: Echo, progress: bool, callbacks: 
                                              teacher_vocab=plan.teacher_vocab, eos_id=plan.eos_id,
                                              callbacks=callbacks, resume=resume)
         metrics.update(train_metrics)
+    if selector is not None:
+        metrics["val/checkpoints"] = selector.history
+        metrics["val/checkpoint_step"] = selector.best_step
+        echo(f"  checkpoint picked on validation: step {selector.best_step} of {train_metrics['train_steps']}")
     if not dist.is_main:
         return None  # evaluation and the run folder are the main process's
 
@@ -668,6 +751,7 @@ def _train(plan: RunPlan, run_dir: Path, echo: Echo, progress: bool, callbacks: 
                               reference=ref_source, teacher=teacher_source, teacher_vocab=plan.teacher_vocab,
                               teacher_signal=ts.needs.teacher, testbed=uses_testbed(cfg), progress=progress)
             metrics.update(run_evaluators_with(ctx, plan.teacher_tokens, say=echo))
+            metrics.update(_validate(plan, policy, echo, progress, ctx))
         metrics["seconds"] = dict(echo.timings)
         metrics["peak_memory_mb"] = dict(echo.peaks)
         metrics["tokenize"] = tokenize_counts(plan)
