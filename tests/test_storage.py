@@ -92,3 +92,21 @@ def test_store_files_are_readable_by_the_group(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "metrics.json").stat().st_mode) & stat.S_IRGRP
+
+
+def test_a_model_folder_is_keyed_by_what_it_is_not_by_how_long_it_took_to_build(tmp_path):
+    from tvkd.modeling import model_digest
+    from tvkd.paths import content_digest
+
+    def folder(name: str, weights: bytes, wall_s: float) -> Path:
+        d = tmp_path / name
+        d.mkdir()
+        (d / "config.json").write_text('{"model_type": "llama"}')
+        (d / "model.safetensors").write_bytes(weights)
+        (d / "stage.json").write_text(json.dumps({"stage": "student_sft", "wall_s": wall_s}))
+        return d
+
+    a, b, c = folder("a", b"w" * 64, 21.9), folder("b", b"w" * 64, 87.2), folder("c", b"v" * 64, 21.9)
+    assert content_digest(a) != content_digest(b)  # the whole folder: its build record differs
+    assert model_digest(a) == model_digest(b)  # the same weights built twice are one model (one run identity)
+    assert model_digest(a) != model_digest(c)

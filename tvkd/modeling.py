@@ -74,11 +74,16 @@ def load_causal_lm(
     return model
 
 
+#: Files of a model folder that say how it was made, not what it is: the testbed's stage record holds the build's
+#: wall times, so two builds of the same weights would otherwise be two models (and every run on them a new run).
+MODEL_RECORD_FILES = ("stage.json",)
+
+
 def model_digest(name_or_path: str | Path) -> str:
-    """Content key of a model folder (config, tokenizer and weight files; `paths.content_digest`'s rule),
-    or of the hub id's snapshot in the local Hugging Face cache."""
+    """Content key of a model folder (config, tokenizer and weight files; `paths.content_digest`'s rule, less
+    `MODEL_RECORD_FILES`), or of the hub id's snapshot in the local Hugging Face cache."""
     path = local_model_path(name_or_path)
-    return content_digest(path) if path is not None else f"hub:{name_or_path}"
+    return content_digest(path, exclude=MODEL_RECORD_FILES) if path is not None else f"hub:{name_or_path}"
 
 
 def local_model_path(name_or_path: str | Path) -> Path | None:

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +63,7 @@ def _file_hash(h: Any, p: Path) -> None:
             h.update(f.read(_BLOCK))
 
 
-def content_digest(path: str | os.PathLike, length: int = 16) -> str:
+def content_digest(path: str | os.PathLike, length: int = 16, exclude: Collection[str] = ()) -> str:
     """A key for the content of a file or of every file under a folder (names and contents).
 
     The rule: a file of up to 64 MiB is hashed whole (sha256); a larger one by its size and 34
@@ -71,7 +72,7 @@ def content_digest(path: str | os.PathLike, length: int = 16) -> str:
     sampled blocks tell two checkpoints apart; an in-place edit of a few bytes of a large file
     between the sampled blocks would go unseen. No modification time enters the key: a copy of
     the same files has the same key. In a folder, files and folders whose name starts with "."
-    are skipped (locks, temporary files).
+    are skipped (locks, temporary files), and so are the files named in ``exclude`` (by name, at any depth).
     """
     path = Path(path)
     h = hashlib.sha256()
@@ -80,7 +81,7 @@ def content_digest(path: str | os.PathLike, length: int = 16) -> str:
     else:
         for p in sorted(path.rglob("*")):
             rel = p.relative_to(path)
-            if not p.is_file() or any(part.startswith(".") for part in rel.parts):
+            if not p.is_file() or any(part.startswith(".") for part in rel.parts) or p.name in exclude:
                 continue
             h.update(str(rel).encode() + b"\x00")
             _file_hash(h, p)
