@@ -119,7 +119,9 @@ def _caption(df: pd.DataFrame, builds: list[object]) -> str:
         "prompt, in oracle score unless named. Per build: a 95% crossed seed × prompt interval. These builds: "
         "the mean of the per-build differences, variance Σ SE_b²/B² with Satterthwaite degrees of freedom (an "
         "effect on the builds that were run). A new build: a t-interval over the per-build differences with "
-        "B − 1 degrees of freedom (an effect of the method on the testbed in general; wide with 3 builds). After "
+        "B − 1 degrees of freedom (an effect of the method on the testbed in general; its coverage holds whatever the "
+        "builds' share of the variation, but with 3 builds it rests on 2 degrees of freedom, so its width is itself "
+        "uncertain: a narrow one says only that the builds agreed). After "
         "the ;: the minimal detectable effect (80% power, 5% level, noncentral t). Builds: how many per-build "
         "intervals lie above / below 0. "
         + (f"DPO's mean oracle score, {dpo}." if dpo else "")
