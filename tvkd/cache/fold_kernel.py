@@ -1,0 +1,307 @@
+"""The one-pass fold as one loop per logit row, in C: every reduction of a block of logits in a single read.
+
+`tvkd.cache.onepass` folds a block of logits [R, Vb] into running per-state accumulators with about
+fifty torch operations; each one reads the block again, and `torch.topk` over a 128k vocabulary costs
+more than the LM head's matmul on a CPU (~14 ns a logit against ~8). This module does the same fold
+row by row while the row is in the L1 cache:
+
+1. the row's block max, then the online-softmax rescaling of every running sum (scalar);
+2. one vectorised loop: e = exp(z − M) (from exp((z − M)/2)² when β_V = 2 is asked, as the torch
+   fold), S_1 += e, W += e·z, and R += e where z is below the running top-K's smallest value τ
+   (those logits can never enter the top-K: τ only grows); one more loop per other β_V;
+3. the logits ≥ τ (few after the first block: about K·ln(V/K) of a row's V) go through a min-heap
+   of the K largest; a logit pushed out of it, or one that no longer beats τ, joins R, so R stays a
+   sum of positive terms (docs/methods.md §B.8), as in the torch fold.
+
+Same arithmetic as the torch fold in fp32 (the summation order differs: equal to 1e-5, tested in
+tests/test_cache_onepass.py against the full-logits path). The exponential is a polynomial (Cody-Waite
+range reduction, degree-7 Taylor on |r| ≤ ln2/2: relative error ~1e-7) because libm's `expf` does not
+vectorise without -ffast-math, whose finite-math assumption breaks the −inf sentinels used here.
+
+The source is compiled on first use with the system C compiler (``$CC``, else cc/gcc/clang) into
+``$TVKD_CACHE/kernels`` (keyed by the source, the flags and the CPU), loaded with ctypes (no torch
+headers, so it builds in about a second) and called with the GIL released, rows split over
+`torch.get_num_threads()` threads. Without a compiler, or with ``TVKD_CACHE_KERNEL=0``, `available()`
+is False and the one pass runs its pure-torch fold: the tested reference.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = r"""
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define CH 256
+
+/* exp(x) for x <= 0 (z - M): Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, Taylor to r^7;
+   0 below -87 (exp < 1.7e-38: nothing a fp32 sum of terms >= 1 can hold). Plain arithmetic, so the
+   compiler vectorises the loops that call it. */
+static inline float fexp(float x) {
+    float xc = x < -87.0f ? -87.0f : x;
+    float n = floorf(xc * 1.44269504088896341f + 0.5f);
+    float r = xc - n * 0.693359375f;
+    r = r + n * 2.12194440e-4f;
+    float p = 1.98412698e-4f;
+    p = p * r + 1.38888889e-3f;
+    p = p * r + 8.33333333e-3f;
+    p = p * r + 4.16666667e-2f;
+    p = p * r + 1.66666667e-1f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    int32_t bits = ((int32_t)n + 127) << 23;
+    float two_n;
+    memcpy(&two_n, &bits, sizeof two_n);
+    float y = p * two_n;
+    return x < -87.0f ? 0.0f : y;
+}
+
+/* fexp over an array (its accuracy is tested) */
+void tvkd_exp(const float *x, float *y, int64_t n) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) y[i] = fexp(x[i]);
+}
+
+static void heap_down(float *hv, int64_t *hi, int64_t k, int64_t i) {
+    for (;;) {
+        int64_t l = 2 * i + 1, r = l + 1, s = i;
+        if (l < k && hv[l] < hv[s]) s = l;
+        if (r < k && hv[r] < hv[s]) s = r;
+        if (s == i) return;
+        float tv = hv[i]; hv[i] = hv[s]; hv[s] = tv;
+        int64_t ti = hi[i]; hi[i] = hi[s]; hi[s] = ti;
+        i = s;
+    }
+}
+
+static void heap_up(float *hv, int64_t *hi, int64_t i) {
+    while (i > 0) {
+        int64_t p = (i - 1) / 2;
+        if (!(hv[i] < hv[p])) return;
+        float tv = hv[i]; hv[i] = hv[p]; hv[p] = tv;
+        int64_t ti = hi[i]; hi[i] = hi[p]; hi[p] = ti;
+        i = p;
+    }
+}
+
+/* Fold rows [r0, r1) of a block of logits z (row stride ld, vb columns, vocabulary offset v0) into the
+   running state of those rows: max m, S_1 s1, W w (want_w), S_beta sb[b*n_rows + r] for each inverse
+   temperature ib[b] (b == half: exp(z-M) is taken as its square), the taken logit (ids, taken; may be
+   NULL), the min-heap (hv, hi: k per row; hn: its fill) and the rest mass (may be NULL). */
+void tvkd_fold(const float *z, int64_t r0, int64_t r1, int64_t ld, int64_t vb, int64_t v0, int64_t n_rows,
+               float *m, float *s1, float *w, int64_t want_w, const float *ib, float *sb, int64_t nb,
+               int64_t half, const int64_t *ids, float *taken, float *hv_all, int64_t *hi_all, int64_t *hn,
+               int64_t k, float *rest) {
+    for (int64_t r = r0; r < r1; ++r) {
+        const float *zr = z + r * ld;
+        float bm = -INFINITY;
+#pragma omp simd reduction(max:bm)
+        for (int64_t j = 0; j < vb; ++j) bm = zr[j] > bm ? zr[j] : bm;
+        float mo = m[r];
+        float mn = mo > bm ? mo : bm;
+        float sc = mo == -INFINITY ? 0.0f : expf(mo - mn);
+        float *hv = hv_all + r * k;
+        int64_t *hi = hi_all + r * k;
+        int64_t n = hn[r];
+        float thr = n == k ? hv[0] : -INFINITY;
+        /* fp32 sums over chunks of CH logits (CH / 16 terms a vector lane), the chunks' sums in fp64 */
+        double a1 = 0.0, aw = 0.0, ar = 0.0, ah = 0.0;
+        for (int64_t j0 = 0; j0 < vb; j0 += CH) {
+            int64_t j1 = j0 + CH < vb ? j0 + CH : vb;
+            float c1 = 0.0f, cw = 0.0f, cr = 0.0f, chh = 0.0f;
+            if (half >= 0) {
+#pragma omp simd reduction(+:c1,cw,cr,chh)
+                for (int64_t j = j0; j < j1; ++j) {
+                    float x = zr[j];
+                    float e2 = fexp(0.5f * (x - mn));
+                    float e = e2 * e2;
+                    chh += e2; c1 += e; cw += e * x; cr += x < thr ? e : 0.0f;
+                }
+            } else {
+#pragma omp simd reduction(+:c1,cw,cr)
+                for (int64_t j = j0; j < j1; ++j) {
+                    float x = zr[j];
+                    float e = fexp(x - mn);
+                    c1 += e; cw += e * x; cr += x < thr ? e : 0.0f;
+                }
+            }
+            a1 += c1; aw += cw; ar += cr; ah += chh;
+        }
+        s1[r] = (float)(s1[r] * sc + a1);
+        if (want_w) w[r] = (float)(w[r] * sc + aw);
+        for (int64_t b = 0; b < nb; ++b) {
+            float *sr = sb + b * n_rows + r;
+            float scb = mo == -INFINITY ? 0.0f : expf((mo - mn) * ib[b]);
+            if (b == half) { *sr = (float)(*sr * scb + ah); continue; }
+            double ab = 0.0;
+            float ibb = ib[b];
+            for (int64_t j0 = 0; j0 < vb; j0 += CH) {
+                int64_t j1 = j0 + CH < vb ? j0 + CH : vb;
+                float cb = 0.0f;
+#pragma omp simd reduction(+:cb)
+                for (int64_t j = j0; j < j1; ++j) cb += fexp((zr[j] - mn) * ibb);
+                ab += cb;
+            }
+            *sr = (float)(*sr * scb + ab);
+        }
+        if (ids) {
+            int64_t a = ids[r] - v0;
+            if (a >= 0 && a < vb) taken[r] = zr[a];
+        }
+        /* the logits >= thr: the heap of the k largest, what leaves it into the rest */
+        if (bm >= thr) {
+            for (int64_t j0 = 0; j0 < vb; j0 += 64) {
+                int64_t j1 = j0 + 64 < vb ? j0 + 64 : vb;
+                int any = 0;
+#pragma omp simd reduction(|:any)
+                for (int64_t j = j0; j < j1; ++j) any |= zr[j] >= thr;
+                if (!any) continue;
+                for (int64_t j = j0; j < j1; ++j) {
+                    float x = zr[j];
+                    if (!(x >= thr)) continue;
+                    if (n < k) {
+                        hv[n] = x; hi[n] = v0 + j; heap_up(hv, hi, n); ++n;
+                    } else if (x > hv[0]) {
+                        ar += fexp(hv[0] - mn);
+                        hv[0] = x; hi[0] = v0 + j; heap_down(hv, hi, k, 0);
+                    } else {
+                        ar += fexp(x - mn);
+                    }
+                }
+            }
+            hn[r] = n;
+        }
+        if (rest) rest[r] = (float)(rest[r] * sc + ar);
+        m[r] = mn;
+    }
+}
+"""
+
+# -fno-trapping-math: lets floorf vectorise (no FP exception is ever read); no -ffast-math (see above)
+FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared")
+_LIB: list[object] = []  # [ctypes library or None], once per process
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def _cpu() -> str:
+    """What the code is compiled for (-march=native): the CPU's model and flags."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        keep = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags"))][:2]
+        return "\n".join(keep)
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def _build() -> object | None:
+    from tvkd.paths import cache_root
+
+    cc = _compiler()
+    if cc is None:
+        log.info("one-pass kernel: no C compiler found; the pure-torch fold runs")
+        return None
+    key = hashlib.sha256("\0".join([SOURCE, cc, *FLAGS, _cpu(), platform.machine()]).encode()).hexdigest()[:16]
+    lib = cache_root() / "kernels" / f"tvkd_fold-{key}.so"
+    if not lib.exists():
+        lib.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=lib.parent) as d:
+            src, tmp = Path(d) / "fold.c", Path(d) / "fold.so"
+            src.write_text(SOURCE)
+            proc = subprocess.run([cc, *FLAGS, str(src), "-o", str(tmp), "-lm"], capture_output=True, text=True)
+            if proc.returncode:
+                log.warning("one-pass kernel: %s failed (%s); the pure-torch fold runs", cc, proc.stderr[-500:])
+                return None
+            os.replace(tmp, lib)  # atomic: a concurrent build writes the same bytes
+    try:
+        so = ctypes.CDLL(str(lib))
+    except OSError as e:
+        log.warning("one-pass kernel: cannot load %s (%s); the pure-torch fold runs", lib, e)
+        return None
+    fn = so.tvkd_fold
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    fn.argtypes = [ptr, i64, i64, i64, i64, i64, i64, ptr, ptr, ptr, i64, ptr, ptr, i64, i64, ptr, ptr, ptr, ptr,
+                   ptr, i64, ptr]
+    fn.restype = None
+    return fn
+
+
+def available() -> bool:
+    """Whether the compiled fold can run here (``TVKD_CACHE_KERNEL=0`` turns it off)."""
+    if os.environ.get("TVKD_CACHE_KERNEL", "1") == "0":
+        return False
+    if not _LIB:
+        _LIB.append(_build())
+    return _LIB[0] is not None
+
+
+_POOL: list[ThreadPoolExecutor] = []
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+class FoldState:
+    """The running per-row accumulators of one chunk of rows (CPU, fp32, contiguous)."""
+
+    def __init__(self, rows: int, k: int, betas: tuple[float, ...], want_w: bool, want_a: bool, want_rest: bool):
+        f32 = dict(dtype=torch.float32)
+        self.rows, self.k, self.want_w = rows, k, want_w
+        self.m = torch.full((rows,), float("-inf"), **f32)
+        self.s1, self.w = torch.zeros(rows, **f32), torch.zeros(rows, **f32)
+        self.ib = torch.tensor([1.0 / b for b in betas], **f32)
+        self.sb = torch.zeros(len(betas), rows, **f32)
+        self.half = betas.index(2.0) if 2.0 in betas else -1
+        self.taken = torch.zeros(rows, **f32) if want_a else None
+        self.hv = torch.full((rows, k), float("-inf"), **f32)
+        self.hi = torch.zeros((rows, k), dtype=torch.long)
+        self.hn = torch.zeros(rows, dtype=torch.long)
+        self.rest = torch.zeros(rows, **f32) if want_rest else None
+
+    def fold(self, zb: torch.Tensor, v0: int, ids: torch.Tensor | None) -> None:
+        """Fold the block zb [rows, Vb] (fp32 CPU, unit column stride) at vocabulary offset v0."""
+        if zb.dtype != torch.float32 or zb.device.type != "cpu" or zb.stride(1) != 1 or zb.shape[0] != self.rows:
+            raise ValueError("the compiled fold takes an fp32 CPU block [rows, Vb] with contiguous rows")
+        fn = _LIB[0]
+        r, vb = zb.shape
+        args = (zb.data_ptr(), zb.stride(0), vb, v0, r, self.m.data_ptr(), self.s1.data_ptr(), self.w.data_ptr(),
+                int(self.want_w), self.ib.data_ptr(), self.sb.data_ptr(), len(self.ib), self.half, _ptr(ids),
+                _ptr(self.taken), self.hv.data_ptr(), self.hi.data_ptr(), self.hn.data_ptr(), self.k,
+                _ptr(self.rest))
+        threads = max(1, min(torch.get_num_threads(), r // 16))
+        if threads == 1:
+            fn(args[0], 0, r, *args[1:])
+            return
+        if not _POOL or _POOL[0]._max_workers < threads:
+            _POOL[:] = [ThreadPoolExecutor(threads, thread_name_prefix="tvkd-fold")]
+        bounds = [r * i // threads for i in range(threads + 1)]
+        futures = [_POOL[0].submit(fn, args[0], a, b, *args[1:]) for a, b in zip(bounds, bounds[1:]) if b > a]
+        for f in futures:
+            f.result()
+
+    def top(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The K largest logits of each row, largest first, and their ids."""
+        v, order = self.hv.sort(dim=-1, descending=True, stable=True)
+        return v, self.hi.gather(1, order)
