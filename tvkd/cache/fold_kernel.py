@@ -20,9 +20,10 @@ vectorise without -ffast-math, whose finite-math assumption breaks the −inf se
 
 The source is compiled on first use with the system C compiler (``$CC``, else cc/gcc/clang) into
 ``$TVKD_CACHE/kernels`` (keyed by the source, the flags and the CPU), loaded with ctypes (no torch
-headers, so it builds in about a second) and called with the GIL released, rows split over
-`torch.get_num_threads()` threads. Without a compiler, or with ``TVKD_CACHE_KERNEL=0``, `available()`
-is False and the one pass runs its pure-torch fold: the tested reference.
+headers, so it builds in about a second) and called with the GIL released, the rows of a block split
+over `torch.get_num_threads()` OpenMP threads (torch's own runtime, see FLAGS). Without a compiler,
+or with ``TVKD_CACHE_KERNEL=0``, `available()` is False and the one pass runs its pure-torch fold:
+the tested reference.
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ import platform
 import shutil
 import subprocess
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -107,7 +107,8 @@ static void heap_up(float *hv, int64_t *hi, int64_t i) {
 void tvkd_fold(const float *z, int64_t r0, int64_t r1, int64_t ld, int64_t vb, int64_t v0, int64_t n_rows,
                float *m, float *s1, float *w, int64_t want_w, const float *ib, float *sb, int64_t nb,
                int64_t half, const int64_t *ids, float *taken, float *hv_all, int64_t *hi_all, int64_t *hn,
-               int64_t k, float *rest) {
+               int64_t k, float *rest, int64_t threads) {
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
     for (int64_t r = r0; r < r1; ++r) {
         const float *zr = z + r * ld;
         float bm = -INFINITY;
@@ -193,9 +194,13 @@ void tvkd_fold(const float *z, int64_t r0, int64_t r1, int64_t ld, int64_t vb, i
 }
 """
 
-# -fno-trapping-math: lets floorf vectorise (no FP exception is ever read); no -ffast-math (see above)
-FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared")
-_LIB: list[object] = []  # [ctypes library or None], once per process
+# -fno-trapping-math: lets floorf vectorise (no FP exception is ever read); no -ffast-math (see above).
+# -fopenmp: the rows of a block split over threads; torch has loaded its libgomp.so.1 already, so the
+# loader resolves this library's libgomp.so.1 to it: one OpenMP runtime and one thread team in the
+# process. Where -fopenmp does not build, the same source without it (one thread).
+FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared")
+PARALLEL = (("-fopenmp",), ("-fopenmp-simd",))
+_LIB: list[ctypes.CDLL | None] = []  # [the loaded library, or None], once per process
 
 
 def _compiler() -> str | None:
@@ -215,22 +220,26 @@ def _cpu() -> str:
         return platform.processor() or platform.machine()
 
 
-def _build() -> object | None:
+def _build() -> ctypes.CDLL | None:
     from tvkd.paths import cache_root
 
     cc = _compiler()
     if cc is None:
         log.info("one-pass kernel: no C compiler found; the pure-torch fold runs")
         return None
-    key = hashlib.sha256("\0".join([SOURCE, cc, *FLAGS, _cpu(), platform.machine()]).encode()).hexdigest()[:16]
-    lib = cache_root() / "kernels" / f"tvkd_fold-{key}.so"
+    key = hashlib.sha256("\0".join([SOURCE, cc, *FLAGS, *map(str, PARALLEL), _cpu(), platform.machine()]).encode())
+    lib = cache_root() / "kernels" / f"tvkd_fold-{key.hexdigest()[:16]}.so"
     if not lib.exists():
         lib.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=lib.parent) as d:
             src, tmp = Path(d) / "fold.c", Path(d) / "fold.so"
             src.write_text(SOURCE)
-            proc = subprocess.run([cc, *FLAGS, str(src), "-o", str(tmp), "-lm"], capture_output=True, text=True)
-            if proc.returncode:
+            for extra in PARALLEL:
+                proc = subprocess.run([cc, *FLAGS, *extra, str(src), "-o", str(tmp), "-lm"], capture_output=True,
+                                      text=True)
+                if not proc.returncode:
+                    break
+            else:
                 log.warning("one-pass kernel: %s failed (%s); the pure-torch fold runs", cc, proc.stderr[-500:])
                 return None
             os.replace(tmp, lib)  # atomic: a concurrent build writes the same bytes
@@ -242,9 +251,11 @@ def _build() -> object | None:
     fn = so.tvkd_fold
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     fn.argtypes = [ptr, i64, i64, i64, i64, i64, i64, ptr, ptr, ptr, i64, ptr, ptr, i64, i64, ptr, ptr, ptr, ptr,
-                   ptr, i64, ptr]
+                   ptr, i64, ptr, i64]
     fn.restype = None
-    return fn
+    so.tvkd_exp.argtypes = [ptr, ptr, i64]
+    so.tvkd_exp.restype = None
+    return so
 
 
 def available() -> bool:
@@ -256,7 +267,15 @@ def available() -> bool:
     return _LIB[0] is not None
 
 
-_POOL: list[ThreadPoolExecutor] = []
+def exp(x: torch.Tensor) -> torch.Tensor:
+    """The fold's exponential over an fp32 CPU tensor (for its accuracy test)."""
+    if not available():
+        raise RuntimeError("the compiled fold is not available here")
+    x = x.detach().float().contiguous()
+    y = torch.empty_like(x)
+    _LIB[0].tvkd_exp(x.data_ptr(), y.data_ptr(), x.numel())
+    return y
+
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -284,22 +303,12 @@ class FoldState:
         """Fold the block zb [rows, Vb] (fp32 CPU, unit column stride) at vocabulary offset v0."""
         if zb.dtype != torch.float32 or zb.device.type != "cpu" or zb.stride(1) != 1 or zb.shape[0] != self.rows:
             raise ValueError("the compiled fold takes an fp32 CPU block [rows, Vb] with contiguous rows")
-        fn = _LIB[0]
         r, vb = zb.shape
-        args = (zb.data_ptr(), zb.stride(0), vb, v0, r, self.m.data_ptr(), self.s1.data_ptr(), self.w.data_ptr(),
-                int(self.want_w), self.ib.data_ptr(), self.sb.data_ptr(), len(self.ib), self.half, _ptr(ids),
-                _ptr(self.taken), self.hv.data_ptr(), self.hi.data_ptr(), self.hn.data_ptr(), self.k,
-                _ptr(self.rest))
         threads = max(1, min(torch.get_num_threads(), r // 16))
-        if threads == 1:
-            fn(args[0], 0, r, *args[1:])
-            return
-        if not _POOL or _POOL[0]._max_workers < threads:
-            _POOL[:] = [ThreadPoolExecutor(threads, thread_name_prefix="tvkd-fold")]
-        bounds = [r * i // threads for i in range(threads + 1)]
-        futures = [_POOL[0].submit(fn, args[0], a, b, *args[1:]) for a, b in zip(bounds, bounds[1:]) if b > a]
-        for f in futures:
-            f.result()
+        _LIB[0].tvkd_fold(zb.data_ptr(), 0, r, zb.stride(0), vb, v0, r, self.m.data_ptr(), self.s1.data_ptr(),
+                          self.w.data_ptr(), int(self.want_w), self.ib.data_ptr(), self.sb.data_ptr(), len(self.ib),
+                          self.half, _ptr(ids), _ptr(self.taken), self.hv.data_ptr(), self.hi.data_ptr(),
+                          self.hn.data_ptr(), self.k, _ptr(self.rest), threads)
 
     def top(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The K largest logits of each row, largest first, and their ids."""

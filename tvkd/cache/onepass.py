@@ -24,16 +24,21 @@ accumulators (the online-softmax recurrence):
 
 At the end, lse = M + log S_1 and the registered aux-reward functions (`tvkd.aux_rewards`) run on
 those reductions (`PassStats`), so the Q source, the kinds and the formulas are exactly theirs.
-Everything is pure torch (CPU and CUDA alike); equal to the reference path to fp32 rounding
-(tests/test_cache_onepass.py: 1e-5 in fp32).
+The fold above is pure torch (CPU and CUDA alike), equal to the reference path to fp32 rounding
+(tests/test_cache_onepass.py: 1e-5 in fp32); it is the tested reference of the faster CPU fold.
 
 The teacher cache takes this path with ``TVKD_CACHE_PASS=onepass`` (`tvkd.cache.teacher.pass_method`)
 when the model's LM head is a plain linear layer (`scoring.output_head`: no logit soft-capping or
 scaling) and every requested aux reward is one of the paper's six; otherwise the reference path.
-Speed: every block costs some fifty small torch operations; with `compiled` (torch.compile) the
-elementwise ones fuse. `tvkd bench --shapes paper` compares it with the reference path and the
-bare forward; on a loaded 2-core CPU it was the slower of the two (see the README), which is why
-it is not the default.
+
+Speed. The torch fold costs some fifty small torch operations a block, each a read of the block, and
+its top-K a `torch.topk` (on a CPU ~14 ns a logit, more than the head's matmul at ~8): 0.10-0.36 of
+the bare forward on a 2-core CPU (0.20 with `compiled`: torch.compile fuses the elementwise part, not
+the topk). On a CPU the blocks therefore go through `tvkd.cache.fold_kernel` by default: the same
+fold as one C loop per logit row (block max; one vectorised loop for e, S_1, W, S_β and the rest mass
+below the running top-K's smallest value τ; a min-heap for the few logits ≥ τ), about 1 ns a logit on
+one core, into one reused fp32 buffer that the head's matmul writes with ``out=`` (no page faults for
+a fresh [rows, block] tensor). What is left is the head's matmul itself: see `tvkd bench --shapes paper`.
 """
 
 from __future__ import annotations
