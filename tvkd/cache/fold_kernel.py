@@ -108,7 +108,7 @@ void tvkd_fold(const float *z, int64_t r0, int64_t r1, int64_t ld, int64_t vb, i
                float *m, float *s1, float *w, int64_t want_w, const float *ib, float *sb, int64_t nb,
                int64_t half, const int64_t *ids, float *taken, float *hv_all, int64_t *hi_all, int64_t *hn,
                int64_t k, float *rest, int64_t threads) {
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+#pragma omp parallel for schedule(dynamic, 8) num_threads(threads) if (threads > 1)
     for (int64_t r = r0; r < r1; ++r) {
         const float *zr = z + r * ld;
         float bm = -INFINITY;

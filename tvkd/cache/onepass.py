@@ -74,12 +74,12 @@ def supported(specs: Sequence[AuxSpec]) -> bool:
 def default_blocks(device: torch.device | str, kernel: bool = False) -> tuple[int, int]:
     """(rows, vocabulary columns) per block: on a CPU the torch fold's block (4 MiB of fp32 logits) stays in
     the last-level cache; the compiled fold (`kernel`) reads each row once, so its blocks are as large as
-    the matmul wants (up to 64 MiB: few, large matmul calls keep 2+ threads busy; 512 x 2048 blocks ran the
+    the matmul wants (up to 128 MiB: few, large matmul calls keep 2+ threads busy; 512 x 2048 blocks ran the
     head's matmul at half speed on 2 threads); a GPU takes large blocks (512 MiB) so that few kernels
     launch. Not tuned on a GPU yet."""
     if torch.device(device).type == "cuda":
         return 8192, 16384
-    return (4096, 4096) if kernel else (512, 2048)
+    return (4096, 8192) if kernel else (512, 2048)
 
 
 def state_hidden(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_lens: torch.Tensor,
