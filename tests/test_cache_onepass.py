@@ -139,13 +139,12 @@ def test_teacher_cache_is_the_same_by_either_path(tmp_path, monkeypatch, kernel)
     specs = aux_specs(TABLE5, (0.5, 2.0))
     built = {}
     monkeypatch.setenv("TVKD_CACHE_KERNEL", "1" if kernel else "0")
+    folds, real = [], fold_kernel.FoldState.fold
+    monkeypatch.setattr(fold_kernel.FoldState, "fold", lambda self, *a: folds.append(1) or real(self, *a))
     for method in ("reference", "onepass"):
         monkeypatch.setenv("TVKD_CACHE_PASS", method)
         if method == "onepass":  # no full logits on this path
             monkeypatch.setattr("tvkd.cache.teacher.flat_state_logits", lambda *a, **k: pytest.fail("full logits"))
-            folds = []
-            real = fold_kernel.FoldState.fold
-            monkeypatch.setattr(fold_kernel.FoldState, "fold", lambda self, *a: folds.append(1) or real(self, *a))
         built[method] = build_teacher_cache(td.dataset, td.fingerprint, teacher, "t", specs, topk=4,
                                             pad_id=tok.pad_token_id, batch_size=3, vocab_size=len(tok),
                                             cache_dir=tmp_path / method, progress=False).dataset

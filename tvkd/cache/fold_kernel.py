@@ -1,9 +1,10 @@
 """The one-pass fold as one loop per logit row, in C: every reduction of a block of logits in a single read.
 
 `tvkd.cache.onepass` folds a block of logits [R, Vb] into running per-state accumulators with about
-fifty torch operations; each one reads the block again, and `torch.topk` over a 128k vocabulary costs
-more than the LM head's matmul on a CPU (~14 ns a logit against ~8). This module does the same fold
-row by row while the row is in the L1 cache:
+fifty torch operations; each one reads the block again (on one CPU thread they cost about as much as
+the LM head's matmul: see its module docstring), and a plain `torch.topk` would cost more than the
+matmul (~14 ns a logit against ~8). This module does the same fold row by row while the row is in
+the L1 cache:
 
 1. the row's block max, then the online-softmax rescaling of every running sum (scalar);
 2. one vectorised loop: e = exp(z − M) (from exp((z − M)/2)² when β_V = 2 is asked, as the torch

@@ -31,14 +31,17 @@ The teacher cache takes this path with ``TVKD_CACHE_PASS=onepass`` (`tvkd.cache.
 when the model's LM head is a plain linear layer (`scoring.output_head`: no logit soft-capping or
 scaling) and every requested aux reward is one of the paper's six; otherwise the reference path.
 
-Speed. The torch fold costs some fifty small torch operations a block, each a read of the block, and
-its top-K a `torch.topk` (on a CPU ~14 ns a logit, more than the head's matmul at ~8): 0.10-0.36 of
-the bare forward on a 2-core CPU (0.20 with `compiled`: torch.compile fuses the elementwise part, not
-the topk). On a CPU the blocks therefore go through `tvkd.cache.fold_kernel` by default: the same
-fold as one C loop per logit row (block max; one vectorised loop for e, S_1, W, S_β and the rest mass
-below the running top-K's smallest value τ; a min-heap for the few logits ≥ τ), about 1 ns a logit on
-one core, into one reused fp32 buffer that the head's matmul writes with ``out=`` (no page faults for
-a fresh [rows, block] tensor). What is left is the head's matmul itself: see `tvkd bench --shapes paper`.
+Speed. The torch fold costs some fifty torch operations a block, each a read of the block: on one
+CPU thread (512 states, vocab 128,256) 1.52 s against the head's matmul alone at 0.76 s, of which the
+elementwise fold 0.51, the candidates' topk 0.23, gathers and masks 0.23 (the rest is the blocked
+matmul). `compiled` (torch.compile) fuses only `_fold`, the elementwise part; topk, gather, scatter and
+the candidate masks stay separate operations, which is why it gained little (0.20 of the bare forward
+against 0.10-0.14 eager on a loaded 2-core CPU). On a CPU the blocks therefore go through
+`tvkd.cache.fold_kernel` by default: the same fold as one C loop per logit row (block max; one
+vectorised loop for e, S_1, W, S_β and the rest mass below the running top-K's smallest value τ; a
+min-heap for the few logits ≥ τ), about 1 ns a logit on one core (0.82 s for the whole pass above),
+into one reused fp32 buffer that the head's matmul writes with ``out=`` (no page faults for a fresh
+[rows, block] tensor). What is left is the head's matmul itself: see `tvkd bench --shapes paper`.
 """
 
 from __future__ import annotations
