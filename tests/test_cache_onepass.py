@@ -72,6 +72,21 @@ def test_top_50_over_many_blocks_and_every_value_temperature(kernel, betas):
 
 
 @pytest.mark.parametrize("kernel", FOLDS)
+@pytest.mark.parametrize("block", [64, 1000])
+def test_ties_at_the_top_k_boundary(kernel, block):
+    """Integer logits in [-8, 8]: hundreds of ties at the k-th value; the rest mass counts each tie left
+    out of the top-k once (the ids among equal logits may differ, their logits may not)."""
+    g = torch.Generator().manual_seed(7)
+    hidden = torch.randint(-2, 3, (30, 4), generator=g).float()
+    weight = torch.randint(-1, 2, (1000, 4), generator=g).float()
+    ids = torch.randint(0, 1000, (30,), generator=g)
+    z = torch.nn.functional.linear(hidden, weight)
+    specs = aux_specs(TABLE5, (2.0,))
+    _assert_same(onepass_columns(hidden, weight, None, ids, specs, 7, rows=8, block=block, kernel=kernel),
+                 reference_columns(z, ids, specs, 7), logits=z)
+
+
+@pytest.mark.parametrize("kernel", FOLDS)
 def test_onepass_equals_the_float64_references(kernel):
     hidden, weight, bias, ids = _problem(n=6, v=300, seed=1)
     cols, _ = onepass_columns(hidden, weight, bias, ids, SPECS, None, rows=4, block=64, kernel=kernel)

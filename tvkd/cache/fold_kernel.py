@@ -7,12 +7,14 @@ matmul (~14 ns a logit against ~8). This module does the same fold row by row wh
 the L1 cache:
 
 1. the row's block max, then the online-softmax rescaling of every running sum (scalar);
-2. one vectorised loop: e = exp(z − M) (from exp((z − M)/2)² when β_V = 2 is asked, as the torch
-   fold), S_1 += e, W += e·z, and R += e where z is below the running top-K's smallest value τ
-   (those logits can never enter the top-K: τ only grows); one more loop per other β_V;
-3. the logits ≥ τ (few after the first block: about K·ln(V/K) of a row's V) go through a min-heap
-   of the K largest; a logit pushed out of it, or one that no longer beats τ, joins R, so R stays a
-   sum of positive terms (docs/methods.md §B.8), as in the torch fold.
+2. the logits above the smallest value τ of the running top-K (few after the first block: about
+   K·ln(V/K) of a row's V; chunks of 64 with none are skipped in one vector compare) go through a
+   min-heap of the K largest; a logit of an earlier block pushed out of it joins the rest mass R;
+3. one vectorised loop: e = exp(z − M) (from exp((z − M)/2)² when β_V = 2 is asked, as the torch
+   fold), S_1 += e, W += e·z, and R += e where z is below the heap's new τ (every logit of the
+   block outside the heap is below τ, or equal to it: those ties are counted and added), so R
+   stays a sum of positive terms (docs/methods.md §B.8), as in the torch fold; one more loop per
+   other β_V.
 
 Same arithmetic as the torch fold in fp32 (the summation order differs: equal to 1e-5, tested in
 tests/test_cache_onepass.py against the full-logits path). The exponential is a polynomial (Cody-Waite
@@ -121,29 +123,57 @@ void tvkd_fold(const float *z, int64_t r0, int64_t r1, int64_t ld, int64_t vb, i
         float *hv = hv_all + r * k;
         int64_t *hi = hi_all + r * k;
         int64_t n = hn[r];
+        double ar = 0.0;
+        /* the heap of the k largest first (raw logits, a chunk of 64 skipped when none beats the heap's
+           minimum); a logit of an earlier block that leaves the heap goes into the rest here */
+        if (n < k || bm > hv[0]) {
+            for (int64_t j0 = 0; j0 < vb; j0 += 64) {
+                int64_t j1 = j0 + 64 < vb ? j0 + 64 : vb;
+                float cur = n == k ? hv[0] : -INFINITY;
+                int any = 0;
+#pragma omp simd reduction(|:any)
+                for (int64_t j = j0; j < j1; ++j) any |= zr[j] > cur;
+                if (!any) continue;
+                for (int64_t j = j0; j < j1; ++j) {
+                    float x = zr[j];
+                    if (n < k) {
+                        hv[n] = x; hi[n] = v0 + j; heap_up(hv, hi, n); ++n;
+                    } else if (x > hv[0]) {
+                        if (hi[0] < v0) ar += fexp(hv[0] - mn);
+                        hv[0] = x; hi[0] = v0 + j; heap_down(hv, hi, k, 0);
+                    }
+                }
+            }
+            hn[r] = n;
+        }
+        /* every logit of this block outside the heap is below its minimum thr, or equal to it (a tie) */
         float thr = n == k ? hv[0] : -INFINITY;
         /* fp32 sums over chunks of CH logits (CH / 16 terms a vector lane), the chunks' sums in fp64 */
-        double a1 = 0.0, aw = 0.0, ar = 0.0, ah = 0.0;
+        double a1 = 0.0, aw = 0.0, ah = 0.0, aeq = 0.0;
         for (int64_t j0 = 0; j0 < vb; j0 += CH) {
             int64_t j1 = j0 + CH < vb ? j0 + CH : vb;
-            float c1 = 0.0f, cw = 0.0f, cr = 0.0f, chh = 0.0f;
+            float c1 = 0.0f, cw = 0.0f, cr = 0.0f, chh = 0.0f, ceq = 0.0f;
             if (half >= 0) {
-#pragma omp simd reduction(+:c1,cw,cr,chh)
+#pragma omp simd reduction(+:c1,cw,cr,chh,ceq)
                 for (int64_t j = j0; j < j1; ++j) {
                     float x = zr[j];
                     float e2 = fexp(0.5f * (x - mn));
                     float e = e2 * e2;
-                    chh += e2; c1 += e; cw += e * x; cr += x < thr ? e : 0.0f;
+                    chh += e2; c1 += e; cw += e * x; cr += x < thr ? e : 0.0f; ceq += x == thr ? 1.0f : 0.0f;
                 }
             } else {
-#pragma omp simd reduction(+:c1,cw,cr)
+#pragma omp simd reduction(+:c1,cw,cr,ceq)
                 for (int64_t j = j0; j < j1; ++j) {
                     float x = zr[j];
                     float e = fexp(x - mn);
-                    c1 += e; cw += e * x; cr += x < thr ? e : 0.0f;
+                    c1 += e; cw += e * x; cr += x < thr ? e : 0.0f; ceq += x == thr ? 1.0f : 0.0f;
                 }
             }
-            a1 += c1; aw += cw; ar += cr; ah += chh;
+            a1 += c1; aw += cw; ar += cr; ah += chh; aeq += ceq;
+        }
+        if (aeq > 0.0) { /* the ties at thr that are not in the heap */
+            for (int64_t i = 0; i < n; ++i) aeq -= (hi[i] >= v0 && hv[i] == thr) ? 1.0 : 0.0;
+            ar += aeq * fexp(thr - mn);
         }
         s1[r] = (float)(s1[r] * sc + a1);
         if (want_w) w[r] = (float)(w[r] * sc + aw);
@@ -165,29 +195,6 @@ void tvkd_fold(const float *z, int64_t r0, int64_t r1, int64_t ld, int64_t vb, i
         if (ids) {
             int64_t a = ids[r] - v0;
             if (a >= 0 && a < vb) taken[r] = zr[a];
-        }
-        /* the logits >= thr: the heap of the k largest, what leaves it into the rest */
-        if (bm >= thr) {
-            for (int64_t j0 = 0; j0 < vb; j0 += 64) {
-                int64_t j1 = j0 + 64 < vb ? j0 + 64 : vb;
-                int any = 0;
-#pragma omp simd reduction(|:any)
-                for (int64_t j = j0; j < j1; ++j) any |= zr[j] >= thr;
-                if (!any) continue;
-                for (int64_t j = j0; j < j1; ++j) {
-                    float x = zr[j];
-                    if (!(x >= thr)) continue;
-                    if (n < k) {
-                        hv[n] = x; hi[n] = v0 + j; heap_up(hv, hi, n); ++n;
-                    } else if (x > hv[0]) {
-                        ar += fexp(hv[0] - mn);
-                        hv[0] = x; hi[0] = v0 + j; heap_down(hv, hi, k, 0);
-                    } else {
-                        ar += fexp(x - mn);
-                    }
-                }
-            }
-            hn[r] = n;
         }
         if (rest) rest[r] = (float)(rest[r] * sc + ar);
         m[r] = mn;
