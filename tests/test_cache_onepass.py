@@ -187,12 +187,13 @@ def test_the_c_fold_exponential_is_accurate_to_fp32():
     assert (got[~normal] == 0).all()  # below e^-87 (< 1.7e-38): 0, what no fp32 sum of terms >= 1 holds
 
 
-def test_without_a_c_compiler_the_torch_fold_runs(tmp_path, monkeypatch):
+@pytest.mark.parametrize("compiler", [None, "false"])  # none found; one that fails (`false` exits 1)
+def test_without_a_c_compiler_the_torch_fold_runs(tmp_path, monkeypatch, compiler):
     hidden, weight, bias, ids = _problem(n=9, v=500, seed=6)
     z = torch.nn.functional.linear(hidden, weight, bias)
     want = reference_columns(z, ids, SPECS, 3)
     monkeypatch.setattr(fold_kernel, "_LIB", [])
-    monkeypatch.setattr(fold_kernel, "_compiler", lambda: None)
+    monkeypatch.setattr(fold_kernel, "_compiler", lambda: compiler)
     monkeypatch.setenv("TVKD_CACHE", str(tmp_path))
     assert not fold_kernel.available()
     monkeypatch.setattr(fold_kernel.FoldState, "fold", lambda *a: pytest.fail("the C fold ran"))

@@ -228,6 +228,21 @@ def _cpu() -> str:
         return platform.processor() or platform.machine()
 
 
+def _compile(cc: str, lib: Path) -> None:
+    """Compile SOURCE into `lib` (with OpenMP where the compiler has it); raises when no flag set builds."""
+    lib.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=lib.parent) as d:
+        src, tmp = Path(d) / "fold.c", Path(d) / "fold.so"
+        src.write_text(SOURCE)
+        for extra in PARALLEL:
+            proc = subprocess.run([cc, *FLAGS, *extra, str(src), "-o", str(tmp), "-lm"], capture_output=True,
+                                  text=True, timeout=300)
+            if not proc.returncode:
+                os.replace(tmp, lib)  # atomic: a concurrent build writes the same bytes
+                return
+        raise subprocess.SubprocessError(proc.stderr[-500:])
+
+
 def _build() -> ctypes.CDLL | None:
     from tvkd.paths import cache_root
 
@@ -238,19 +253,11 @@ def _build() -> ctypes.CDLL | None:
     key = hashlib.sha256("\0".join([SOURCE, cc, *FLAGS, *map(str, PARALLEL), _cpu(), platform.machine()]).encode())
     lib = cache_root() / "kernels" / f"tvkd_fold-{key.hexdigest()[:16]}.so"
     if not lib.exists():
-        lib.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=lib.parent) as d:
-            src, tmp = Path(d) / "fold.c", Path(d) / "fold.so"
-            src.write_text(SOURCE)
-            for extra in PARALLEL:
-                proc = subprocess.run([cc, *FLAGS, *extra, str(src), "-o", str(tmp), "-lm"], capture_output=True,
-                                      text=True)
-                if not proc.returncode:
-                    break
-            else:
-                log.warning("one-pass kernel: %s failed (%s); the pure-torch fold runs", cc, proc.stderr[-500:])
-                return None
-            os.replace(tmp, lib)  # atomic: a concurrent build writes the same bytes
+        try:
+            _compile(cc, lib)
+        except (OSError, subprocess.SubprocessError) as e:
+            log.warning("one-pass kernel: %s could not build %s (%s); the pure-torch fold runs", cc, lib, e)
+            return None
     try:
         so = ctypes.CDLL(str(lib))
     except OSError as e:
