@@ -25,7 +25,7 @@ no [N, V] logits). On a CPU the one pass folds each block row by row in a compil
 (`tvkd.cache.fold_kernel`, built with the system C compiler on first use; ``TVKD_CACHE_KERNEL=0`` or
 no compiler: its pure-torch fold, which ``TVKD_CACHE_COMPILE=1`` fuses with torch.compile).
 `tvkd bench --shapes paper` measures every path against the bare forward: on a loaded 2-core CPU the
-one pass with the C fold runs at about 0.9 of the bare forward, the full-logits path at about 0.2.
+one pass with the C fold runs at 0.95-1.04 of the bare forward, the full-logits path at about 0.2.
 It stays opt-in: its columns differ from today's in the last fp32 bits (another summation order),
 so a study rebuilt from an empty cache would not repeat today's numbers bit for bit.
 
