@@ -1,4 +1,4 @@
-"""`tvkd bench --shapes paper`: the teacher-cache part (three paths against the bare forward), the order
+"""`tvkd bench --shapes paper`: the teacher-cache part (four paths against the bare forward), the order
 part (padded, bucketed, padding-free over DPO-MIX-like lengths) and where the results go."""
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ TINY = SHAPES["tiny"]
 
 
 def test_cache_part_measures_every_path_on_the_same_batches():
-    res = cache_pass_run(TINY["teacher"], (2, 8, 24), device="cpu", dtype="float32", batches=1, topk=5)
-    assert res["aux_columns"] == 6 and res["topk"] == 5
-    for method in ("bare_forward", "reference", "onepass"):
+    res = cache_pass_run(TINY["teacher"], (2, 8, 24), device="cpu", dtype="float32", batches=1, topk=5, repeats=2)
+    assert res["aux_columns"] == 6 and res["topk"] == 5 and res["repeats"] == 2
+    for method in ("bare_forward", "reference", "onepass", "onepass_torch"):
         assert res[method]["seconds"] > 0 and res[method]["tokens_per_s"] > 0
-    for method in ("reference", "onepass"):
+    for method in ("reference", "onepass", "onepass_torch"):
         want = res["bare_forward"]["seconds"] / res[method]["seconds"]
         assert res[f"{method}_over_bare_forward"] == pytest.approx(want)
 

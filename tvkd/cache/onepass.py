@@ -24,16 +24,24 @@ accumulators (the online-softmax recurrence):
 
 At the end, lse = M + log S_1 and the registered aux-reward functions (`tvkd.aux_rewards`) run on
 those reductions (`PassStats`), so the Q source, the kinds and the formulas are exactly theirs.
-Everything is pure torch (CPU and CUDA alike); equal to the reference path to fp32 rounding
-(tests/test_cache_onepass.py: 1e-5 in fp32).
+The fold above is pure torch (CPU and CUDA alike), equal to the reference path to fp32 rounding
+(tests/test_cache_onepass.py: 1e-5 in fp32); it is the tested reference of the faster CPU fold.
 
 The teacher cache takes this path with ``TVKD_CACHE_PASS=onepass`` (`tvkd.cache.teacher.pass_method`)
 when the model's LM head is a plain linear layer (`scoring.output_head`: no logit soft-capping or
 scaling) and every requested aux reward is one of the paper's six; otherwise the reference path.
-Speed: every block costs some fifty small torch operations; with `compiled` (torch.compile) the
-elementwise ones fuse. `tvkd bench --shapes paper` compares it with the reference path and the
-bare forward; on a loaded 2-core CPU it was the slower of the two (see the README), which is why
-it is not the default.
+
+Speed. The torch fold costs some fifty torch operations a block, each a read of the block: on one
+CPU thread (512 states, vocab 128,256) 1.52 s against the head's matmul alone at 0.76 s, of which the
+elementwise fold 0.51, the candidates' topk 0.23, gathers and masks 0.23 (the rest is the blocked
+matmul). `compiled` (torch.compile) fuses only `_fold`, the elementwise part; topk, gather, scatter and
+the candidate masks stay separate operations, which is why it gained little (0.20 of the bare forward
+against 0.10-0.14 eager on a loaded 2-core CPU). On a CPU the blocks therefore go through
+`tvkd.cache.fold_kernel` by default: the same fold as one C loop per logit row (block max; one
+vectorised loop for e, S_1, W, S_β and the rest mass below the running top-K's smallest value τ; a
+min-heap for the few logits ≥ τ), about 1 ns a logit on one core (0.82 s for the whole pass above),
+into one reused fp32 buffer that the head's matmul writes with ``out=`` (no page faults for a fresh
+[rows, block] tensor). What is left is the head's matmul itself: see `tvkd bench --shapes paper`.
 """
 
 from __future__ import annotations
@@ -66,10 +74,15 @@ def supported(specs: Sequence[AuxSpec]) -> bool:
     return True
 
 
-def default_blocks(device: torch.device | str) -> tuple[int, int]:
-    """(rows, vocabulary columns) per block: on a CPU a block's fp32 logits (4 MiB) stay in the last-level
-    cache; a GPU takes large blocks (512 MiB) so that few kernels launch. Not tuned on a GPU yet."""
-    return (8192, 16384) if torch.device(device).type == "cuda" else (512, 2048)
+def default_blocks(device: torch.device | str, kernel: bool = False) -> tuple[int, int]:
+    """(rows, vocabulary columns) per block: on a CPU the torch fold's block (4 MiB of fp32 logits) stays in
+    the last-level cache; the compiled fold (`kernel`) reads each row once, so its blocks are as large as
+    the matmul wants (up to 128 MiB: few, large matmul calls keep 2+ threads busy; 512 x 2048 blocks ran the
+    head's matmul at half speed on 2 threads); a GPU takes large blocks (512 MiB) so that few kernels
+    launch. Not tuned on a GPU yet."""
+    if torch.device(device).type == "cuda":
+        return 8192, 16384
+    return (4096, 8192) if kernel else (512, 2048)
 
 
 def state_hidden(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_lens: torch.Tensor,
@@ -180,12 +193,14 @@ _ARANGE_SUB = torch.arange(_SUB)
 @torch.no_grad()
 def onepass_columns(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                     next_ids: torch.Tensor | None, specs: Sequence[AuxSpec], topk: int | None = None, *,
-                    rows: int | None = None, block: int | None = None, compiled: bool = False
-                    ) -> tuple[dict[str, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]:
+                    rows: int | None = None, block: int | None = None, compiled: bool = False,
+                    kernel: bool | None = None) -> tuple[dict[str, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]:
     """Every aux column of `specs` ({column: [N] fp32}) and the top-k ((logprobs [N, k] fp32, ids [N, k]
     int64, log rest mass [N] fp32) or None) of the logits ``hidden @ weight.T + bias`` [N, V], from one
     read of each logit. `next_ids` [N]: the token taken at each state (action kinds; any valid id at
-    a state with none). `rows` x `block`: the block shape (default `default_blocks`)."""
+    a state with none). `rows` x `block`: the block shape (default `default_blocks`). `kernel`: fold each
+    block with the compiled C loop (`tvkd.cache.fold_kernel`; CPU only); default: on a CPU where it
+    builds; False: the pure-torch fold (`compiled`: through torch.compile)."""
     from tvkd.aux_rewards import aux_reward
 
     specs = list(dict.fromkeys(specs))
@@ -201,7 +216,14 @@ def onepass_columns(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         raise ValueError(f"topk must be in 1..{v} (the vocabulary), got {topk}")
     if any(s.name == "margin" for s in specs) and v < 2:
         raise ValueError("the margin aux reward needs a vocabulary of at least 2 tokens")
-    d_rows, d_block = default_blocks(dev)
+    from tvkd.cache import fold_kernel
+
+    if kernel is None:
+        kernel = dev.type == "cpu" and fold_kernel.available()
+    elif kernel and not (dev.type == "cpu" and fold_kernel.available()):
+        raise ValueError("the compiled one-pass fold needs a CPU and a C compiler (TVKD_CACHE_KERNEL unset or 1)")
+    use_kernel = kernel
+    d_rows, d_block = default_blocks(dev, use_kernel)
     rows, block = rows or d_rows, block or d_block
     k = max(topk or 0, min(2, v))
     betas = sorted({float(s.temperature) for s in specs if s.name == "soft_value" and float(s.temperature) != 1.0})
@@ -215,53 +237,57 @@ def onepass_columns(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     out_top = torch.empty(n, k, **f32)
     out_ids = torch.empty(n, k, dtype=torch.long, device=dev)
     out_rest = torch.empty(n, **f32) if topk else None
-    fold = _folder(compiled)
+    fold = None if use_kernel else _folder(compiled)
     betas = tuple(betas)
     for r0 in range(0, n, rows):
         h = hidden[r0:r0 + rows]
         r = h.shape[0]
-        m = torch.full((r,), float("-inf"), **f32)
-        s1, w, rest = torch.zeros(r, **f32), torch.zeros(r, **f32), torch.zeros(r, **f32)
-        sb = {b: torch.zeros(r, **f32) for b in betas}
-        taken = torch.zeros(r, **f32) if want_a else None
-        ids_r = next_ids[r0:r0 + r].long() if want_a else None
-        top_v = torch.full((r, 0), float("-inf"), **f32)
-        top_i = torch.zeros((r, 0), dtype=torch.long, device=dev)
-        for v0 in range(0, v, block):
-            zb = F.linear(h, weight[v0:v0 + block], None if bias is None else bias[v0:v0 + block]).float()
-            vb = zb.shape[1]
-            nsub = -(-vb // _SUB)
-            sub = bool(topk) and nsub > k  # the top-K from the k sub-blocks with the largest maxima
-            if nsub > k and vb % _SUB:  # pad the last block to whole sub-blocks (a value exp sends to 0)
-                zb = F.pad(zb, (0, nsub * _SUB - vb), value=torch.finfo(torch.float32).min)
-            sbs = tuple(sb[b] for b in betas)
-            m_new, scale, s1, w, sbs, sub_max, sub_sum = fold(zb, m, s1, w, sbs, betas, half, want_w, sub, nsub > k)
-            sb = dict(zip(betas, sbs))
-            if want_a:
-                local = ids_r - v0
-                inside = (local >= 0) & (local < vb)
-                got = zb.gather(1, local.clamp(0, vb - 1)[:, None]).squeeze(1)
-                taken = torch.where(inside, got, taken)
-            if nsub > k:
-                sel = sub_max.topk(k, dim=-1, sorted=False).indices  # [R, k]
-                cand = zb.view(r, nsub, _SUB).gather(1, sel[:, :, None].expand(r, k, _SUB)).reshape(r, k * _SUB)
-                cand_ids = (sel[:, :, None] * _SUB + _ARANGE_SUB.to(dev) + v0).reshape(r, k * _SUB)
-            else:
-                cand, cand_ids = zb, torch.arange(v0, v0 + vb, device=dev).expand(r, vb)
-            if topk:
-                rest.mul_(scale)
-                if sub:  # the mass of the sub-blocks that are not candidates
-                    rest.add_(sub_sum.scatter_(1, sel, 0.0).sum(-1))
-            merged = torch.cat([top_v, cand], 1)
-            merged_ids = torch.cat([top_i, cand_ids], 1)
-            kk = min(k, merged.shape[1])
-            top_v, where = merged.topk(kk, dim=-1)
-            top_i = merged_ids.gather(1, where)
-            if topk:  # the candidates (old top-K included) that are not in the new top-K
-                dropped = torch.ones_like(merged, dtype=torch.bool).scatter_(1, where, False)
-                rest.add_(torch.where(dropped, (merged - m_new[:, None]).exp(), 0.0).sum(-1))
-            m = m_new
-            del zb, cand, merged
+        if use_kernel:
+            m, s1, w, sb, taken, top_v, top_i, rest = _kernel_chunk(
+                h, weight, bias, next_ids[r0:r0 + r] if want_a else None, k, betas, want_w, bool(topk), block)
+        else:
+            m = torch.full((r,), float("-inf"), **f32)
+            s1, w, rest = torch.zeros(r, **f32), torch.zeros(r, **f32), torch.zeros(r, **f32)
+            sb = {b: torch.zeros(r, **f32) for b in betas}
+            taken = torch.zeros(r, **f32) if want_a else None
+            ids_r = next_ids[r0:r0 + r].long() if want_a else None
+            top_v = torch.full((r, 0), float("-inf"), **f32)
+            top_i = torch.zeros((r, 0), dtype=torch.long, device=dev)
+            for v0 in range(0, v, block):
+                zb = F.linear(h, weight[v0:v0 + block], None if bias is None else bias[v0:v0 + block]).float()
+                vb = zb.shape[1]
+                nsub = -(-vb // _SUB)
+                sub = bool(topk) and nsub > k  # the top-K from the k sub-blocks with the largest maxima
+                if nsub > k and vb % _SUB:  # pad the last block to whole sub-blocks (a value exp sends to 0)
+                    zb = F.pad(zb, (0, nsub * _SUB - vb), value=torch.finfo(torch.float32).min)
+                sbs = tuple(sb[b] for b in betas)
+                m_new, scale, s1, w, sbs, sub_max, sub_sum = fold(zb, m, s1, w, sbs, betas, half, want_w, sub, nsub > k)
+                sb = dict(zip(betas, sbs))
+                if want_a:
+                    local = ids_r - v0
+                    inside = (local >= 0) & (local < vb)
+                    got = zb.gather(1, local.clamp(0, vb - 1)[:, None]).squeeze(1)
+                    taken = torch.where(inside, got, taken)
+                if nsub > k:
+                    sel = sub_max.topk(k, dim=-1, sorted=False).indices  # [R, k]
+                    cand = zb.view(r, nsub, _SUB).gather(1, sel[:, :, None].expand(r, k, _SUB)).reshape(r, k * _SUB)
+                    cand_ids = (sel[:, :, None] * _SUB + _ARANGE_SUB.to(dev) + v0).reshape(r, k * _SUB)
+                else:
+                    cand, cand_ids = zb, torch.arange(v0, v0 + vb, device=dev).expand(r, vb)
+                if topk:
+                    rest.mul_(scale)
+                    if sub:  # the mass of the sub-blocks that are not candidates
+                        rest.add_(sub_sum.scatter_(1, sel, 0.0).sum(-1))
+                merged = torch.cat([top_v, cand], 1)
+                merged_ids = torch.cat([top_i, cand_ids], 1)
+                kk = min(k, merged.shape[1])
+                top_v, where = merged.topk(kk, dim=-1)
+                top_i = merged_ids.gather(1, where)
+                if topk:  # the candidates (old top-K included) that are not in the new top-K
+                    dropped = torch.ones_like(merged, dtype=torch.bool).scatter_(1, where, False)
+                    rest.add_(torch.where(dropped, (merged - m_new[:, None]).exp(), 0.0).sum(-1))
+                m = m_new
+                del zb, cand, merged
         sl = slice(r0, r0 + r)
         out_max[sl], out_s1[sl], out_w[sl] = m, s1, w
         for b in betas:
@@ -282,6 +308,33 @@ def onepass_columns(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     if topk:
         top = (out_top[:, :topk] - lse[:, None], out_ids[:, :topk], out_rest.log() + out_max - lse)
     return columns, top
+
+
+def _kernel_chunk(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ids: torch.Tensor | None, k: int,
+                  betas: tuple[float, ...], want_w: bool, want_rest: bool, block: int):
+    """One chunk of rows through the compiled fold: the block's logits (the head's matmul in the model's
+    dtype, written into one reused fp32 buffer) folded row by row (`fold_kernel.FoldState`)."""
+    from tvkd.cache.fold_kernel import FoldState
+
+    r, v = h.shape[0], weight.shape[0]
+    st = FoldState(r, k, betas, want_w, ids is not None, want_rest)
+    ids = None if ids is None else ids.long().contiguous()
+    buf = torch.empty(r * min(block, v), dtype=torch.float32)
+    for v0 in range(0, v, block):
+        wb = weight[v0:v0 + block]
+        zb = buf[: r * wb.shape[0]].view(r, wb.shape[0])
+        bb = None if bias is None else bias[v0:v0 + block]
+        if h.dtype == torch.float32 and wb.dtype == torch.float32:
+            if bb is None:
+                torch.mm(h, wb.t(), out=zb)
+            else:
+                torch.addmm(bb.float(), h, wb.t(), out=zb)
+        else:  # the matmul in the model's dtype, as the LM head; the fold in fp32
+            zb.copy_(F.linear(h, wb, bb))
+        st.fold(zb, v0, ids)
+    top_v, top_i = st.top()
+    sb = {b: st.sb[i] for i, b in enumerate(betas)}
+    return st.m, st.s1, st.w, sb, st.taken, top_v, top_i, st.rest
 
 
 def reference_columns(logits: torch.Tensor, next_ids: torch.Tensor | None, specs: Sequence[AuxSpec],
