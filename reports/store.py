@@ -40,8 +40,8 @@ import pandas as pd
 
 from reports.compare import compare_study, format_comparison, write_comparison
 from reports.grid import write_grid_tables
-from reports.settings import config_columns
 from reports.selection import select_runs, write_checkpoint_selection, write_selection
+from reports.settings import config_columns
 from reports.tables import TABLES, discover
 from studies.spec import load_spec, reference_label
 from tvkd.evaluation.metrics import win_rate
