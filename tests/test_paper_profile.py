@@ -168,3 +168,19 @@ def test_a_paper_profile_scored_by_an_llm_judge_names_the_papers_dated_judge(pat
     assert "Sec. 4.1" in text and "single-turn" in text  # where the paper says so, and what it scores
     undated = [m.start() for m in re.finditer(r"gpt-4o-mini(?!-2024-07-18)", text)]
     assert not undated, f"{path.name}: an undated gpt-4o-mini"
+
+
+def test_no_paper_profile_run_names_a_testbed_part():
+    """A paper profile is the paper's setting by hub id: a `testbed:` part left over from the base (e.g. the DPO row's
+    unused teacher) would build the embedded testbed just to plan it."""
+    from studies.spec import STUDIES, load_spec
+
+    left = []
+    for name in STUDIES.names():
+        if "paper" not in (load_spec(name).raw.get("profiles") or {}):
+            continue
+        for run in load_spec(name, profile="paper").runs():
+            m, d = run.config.models, run.config.data
+            values = (m.student, m.teacher, m.reference, m.teacher_reference, d.source, d.test_source)
+            left += [(name, run.label, v) for v in values if isinstance(v, str) and v.startswith("testbed:")]
+    assert left == []
