@@ -90,7 +90,10 @@ def format_dial(df: pd.DataFrame, fmt: str = "markdown") -> str:
         extra[header] = header
     seeds = sorted(set(df["seed"])) if "seed" in df.columns else []
     rows = _caption_rows(df)
-    norm = describe(df, CONFIG + "loss.offset_norm", rows, "offset_norm")
+    # the offsets' scaling is a setting of the rows with offsets: the two DPO rows (plain, ceiling) have none
+    labels = df["label"] if "label" in df.columns else [None] * len(df)
+    norm = describe(df, CONFIG + "loss.offset_norm",
+                    [None if label in (REFERENCE, CEILING) else row for row, label in zip(rows, labels)], "offset_norm")
     settings = settings_sentence(df, rows, SETTINGS)
     caption = (
         "The teacher-signal dial: TVKD trained with the oracle's own score gaps as pair offsets (ρ = 1: a perfect "

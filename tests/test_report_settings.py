@@ -206,8 +206,8 @@ CASES = [
     ("teacher_signal_dial", _dial_frame, format_dial, ALPHA_COL, None, 0.4, "α 0.7 (every row but DPO)",
      "α 0.4 (every row but DPO)"),
     ("teacher_signal_dial norm", _dial_frame, format_dial, CONFIG + "loss.offset_norm", None, "none",
-     "; offset_norm std (every row but DPO; std: the offsets scaled to unit spread; none: as they are)",
-     "; offset_norm none (every row but DPO; std:"),
+     "; offset_norm std (std: the offsets scaled to unit spread; none: as they are)",
+     "; offset_norm none (std:"),
 ]
 
 
