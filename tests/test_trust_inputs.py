@@ -312,3 +312,13 @@ def test_a_teacher_with_another_chat_template_is_noticed_at_plan_time(tiny_world
     assert code == 0, err
     assert "notice: models.teacher" in err and "chat template that differs from the student's" in err
     assert not run_dirs(tmp_path / "results")
+
+
+def test_a_misspelt_loss_option_is_named_with_the_option_it_resembles():
+    from tvkd.api import LOSSES, ConfigError, build_config
+
+    with pytest.raises(ConfigError, match=r"has no option\(s\) 'alpah' \(did you mean 'alpha'\?\); valid options: "):
+        build_config(LOSSES.get("tvkd"), {"alpah": 0.5})
+    with pytest.raises(ConfigError) as err:
+        build_config(LOSSES.get("tvkd"), {"zzzz": 1})
+    assert "did you mean" not in str(err.value)  # nothing alike: no guess

@@ -432,9 +432,13 @@ def build_config(loss_cls: type[PreferenceLoss], options: dict[str, Any] | None,
     fields = {f.name for f in dataclasses.fields(loss_cls.Config)}
     unknown = sorted(set(options) - fields)
     if unknown:
+        import difflib
+
+        close = [m for key in unknown for m in difflib.get_close_matches(str(key), sorted(fields), n=1)]
         raise ConfigError(
-            f"loss {loss_cls.name!r} has no option(s) {', '.join(map(repr, unknown))}; "
-            f"valid options: {', '.join(sorted(fields))}"
+            f"loss {loss_cls.name!r} has no option(s) {', '.join(map(repr, unknown))}"
+            + (f" (did you mean {', '.join(map(repr, close))}?)" if close else "")
+            + f"; valid options: {', '.join(sorted(fields))}"
         )
     values = checked_fields(loss_cls.Config, options, f"{where}.", "option")
     try:
