@@ -161,6 +161,23 @@ def _peak_memory(device: str) -> dict[str, float]:
     return {"peak_memory_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9}  # KiB on Linux
 
 
+def _tvkd_trainer(model: Any, device: str, batch: int, chunk: int | None, padding_free: bool) -> Any:
+    """The `PreferenceTrainer` of a TVKD (soft_value) step on ``model``, as the benchmark parts time it."""
+    from transformers import TrainingArguments
+
+    from tvkd.losses import LOSSES, build_config
+    from tvkd.training.trainer import PreferenceCollator, PreferenceTrainer
+
+    loss_cls = LOSSES.get("tvkd")
+    cfg = build_config(loss_cls, {"aux": "soft_value"})
+    with tempfile.TemporaryDirectory() as tmp:
+        args = TrainingArguments(output_dir=tmp, use_cpu=device == "cpu", report_to="none",
+                                 remove_unused_columns=False, per_device_train_batch_size=batch)
+        return PreferenceTrainer(model=model, args=args, train_dataset=[{}],
+                                 data_collator=PreferenceCollator(0, {"tvkd_offset": "pair"}, True),
+                                 loss=loss_cls(), loss_config=cfg, logprob_chunk=chunk, padding_free=padding_free)
+
+
 def train_step_run(spec: dict[str, Any], shape: tuple[int, int, int], options: dict[str, Any], *, device: str,
                    dtype: str, chunk: int, steps: int, warmup: int, grads_out: str | None = None) -> dict[str, Any]:
     """Median TVKD step (forward, loss, backward, AdamW) of a random `spec` model on one synthetic batch.
@@ -169,11 +186,8 @@ def train_step_run(spec: dict[str, Any], shape: tuple[int, int, int], options: d
     at every step (the optimizer's work is the same at any rate); `grads_out` (a safetensors file)
     receives the last step's loss and parameter gradients, read after the memory peak is taken.
     """
-    from transformers import TrainingArguments
 
-    from tvkd.losses import LOSSES, build_config
     from tvkd.scoring import collate_pairs
-    from tvkd.training.trainer import PreferenceCollator, PreferenceTrainer
 
     torch_dtype = getattr(torch, dtype)
     attention = options.get("attention", "sdpa")
@@ -185,16 +199,8 @@ def train_step_run(spec: dict[str, Any], shape: tuple[int, int, int], options: d
     batch["ref_logps"] = -torch.rand(batch["response_ids"].shape, generator=g) * batch["response_mask"] * 10
     batch["col:tvkd_offset"] = torch.randn(pairs, generator=g)
     batch = {k: v.to(device) for k, v in batch.items()}
-    loss_cls = LOSSES.get("tvkd")
-    cfg = build_config(loss_cls, {"aux": "soft_value"})
-    with tempfile.TemporaryDirectory() as tmp:
-        args = TrainingArguments(output_dir=tmp, use_cpu=device == "cpu", report_to="none",
-                                 remove_unused_columns=False, per_device_train_batch_size=pairs)
-        trainer = PreferenceTrainer(model=model, args=args, train_dataset=[{}],
-                                    data_collator=PreferenceCollator(0, {"tvkd_offset": "pair"}, True),
-                                    loss=loss_cls(), loss_config=cfg,
-                                    logprob_chunk=chunk if options.get("logprob_chunk") else None,
-                                    padding_free=bool(options.get("padding_free")))
+    trainer = _tvkd_trainer(model, device, pairs, chunk if options.get("logprob_chunk") else None,
+                            bool(options.get("padding_free")))
     opt = torch.optim.AdamW(model.parameters(), lr=0.0)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -346,12 +352,9 @@ def order_run(spec: dict[str, Any], lengths: list[tuple[int, int, int]], batch: 
               device: str, dtype: str, chunk: int | None, warmup: int) -> dict[str, Any]:
     """Real tokens/s of TVKD steps over every pair of `lengths` once, `batch` pairs a step, in a random
     order (padded batches) or the length-bucketed one (`train.length_buckets`), padded or padding-free."""
-    from transformers import TrainingArguments
 
-    from tvkd.losses import LOSSES, build_config
     from tvkd.scoring import collate_pairs
     from tvkd.training.sampler import LengthBucketSampler, padding_fraction
-    from tvkd.training.trainer import PreferenceCollator, PreferenceTrainer
 
     attention = options.get("attention", "sdpa")
     model = random_model(spec, device, getattr(torch, dtype), attention=attention).train()
@@ -367,15 +370,7 @@ def order_run(spec: dict[str, Any], lengths: list[tuple[int, int, int]], batch: 
     else:
         order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0)).tolist()
     batches = [order[s:s + batch] for s in range(0, len(order), batch)]
-    loss_cls = LOSSES.get("tvkd")
-    cfg = build_config(loss_cls, {"aux": "soft_value"})
-    with tempfile.TemporaryDirectory() as tmp:
-        args = TrainingArguments(output_dir=tmp, use_cpu=device == "cpu", report_to="none",
-                                 remove_unused_columns=False, per_device_train_batch_size=batch)
-        trainer = PreferenceTrainer(model=model, args=args, train_dataset=[{}],
-                                    data_collator=PreferenceCollator(0, {"tvkd_offset": "pair"}, True),
-                                    loss=loss_cls(), loss_config=cfg, logprob_chunk=chunk,
-                                    padding_free=bool(options.get("padding_free")))
+    trainer = _tvkd_trainer(model, device, batch, chunk, bool(options.get("padding_free")))
     opt = torch.optim.AdamW(model.parameters(), lr=0.0)
     seconds, real, padded = 0.0, 0, 0
     for step, idx in enumerate(batches[:warmup] + batches):
