@@ -71,6 +71,7 @@ from tvkd.benchmarks.rm_score import (
     run_answers,
     run_prompts,
 )
+from tvkd.data.holdout import prompt_key
 
 ENV_API_KEY = "TVKD_JUDGE_API_KEY"
 ENV_MODEL = "TVKD_JUDGE_MODEL"
@@ -258,7 +259,7 @@ def instruction(prompt: Chat) -> str:
 
 
 def _prompt_key(prompt: Chat) -> str:
-    return json.dumps(list(prompt), sort_keys=True, ensure_ascii=False)  # as tvkd.evaluation.generations keys it
+    return prompt_key(list(prompt))  # as tvkd.evaluation.generations keys it
 
 
 def _read_jsonl(path: Path) -> Iterator[dict[str, Any]]:

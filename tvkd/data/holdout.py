@@ -20,7 +20,8 @@ _SALT = b"tvkd-validation-v1\0"
 
 
 def prompt_key(prompt: Any) -> str:
-    """A prompt (a list of messages, or text) as the JSON text it is hashed and deduplicated by."""
+    """A prompt (a list of messages, or text) as the JSON text it is hashed by: the one key of a prompt, with which
+    the evaluators deduplicate prompts and key their stored generations too."""
     return json.dumps(prompt, sort_keys=True, ensure_ascii=False)
 
 

@@ -7,18 +7,18 @@ and the flaw rate (answers that repeat their last element before end-of-turn).
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import numpy as np
 
+from tvkd.data.holdout import prompt_key
 from tvkd.evaluation import EVALUATORS, EvalContext
 
 
 def unique_prompts(examples: list) -> list[list[dict[str, Any]]]:
     seen, prompts = set(), []
     for ex in examples:
-        key = json.dumps(ex.prompt, sort_keys=True)
+        key = prompt_key(ex.prompt)
         if key not in seen:
             seen.add(key)
             prompts.append(ex.prompt)

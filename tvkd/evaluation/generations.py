@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from tvkd.data.holdout import prompt_key
 from tvkd.paths import fingerprint
 
 DEFAULT_DECODING = {"do_sample": False, "temperature": 1.0, "max_new_tokens": 512, "seed": 0}
@@ -44,7 +45,7 @@ def generations(model: Any, tokenizer: Any, prompts: Sequence[Sequence[dict[str,
                 except ValueError:  # a torn last line of a killed run: generate that prompt again
                     continue
                 done[row["key"]] = row["answer"]
-    keys = [json.dumps(list(p), sort_keys=True, ensure_ascii=False) for p in prompts]
+    keys = [prompt_key(list(p)) for p in prompts]
     todo = [i for i, k in enumerate(keys) if k not in done]
     for start in range(0, len(todo), batch_size):
         chunk = todo[start: start + batch_size]
