@@ -40,7 +40,8 @@ What a search does
     any SQLAlchemy URL otherwise (``--storage postgresql://...``); the study is loaded if it exists.
     A killed search resumes: the completed and pruned trials in the storage count against
     ``n_trials`` and are never rerun; a trial left RUNNING by a dead process (same host: its pid is
-    gone; other hosts: no heartbeat for `GRACE_PERIOD` s) is marked FAIL and re-queued once or twice
+    gone; other hosts: no heartbeat for `GRACE_PERIOD` s; no owner `ORPHAN_GRACE` s after it was asked:
+    killed between `ask` and marking it) is marked FAIL and re-queued once or twice
     with the same params and run name, so its run resumes from its checkpoint (if it kept one) or is
     found complete in the store (a trial stopped by Ctrl-C / SIGTERM is re-queued the same way;
     the run name is part of a run's identity, hence the reuse). Several processes may work on one storage at once (each counts the
@@ -68,6 +69,7 @@ search``), and ``python -m studies.search SPEC [--storage URL] [--n-trials N]``.
 from __future__ import annotations
 
 import copy
+import datetime
 import math
 import os
 import socket
@@ -95,6 +97,8 @@ SAMPLERS = ("tpe", "random")
 PRUNERS = ("median", "none")
 HEARTBEAT_INTERVAL = 30  # s: how often a running trial's owner says it is alive (RDB heartbeat table)
 GRACE_PERIOD = 300  # s without a heartbeat before another host's RUNNING trial counts as dead
+ORPHAN_GRACE = 60  # s: a RUNNING trial with no owner this long after it started was left by a process killed
+# between `study.ask` and marking the trial its own (milliseconds apart); younger ones may still get an owner
 MAX_RETRIES = 2  # re-queues of a trial whose process died, before it is left failed
 OWNER_ATTR, RETRIES_ATTR = "tvkd:owner", "tvkd:retries"
 SEARCH_ATTR, INTERMEDIATE_ATTR = "tvkd:search", "tvkd:intermediate"
@@ -510,6 +514,9 @@ def _requeue(study: Any, trial: Any) -> None:
     so its run resumes (or is found complete); at most `MAX_RETRIES` times."""
     retries = int(trial.user_attrs.get(RETRIES_ATTR, 0))
     run_name = trial.user_attrs.get("run_name")
+    if not trial.params and run_name is None:  # killed inside `ask`: no run began, a fresh trial takes its place
+        print(f"  trial {trial.number} was cut short before it had params: marked failed", flush=True)
+        return
     if retries >= MAX_RETRIES:
         print(f"  trial {trial.number} ({run_name}) was cut short {retries + 1} times; left failed", flush=True)
         return
@@ -519,16 +526,22 @@ def _requeue(study: Any, trial: Any) -> None:
           "same run)", flush=True)
 
 
-def reclaim_stale(study: Any, me: dict[str, Any], active: set[int]) -> int:
-    """Fail and re-queue RUNNING trials whose process is gone; returns how many live ones others hold."""
+def reclaim_stale(study: Any, me: dict[str, Any], active: set[int]) -> tuple[int, int]:
+    """Fail and re-queue RUNNING trials whose process is gone. Returns (others, orphans): how many
+    RUNNING trials other live processes hold, and how many of those have no owner yet (asked less than
+    `ORPHAN_GRACE` s ago; older ones were left by a process killed right after `ask` and are reclaimed)."""
     import optuna
     from optuna.trial import TrialState
 
     optuna.storages.fail_stale_trials(study)  # other hosts: no heartbeat within GRACE_PERIOD
-    others = 0
+    others = orphans = 0
+    now = datetime.datetime.now()
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        state = _owner_state(t.user_attrs.get(OWNER_ATTR), me)
-        if state == "dead" or (state == "me" and t._trial_id not in active):
+        owner = t.user_attrs.get(OWNER_ATTR)
+        state = _owner_state(owner, me)
+        orphan = owner is None and t._trial_id not in active
+        old = t.datetime_start is None or (now - t.datetime_start).total_seconds() > ORPHAN_GRACE
+        if state == "dead" or (state == "me" and t._trial_id not in active) or (orphan and old):
             try:
                 study.tell(t.number, state=TrialState.FAIL)
             except (ValueError, RuntimeError):  # another process got there first
@@ -536,7 +549,19 @@ def reclaim_stale(study: Any, me: dict[str, Any], active: set[int]) -> int:
             _requeue(study, t)
         elif state == "alive" or (state == "unknown" and OWNER_ATTR in t.user_attrs):
             others += 1
-    return others
+        elif orphan:
+            others, orphans = others + 1, orphans + 1
+    return others, orphans
+
+
+def _settled(study: Any, me: dict[str, Any], active: set[int]) -> int:
+    """`reclaim_stale` once no trial is waiting for its owner (at most `ORPHAN_GRACE` s): the number of
+    live trials other processes hold."""
+    while True:
+        others, orphans = reclaim_stale(study, me, active)
+        if not orphans:
+            return others
+        time.sleep(1.0)
 
 
 class _Heartbeat:
@@ -662,9 +687,12 @@ def _run_local(ctx: _Context, study: Any, storage: Any) -> None:
     failures, beat = 0, _Heartbeat(storage)
     try:
         while True:
-            others = reclaim_stale(study, ctx.me, beat.ids)
+            others, orphans = reclaim_stale(study, ctx.me, beat.ids)
             done = len(_finished(study))
             if done + others >= ctx.n_trials:
+                if orphans and done + others - orphans < ctx.n_trials:  # wait: owned soon, or reclaimed
+                    time.sleep(1.0)
+                    continue
                 break
             trial = study.ask(spec.params)
             run_name = trial.user_attrs.get("run_name") or f"{ctx.study_name}-trial{trial.number}"
@@ -833,7 +861,7 @@ def _run_ray(ctx: _Context, study: Any, storage: Any, max_concurrent: int) -> No
 
     spec = ctx.spec
     beat = _Heartbeat(storage)
-    others = reclaim_stale(study, ctx.me, beat.ids)
+    others = _settled(study, ctx.me, beat.ids)
     done = len(_finished(study))
     remaining = ctx.n_trials - done - others
     if remaining <= 0:

@@ -15,6 +15,7 @@ import pytest
 import yaml
 from optuna.trial import TrialState, create_trial
 
+import studies.search as search_mod
 import tvkd.training.trainer as trainer_mod
 from studies.search import PruningCallback, log_value, parse_search_spec, search_study, trial_config
 from tvkd.api import ConfigError
@@ -141,6 +142,7 @@ def test_killed_search_resumes_from_its_storage_without_rerunning_finished_trial
         return original(self, *a, **k)
 
     monkeypatch.setattr(trainer_mod.PreferenceTrainer, "train", counting_train)
+    monkeypatch.setattr(search_mod, "ORPHAN_GRACE", 3)  # the kill may land between `ask` and the owner mark
     out = search_study(spec_path, storage=url, results=results, progress=False)
 
     study = optuna.load_study(study_name="tiny-alpha", storage=url)
@@ -154,11 +156,15 @@ def test_killed_search_resumes_from_its_storage_without_rerunning_finished_trial
         if metrics is not None:
             path = run_dir / "metrics.json"
             assert (path.read_bytes(), path.stat().st_mtime_ns) == metrics
-    # a trial the kill caught mid-run is failed and queued again: same params, same run (name)
+    # a trial the kill caught mid-run is failed and queued again: same params, same run (name);
+    # one caught inside `ask`, before it had params, is failed and a fresh trial takes its place
     assert [t.number for t in study.get_trials(states=(TrialState.FAIL,))] == killed
     for t in study.get_trials(states=(TrialState.FAIL,)):
         retry = [r for r in study.trials if r.user_attrs.get("tvkd:retry_of") == t.number]
-        assert len(retry) == 1 and retry[0].params == t.params
+        if t.params:
+            assert len(retry) == 1 and retry[0].params == t.params
+        else:
+            assert retry == [] and "run_name" not in t.user_attrs
         assert retry[0].user_attrs["run_name"] == t.user_attrs["run_name"] and retry[0].state in FINISHED
     assert out["best_config_path"].is_file()
 
@@ -352,3 +358,37 @@ def test_search_through_ray_tune_uses_the_same_storage(tiny_world, tmp_path):
         if t["state"] == "complete":
             assert math.isfinite(t["value"]) and RunRecord.read(Path(t["run_dir"])).state == "complete"
     assert load_config(out["best_config_path"]).study == "ray-alpha"
+
+
+def test_a_trial_left_without_an_owner_is_waited_for_then_failed_and_queued_again(tmp_path, monkeypatch):
+    """A process killed between `study.ask` and marking the trial its own leaves a RUNNING trial with no
+    owner and no heartbeat: young, it counts as another process's trial; past ORPHAN_GRACE it is
+    failed and re-queued with its params and run name (it was never finished before)."""
+    import datetime
+
+    storage = search_mod.open_storage(sqlite(tmp_path, "orphans"))
+    study = optuna.create_study(study_name="orphans", storage=storage)
+    orphan = study.ask({"alpha": optuna.distributions.FloatDistribution(0.0, 1.0)})
+    orphan.set_user_attr("run_name", "orphans-trial0")  # no OWNER_ATTR: the kill came before it
+    me = search_mod._me()
+    assert search_mod.reclaim_stale(study, me, set()) == (1, 1)
+    assert study.trials[0].state == TrialState.RUNNING
+
+    clock = datetime.datetime.now() + datetime.timedelta(seconds=search_mod.ORPHAN_GRACE + 1)
+    monkeypatch.setattr(search_mod.datetime, "datetime", type("Later", (datetime.datetime,), {
+        "now": classmethod(lambda cls, tz=None: clock)}))
+    assert search_mod.reclaim_stale(study, me, set()) == (0, 0)
+    trials = study.get_trials(deepcopy=False)
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING]
+    assert trials[1].user_attrs == {"run_name": "orphans-trial0", "tvkd:retries": 1, "tvkd:retry_of": 0}
+    assert study.trials[1].system_attrs["fixed_params"] == orphan.params
+
+    # killed inside `ask`, before the params: failed, nothing queued (no run began; a fresh trial replaces it)
+    bare = storage.create_new_trial(study._study_id)
+    assert search_mod.reclaim_stale(study, me, set()) == (0, 0)
+    assert [t.state for t in study.get_trials(deepcopy=False) if t._trial_id >= bare] == [TrialState.FAIL]
+
+    # a trial this process is running, marked or not, is never taken for an orphan
+    mine = study.ask({"alpha": optuna.distributions.FloatDistribution(0.0, 1.0)})
+    assert search_mod.reclaim_stale(study, me, {mine._trial_id}) == (0, 0)
+    assert study.trials[mine.number].state == TrialState.RUNNING
