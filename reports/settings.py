@@ -106,8 +106,9 @@ def describe(df: pd.DataFrame, column: str, rows: Sequence[object] | pd.Series, 
     when no run of the table has it.
 
     ``rows``: per run of ``df`` (same order), the name of the table row it is shown in, or None for a run the
-    table does not show. The value alone when every row with runs has it; the rows named after it when only some
-    have one or the rows differ; "k of n runs" beside a row whose runs disagree.
+    table does not show. The value alone when every row with runs has it; "…, none for <rows>" when most rows
+    have it and the others have none; the rows named after it when only some have one or the rows differ; "k of n
+    runs" beside a row whose runs disagree.
     """
     if column not in df.columns:
         return None
@@ -141,7 +142,8 @@ def describe(df: pd.DataFrame, column: str, rows: Sequence[object] | pd.Series, 
         without = [name for name in runs if name not in by_row]
         whole = all(sum(by_row[name].values()) == runs[name] for name in by_row)  # a row has it in all its runs
         if whole and len(by_row) > len(without):
-            return f"{symbol} {values[0]}{suffix} (every row but {', '.join(without)})"
+            listed = ", ".join(without[:-1]) + " and " + without[-1] if len(without) > 1 else without[0]
+            return f"{symbol} {values[0]}{suffix}, none for {listed}"  # no parentheses: row names carry their own
         return f"{symbol} {values[0]}{suffix} ({', '.join(rows_of(values[0]))})"
     parts = [(v, rows_of(v)) for v in values]
     most = max(parts, key=lambda p: len(p[1]))

@@ -93,7 +93,9 @@ def _df(values: list[object]) -> pd.DataFrame:
 
 def test_describe_says_one_value_once_names_the_rows_where_they_differ_and_the_runs_that_disagree():
     assert describe(_df([0.7, 0.7, 0.7]), ALPHA_COL, ["A", "A", "B"]) == "α 0.7"
-    assert describe(_df([None, 0.7, 0.7]), ALPHA_COL, ["DPO", "A", "B"]) == "α 0.7 (every row but DPO)"
+    assert describe(_df([None, 0.7, 0.7]), ALPHA_COL, ["DPO", "A", "B"]) == "α 0.7, none for DPO"
+    assert describe(_df([None, None, None, 0.7, 0.7, 0.7, 0.7]), ALPHA_COL, ["DPO", "SimPO", "C", "A", "B", "D", "E"]) \
+        == "α 0.7, none for DPO, SimPO and C"
     assert describe(_df([None, None, 0.7]), ALPHA_COL, ["DPO", "SFT", "B"]) == "α 0.7 (B)"
     assert describe(_df([0.1, 0.1, 0.01, 2.0]), BETA_COL.replace("beta", "alpha"), ["A", "B", "C", "D"]) == \
         "α 0.01 (C), 2 (D), 0.1 (the other rows)"
@@ -180,8 +182,8 @@ CASES = [
     ("main_table β", _main_table_frame, format_main_table, BETA_COL, lambda df: df["label"] == "dpo", 0.05,
      "β 2 (SimPO), 0.1 (the other rows)", "β 0.05 (DPO), 2 (SimPO), 0.1 (TVKD (ours))"),
     ("reward_conflict", lambda: store_frame("reward-conflict", STORE).frame, format_reward_conflict, ALPHA_COL, None,
-     0.3, "α 0.7 (every row but DPO, DPO on oracle labels (ceiling))",
-     "α 0.3 (every row but DPO, DPO on oracle labels (ceiling))"),
+     0.3, "α 0.7, none for DPO and DPO on oracle labels (ceiling)",
+     "α 0.3, none for DPO and DPO on oracle labels (ceiling)"),
     ("model_ablation", lambda: fixture_frame("model_ablation"), format_model_ablation, ALPHA_COL, _tvkd_rows, 0.5,
      "α 0.7 (TVKD (ours))", "α 0.5 (TVKD (ours))"),
     ("teacher_type", lambda: fixture_frame("teacher_type"), format_teacher_type, BETA_COL,
@@ -190,21 +192,21 @@ CASES = [
     ("teacher_type recipe", lambda: fixture_frame("teacher_type"), format_teacher_type, CONFIG + "testbed.dpo_lr", None,
      3e-4, "DPO epochs 3, learning rate 0.0001, β 0.1", "DPO epochs 3, learning rate 0.0003, β 0.1"),
     ("value_alignment", lambda: fixture_frame("value_alignment"), format_value_alignment, VALUE_TEMPERATURE,
-     lambda df: df["label"] != "dpo", 1.0, "soft values (β_V 2 (every row but DPO Student)",
-     "soft values (β_V 1 (every row but DPO Student)"),
+     lambda df: df["label"] != "dpo", 1.0, "soft values (β_V 2, none for DPO Student",
+     "soft values (β_V 1, none for DPO Student"),
     ("value_alignment α", lambda: fixture_frame("value_alignment"), format_value_alignment, ALPHA_COL,
      lambda df: (df["label"] == "tvkd") & (df["seed"] == 0), 0.5, "α 0.7 (TVKD (ours), TVKD, shuffled Ψ (control))",
      "α 0.5 (TVKD (ours): 1 of 3 runs), 0.7 (TVKD (ours): 2 of 3 runs, TVKD, shuffled Ψ (control))"),
     ("value_analysis", lambda: fixture_frame("value_analysis"), format_value_analysis, VALUE_TEMPERATURE, None, 1.0,
      "(ours: soft_value, β_V 2, shaping pbrs, γ 1;", "(ours: soft_value, β_V 1, shaping pbrs, γ 1;"),
     ("alpha_sensitivity", lambda: fixture_frame("alpha_sensitivity"), lambda df: format_sensitivity(df, sweep=ALPHA),
-     BETA_COL, None, 0.2, "β 0.1; β_V 2 (every row but DPO)", "β 0.2; β_V 2 (every row but DPO)"),
+     BETA_COL, None, 0.2, "β 0.1; β_V 2, none for DPO", "β 0.2; β_V 2, none for DPO"),
     ("beta_sensitivity", lambda: fixture_frame("beta_sensitivity"), lambda df: format_sensitivity(df, sweep=BETA),
-     ALPHA_COL, None, 0.9, "α 0.7 (every row but DPO); β 0.1;", "α 0.9 (every row but DPO); β 0.1;"),
+     ALPHA_COL, None, 0.9, "α 0.7, none for DPO; β 0.1;", "α 0.9, none for DPO; β 0.1;"),
     ("mt_bench_categories", lambda: fixture_frame("mt_bench_categories"), format_mt_bench_categories, ALPHA_COL, None,
      0.5, "α 0.7 (TVKD (ours), TVKD, shuffled Ψ (control))", "α 0.5 (TVKD (ours), TVKD, shuffled Ψ (control))"),
-    ("teacher_signal_dial", _dial_frame, format_dial, ALPHA_COL, None, 0.4, "α 0.7 (every row but DPO)",
-     "α 0.4 (every row but DPO)"),
+    ("teacher_signal_dial", _dial_frame, format_dial, ALPHA_COL, None, 0.4, "α 0.7, none for DPO",
+     "α 0.4, none for DPO"),
     ("teacher_signal_dial norm", _dial_frame, format_dial, CONFIG + "loss.offset_norm", None, "none",
      "; offset_norm std (std: the offsets scaled to unit spread; none: as they are)",
      "; offset_norm none (std:"),

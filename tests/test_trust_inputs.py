@@ -234,6 +234,35 @@ def test_a_key_typo_is_answered_without_importing_torch(tmp_path):
     assert "train.learnign_rate: unknown key" in proc.stderr and "Did you mean 'learning_rate'" in proc.stderr
 
 
+@pytest.mark.parametrize("setting, message", [
+    ("train.learning_rate=abc", "train.learning_rate: expected a number, got 'abc'"),
+    ("data.subsample=1.5", "data: subsample must lie in (0, 1]"),
+    ("models.dtype=float64", "dtype must be one of auto"),
+    ("seed=-1", "seed"),
+])
+def test_a_wrong_value_outside_the_loss_is_answered_without_importing_torch(tmp_path, setting, message):
+    """Values are checked section by section, the loss (whose options need the loss classes, and torch) last."""
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("name: x\nloss: {name: dpo}\n")
+    code = ("import sys; from tvkd.cli import main; rc = main(['run', sys.argv[1], '--set', sys.argv[2]]);"
+            "heavy = sorted(m for m in ('torch', 'transformers', 'datasets') if m in sys.modules); print(rc, heavy)")
+    proc = subprocess.run([sys.executable, "-c", code, str(cfg), setting], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.stdout.strip() == "2 []", proc.stdout + proc.stderr
+    assert message in proc.stderr and proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
+
+
+def test_a_loss_that_needs_a_teacher_is_answered_before_transformers_is_imported(tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("name: x\nloss: {name: tvkd}\nmodels: {student: /nowhere/student}\n")
+    code = ("import sys; from tvkd.cli import main; rc = main(['run', sys.argv[1]]);"
+            "heavy = sorted(m for m in ('transformers', 'datasets') if m in sys.modules); print(rc, heavy)")
+    proc = subprocess.run([sys.executable, "-c", code, str(cfg)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.stdout.strip() == "2 []", proc.stdout + proc.stderr
+    assert "needs a teacher: set models.teacher" in proc.stderr
+
+
 def test_a_copy_of_the_data_and_the_model_at_another_path_is_the_same_run(tiny_world, tmp_path, capsys):
     import shutil
 

@@ -20,7 +20,6 @@ import dataclasses
 import difflib
 import os
 import re
-import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,10 +27,12 @@ from typing import Any
 
 import yaml
 
+from tvkd.checks import ConfigError, checked_fields
 from tvkd.tokenize import TokenizeConfig
 
-# tvkd.api (and with it torch) is imported when a config is built, not when this module is: a
-# config file's key names and YAML are checked first (`load_config`), so a typo answers at once.
+# tvkd.api (and with it torch) is imported when the loss section is checked, last, not when this module
+# is: a config file's YAML, key names and every value outside the loss's own options are checked first
+# (`load_config`), so a typo or a wrong value answers at once.
 
 
 class _YamlLoader(yaml.SafeLoader):
@@ -57,22 +58,6 @@ def load_yaml(stream: Any) -> Any:
     """YAML text (or a file object) as Python values, scientific notation read as numbers (`_YamlLoader`)."""
     return yaml.load(stream, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
 
-
-class ConfigKeyError(ValueError):
-    """An unknown config key found before `tvkd.api` is imported (then it is a `tvkd.api.ConfigError`)."""
-
-
-def __getattr__(name: str) -> Any:  # `from tvkd.config import ConfigError` still works (importing tvkd.api then)
-    if name in ("ConfigError", "checked_fields"):
-        import tvkd.api
-
-        return getattr(tvkd.api, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def _config_error(message: str) -> ValueError:
-    api = sys.modules.get("tvkd.api")
-    return api.ConfigError(message) if api is not None else ConfigKeyError(message)
 
 DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 
@@ -228,8 +213,10 @@ class LossConfig:
     name: str = _f("tvkd", "A registered loss (see `tvkd losses`).")
     options: dict = _f({}, "The loss's own options (see its Config); given inline next to `name` in YAML.")
 
-    def __post_init__(self) -> None:
-        from tvkd.api import LOSSES, ConfigError, build_config
+    def check(self) -> None:
+        """The name names a registered loss and the options fit its Config (types, ranges, unknown names).
+        Called last by `RunConfig`: it imports the loss classes, and with them torch."""
+        from tvkd.api import LOSSES, build_config
 
         try:
             cls = LOSSES.get(self.name)
@@ -315,16 +302,17 @@ class CacheConfig:
               "changed sign against fp32 (max |Δ| 0.05). Use float32 when the teacher fits.")
 
     def __post_init__(self) -> None:
-        from tvkd.api import AUX_REWARDS, Q_SOURCES
-
-        for name in self.precompute:
-            if name not in AUX_REWARDS:
-                raise ValueError(f"precompute: {AUX_REWARDS.unknown_message(name)}")
         for t in self.value_temperatures:
             if isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0:
                 raise ValueError(f"value_temperatures must be positive numbers, got {t!r}")
-        for q in self.q_sources:
-            _one_of("q_sources", q, Q_SOURCES)
+        if self.precompute or self.q_sources != ["logits"]:  # the default needs no registry (nor torch)
+            from tvkd.api import AUX_REWARDS, Q_SOURCES
+
+            for name in self.precompute:
+                if name not in AUX_REWARDS:
+                    raise ValueError(f"precompute: {AUX_REWARDS.unknown_message(name)}")
+            for q in self.q_sources:
+                _one_of("q_sources", q, Q_SOURCES)
         _at_least("batch_size", self.batch_size, 1)
         if self.dtype is not None:
             _one_of("dtype", self.dtype, DTYPES)
@@ -369,7 +357,9 @@ class EvalConfig:
 @dataclass
 class RunConfig:
     name: str = _f("run", "A short name for the run (used in the run directory's name).")
-    seed: int = _f(0, "Seed for init, data order, subsampling and sampling.")
+    seed: int = _f(0, "Seed for the data order, the data.subsample draw, sampling, and any weights the run "
+                      "initialises itself (LoRA adapters); a student loaded from a checkpoint starts from the same "
+                      "weights at every seed.")
     study: str | None = _f(None, "The study this run belongs to (groups runs in the results store).")
     num_threads: int | None = _f(
         None, "CPU threads for torch (default: torch's). Tiny models run fastest on 1: thread hand-offs cost "
@@ -411,6 +401,7 @@ class RunConfig:
         if not 0 <= self.seed < 2**32:
             raise ValueError(f"seed must be an integer from 0 to 2**32 - 1 = {2**32 - 1} (the range numpy and torch "
                              f"seed with), got {self.seed}")
+        self.loss.check()  # last: the only check that imports torch
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -423,8 +414,6 @@ class RunConfig:
 
 def _build(cls: type, data: Any, file: str, path: str) -> Any:
     """A config dataclass from a mapping: every key, type and value checked, errors naming file and key."""
-    from tvkd.api import ConfigError, checked_fields
-
     if data is None:
         return cls()
     if not isinstance(data, dict):
@@ -456,15 +445,13 @@ def check_keys(data: Any, where: str = "config", cls: type | None = None, path: 
         if key not in fields:
             close = difflib.get_close_matches(str(key), fields, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise _config_error(f"{where}: {path}{key}: unknown key; valid keys: {', '.join(fields)}.{hint}")
+            raise ConfigError(f"{where}: {path}{key}: unknown key; valid keys: {', '.join(fields)}.{hint}")
         if dataclasses.is_dataclass(hints[key]) and hints[key] is not LossConfig:  # loss options: the loss's own
             check_keys(value, where, hints[key], f"{path}{key}.")
 
 
 def config_from_dict(data: Any, where: str = "config") -> RunConfig:
     """A `RunConfig` from a parsed YAML mapping; `where` (the file name) prefixes every error."""
-    from tvkd.api import ConfigError
-
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -485,17 +472,17 @@ def apply_sets(data: dict[str, Any], sets: list[str] | None) -> dict[str, Any]:
     for item in sets or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise _config_error(f"--set {item!r}: expected KEY=VALUE with a dotted key, e.g. loss.alpha=0.5")
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE with a dotted key, e.g. loss.alpha=0.5")
         try:
             parsed = load_yaml(value)
         except yaml.YAMLError as e:
-            raise _config_error(f"--set {item!r}: the value is not valid YAML ({e.problem})") from None
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({e.problem})") from None
         node = data
         parts = key.split(".")
         for i, p in enumerate(parts[:-1]):
             child = node.setdefault(p, {})
             if not isinstance(child, dict):
-                raise _config_error(f"--set {item!r}: {'.'.join(parts[: i + 1])} is a value ({child!r}), not a "
+                raise ConfigError(f"--set {item!r}: {'.'.join(parts[: i + 1])} is a value ({child!r}), not a "
                                   f"section; set it directly, e.g. --set {'.'.join(parts[: i + 1])}=...")
             node = child
         node[parts[-1]] = parsed
@@ -509,16 +496,16 @@ def load_config(path: str | Path, sets: list[str] | None = None) -> RunConfig:
         with open(path, encoding="utf-8") as f:
             data = load_yaml(f)
     except FileNotFoundError:
-        raise _config_error(f"config file not found: {path}") from None
+        raise ConfigError(f"config file not found: {path}") from None
     except IsADirectoryError:
-        raise _config_error(f"{path} is a folder; give a YAML run config file") from None
+        raise ConfigError(f"{path} is a folder; give a YAML run config file") from None
     except UnicodeDecodeError as e:
-        raise _config_error(f"{path}: not UTF-8 text (byte {e.start}); save the config as UTF-8") from None
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); save the config as UTF-8") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise _config_error(f"{path}: not valid YAML{at}: {problem}") from None
+        raise ConfigError(f"{path}: not valid YAML{at}: {problem}") from None
     if data is None:
         data = {}
     if isinstance(data, dict):

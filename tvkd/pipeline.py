@@ -228,22 +228,8 @@ def plan_run(cfg: RunConfig, *, testbed: dict[str, Any] | None = None, progress:
     weights readable), the reference's and the teacher's vocabulary against the student's, the
     data (loaded and tokenized: a malformed row is named here), and the content fingerprints.
     """
-    from tvkd.cross_tokenizer import CrossTokenizerError, template_label, token_level_reason
-    from tvkd.modeling import (
-        VocabularyMismatchError,
-        load_tokenizer,
-        reference_vocab_check,
-        teacher_vocab_size,
-    )
-
     echo = echo or Echo(progress)
     testbed = testbed if testbed is not None else (dict(cfg.testbed) or None)
-    if not progress:
-        import datasets
-        import transformers
-
-        datasets.disable_progress_bars()
-        transformers.utils.logging.disable_progress_bar()
     loss = LOSSES.get(cfg.loss.name)()
     loss_cfg = build_config(type(loss), cfg.loss.options)
     if cfg.num_threads:
@@ -256,6 +242,21 @@ def plan_run(cfg: RunConfig, *, testbed: dict[str, Any] | None = None, progress:
     if needs.teacher_reference and not m.teacher_reference:
         raise InputError(f"loss {cfg.loss.name!r} needs the teacher's SFT model: set models.teacher_reference "
                          "(a folder, hub id or testbed:teacher_sft)")
+    # the config alone is answered above; what follows reads files and models (transformers, datasets)
+    from tvkd.cross_tokenizer import CrossTokenizerError, template_label, token_level_reason
+    from tvkd.modeling import (
+        VocabularyMismatchError,
+        load_tokenizer,
+        reference_vocab_check,
+        teacher_vocab_size,
+    )
+
+    if not progress:
+        import datasets
+        import transformers
+
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
     paths: dict[str, str | None] = {
         "student": resolve(m.student, testbed, progress),
         "teacher": resolve(m.teacher, testbed, progress),
@@ -537,7 +538,6 @@ def execute(cfg: RunConfig, *, store: Any = None, force: bool = False, progress:
     """
     from tvkd.distributed import setup
     from tvkd.results import ResultsStore
-    from tvkd.training.trainer import last_checkpoint
 
     dist = setup(ddp_timeout_s=(cfg.train.extra or {}).get("ddp_timeout"))
     if not dist.is_main:
@@ -550,6 +550,9 @@ def execute(cfg: RunConfig, *, store: Any = None, force: bool = False, progress:
     handle = None
 
     def begin() -> dict[str, Any]:  # the main process only
+        # lazy: transformers' Trainer (~8 s to import), not before the plan has answered
+        from tvkd.training.trainer import last_checkpoint
+
         nonlocal handle
         if not force and store.is_complete(plan.key, study=cfg.study, name=cfg.name):
             return {"complete": True}
