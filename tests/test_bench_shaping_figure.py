@@ -136,6 +136,31 @@ def test_benchmark_writes_figures_for_the_first_n_prompts(tiny_world, tmp_path):
     assert metrics["shaping/config"]["aux"] == "soft_value" and metrics["shaping/config"]["value_temperature"] == 2.0
 
 
+def test_a_teacher_with_another_tokenizer_is_shown_on_its_own_tokens(tiny_world, tmp_path):
+    """The other-vocabulary teacher is the same network behind permuted ids, renamed specials and its own
+    template: on its own tokens of the same answers its ψ_t must equal the shared teacher's, token for token."""
+    from tests.test_cross_tokenizer import OTHER_TEMPLATE
+    from tvkd.testbed.vocab import other_vocabulary
+
+    other = other_vocabulary(tiny_world["teacher"], tmp_path / "teacher_other", template=OTHER_TEMPLATE)
+    prompts = [[{"role": "user", "content": p}] for p in ("sort c a b", "reverse a b")]
+    said, out = [], {}
+    for name, teacher in (("shared", tiny_world["teacher"]), ("other", str(other))):
+        ctx = BenchContext(run_dir=tmp_path / name, model_dir=Path(tiny_world["student"]), test_prompts=prompts,
+                           options={"teacher": teacher, "n": 2, "max_new_tokens": 6}, progress=False,
+                           say=said.append)
+        out[name] = shaping_figures(ctx)
+    assert out["shared"]["shaping/config"]["tokens"] == "the model's"
+    assert out["other"]["shaping/config"]["tokens"].startswith("the teacher's own")
+    assert any("tokenizer differs" in line for line in said)
+    for i in range(2):
+        a, b = (json.loads((tmp_path / name / "figures" / f"shaping-{i}.json").read_text()) for name in ("shared", "other"))
+        assert a["response"] == b["response"] and len(a["psi"]) == len(b["psi"])
+        assert a["token_ids"] != b["token_ids"]  # the teacher's own ids
+        assert b["psi"] == pytest.approx(a["psi"], abs=1e-5)
+        assert "(on the teacher&#x27;s own tokens)" in (tmp_path / "other" / "figures" / f"shaping-{i}.html").read_text()
+
+
 def test_benchmark_needs_a_teacher_and_prompts(tiny_world, tmp_path):
     ctx = BenchContext(run_dir=tmp_path, model_dir=Path(tiny_world["student"]),
                        test_prompts=[[{"role": "user", "content": "hello"}]])

@@ -16,6 +16,9 @@ with the top 3 highlighted. `write_figure` writes both and the numbers (JSON).
 The benchmark runs it for the first ``n`` test prompts of the run with the evaluated model's greedy answer
 (generated through `tvkd.evaluation.generations`, kept in the run folder) and a teacher folder (option
 ``teacher``, default the run's ``models.teacher``), writing ``<run_dir>/figures/shaping-<i>.{html,png,json}``.
+A teacher with another tokenizer than the model's values each answer's text on its own tokens (its tokenizer,
+chat template and end-of-turn token, as `tvkd.cross_tokenizer` builds its cache): the figure shows ψ_t along
+the teacher's tokens, and its JSON says so (``settings.tokens``).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from __future__ import annotations
 import html
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -145,13 +148,14 @@ def describe(settings: dict[str, Any]) -> str:
     name = settings["aux"] + (" of log π" if settings.get("q_source") == "logprobs" else "")
     if settings.get("value_temperature") is not None:
         name += f" (β_V = {settings['value_temperature']:g})"
+    own = " (on the teacher's own tokens)" if str(settings.get("tokens", "")).startswith("the teacher's") else ""
     if settings.get("kind") == "action":
-        return f"ψ_t = f(s_t, a_t), f = {name}"
+        return f"ψ_t = f(s_t, a_t), f = {name}{own}"
     g = settings["gamma"]
     phi_next = "Φ(s_{t+1})" if g == 1 else f"{g:g}·Φ(s_{{t+1}})"
     form = f"{phi_next} − Φ(s_t)" if settings["shaping"] == "pbrs" else phi_next
     end = "" if settings["terminal"] == "teacher" else ", Φ(s_T) = 0"
-    return f"ψ_t = {form}, Φ = {name}{end}"
+    return f"ψ_t = {form}, Φ = {name}{end}{own}"
 
 
 def _rgba(x: float, scale: float) -> str:
@@ -329,7 +333,14 @@ def _teacher_path(ctx: BenchContext) -> str:
                      "answers, top 3 highlighted (HTML and PNG)", options=OPTIONS)
 def shaping_figures(ctx: BenchContext) -> dict[str, Any]:
     from tvkd.evaluation.generations import generations
-    from tvkd.modeling import check_model_folder, load_causal_lm, model_digest, teacher_vocab_size
+    from tvkd.modeling import (
+        VocabularyMismatchError,
+        check_model_folder,
+        load_causal_lm,
+        load_tokenizer,
+        model_digest,
+        teacher_vocab_size,
+    )
     from tvkd.tokenize import TokenizeConfig, ensure_chat_template
 
     n = int(ctx.option("n", 5))
@@ -343,9 +354,20 @@ def shaping_figures(ctx: BenchContext) -> dict[str, Any]:
     tok_cfg = cfg.tokenize if cfg is not None else TokenizeConfig()
     tokenizer = ctx.tokenizer()
     ensure_chat_template(tokenizer, tok_cfg.chat_template)
-    vocab = teacher_vocab_size(teacher_path, ctx.model_dir, tokenizer,
-                               trust_remote_code=bool(getattr(getattr(cfg, "models", None), "trust_remote_code",
-                                                              False)))
+    remote = bool(getattr(getattr(cfg, "models", None), "trust_remote_code", False))
+    teacher_tokenizer, teacher_cfg, tokenization = tokenizer, tok_cfg, "the model's"
+    try:
+        vocab = teacher_vocab_size(teacher_path, ctx.model_dir, tokenizer, trust_remote_code=remote)
+    except VocabularyMismatchError:
+        # A teacher with another tokenizer values the answer's text on its own tokens (its tokenizer, its chat
+        # template and end-of-turn token, the run's lengths), as `tvkd.cross_tokenizer` does for the cache: the
+        # figure then shows ψ_t along the teacher's tokens of the same answer.
+        teacher_tokenizer = load_tokenizer(teacher_path, trust_remote_code=remote)
+        teacher_cfg = replace(tok_cfg, chat_template=None, eos_token=None)
+        ensure_chat_template(teacher_tokenizer, None)
+        vocab, tokenization = None, "the teacher's own (its tokenizer differs from the model's)"
+        ctx.say(f"shaping: the teacher's tokenizer differs from the model's ({len(teacher_tokenizer)} vs "
+                f"{len(tokenizer)} tokens): each answer is shown on the teacher's own tokens and chat template")
     default_budget = cfg.eval.max_new_tokens if cfg is not None else 512
     answers = generations(ctx.model(), tokenizer, prompts,
                           {"max_new_tokens": int(ctx.option("max_new_tokens", default_budget))}, ctx.run_dir,
@@ -363,11 +385,13 @@ def shaping_figures(ctx: BenchContext) -> dict[str, Any]:
     }
     files: list[str] = []
     for i, (prompt, answer) in enumerate(zip(prompts, answers)):
-        profile = shaping_profile(teacher, tokenizer, prompt, answer, vocab_size=vocab, tokenize_config=tok_cfg,
-                                  **settings)
-        profile.settings.update(teacher=teacher_path, model=str(ctx.model_dir), teacher_dtype=str(dtype))
+        profile = shaping_profile(teacher, teacher_tokenizer, prompt, answer, vocab_size=vocab,
+                                  tokenize_config=teacher_cfg, **settings)
+        profile.settings.update(teacher=teacher_path, model=str(ctx.model_dir), teacher_dtype=str(dtype),
+                                tokens=tokenization)
         for path in write_figure(profile, Path(ctx.run_dir) / "figures" / f"shaping-{i}"):
             files.append(str(path.relative_to(ctx.run_dir)))
     ctx.say(f"shaping: {len(prompts)} figures in {Path(ctx.run_dir) / 'figures'}")
     return {"shaping/files": files,
-            "shaping/config": {**settings, "teacher": teacher_path, "teacher_dtype": str(dtype), "n": len(prompts)}}
+            "shaping/config": {**settings, "teacher": teacher_path, "teacher_dtype": str(dtype), "n": len(prompts),
+                               "tokens": tokenization}}
