@@ -332,7 +332,7 @@ def test_a_non_ascii_run_name_is_kept_with_a_hash(tiny_world, tmp_path, capsys):
     assert other.exists()
 
 
-def test_a_teacher_with_another_chat_template_is_noticed_at_plan_time(tiny_world, tmp_path, capsys):
+def test_a_teacher_with_another_chat_template_is_noticed_at_plan_time(tiny_world, tmp_path, capsys, monkeypatch):
     tok = make_tiny_tokenizer()
     tok.chat_template = USER_ASSISTANT_ONLY
     tok.save_pretrained(tiny_world["teacher"])
@@ -341,6 +341,11 @@ def test_a_teacher_with_another_chat_template_is_noticed_at_plan_time(tiny_world
     assert code == 0, err
     assert "notice: models.teacher" in err and "chat template that differs from the student's" in err
     assert not run_dirs(tmp_path / "results")
+
+    # in a multi-process launch only the main process says it
+    monkeypatch.setenv("RANK", "1")
+    code, out, err = cli(capsys, "run", cfg, "--results", tmp_path / "results", "--dry-run", "--quiet")
+    assert code == 0 and "notice:" not in err, err
 
 
 def test_a_misspelt_loss_option_is_named_with_the_option_it_resembles():

@@ -303,8 +303,10 @@ def plan_run(cfg: RunConfig, *, testbed: dict[str, Any] | None = None, progress:
         if k >= rows:
             raise InputError(f"loss {cfg.loss.name!r}: top-k {k} must be smaller than the teacher's vocabulary "
                              f"({rows} tokens), or the rest bin is empty; set loss.topk below {rows}")
-    for role in ("teacher", "teacher_reference"):
-        if paths[role] and not cfg.tokenize.chat_template:
+    from tvkd.distributed import is_main_process
+
+    for role in ("teacher", "teacher_reference"):  # said once, by the main process of a multi-process launch
+        if paths[role] and not cfg.tokenize.chat_template and is_main_process():
             _template_notice(role, paths[role], tokenizer, m.trust_remote_code)
     key, inputs = run_identity(cfg, paths, testbed)
     plan = RunPlan(cfg=cfg, loss=loss, loss_cfg=loss_cfg, paths=paths, inputs=inputs, key=key, testbed=testbed,
