@@ -255,12 +255,12 @@ def test_the_quick_select_study_runs_end_to_end_through_the_engine(tmp_path):
     frame = out["frame"]
     assert frame["val/oracle_score"].notna().all() and frame["oracle_score"].notna().all()
     selection = pd.read_csv(out["out_dir"] / "selection.csv")
-    assert selection.groupby("label")["picked"].sum().to_dict() == {"dpo": 1, "simpo": 1, "soft_value": 1}
+    assert selection.groupby("label")["picked"].sum().to_dict() == {"dpo": 1, "simpo": 1, "ipo": 1, "soft_value": 1}
     for row in selection[selection["picked"]].to_dict("records"):
         same = selection[selection["label"] == row["label"]]
         assert row["val/oracle_score.mean"] == same["val/oracle_score.mean"].max()
     grid = (out["out_dir"] / "grid.md").read_text()
-    assert sum(line.startswith(("| dpo ", "| simpo ", "| soft_value ")) for line in grid.splitlines()) == 3
+    assert sum(line.startswith(("| dpo ", "| simpo ", "| ipo ", "| soft_value ")) for line in grid.splitlines()) == 4
 
 
 def test_the_compute_estimate_counts_the_held_out_pairs_as_validation_not_training():
