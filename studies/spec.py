@@ -677,12 +677,15 @@ def _check_seeds(seeds: Any, where: str) -> list[str]:
     return problems
 
 
-def _check_run_mapping(data: Any, where: str, problems: list[str]) -> bool:
-    """A base / quick.base mapping: run-config keys only."""
+def _check_run_mapping(data: Any, where: str, problems: list[str], *, search: bool = False) -> bool:
+    """A base / quick.base mapping: run-config keys only. A search's base keeps its ``seed`` (every trial
+    trains at it; a search has no `seeds` list)."""
     if not isinstance(data, dict):
         problems.append(f"{where}: expected a mapping of run-config keys, got {_given(data)}")
         return False
     for k in data:
+        if k == "seed" and search:
+            continue
         if k in SET_BY_STUDY:
             problems.append(f"{where}.{k}: set by the study (name: the run label, seed: `seeds`, study: `name`)")
         elif k not in RUN_KEYS:
@@ -1066,7 +1069,9 @@ def parse_spec(spec: Any, source: str | None = None, profile: str | None = None)
         except ValueError as e:
             problems.append(f"resources: {e}")
     base = spec.get("base") if spec.get("base") is not None else {}
-    _check_run_mapping(base, "base", problems)
+    _check_run_mapping(base, "base", problems, search=spec.get("search") is not None)
+    if spec.get("search") is not None and spec.get("seeds") is not None:
+        problems.append("seeds: a search trains every trial at one seed, base.seed (default 0); drop seeds")
 
     variants = spec.get("variants")
     variant_labels: list[str] = []

@@ -338,6 +338,28 @@ def test_the_example_spec_parses_and_is_not_a_registered_study():
     assert spec.name not in STUDIES.names()
     cfg = config_from_dict(spec.base)
     assert cfg.models.student.startswith("testbed:")
+    # and it loads the way `tvkd study search` loads it (the one study loader): base.seed is the trials' seed
+    from studies.engine import load
+
+    study_file = load(path)
+    assert study_file.raw["base"]["seed"] == 0
+    trial = trial_config(parse_search_spec(study_file.raw, where=str(path)), {"loss.alpha": 0.3}, run_name="t",
+                         study="alpha-search")
+    assert (trial.seed, trial.loss.options["alpha"]) == (0, 0.3)
+
+
+def test_a_search_keeps_its_base_seed_and_refuses_a_seeds_list(tiny_world, tmp_path):
+    from studies.engine import load
+    from studies.spec import StudySpecError
+
+    spec = tiny_search(tiny_world)
+    spec["base"]["seed"] = 7
+    assert load(spec).raw["base"]["seed"] == 7
+    with pytest.raises(StudySpecError, match="seeds: a search trains every trial at one seed, base.seed"):
+        load({**spec, "seeds": [0, 1]})
+    grid = {k: v for k, v in spec.items() if k != "search"} | {"variants": [{"label": "a"}]}
+    with pytest.raises(StudySpecError, match=r"base.seed: set by the study"):  # a grid's seeds are its `seeds`
+        load(grid)
 
 
 # --------------------------------------------------------------------------------------------

@@ -243,6 +243,29 @@ def test_a_wrong_key_or_value_outside_the_loss_is_answered_without_importing_tor
     assert message in proc.stderr and proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--seed", "-1"], "testbed.seed must be an integer from 0 to 2**32 - 1, got -1"),
+    (["--set", "label_temperature=abc"], "testbed.label_temperature: expected a number, got 'abc'"),
+    (["--set", "samples_per_prompt=1"], "testbed.samples_per_prompt must be >= 2"),
+    (["--set", "student_hidden=65"], "testbed.student_hidden must be a multiple of student_heads (2)"),
+    (["--set", "max_len=2"], "testbed.max_len must be >= min_len (3)"),
+    (["--set", "seed"], "--set 'seed': expected FIELD=VALUE"),
+    (["--seed", "2", "--set", "seed=3"], "--seed 2 and --set seed=3 disagree"),
+    (["--set", "labl_temperature=0.3"], "unknown testbed option(s) ['labl_temperature']"),
+])
+def test_a_wrong_testbed_value_is_one_line_before_any_stage(tmp_path, capsys, argv, message):
+    code, out, err = cli(capsys, "testbed", "build", "--cache-dir", tmp_path / "cache", *argv)
+    assert code == 2 and err.startswith("error: ") and message in err and "Traceback" not in err, err
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("*.safetensors"))
+
+
+def test_a_testbed_value_in_a_run_config_is_checked_with_the_config(tmp_path, capsys):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("name: x\nloss: {name: dpo}\ntestbed: {dpo_lr: 1e-5, label_temperature: -0.3}\n")
+    code, out, err = cli(capsys, "run", cfg, "--dry-run")
+    assert code == 2 and "testbed.label_temperature must be > 0, got -0.3" in err, err
+
+
 def test_a_loss_that_needs_a_teacher_is_answered_before_transformers_is_imported(tmp_path):
     cfg = tmp_path / "run.yaml"
     cfg.write_text("name: x\nloss: {name: tvkd}\nmodels: {student: /nowhere/student}\n")

@@ -36,18 +36,30 @@ def cmd_testbed_build(args: argparse.Namespace) -> int:
 
     import yaml
 
+    from tvkd.config import load_yaml
     from tvkd.testbed import TestbedConfig, build_testbed
 
     overrides = {}
     for item in args.set or []:
-        k, _, v = item.partition("=")
-        overrides[k] = yaml.safe_load(v)
+        k, eq, v = item.partition("=")
+        if not eq or not k:
+            print(f"error: --set {item!r}: expected FIELD=VALUE, e.g. label_temperature=0.3", file=sys.stderr)
+            return 2
+        try:
+            overrides[k] = load_yaml(v)  # YAML 1.2 numbers: 1e-5 is a number
+        except yaml.YAMLError as e:
+            print(f"error: --set {item!r}: the value is not valid YAML ({getattr(e, 'problem', e)})", file=sys.stderr)
+            return 2
     fields = {f.name for f in dataclasses.fields(TestbedConfig)}
     bad = sorted(set(overrides) - fields)
     if bad:
         print(f"error: unknown testbed option(s) {bad}; valid: {', '.join(sorted(fields))}", file=sys.stderr)
         return 2
-    cfg = TestbedConfig(seed=args.seed, **overrides)
+    if "seed" in overrides and args.seed != 0 and overrides["seed"] != args.seed:
+        print(f"error: --seed {args.seed} and --set seed={overrides['seed']} disagree; give one", file=sys.stderr)
+        return 2
+    overrides.setdefault("seed", args.seed)
+    cfg = TestbedConfig(**overrides)  # types and ranges checked here, before any stage
     tb = build_testbed(cfg, cache_dir=args.cache_dir, progress=not args.quiet)
     print(f"testbed ready in {tb.root}")
     report = tb.report if isinstance(tb.report, dict) else {}

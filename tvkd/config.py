@@ -388,6 +388,7 @@ class RunConfig:
                     close = difflib.get_close_matches(key, sorted(fields), n=1)
                     raise ValueError(f"testbed.{key}: not a testbed option"
                                      + (f". Did you mean {close[0]!r}?" if close else f"; valid: {', '.join(sorted(fields))}"))
+            TestbedConfig(**self.testbed)  # each value's type and range (names the field), before any stage
         _at_least("num_threads", self.num_threads, 1)
         if self.eval.checkpoints and self.data.validation_fraction is None:
             raise ValueError("eval.checkpoints: checkpoints are picked on the validation split; set "

@@ -172,6 +172,45 @@ class TestbedConfig:
         fingerprinted=False,
     )
 
+    def __post_init__(self) -> None:
+        """Every field's type (ints widened to floats, whole floats to ints, as a run config's) and range,
+        checked before any stage runs: a wrong value is one line naming the field, not a failure minutes in."""
+        import typing
+
+        from tvkd.checks import check_value
+
+        hints = typing.get_type_hints(type(self))
+        for f in fields(self):
+            object.__setattr__(self, f.name, check_value(getattr(self, f.name), hints[f.name], f"testbed.{f.name}"))
+        problems = []
+
+        def need(ok: bool, name: str, rule: str) -> None:
+            if not ok:
+                problems.append(f"testbed.{name} must be {rule}, got {getattr(self, name)!r}")
+
+        need(0 <= self.seed < 2**32, "seed", "an integer from 0 to 2**32 - 1")
+        need(2 <= self.num_symbols <= 26, "num_symbols", "from 2 to 26 (the letters a..z)")
+        need(self.min_len >= 1, "min_len", ">= 1")
+        need(self.max_len >= self.min_len, "max_len", f">= min_len ({self.min_len})")
+        for name in ("flaw_rate", "two_turn_rate"):
+            need(0 <= getattr(self, name) <= 1, name, "a fraction in [0, 1]")
+        need(0 <= self.sft_warmup_ratio < 1, "sft_warmup_ratio", "a fraction in [0, 1)")
+        for name in ("num_sft", "num_pref_train", "num_pref_test", "num_test", "teacher_layers", "teacher_hidden",
+                     "teacher_heads", "teacher_intermediate", "student_layers", "student_hidden", "student_heads",
+                     "student_intermediate", "sft_batch_size", "dpo_batch_size", "max_new_tokens", "num_threads"):
+            need(getattr(self, name) >= 1, name, ">= 1")
+        for who in ("teacher", "student"):
+            hidden, heads = getattr(self, f"{who}_hidden"), getattr(self, f"{who}_heads")
+            need(heads < 1 or hidden % heads == 0, f"{who}_hidden", f"a multiple of {who}_heads ({heads})")
+        need(self.samples_per_prompt >= 2, "samples_per_prompt", ">= 2 (a pair is the best and the worst sample)")
+        for name in ("teacher_sft_epochs", "student_sft_epochs", "dpo_epochs", "student_dpo_epochs", "teacher_sft_lr",
+                     "student_sft_lr", "dpo_lr", "student_dpo_lr", "dpo_beta", "student_dpo_beta",
+                     "sample_temperature", "label_temperature"):
+            need(getattr(self, name) > 0, name, "> 0")
+        need(self.dpo_warmup_steps >= 0, "dpo_warmup_steps", ">= 0")
+        if problems:
+            raise ValueError("; ".join(problems))
+
     def stage_fields(self, stage: str) -> dict[str, Any]:
         """The config fields a stage reads (its share of the cache key)."""
         return {f.name: getattr(self, f.name) for f in fields(self) if stage in f.metadata["stages"]}
