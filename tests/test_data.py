@@ -543,6 +543,24 @@ def test_file_of_blank_lines_has_no_rows(tmp_path):
     assert str(raises_one_line(load_preferences, empty)).startswith(f"{empty}: holds no data files")
 
 
+def test_a_folder_too_large_for_a_data_set_is_refused_before_datasets_walks_it(tmp_path, monkeypatch):
+    """`datasets` looks for data files in the whole tree first (minutes on a home folder or /tmp)."""
+    import tvkd.data.files as files
+
+    big = tmp_path / "big"
+    (big / "deep" / "er").mkdir(parents=True)
+    (big / "train.jsonl").write_text(json.dumps(GOOD_ROW) + "\n")
+    for i in range(6):
+        (big / "deep" / "er" / f"note{i}.txt").write_text("x")
+    monkeypatch.setattr(files, "MAX_FOLDER_FILES", 5)
+    walked = []
+    monkeypatch.setattr(files.datasets, "load_dataset_builder", lambda *a, **k: walked.append(a) or 1 / 0)
+    err = raises_one_line(load_preferences, big)
+    assert str(err).startswith(f"{big}: holds more than 5 files, too many for a data set folder") and not walked
+    monkeypatch.undo()
+    assert len(load_preferences(big)) == 1
+
+
 def test_bad_utf8_names_the_file_and_line(tmp_path):
     good = json.dumps(GOOD_ROW).encode()
     bad = b'{"prompt": "q\xff\xfe", "chosen": "a", "rejected": "b"}'

@@ -16,6 +16,7 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import os
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -337,8 +338,34 @@ def _reason(e: BaseException) -> str:
 # A folder laid out like a hub data set
 
 
+MAX_FOLDER_FILES = 20_000  # a data set folder with more files than this is almost surely not one
+
+
+def _check_folder_size(folder: str, where: str, limit: int | None = None) -> None:
+    """Refuse at once a folder too large to be a data set (a home folder, /tmp): `datasets` would walk all of it
+    for data files before answering, which takes minutes on a big tree. Stops counting at `limit`."""
+    limit = limit or MAX_FOLDER_FILES
+    count, stack = 0, [folder]
+    while stack:
+        try:
+            with os.scandir(stack.pop()) as entries:
+                for entry in entries:
+                    if entry.is_dir(follow_symlinks=False):
+                        stack.append(entry.path)
+                    else:
+                        count += 1
+                        if count > limit:
+                            raise DataError(
+                                where, f"holds more than {limit:,} files, too many for a data set folder",
+                                fix="Point source at the data set's own folder (its data files, named by split, "
+                                    "or a data/ folder) or at one file.")
+        except OSError:
+            continue  # an unreadable subfolder: `datasets` says what it cannot read
+
+
 def folder_builder(folder: str, kwargs: dict[str, Any], where: str) -> Any:
     """``datasets.load_dataset_builder`` for a local folder, its failures as DataErrors."""
+    _check_folder_size(folder, where)
     try:
         return datasets.load_dataset_builder(folder, **kwargs)
     except (
