@@ -259,6 +259,16 @@ def test_a_wrong_testbed_value_is_one_line_before_any_stage(tmp_path, capsys, ar
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("*.safetensors"))
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--parts", "cache"], "--parts applies to --shapes paper only"),
+    (["--device", "cpu", "--parts", "x"], "--parts and --device apply to --shapes paper only"),
+    (["--shapes", "paper", "--parts", "cache,nope"], "unknown bench part(s) ['nope']; valid: cache, order, train"),
+])
+def test_a_bench_option_that_would_be_ignored_is_an_error(capsys, argv, message):
+    code, out, err = cli(capsys, "bench", *argv)
+    assert code == 2 and message in err, err
+
+
 def test_a_testbed_value_in_a_run_config_is_checked_with_the_config(tmp_path, capsys):
     cfg = tmp_path / "run.yaml"
     cfg.write_text("name: x\nloss: {name: dpo}\ntestbed: {dpo_lr: 1e-5, label_temperature: -0.3}\n")

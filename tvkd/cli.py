@@ -294,10 +294,17 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.shapes == "paper":
+        from tvkd.bench.paper import PARTS
         from tvkd.bench.paper import main as paper_main
 
-        parts = [x.strip() for x in args.parts.split(",") if x.strip()]
-        return paper_main(device=args.device, quick=args.quick, parts=parts)
+        parts = [x.strip() for x in (args.parts or ",".join(PARTS)).split(",") if x.strip()]
+        return paper_main(device=args.device or "auto", quick=args.quick, parts=parts)
+    given = [flag for flag, value in (("--parts", args.parts), ("--device", args.device)) if value is not None]
+    if given:
+        verb = "applies" if len(given) == 1 else "apply"
+        print(f"error: {' and '.join(given)} {verb} to --shapes paper only; add --shapes paper, or drop "
+              f"{'it' if len(given) == 1 else 'them'}", file=sys.stderr)
+        return 2
     from tvkd.bench import bench_output
     from tvkd.bench.targets import main as bench_main
 
@@ -497,10 +504,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="paper: teacher-cache and TVKD-step throughput, MFU and peak memory on Llama-3.1-8B / "
                          "Llama-3.2-1B shapes (random weights; scaled down, same vocabulary, on a CPU), with and "
                          "without chunked log-probs and padding-free batches")
-    be.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                    help="with --shapes paper: where to run (auto: CUDA when present)")
-    be.add_argument("--parts", default="cache,order,train",
-                    help="with --shapes paper: any of cache (the teacher cache's one-pass and full-logits paths "
+    be.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None,
+                    help="with --shapes paper: where to run (default auto: CUDA when present)")
+    be.add_argument("--parts", default=None,
+                    help="with --shapes paper (default all three): any of cache (the teacher cache's one-pass and full-logits paths "
                          "against the bare forward), order (padded, length-bucketed and padding-free steps over "
                          "DPO-MIX-like lengths), train (the TVKD step's options against the plain step)")
     be.set_defaults(func=cmd_bench)
