@@ -79,6 +79,31 @@ def _token_available() -> bool:
                                                      (Path.home() / ".ray" / "auth_token").is_file())
 
 
+REACH_TIMEOUT = 5.0  # s: a cluster's head answers a TCP connect at once; Ray itself retries for minutes
+
+
+def check_reachable(address: str) -> None:
+    """A `HOST:PORT` (or ``ray://HOST:PORT``) address whose host does not resolve or whose port does not
+    accept a connection is one `RaySessionError` within seconds: `ray.init` would retry for minutes first."""
+    import socket
+
+    hostport = address.removeprefix("ray://")
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit():
+        return  # "auto", or a form Ray resolves itself
+    host = host.strip("[]")  # an IPv6 literal
+    try:
+        socket.create_connection((host, int(port)), timeout=REACH_TIMEOUT).close()
+    except socket.gaierror as e:
+        raise RaySessionError(f"ray: cannot connect to the cluster at {address}: the host {host!r} does not resolve "
+                              f"({e.strerror}); check --address (HOST:PORT of the head, port 6379 by default)") from None
+    except OSError as e:
+        why = "timed out" if isinstance(e, TimeoutError) else (e.strerror or type(e).__name__)
+        raise RaySessionError(f"ray: cannot connect to the cluster at {address}: nothing answers there ({why} "
+                              f"within {REACH_TIMEOUT:g} s); is `ray start --head` running there, on that port, "
+                              "and does this machine reach it?") from None
+
+
 def _connect(address: str, kwargs: dict[str, Any]) -> None:
     """`ray.init(address=...)`; what Ray raises becomes one `RaySessionError` saying what to check.
 
@@ -92,6 +117,7 @@ def _connect(address: str, kwargs: dict[str, Any]) -> None:
 
         os.environ["RAY_AUTH_MODE"] = "token"
         Config.initialize("")  # Ray caches its config per process: re-read, as Ray's own token setup does
+    check_reachable(address)
     try:
         ray.init(address=address, **kwargs)
     except Exception as e:  # noqa: BLE001 - Ray raises ConnectionError, RuntimeError, AuthenticationError, ...

@@ -82,7 +82,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from studies.engine import load, write_outputs
-from studies.ray_session import ray_session
+from studies.ray_session import check_reachable, ray_session
 from studies.spec import Resources, StudyFile
 from tvkd.api import ConfigError, build_config
 from tvkd.config import config_from_dict, dump_config
@@ -918,6 +918,8 @@ def search_study(spec_or_path: str | Path | dict[str, Any] | StudyFile, *, n_tri
         raise _config_error(f"backend must be sequential or ray, got {backend!r}")
     if address and backend != "ray":
         raise _config_error("--address names a Ray cluster: give it with --backend ray")
+    if address:  # seconds, not Ray's minutes of retries after the first trial is planned
+        check_reachable(address)
     max_concurrent = 1 if max_concurrent is None else max_concurrent
     if max_concurrent < 1:
         raise _config_error(f"max_concurrent must be >= 1, got {max_concurrent}")

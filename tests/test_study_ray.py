@@ -84,6 +84,35 @@ def test_the_trial_environment_carries_no_secret(monkeypatch, tmp_path):
     assert "sk-planted" not in json.dumps(env)
 
 
+def test_an_address_nothing_answers_at_is_one_error_line_in_seconds(capsys, tmp_path):
+    """Ray retries a dead address for minutes; the CLI checks the head's port first (before planning)."""
+    import socket
+
+    from studies.ray_session import RaySessionError, check_reachable
+    from tests.test_trust import cli
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(RaySessionError, match=r"nothing answers there \(Connection refused"):
+        check_reachable(f"127.0.0.1:{port}")
+    with pytest.raises(RaySessionError, match="the host 'no-such-host.invalid' does not resolve"):
+        check_reachable("ray://no-such-host.invalid:10001")
+    check_reachable("auto")  # Ray's own lookup: nothing to check here
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        check_reachable(f"127.0.0.1:{listening.getsockname()[1]}")
+    started = time.monotonic()
+    code, _, err = cli(capsys, "study", "run", "reward-conflict", "--backend", "ray", "--address", f"127.0.0.1:{port}",
+                       "--results", tmp_path)
+    assert code == 2 and err.startswith("error: ray: cannot connect to the cluster") and time.monotonic() - started < 30
+    code, _, err = cli(capsys, "study", "search", str(ROOT / "studies" / "examples" / "alpha_search.yaml"),
+                       "--backend", "ray", "--address", f"127.0.0.1:{port}", "--results", tmp_path)
+    assert code == 2 and "nothing answers there" in err
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
 def test_a_resources_override_takes_the_place_of_the_spec(tiny_world, tmp_path):
     spec = {**ray_spec(tiny_world, "ray-res"), "resources": {"cpu": 64}}
     with pytest.raises(ValueError, match="a trial needs 64 CPU / 0 GPU on one node"):

@@ -167,6 +167,10 @@ def _executor(args: argparse.Namespace):
         return Sequential()
     from studies.ray_executor import RayExecutor
 
+    if args.address:  # seconds, not Ray's minutes of retries after the whole study is planned
+        from studies.ray_session import check_reachable
+
+        check_reachable(args.address)
     return RayExecutor(address=args.address, max_concurrent=args.max_concurrent)
 
 
