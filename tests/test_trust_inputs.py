@@ -230,6 +230,7 @@ def test_scientific_notation_is_a_number(tiny_world, tmp_path, capsys):
     ("data.subsample=1.5", "data: subsample must lie in (0, 1]"),
     ("models.dtype=float64", "dtype must be one of auto"),
     ("seed=-1", "seed"),
+    ("train.warmup_steps=1.5", "warmup_steps must be a fraction of all steps in [0, 1) or a whole number of steps"),
 ])
 def test_a_wrong_key_or_value_outside_the_loss_is_answered_without_importing_torch(tmp_path, setting, message):
     """Keys first, then values section by section, the loss (whose options need the loss classes, and torch) last."""

@@ -281,6 +281,9 @@ class TrainConfig:
         for key in ("warmup_steps", "weight_decay", "max_grad_norm"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
+        if self.warmup_steps >= 1 and not float(self.warmup_steps).is_integer():
+            raise ValueError(f"warmup_steps must be a fraction of all steps in [0, 1) or a whole number of steps, "
+                             f"got {self.warmup_steps}")
         _one_of("save_strategy", self.save_strategy, ("no", "steps", "epoch"))
         if self.extra:
             check_training_arguments(self.extra)
