@@ -277,6 +277,20 @@ def test_a_testbed_value_in_a_run_config_is_checked_with_the_config(tmp_path, ca
     assert code == 2 and "testbed.label_temperature must be > 0, got -0.3" in err, err
 
 
+def test_a_key_given_twice_is_an_error_not_the_last_one_silently(tmp_path, capsys):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("name: x\nloss: {name: dpo}\ntrain:\n  learning_rate: 1e-5\nloss: {name: tvkd}\n")
+    code, _, err = cli(capsys, "run", cfg, "--dry-run")
+    assert code == 2 and "line 5, column 1: the key 'loss' is given twice (first at line 2); keep one" in err, err
+    study = tmp_path / "study.yaml"
+    study.write_text("name: s\nvariants:\n  - {label: a, label: b}\n")
+    code, _, err = cli(capsys, "study", "plan", study)
+    assert code == 2 and "the key 'label' is given twice" in err, err
+    from tvkd.config import load_yaml  # a merge key's values may still be overridden, as YAML allows
+
+    assert load_yaml("a: &x {b: 1, c: 1}\nd:\n  <<: *x\n  b: 2\n")["d"] == {"b": 2, "c": 1}
+
+
 def test_a_loss_that_needs_a_teacher_is_answered_before_transformers_is_imported(tmp_path):
     cfg = tmp_path / "run.yaml"
     cfg.write_text("name: x\nloss: {name: tvkd}\nmodels: {student: /nowhere/student}\n")

@@ -36,11 +36,30 @@ from tvkd.tokenize import TokenizeConfig
 
 
 class _YamlLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, reading YAML 1.2 numbers: ``1e-5`` and ``5e-07`` are floats.
+    """PyYAML's safe loader, reading YAML 1.2 numbers: ``1e-5`` and ``5e-07`` are floats; a key given twice in
+    one mapping is an error (PyYAML keeps the last one silently: two ``loss:`` sections would train one of them).
 
     YAML 1.1 (PyYAML) takes a float only with a dot (``1.0e-5``) and reads ``1e-5`` as a string,
     while Python, transformers and `tvkd config` write ``5e-07``.
     """
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        if isinstance(node, yaml.MappingNode):
+            first: dict[Any, int] = {}
+            for key_node, _ in node.value:  # the mapping's own keys; a `<<` merge may be overridden, as YAML says
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    seen = key in first
+                except TypeError:  # an unhashable key: PyYAML's own error follows
+                    continue
+                if seen:
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping", node.start_mark,
+                        f"the key {key!r} is given twice (first at line {first[key]}); keep one", key_node.start_mark)
+                first[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
 
 
 _YamlLoader.add_implicit_resolver(
