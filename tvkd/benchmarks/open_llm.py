@@ -39,7 +39,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from tvkd.benchmarks import BENCHMARKS, BenchContext
+from tvkd.benchmarks import BENCHMARKS, BenchContext, boolean, either, one_of, positive_int
 
 
 class OllTask(NamedTuple):
@@ -318,9 +318,32 @@ def _leaf_names(name: str, loaded: Mapping[str, Any]) -> set[str]:
     return {t.task_name for t in group.get_all_tasks()} if group is not None else set()
 
 
+def _by(check: Any, what: str) -> Any:
+    """A value rule from one of the checks above: ``what`` it expects, with the check's own message."""
+    def rule(v: Any) -> str | None:
+        try:
+            check(v)
+        except ValueError as e:
+            return f"{what} ({str(e).removeprefix('oll: ')})"
+        return None
+    return rule
+
+
+def _limit(v: Any) -> str | None:
+    ok = (isinstance(v, int) and not isinstance(v, bool) and v >= 1) or (isinstance(v, float) and 0 < v < 1)
+    return None if ok else "an integer >= 1 (documents per task) or a fraction in (0, 1)"
+
+
+VALUES = {"tasks": _by(_names, "task names"), "task_map": _by(lambda v: task_table(None, v), "a task map"),
+          "limit": _limit,
+          "batch_size": either(positive_int, one_of("auto")), "max_batch_size": positive_int,
+          "dtype": one_of("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"),
+          "max_length": positive_int, "apply_chat_template": boolean}
+
+
 @BENCHMARKS.register(
     "oll", description="Open LLM Leaderboard v1 (ARC, HellaSwag, MMLU, TruthfulQA, Winogrande, GSM8K) with lm-eval",
-    options=OPTIONS,
+    options=OPTIONS, values=VALUES,
 )
 def open_llm(ctx: BenchContext) -> dict[str, Any]:
     from lm_eval.utils import handle_non_serializable

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from tvkd.benchmarks import BENCHMARKS, BenchContext
+from tvkd.benchmarks import BENCHMARKS, BenchContext, one_of, positive_int, positive_number
 
 TOP = 3  # tokens highlighted, as in the paper's Figure 1
 
@@ -329,8 +329,26 @@ def _teacher_path(ctx: BenchContext) -> str:
     return str(teacher)
 
 
+def _aux_name(v: Any) -> str | None:
+    from tvkd.api import AUX_REWARDS  # lazy: torch
+
+    return None if isinstance(v, str) and v in AUX_REWARDS else "a registered aux reward: " + ", ".join(
+        AUX_REWARDS.names())
+
+
+def _discount(v: Any) -> str | None:
+    return None if isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1 else "a number in (0, 1]"
+
+
+VALUES = {"n": positive_int, "aux": _aux_name, "value_temperature": positive_number,
+          "q_source": one_of("logits", "logprobs"), "gamma": _discount, "shaping": one_of("pbrs", "next_only"),
+          "terminal": one_of("teacher", "zero"),
+          "dtype": one_of("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"),
+          "max_new_tokens": positive_int}
+
+
 @BENCHMARKS.register("shaping", description="Figure 1: the teacher's per-token shaping ψ_t of the model's greedy "
-                     "answers, top 3 highlighted (HTML and PNG)", options=OPTIONS)
+                     "answers, top 3 highlighted (HTML and PNG)", options=OPTIONS, values=VALUES)
 def shaping_figures(ctx: BenchContext) -> dict[str, Any]:
     from tvkd.evaluation.generations import generations
     from tvkd.modeling import (
