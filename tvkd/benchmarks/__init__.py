@@ -3,7 +3,11 @@
 A benchmark is a function ``(ctx: BenchContext) -> dict[str, Any]`` returning the metrics to merge into
 the run's metrics.json (keys prefixed by the benchmark, e.g. ``mt_bench/score``), registered with
 
-    @BENCHMARKS.register("mt-bench", description="...", options={"judge_model": "help ...", ...})
+    @BENCHMARKS.register("mt-bench", description="...", options={"judge_model": "help ...", ...},
+                         values={"judge_tries": positive_int, ...})
+
+``options`` names and explains each option; ``values`` gives a rule per option (below), which `tvkd eval` applies
+before any model loads or any judge is asked.
 
 Each uses its benchmark's own ecosystem tool for the scoring (alpaca_eval, FastChat's judge prompts and
 parsing, lm-eval, the reward model's own chat template); generations go through
