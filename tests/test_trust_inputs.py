@@ -270,6 +270,26 @@ def test_a_bench_option_that_would_be_ignored_is_an_error(capsys, argv, message)
     assert code == 2 and message in err, err
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["testbed:student_sft"], "testbed:student_sft is a model of the testbed, not data; its data parts: testbed:pref_train"),
+    (["testbed:test_prompts"], "testbed:test_prompts holds prompts only"),
+    (["testbed:pref_trian"], "unknown testbed part 'pref_trian'"),
+    (["x.jsonl", "-n", "-1"], "-n must be >= 0"),
+])
+def test_data_inspect_refuses_what_it_cannot_show_in_one_line(capsys, argv, message):
+    code, _, err = cli(capsys, "data", "inspect", *argv)
+    assert code == 2 and err.startswith("error: ") and message in err, err
+
+
+def test_data_inspect_reads_a_testbed_data_part_where_the_testbed_keeps_it(tiny_world, capsys, monkeypatch):
+    import tvkd.pipeline
+
+    asked = []
+    monkeypatch.setattr(tvkd.pipeline, "resolve", lambda value, *a, **k: asked.append(value) or tiny_world["data"])
+    code, out, err = cli(capsys, "data", "inspect", "testbed:student_pref_train", "-n", "1")
+    assert code == 0 and asked == ["testbed:student_pref_train"] and "first 1 of" in out, err
+
+
 def test_a_testbed_value_in_a_run_config_is_checked_with_the_config(tmp_path, capsys):
     cfg = tmp_path / "run.yaml"
     cfg.write_text("name: x\nloss: {name: dpo}\ntestbed: {dpo_lr: 1e-5, label_temperature: -0.3}\n")

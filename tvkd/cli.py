@@ -76,7 +76,24 @@ def cmd_testbed_build(args: argparse.Namespace) -> int:
 def cmd_data_inspect(args: argparse.Namespace) -> int:
     from tvkd.data.render import inspect_source
 
-    print(inspect_source(args.source, split=args.split, n=args.n, kind=args.kind, adapter=args.adapter))
+    if args.n < 0:
+        raise ValueError(f"-n must be >= 0 (examples to render), got {args.n}")
+    source = args.source
+    if source.startswith("testbed:"):  # the embedded testbed's data, as a run config names them
+        from tvkd.pipeline import TESTBED_PARTS, resolve
+
+        models = ("student_sft", "teacher_sft", "teacher_dpo", "student_dpo", "teacher_dpo_other_vocab", "tokenizer")
+        if source.removeprefix("testbed:") in models:
+            data = [p for p in TESTBED_PARTS if p not in models]
+            raise ValueError(f"{source} is a model of the testbed, not data; its data parts: "
+                             + ", ".join(f"testbed:{p}" for p in data))
+        if source == "testbed:test_prompts":
+            raise ValueError("testbed:test_prompts holds prompts only, no responses; inspect testbed:pref_test or "
+                             "testbed:student_pref_test (their pairs)")
+        source = resolve(source, progress=True)
+        if args.source == "testbed:sft_train":  # SFT conversations, not pairs
+            args.kind = "sft"
+    print(inspect_source(source, split=args.split, n=args.n, kind=args.kind, adapter=args.adapter))
     return 0
 
 
@@ -360,7 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="inspect data sources").add_subparsers(dest="sub", required=True)
     d = data.add_parser("inspect", help="counts, skipped rows by reason, and a few rendered examples",
                         description="SOURCE is a hub id (argilla/dpo-mix-7k, nvidia/HelpSteer2, "
-                                    "HuggingFaceH4/deita-10k-v0-sft), a .jsonl/.parquet file or a folder.")
+                                    "HuggingFaceH4/deita-10k-v0-sft), a .jsonl/.parquet file, a folder, or a data "
+                                    "part of the embedded testbed (testbed:pref_train, testbed:student_pref_test, "
+                                    "testbed:sft_train, ...).")
     d.add_argument("source")
     d.add_argument("--split", default="train")
     d.add_argument("-n", type=int, default=3, help="examples to render (default 3)")
