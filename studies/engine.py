@@ -16,6 +16,7 @@ runs, and the same as ``tvkd report`` writes later. A study's ``select`` (per-va
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any, Protocol
@@ -78,6 +79,7 @@ def write_outputs(spec: StudyFile, store: ResultsStore, *, quick: bool = False, 
     runs.csv (`reports.store.write_study_outputs`). ``partial`` (some runs failed): a generator that
     cannot cope with the missing rows is reported, not raised, so that the failures are still named."""
     out = Path(out_dir) if out_dir else store.root / spec.study_name(quick) / "tables"
+    check_out_dir(out_dir)
     try:
         if frame is None:
             frame = store_frame(spec, store.root, quick=quick, seeds=seeds).frame
@@ -90,6 +92,21 @@ def write_outputs(spec: StudyFile, store: ResultsStore, *, quick: bool = False, 
         frame, outputs = None, {}
     return {"frame": frame, "outputs": outputs, "tables": outputs.get(spec.table, {}) if spec.table else {},
             "out_dir": out}
+
+
+def check_out_dir(out_dir: str | Path | None) -> None:
+    """``--out`` is a folder that exists or can be made: checked (and made) before any run, not after them all."""
+    if out_dir is None:
+        return
+    out = Path(out_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: a file is there; give a folder for the tables (made if missing)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot make that folder ({e.strerror or e}); give one you can write to") from None
+    if not os.access(out, os.W_OK):
+        raise ValueError(f"--out {out}: not writable; give a folder you can write to")
 
 
 def run_study(study: str | Path | dict[str, Any] | StudyFile, executor: Executor | None = None, *,
@@ -105,6 +122,7 @@ def run_study(study: str | Path | dict[str, Any] | StudyFile, executor: Executor
 
     executor = executor or Sequential()
     spec = load(study, profile)  # checked: a bad spec stops here, before any run
+    check_out_dir(out_dir)
     store = ResultsStore((Path(results) if results else results_root()).expanduser().resolve())
     runs = spec.runs(seeds=seeds, quick=quick)
     t0 = time.perf_counter()

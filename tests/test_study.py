@@ -71,3 +71,14 @@ def test_kill_mid_study_then_resume_without_retraining(tiny_world, tmp_path, mon
     trained.clear()
     run_study(spec, results=tmp_path / "results", progress=False)
     assert trained == []  # a finished study only rewrites its tables
+
+
+def test_an_out_folder_that_cannot_be_made_stops_the_study_before_any_run(tiny_world, tmp_path):
+    from studies.engine import run_study
+
+    blocker = tmp_path / "tables.txt"
+    blocker.write_text("a file where the tables would go")
+    for out, message in ((blocker, "a file is there; give a folder"), (blocker / "sub", "cannot make that folder")):
+        with pytest.raises(ValueError, match=message):
+            run_study(tiny_spec(tiny_world), results=tmp_path / "results", out_dir=out, progress=False)
+    assert not (tmp_path / "results").exists()  # nothing trained, nothing stored
