@@ -473,10 +473,23 @@ def default_storage(results: Path, study: str) -> str:
 def open_storage(url: str):
     """An Optuna RDB storage (SQLite waits on a locked file instead of failing) with heartbeats."""
     import optuna
+    import sqlalchemy.exc  # lazy: optuna's database layer
 
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
-    return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_INTERVAL,
-                                      grace_period=GRACE_PERIOD, heartbeat_stale_trial_callback=_requeue)
+    example = "e.g. sqlite:////abs/path/search.db or postgresql://user@host/db"
+    try:
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_INTERVAL,
+                                          grace_period=GRACE_PERIOD, heartbeat_stale_trial_callback=_requeue)
+    except sqlalchemy.exc.ArgumentError:
+        raise _config_error(f"--storage {url!r}: not a database URL ({example})") from None
+    except ImportError:  # optuna turns a missing driver into this
+        scheme = url.split(":", 1)[0]
+        raise _config_error(f"--storage {url!r}: no database driver for {scheme!r} is installed (e.g. psycopg2 for "
+                            f"postgresql, pymysql for mysql+pymysql://); or use a SQLite file ({example})") from None
+    except sqlalchemy.exc.SQLAlchemyError as e:
+        why = " ".join(str(getattr(e, "orig", None) or e).split())[:200]
+        raise _config_error(f"--storage {url!r}: cannot open the database ({why}); check the path or the server, "
+                            "and that this user may write there") from None
 
 
 def _process_start(pid: int) -> str | None:

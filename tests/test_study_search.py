@@ -414,3 +414,14 @@ def test_a_trial_left_without_an_owner_is_waited_for_then_failed_and_queued_agai
     mine = study.ask({"alpha": optuna.distributions.FloatDistribution(0.0, 1.0)})
     assert search_mod.reclaim_stale(study, me, {mine._trial_id}) == (0, 0)
     assert study.trials[mine.number].state == TrialState.RUNNING
+
+
+@pytest.mark.parametrize("url, message", [
+    ("notaurl", "not a database URL"),
+    ("sqlite:////proc/no-such-folder/search.db", "cannot open the database"),
+    ("postgresql://nohost/db", "no database driver for 'postgresql' is installed"),
+])
+def test_a_storage_that_cannot_be_opened_is_one_line(tiny_world, tmp_path, url, message):
+    with pytest.raises(ConfigError, match=message):
+        search_study(tiny_search(tiny_world), storage=url, results=tmp_path / "results", progress=False)
+    assert not (tmp_path / "results" / "tiny-alpha").exists()
