@@ -290,6 +290,29 @@ def test_data_inspect_reads_a_testbed_data_part_where_the_testbed_keeps_it(tiny_
     assert code == 0 and asked == ["testbed:student_pref_train"] and "first 1 of" in out, err
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--port", "-1"], "--port must be from 0 to 65535"),
+    (["--port", "70000"], "--port must be from 0 to 65535"),
+    (["--fail-status", "200"], "--fail-status must be an HTTP error status from 400 to 599"),
+    (["--drop-first", "-2"], "--drop-first must be >= 0"),
+    (["--max-n", "0"], "--max-n must be >= 1"),
+])
+def test_a_judge_server_setting_out_of_range_is_one_line(capsys, argv, message):
+    code, _, err = cli(capsys, "judge-server", *argv)
+    assert code == 2 and err.startswith("error: ") and message in err, err
+
+
+def test_a_judge_server_port_in_use_is_one_line(capsys):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, _, err = cli(capsys, "judge-server", "--port", str(port))
+    assert code == 2 and f"--port {port}: cannot listen on 127.0.0.1:{port}" in err, err
+
+
 def test_a_testbed_value_in_a_run_config_is_checked_with_the_config(tmp_path, capsys):
     cfg = tmp_path / "run.yaml"
     cfg.write_text("name: x\nloss: {name: dpo}\ntestbed: {dpo_lr: 1e-5, label_temperature: -0.3}\n")

@@ -142,6 +142,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_judge_server(args: argparse.Namespace) -> int:
     import time
 
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be from 0 to 65535 (0 picks a free one), got {args.port}")
+    for flag in ("delay", "slow_first", "drop_first", "fail_first", "garbage_first"):
+        value = getattr(args, flag)
+        if value is not None and value < 0:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 0, got {value}")
+    for flag in ("max_body", "max_n"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if not 400 <= args.fail_status <= 599:
+        raise ValueError(f"--fail-status must be an HTTP error status from 400 to 599, got {args.fail_status}")
+
     from tvkd.benchmarks.judge_server import JudgeServer, log
 
     handler = logging.StreamHandler(sys.stderr)  # one numbered line per request
@@ -149,9 +161,13 @@ def cmd_judge_server(args: argparse.Namespace) -> int:
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False
-    server = JudgeServer(port=args.port, delay=args.delay, slow_first=args.slow_first, fail_first=args.fail_first,
-                         fail_status=args.fail_status, drop_first=args.drop_first, garbage_first=args.garbage_first,
-                         max_body=args.max_body, max_n=args.max_n).start()
+    try:
+        server = JudgeServer(port=args.port, delay=args.delay, slow_first=args.slow_first, fail_first=args.fail_first,
+                             fail_status=args.fail_status, drop_first=args.drop_first,
+                             garbage_first=args.garbage_first, max_body=args.max_body, max_n=args.max_n).start()
+    except OSError as e:  # the port is taken, or below 1024 without the right
+        raise ValueError(f"--port {args.port}: cannot listen on 127.0.0.1:{args.port} ({e.strerror or e}); pick "
+                         "another port, or 0 for a free one") from None
     print(f"judge server (the testbed oracle) at {server.base_url}; e.g. "
           f"tvkd eval <run> --bench mt-bench,alpaca-eval --option judge_base_url={server.base_url} "
           f"--option judge_model=tvkd-oracle-judge   (Ctrl-C stops it)", flush=True)
