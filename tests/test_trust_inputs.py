@@ -261,23 +261,25 @@ def test_a_wrong_testbed_value_is_one_line_before_any_stage(tmp_path, capsys, ar
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--parts", "cache"], "--parts applies to --shapes paper only"),
-    (["--device", "cpu", "--parts", "x"], "--parts and --device apply to --shapes paper only"),
-    (["--shapes", "paper", "--parts", "cache,nope"], "unknown bench part(s) ['nope']; valid: cache, order, train"),
+    # bench: an option that would be ignored
+    (["bench", "--parts", "cache"], "--parts applies to --shapes paper only"),
+    (["bench", "--device", "cpu", "--parts", "x"], "--parts and --device apply to --shapes paper only"),
+    (["bench", "--shapes", "paper", "--parts", "cache,nope"], "unknown bench part(s) ['nope']; valid: cache, order"),
+    # data inspect: what it cannot show
+    (["data", "inspect", "testbed:student_sft"], "testbed:student_sft is a model of the testbed, not data; its data "
+                                                 "parts: testbed:pref_train"),
+    (["data", "inspect", "testbed:test_prompts"], "testbed:test_prompts holds prompts only"),
+    (["data", "inspect", "testbed:pref_trian"], "unknown testbed part 'pref_trian'"),
+    (["data", "inspect", "x.jsonl", "-n", "-1"], "-n must be >= 0"),
+    # judge-server: settings out of range
+    (["judge-server", "--port", "-1"], "--port must be from 0 to 65535"),
+    (["judge-server", "--port", "70000"], "--port must be from 0 to 65535"),
+    (["judge-server", "--fail-status", "200"], "--fail-status must be an HTTP error status from 400 to 599"),
+    (["judge-server", "--drop-first", "-2"], "--drop-first must be >= 0"),
+    (["judge-server", "--max-n", "0"], "--max-n must be >= 1"),
 ])
-def test_a_bench_option_that_would_be_ignored_is_an_error(capsys, argv, message):
-    code, out, err = cli(capsys, "bench", *argv)
-    assert code == 2 and message in err, err
-
-
-@pytest.mark.parametrize("argv, message", [
-    (["testbed:student_sft"], "testbed:student_sft is a model of the testbed, not data; its data parts: testbed:pref_train"),
-    (["testbed:test_prompts"], "testbed:test_prompts holds prompts only"),
-    (["testbed:pref_trian"], "unknown testbed part 'pref_trian'"),
-    (["x.jsonl", "-n", "-1"], "-n must be >= 0"),
-])
-def test_data_inspect_refuses_what_it_cannot_show_in_one_line(capsys, argv, message):
-    code, _, err = cli(capsys, "data", "inspect", *argv)
+def test_a_command_line_mistake_is_one_error_line(capsys, argv, message):
+    code, _, err = cli(capsys, *argv)
     assert code == 2 and err.startswith("error: ") and message in err, err
 
 
@@ -288,18 +290,6 @@ def test_data_inspect_reads_a_testbed_data_part_where_the_testbed_keeps_it(tiny_
     monkeypatch.setattr(tvkd.pipeline, "resolve", lambda value, *a, **k: asked.append(value) or tiny_world["data"])
     code, out, err = cli(capsys, "data", "inspect", "testbed:student_pref_train", "-n", "1")
     assert code == 0 and asked == ["testbed:student_pref_train"] and "first 1 of" in out, err
-
-
-@pytest.mark.parametrize("argv, message", [
-    (["--port", "-1"], "--port must be from 0 to 65535"),
-    (["--port", "70000"], "--port must be from 0 to 65535"),
-    (["--fail-status", "200"], "--fail-status must be an HTTP error status from 400 to 599"),
-    (["--drop-first", "-2"], "--drop-first must be >= 0"),
-    (["--max-n", "0"], "--max-n must be >= 1"),
-])
-def test_a_judge_server_setting_out_of_range_is_one_line(capsys, argv, message):
-    code, _, err = cli(capsys, "judge-server", *argv)
-    assert code == 2 and err.startswith("error: ") and message in err, err
 
 
 def test_a_judge_server_port_in_use_is_one_line(capsys):
