@@ -134,7 +134,7 @@ def test_options_are_checked_per_benchmark(tiny_world, tmp_path, capsys):
     ("oll", "tasks=arc,nope", "oll expects task names (unknown task 'nope'; valid: arc"),
     ("oll", "limit=0", "oll expects an integer >= 1 (documents per task) or a fraction in (0, 1)"),
     ("oll", "batch_size=big", "oll expects an integer >= 1 or one of auto"),
-    ("rm", "rm_dtype=f64", "rm expects one of auto, bf16"),
+    ("rm", "rm_dtype=f64", "rm expects one of auto, float32, fp32, bfloat16, bf16"),
 ])
 def test_an_option_value_is_checked_before_any_work(tmp_path, capsys, bench, option, expects):
     """A wrong value is one error line before a model loads or a judge is asked (not a failure recorded in the
@@ -153,6 +153,13 @@ def test_good_option_values_pass_their_rules():
             "oll ": {"limit": 10, "batch_size": 4}, "rm": {"rm_dtype": "fp32", "rm_trust_remote_code": False}}
     for bench, options in good.items():
         check_values(bench.strip(), options, BENCHMARKS.meta(bench.strip()).get("values") or {})
+    from tvkd.benchmarks._run import parse_options  # read as run configs are: 1e-1 is a number
+
+    parsed = parse_options(["judge_timeout=1e-1", "judge_base_url=http://127.0.0.1:1/v1"])
+    assert parsed["judge_timeout"] == 0.1
+    check_values("mt-bench", parsed, BENCHMARKS.meta("mt-bench")["values"])
+    with pytest.raises(ValueError, match=r"--option 'n=\[1': the value is not valid YAML"):
+        parse_options(["n=[1"])
 
 
 def test_a_benchmarks_results_replace_its_earlier_ones_at_once(tiny_world, tmp_path, capsys):

@@ -266,8 +266,8 @@ def test_a_wrong_testbed_value_is_one_line_before_any_stage(tmp_path, capsys, ar
     (["bench", "--device", "cpu", "--parts", "x"], "--parts and --device apply to --shapes paper only"),
     (["bench", "--shapes", "paper", "--parts", "cache,nope"], "unknown bench part(s) ['nope']; valid: cache, order"),
     # data inspect: what it cannot show
-    (["data", "inspect", "testbed:student_sft"], "testbed:student_sft is a model of the testbed, not data; its data "
-                                                 "parts: testbed:pref_train"),
+    (["data", "inspect", "testbed:student_sft"], "testbed:student_sft is a model (or tokenizer) folder of the testbed, "
+                                                 "not data; its data parts: testbed:pref_train"),
     (["data", "inspect", "testbed:test_prompts"], "testbed:test_prompts holds prompts only"),
     (["data", "inspect", "testbed:pref_trian"], "unknown testbed part 'pref_trian'"),
     (["data", "inspect", "x.jsonl", "-n", "-1"], "-n must be >= 0"),

@@ -82,10 +82,10 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
     if source.startswith("testbed:"):  # the embedded testbed's data, as a run config names them
         from tvkd.pipeline import TESTBED_PARTS, resolve
 
-        models = ("student_sft", "teacher_sft", "teacher_dpo", "student_dpo", "teacher_dpo_other_vocab", "tokenizer")
+        models = [p for p, attr in TESTBED_PARTS.items() if attr.endswith("_dir")]  # model and tokenizer folders
         if source.removeprefix("testbed:") in models:
-            data = [p for p in TESTBED_PARTS if p not in models]
-            raise ValueError(f"{source} is a model of the testbed, not data; its data parts: "
+            data = [p for p in TESTBED_PARTS if p not in models and p != "test_prompts"]
+            raise ValueError(f"{source} is a model (or tokenizer) folder of the testbed, not data; its data parts: "
                              + ", ".join(f"testbed:{p}" for p in data))
         if source == "testbed:test_prompts":
             raise ValueError("testbed:test_prompts holds prompts only, no responses; inspect testbed:pref_test or "

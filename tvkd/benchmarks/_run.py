@@ -43,14 +43,20 @@ class BenchmarksFailed(RuntimeError):
 
 
 def parse_options(items: list[str] | None) -> dict[str, Any]:
-    import yaml
+    """``KEY=VALUE`` items, each value read as YAML the way run configs are (`tvkd.config.load_yaml`: 1e-5 is a
+    number)."""
+    from tvkd.config import load_yaml
 
     out: dict[str, Any] = {}
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ValueError(f"--option {item!r}: expected KEY=VALUE, e.g. judge_model=gpt-4o-mini")
-        out[key.strip()] = yaml.safe_load(value)
+        try:
+            out[key.strip()] = load_yaml(value)
+        except Exception as e:  # noqa: BLE001 - yaml.YAMLError and its subclasses, without importing yaml here
+            raise ValueError(f"--option {item!r}: the value is not valid YAML "
+                             f"({getattr(e, 'problem', None) or e})") from None
     return out
 
 

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from tvkd.benchmarks import BENCHMARKS, BenchContext, boolean, either, one_of, positive_int
+from tvkd.config import DTYPES
 
 
 class OllTask(NamedTuple):
@@ -337,7 +338,7 @@ def _limit(v: Any) -> str | None:
 VALUES = {"tasks": _by(_names, "task names"), "task_map": _by(lambda v: task_table(None, v), "a task map"),
           "limit": _limit,
           "batch_size": either(positive_int, one_of("auto")), "max_batch_size": positive_int,
-          "dtype": one_of("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"),
+          "dtype": one_of(*DTYPES),
           "max_length": positive_int, "apply_chat_template": boolean}
 
 

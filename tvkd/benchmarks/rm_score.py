@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from tvkd.benchmarks import BENCHMARKS, BenchContext, boolean, one_of, positive_int
+from tvkd.config import DTYPES
 
 DEFAULT_REWARD_MODEL = "sfairXC/FsfairX-LLaMA3-RM-v0.1"
 ORACLE = "oracle"
@@ -235,8 +236,7 @@ def load_reward_model(name: str, *, testbed: bool = False, **kwargs: Any) -> Ora
         "max_new_tokens": "greedy answers' max new tokens (default 512; shared with alpaca-eval's answers)",
         "gen_batch_size": "generation batch size (default 64)",
     },
-    values={"rm_batch_size": positive_int, "rm_dtype": one_of("auto", "bf16", "fp16", "fp32", "bfloat16", "float16",
-                                                               "float32"),
+    values={"rm_batch_size": positive_int, "rm_dtype": one_of(*DTYPES),
             "rm_max_length": positive_int, "rm_trust_remote_code": boolean, "max_new_tokens": positive_int,
             "gen_batch_size": positive_int},
 )

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from tvkd.benchmarks import BENCHMARKS, BenchContext, one_of, positive_int, positive_number
+from tvkd.config import DTYPES
 
 TOP = 3  # tokens highlighted, as in the paper's Figure 1
 
@@ -343,7 +344,7 @@ def _discount(v: Any) -> str | None:
 VALUES = {"n": positive_int, "aux": _aux_name, "value_temperature": positive_number,
           "q_source": one_of("logits", "logprobs"), "gamma": _discount, "shaping": one_of("pbrs", "next_only"),
           "terminal": one_of("teacher", "zero"),
-          "dtype": one_of("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"),
+          "dtype": one_of(*DTYPES),
           "max_new_tokens": positive_int}
 
 
